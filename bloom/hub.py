@@ -1,0 +1,49 @@
+"""Turn "a local folder or a hub repo id" into a local folder.
+
+A path that exists is used as it is. Anything else is taken as a hub repo id
+("bigscience/bloom-560m") and fetched with huggingface_hub: the local cache is
+tried first, and only the files matching `patterns` are downloaded.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
+
+
+def resolve_folder(
+    path_or_repo_id: str | Path,
+    *,
+    patterns: list[str],
+    is_complete: Callable[[Path], bool],
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """Return a local folder holding the files of a checkpoint.
+
+    `patterns` are the glob patterns of the files worth downloading, and
+    `is_complete(folder)` says whether a cached snapshot already has all the
+    files needed (a sharded checkpoint may be only partly cached).
+    """
+    path = Path(path_or_repo_id)
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{path}: expected a checkpoint folder, found a file")
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} only applies to hub repo ids, not to the local folder {path}")
+        return path
+    repo_id = str(path_or_repo_id)
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+        raise FileNotFoundError(f"{repo_id}: no such folder, and not a hub repo id of the form 'owner/name'")
+    try:
+        cached = Path(
+            snapshot_download(
+                repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns, local_files_only=True
+            )
+        )
+        if is_complete(cached):
+            return cached
+    except LocalEntryNotFoundError:
+        pass
+    return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns))

@@ -1,0 +1,227 @@
+"""Load a published BLOOM checkpoint (folder or hub repo id) into `bloom.model.Bloom`.
+
+What the published files look like (BLOOM_FACTS.md §8):
+- `config.json`, and the weights as one `model.safetensors`, or shards listed by `model.safetensors.index.json`
+  (file names are read from its weight_map; the 176B model spells them `model_000NN-of-00072.safetensors`).
+- Keys are the module names of `Bloom` (`h.0.mlp.dense_h_to_4h.weight`), with no prefix in the bigscience repos
+  and with `transformer.` in checkpoints saved from transformers' BloomForCausalLM.
+- No lm_head: it is the word embedding. A stored `lm_head.weight` is skipped.
+
+Every header is read and checked against the model before any tensor is: a bad checkpoint raises before
+anything is loaded. The model is built on the meta device and each tensor is read once, cast and moved,
+then assigned, so loading holds a single copy of the weights.
+"""
+
+import json
+import pickle
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from bloom.config import BloomConfig
+from bloom.hub import resolve_folder
+from bloom.model import Bloom
+
+PREFIX = "transformer."
+LM_HEAD = "lm_head.weight"
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}  # fmt: skip
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """`torch.bfloat16`, "bf16" or "bfloat16" -> torch.bfloat16; the same for fp32 and fp16."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)} or the torch dtypes")
+
+
+def load_pretrained(
+    path_or_repo_id: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    allow_pickle: bool = False,
+) -> Bloom:
+    """Load a BLOOM checkpoint and return the model in eval mode.
+
+    path_or_repo_id: a folder with config.json and the weights, or a hub repo id such as
+        "bigscience/bloom-560m" (the local huggingface cache is tried first, then only config.json and the
+        safetensors files are downloaded).
+    dtype: the model's dtype ("fp32", "bf16", "fp16" or a torch dtype); default: the stored dtype of the
+        word embedding.
+    revision, cache_dir: for hub repo ids (a branch, tag or commit; the huggingface cache folder).
+    allow_pickle: also accept `pytorch_model*.bin` files, read with torch.load(weights_only=True). Off by
+        default: safetensors files never run code, pickles might.
+    """
+    target_dtype = None if dtype is None else parse_dtype(dtype)
+    patterns = ["config.json", "*.safetensors", "*.safetensors.index.json"]
+    if allow_pickle:
+        patterns += ["*.bin", "*.bin.index.json"]
+    folder = resolve_folder(
+        path_or_repo_id,
+        patterns=patterns,
+        is_complete=lambda f: _is_complete(f, allow_pickle),
+        revision=revision,
+        cache_dir=cache_dir,
+    )
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json")
+    config = BloomConfig.from_json(config_path)
+    files = weight_files(folder, allow_pickle)
+
+    with torch.device("meta"):
+        model = Bloom(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    with ExitStack() as stack:
+        readers = [stack.enter_context(_open(path)) for path in files]
+        sources = _check_keys(readers, expected)  # model key -> (reader, stored key)
+        embedding_reader, embedding_key = sources["word_embeddings.weight"]
+        target_dtype = target_dtype or embedding_reader.dtype(embedding_key)
+        state = {
+            name: reader.tensor(key).to(device=device, dtype=target_dtype) for name, (reader, key) in sources.items()
+        }
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval()
+
+
+def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
+    """The weight files of a checkpoint folder: the shards named by an index, or the single file."""
+    kinds = [("model.safetensors.index.json", "model.safetensors")]
+    if allow_pickle:
+        kinds.append(("pytorch_model.bin.index.json", "pytorch_model.bin"))
+    for index_name, single_name in kinds:
+        if (folder / index_name).is_file():
+            return _shards_from_index(folder, folder / index_name)
+        if (folder / single_name).is_file():
+            return [folder / single_name]
+    if not allow_pickle and any(folder.glob("pytorch_model*.bin")):
+        raise FileNotFoundError(
+            f"{folder}: only pickle weights (pytorch_model*.bin) found; pass allow_pickle=True to read them with "
+            "torch.load(weights_only=True), or convert them to safetensors"
+        )
+    raise FileNotFoundError(f"{folder}: no weights (model.safetensors or model.safetensors.index.json)")
+
+
+def _is_complete(folder: Path, allow_pickle: bool) -> bool:
+    """Whether a (cached) folder holds the config and every weight file."""
+    try:
+        return (folder / "config.json").is_file() and all(p.is_file() for p in weight_files(folder, allow_pickle))
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def _shards_from_index(folder: Path, index_path: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{index_path}: not a checkpoint index with a weight_map ({error!r})") from None
+    shards = []
+    for name in dict.fromkeys(weight_map.values()):  # unique, in order
+        path = (folder / name).resolve()
+        if not path.is_relative_to(folder.resolve()):
+            raise ValueError(f"{index_path}: shard {name!r} points outside the checkpoint folder {folder}")
+        if not path.is_file():
+            raise FileNotFoundError(f"{index_path}: shard {name!r} is missing from {folder}")
+        shards.append(path)
+    return shards
+
+
+class _SafetensorsReader:
+    def __init__(self, path: Path, handle) -> None:
+        self.path, self._handle = path, handle
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {key: tuple(self._handle.get_slice(key).get_shape()) for key in self._handle.keys()}
+
+    def dtype(self, key: str) -> torch.dtype:
+        code = self._handle.get_slice(key).get_dtype()
+        if code not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{self.path}: tensor {key!r} is stored as {code}, not a float type BLOOM uses")
+        return _SAFETENSORS_DTYPES[code]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._handle.get_tensor(key)
+
+
+class _PickleReader:
+    def __init__(self, path: Path, state: dict[str, torch.Tensor]) -> None:
+        self.path, self._state = path, state
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {key: tuple(t.shape) for key, t in self._state.items()}
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._state[key].dtype
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._state[key]
+
+
+class _open:
+    """Context manager over one weight file that names the file in every error it raises."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stack = ExitStack()
+
+    def __enter__(self) -> _SafetensorsReader | _PickleReader:
+        try:
+            if self.path.suffix == ".bin":
+                state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+                return _PickleReader(self.path, state)
+            handle = self._stack.enter_context(safe_open(self.path, framework="pt"))
+            return _SafetensorsReader(self.path, handle)
+        except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as error:
+            raise ValueError(f"{self.path}: cannot read weights ({error})") from None
+
+    def __exit__(self, *exc_info) -> None:
+        self._stack.close()
+
+
+def _check_keys(readers: list, expected: dict[str, tuple[int, ...]]) -> dict[str, tuple]:
+    """Map each model key to (reader, stored key), or raise naming every missing, unexpected or misshapen key."""
+    sources: dict[str, tuple] = {}
+    unexpected, misshapen, duplicated = [], [], []
+    misshapen_names = set()
+    for reader in readers:
+        for key, shape in reader.shapes().items():
+            name = key.removeprefix(PREFIX)
+            if name == LM_HEAD:
+                if shape != expected["word_embeddings.weight"]:
+                    misshapen.append(f"{key} in {reader.path.name}: expected {expected['word_embeddings.weight']}, found {shape}")
+                continue
+            if name not in expected:
+                unexpected.append(f"{key} ({reader.path.name})")
+            elif name in sources:
+                duplicated.append(f"{name} (in {sources[name][0].path.name} and {reader.path.name})")
+            elif shape != expected[name]:
+                misshapen.append(f"{key} in {reader.path.name}: expected {expected[name]}, found {shape}")
+                misshapen_names.add(name)
+            else:
+                sources[name] = (reader, key)
+    missing = [name for name in expected if name not in sources and name not in misshapen_names]
+    problems = [
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("keys with the wrong shape", misshapen),
+        ("keys stored twice", duplicated),
+    ]
+    report = "; ".join(f"{what}: {', '.join(items)}" for what, items in problems if items)
+    if report:
+        folder = readers[0].path.parent
+        raise ValueError(f"checkpoint in {folder} does not fit the model of its config.json: {report}")
+    for name, (reader, key) in sources.items():
+        reader.dtype(key)  # raises on a non-float tensor before anything is read
+    return sources

@@ -1,0 +1,153 @@
+"""BLOOM, hand-written: embedding + its LayerNorm, ALiBi attention, tanh-GeLU MLP, blocks, ln_f, tied head.
+
+Shapes in the comments:
+    B   batch                      T   tokens in this forward pass
+    S   key positions (T for now)  V   vocabulary rows (250880)
+    C   hidden_size                nh  heads, hd = C / nh
+
+Module and parameter names are the published checkpoints' own (`h.3.self_attention.query_key_value.weight`),
+so that the loader only has to strip a `transformer.` prefix and a reader can match every tensor to the file.
+
+Numerics follow transformers' BLOOM op for op (see BLOOM_FACTS.md), which is what makes the fp32 logits
+equal and the half-precision ones close: ALiBi slopes from a float32 torch.pow, scores as
+baddbmm(alibi, q, kᵀ, alpha=1/√hd), softmax in float32, GeLU in HF's exact operation order.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bloom.config import BloomConfig
+
+
+def alibi_slopes(n_head: int, device: torch.device | None = None) -> torch.Tensor:
+    """Per-head ALiBi slopes, (nh,) float32.
+
+    For nh a power of two: r, r², ..., r^nh with r = 2^(-8/nh). Otherwise the first c = 2^floor(log2 nh)
+    heads get the slopes of a c-head model and the remaining heads take every other slope of a 2c-head
+    model (odd powers), appended after them. Computed as float32 torch.pow of a float32 base, exactly as
+    BLOOM was trained and as transformers computes them (16 heads give 0.49999997, not 0.5).
+    """
+    c = 2 ** math.floor(math.log2(n_head))
+    base = torch.tensor(2.0 ** (-8.0 / c), dtype=torch.float32, device=device)
+    slopes = torch.pow(base, torch.arange(1, c + 1, dtype=torch.int32, device=device))
+    if c < n_head:
+        extra_base = torch.tensor(2.0 ** (-4.0 / c), dtype=torch.float32, device=device)
+        odd_powers = torch.arange(1, 2 * (n_head - c), 2, dtype=torch.int32, device=device)
+        slopes = torch.cat([slopes, torch.pow(extra_base, odd_powers)])
+    return slopes
+
+
+def alibi_bias(attention_mask: torch.Tensor, slopes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """ALiBi bias slope_h · position(key), (B, S) mask -> (B, nh, 1, S) in `dtype`.
+
+    A key's position counts the real tokens before it, so a left-padded row gets the same bias as the
+    prompt alone. The bias grows with the key position instead of shrinking with the query-key distance:
+    the two differ by a constant per query row, which softmax ignores.
+    """
+    positions = (attention_mask.cumsum(dim=-1) - 1) * attention_mask  # (B, S), pads at 0
+    bias = slopes[None, :, None] * positions[:, None, :]  # (B, nh, S) float32
+    return bias.to(dtype)[:, :, None, :]  # (B, nh, 1, S), rounded to the model dtype as transformers does
+
+
+def causal_mask(attention_mask: torch.Tensor, n_query: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask, (B, S) -> (B, 1, T, S): 0 where query t may see key s, the dtype's minimum elsewhere.
+
+    Query t (the last T of the S positions) sees real keys up to itself. A padding query also sees itself,
+    so that no softmax row is empty: an all-masked row is NaN in fp16, and 0·NaN would carry it into the
+    real tokens. Real tokens never see padding, so their outputs are unaffected.
+    """
+    n_key = attention_mask.shape[-1]
+    key_pos = torch.arange(n_key, device=attention_mask.device)  # (S,)
+    query_pos = key_pos[n_key - n_query :, None]  # (T, 1)
+    allowed = (key_pos <= query_pos) & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)
+    allowed |= key_pos == query_pos
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
+    """tanh-approximate GeLU, with BLOOM's constant (float32 √(2/π)) and operation order.
+
+    Equal to F.gelu(x, approximate="tanh") within 5e-7 in fp32, but evaluated step by step in fp16/bf16 like
+    transformers, which matters for half-precision parity.
+    """
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1.0 + 0.044715 * x * x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: BloomConfig) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor, alibi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        # The fused projection's output features are laid out per head: [head][q | k | v][hd].
+        qkv = self.query_key_value(x).view(B, T, self.n_head, 3, self.head_dim)  # (B, T, nh, 3, hd)
+        q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # 3 x (B, nh, T, hd)
+        S = k.shape[2]
+        scores = torch.baddbmm(  # alibi + (q · kᵀ) / √hd
+            alibi.expand(B, self.n_head, 1, S).reshape(B * self.n_head, 1, S),  # (B·nh, 1, S)
+            q.reshape(B * self.n_head, T, self.head_dim),  # (B·nh, T, hd)
+            k.reshape(B * self.n_head, S, self.head_dim).transpose(1, 2),  # (B·nh, hd, S)
+            alpha=1.0 / math.sqrt(self.head_dim),
+        ).view(B, self.n_head, T, S)
+        probs = F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, nh, T, S)
+        y = probs @ v  # (B, nh, T, hd)
+        return self.dense(y.transpose(1, 2).reshape(B, T, C))  # heads concatenated: (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: BloomConfig) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 4 * config.hidden_size)
+        self.dense_4h_to_h = nn.Linear(4 * config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(bloom_gelu(self.dense_h_to_4h(x)))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config: BloomConfig) -> None:
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.self_attention = Attention(config)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, alibi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), alibi, mask)  # pre-LN residual adds
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
+
+
+class Bloom(nn.Module):
+    def __init__(self, config: BloomConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)  # no padding_idx: the pad row is trained
+        self.word_embeddings_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of every position, (B, T) token ids -> (B, T, V).
+
+        `attention_mask` (B, T) is 1 for real tokens and 0 for padding, which goes on the left. Real
+        positions of a padded row get the logits of that prompt alone; padding positions get logits
+        that mean nothing.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        dtype = self.word_embeddings.weight.dtype
+        alibi = alibi_bias(attention_mask, alibi_slopes(self.config.n_head, input_ids.device), dtype)  # (B, nh, 1, S)
+        mask = causal_mask(attention_mask, input_ids.shape[1], dtype)  # (B, 1, T, S)
+
+        x = self.word_embeddings_layernorm(self.word_embeddings(input_ids))  # (B, T, C)
+        for block in self.h:
+            x = block(x, alibi, mask)
+        x = self.ln_f(x)
+        return F.linear(x, self.word_embeddings.weight)  # the LM head is the embedding: (B, T, V)

@@ -1,0 +1,128 @@
+"""The BLOOM-specific pieces of bloom/model.py checked against their definitions and transformers."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.bloom import modeling_bloom as hf_bloom
+
+from bloom import Bloom, BloomConfig
+from bloom.model import alibi_bias, alibi_slopes, bloom_gelu, causal_mask
+
+
+def test_alibi_slopes_power_of_two_are_geometric():
+    # 16 heads: 2^(-k/2); float32 torch.pow lands a hair off the exact values (0.49999997 for k=2)
+    slopes = alibi_slopes(16)
+    exact = torch.tensor([2 ** (-k / 2) for k in range(1, 17)], dtype=torch.float64)
+    assert slopes.dtype == torch.float32
+    torch.testing.assert_close(slopes.double(), exact, rtol=4e-7, atol=0)
+
+
+@pytest.mark.parametrize(
+    "n_head,expected",
+    [
+        (6, [0.25, 0.0625, 0.015625, 0.00390625, 0.5, 0.125]),
+        (12, [2.0**-k for k in range(1, 9)] + [2 ** -(k + 0.5) for k in range(4)]),
+        (112, [2 ** (-k / 8) for k in range(1, 65)] + [2 ** (-(2 * j - 1) / 16) for j in range(1, 49)]),
+    ],
+)
+def test_alibi_slopes_other_head_counts_append_odd_powers(n_head, expected):
+    # float32 pow to the 95th power is a few ulps (5e-7 relative) off the exact value
+    expected = torch.tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(alibi_slopes(n_head).double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("n_head", [1, 5, 6, 12, 16, 32, 112])
+def test_alibi_slopes_are_bitwise_those_of_transformers(n_head):
+    assert torch.equal(alibi_slopes(n_head), hf_bloom._get_alibi_slopes(n_head, torch.device("cpu")))
+
+
+def test_alibi_bias_counts_real_tokens_only():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    slopes = torch.tensor([0.5, 0.25])
+    bias = alibi_bias(mask, slopes, torch.float32)  # (B, nh, 1, S)
+    assert bias.shape == (2, 2, 1, 5)
+    assert bias[0, 0, 0].tolist() == [0, 0, 0, 0.5, 1.0]
+    assert bias[1, 1, 0].tolist() == [0, 0.25, 0.5, 0.75, 1.0]
+
+
+def test_alibi_bias_is_rounded_to_the_model_dtype():
+    mask = torch.ones(1, 2048, dtype=torch.long)
+    bias = alibi_bias(mask, alibi_slopes(16), torch.bfloat16)
+    assert bias.dtype == torch.bfloat16
+    exact = alibi_slopes(16)[1] * 2047  # 0.49999997 * 2047 = 1023.4999 in float32
+    assert bias[0, 1, 0, -1] == exact.bfloat16() == 1024  # bf16 rounds positions by up to 4 at 2048 tokens
+
+
+def test_causal_mask_hides_future_and_padding_but_never_a_whole_row():
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    additive = causal_mask(mask, 3, torch.float16)  # (B, 1, T, S)
+    visible = additive == 0
+    assert additive.dtype == torch.float16 and additive.min() == torch.finfo(torch.float16).min
+    assert visible[1, 0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    assert visible[0, 0].tolist() == [[True, False, False], [False, True, False], [False, True, True]]
+    # with a cache, the T queries are the last T of the S keys
+    assert (causal_mask(mask, 1, torch.float32)[:, 0, 0] == 0).tolist() == [[False, True, True], [True, True, True]]
+
+
+def test_gelu_is_the_tanh_form():
+    x = torch.linspace(-8, 8, 10001)
+    torch.testing.assert_close(bloom_gelu(x), F.gelu(x, approximate="tanh"), rtol=0, atol=5e-7)
+    assert (bloom_gelu(x) - F.gelu(x)).abs().max() > 1e-4  # and not the erf form
+    for dtype in (torch.float16, torch.bfloat16):  # step by step in half precision, like transformers
+        assert torch.equal(bloom_gelu(x.to(dtype)), hf_bloom.bloom_gelu_forward(x.to(dtype)))
+
+
+def tiny_model(**overrides) -> Bloom:
+    config = BloomConfig(**({"hidden_size": 64, "n_layer": 2, "n_head": 8, "vocab_size": 100} | overrides))
+    model = Bloom(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.5)
+    return model
+
+
+def test_forward_shape_and_left_padding_equals_prompt_alone():
+    model = tiny_model()
+    prompt = torch.randint(4, 100, (1, 9))
+    batch = torch.cat([torch.cat([torch.full((1, 4), 3), prompt], dim=1), torch.randint(4, 100, (1, 13))])
+    mask = torch.ones_like(batch)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        logits = model(batch, mask)
+        alone = model(prompt)
+    assert logits.shape == (2, 13, 100)
+    torch.testing.assert_close(logits[0, 4:], alone[0], rtol=0, atol=1e-5)
+
+
+def test_fp16_padding_cannot_poison_real_tokens():
+    """Large fp16 scores plus the mask can round to -inf; a fully masked padding row would then be NaN."""
+    model = tiny_model(n_head=4)
+    with torch.no_grad():
+        for block in model.h:
+            block.self_attention.query_key_value.weight.mul_(40)
+    model = model.half()
+    ids = torch.randint(4, 100, (1, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        logits = model(ids, mask)
+    assert torch.isfinite(logits).all()
+
+
+def test_logits_are_the_tied_embedding():
+    model = tiny_model()
+    assert not any("lm_head" in name for name, _ in model.named_parameters())
+    with torch.no_grad():
+        model.word_embeddings.weight[7].zero_()
+        assert (model(torch.tensor([[5, 6]]))[..., 7] == 0).all()
+
+
+def test_parameter_count_formula():
+    config = BloomConfig(hidden_size=64, n_layer=3, n_head=8, vocab_size=100)
+    with torch.device("meta"):
+        model = Bloom(config)
+    V, h, L = 100, 64, 3
+    assert sum(p.numel() for p in model.parameters()) == V * h + 2 * h + L * (12 * h * h + 13 * h) + 2 * h
+    assert math.isclose(config.head_dim, 8)
