@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hub_cache import put_in_hub_cache
 from tiny_tokenizer import build_tiny_tokenizer
 
-import bloom.hub
 from bloom.tokenizer import BloomTokenizer, load_tokenizer
 
 TEXTS = [
@@ -168,21 +168,9 @@ def test_load_from_a_tokenizer_json_path(folder_copy: Path, tok: BloomTokenizer)
 
 
 def test_load_from_a_hub_repo_id_in_a_local_cache(
-    tiny_folder: Path, tok: BloomTokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_folder: Path, tok: BloomTokenizer, tmp_path: Path, cache_only: None
 ) -> None:
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--bigscience--tiny-bloom"
-    shutil.copytree(tiny_folder, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-
-    real_snapshot_download = bloom.hub.snapshot_download
-
-    def cache_only(*args, **kwargs):
-        assert kwargs.get("local_files_only"), "the cached snapshot should have been enough"
-        return real_snapshot_download(*args, **kwargs)
-
-    monkeypatch.setattr(bloom.hub, "snapshot_download", cache_only)
+    commit = put_in_hub_cache(tiny_folder, tmp_path / "hub", "bigscience/tiny-bloom")
     for revision in (None, commit):
         loaded = load_tokenizer("bigscience/tiny-bloom", revision=revision, cache_dir=tmp_path / "hub")
         assert loaded.encode(TEXTS[4]) == tok.encode(TEXTS[4])

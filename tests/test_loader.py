@@ -1,0 +1,214 @@
+"""Every checkpoint layout the loader accepts, and every bad checkpoint it must refuse clearly."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hub_cache import put_in_hub_cache
+from safetensors.torch import save_file
+from tiny_checkpoint import bigscience_state, random_hf_bloom, save_bigscience, save_transformers
+
+from bloom import Bloom, load_pretrained
+from bloom.loader import weight_files
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return random_hf_bloom(hidden_size=48, n_head=6, n_layer=3)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(4, 320, (2, 11))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids) if isinstance(model, Bloom) else model(input_ids=ids).logits
+
+
+def assert_same_model(ours: Bloom, hf_model, ids, dtype=torch.float32):
+    """Ours holds exactly the reference's weights, rounded to `dtype`, and computes the same logits."""
+    reference = {k.removeprefix("transformer."): v for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
+    state = ours.state_dict()
+    assert state.keys() == reference.keys()
+    for name, tensor in state.items():
+        assert tensor.dtype == dtype, name
+        assert torch.equal(tensor, reference[name].to(dtype)), name
+    if dtype == torch.float32:
+        torch.testing.assert_close(logits(ours, ids), logits(hf_model, ids), rtol=0, atol=1e-5)
+
+
+def test_transformers_single_file(tmp_path, hf_model, ids):
+    folder = save_transformers(hf_model, tmp_path)
+    assert [p.name for p in weight_files(folder)] == ["model.safetensors"]
+    model = load_pretrained(folder)
+    assert not model.training
+    assert_same_model(model, hf_model, ids)
+
+
+def test_transformers_sharded(tmp_path, hf_model, ids):
+    folder = save_transformers(hf_model, tmp_path, max_shard_size="20KB")
+    assert len(weight_files(folder)) > 2
+    assert_same_model(load_pretrained(folder), hf_model, ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_bigscience_layout_keeps_the_stored_dtype(tmp_path, hf_model, ids, dtype):
+    """No prefix, no lm_head, shards named from the index with the 176B underscore spelling."""
+    folder = save_bigscience(hf_model, tmp_path, dtype=dtype)
+    assert sorted(p.name for p in weight_files(folder)) == [f"model_0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert_same_model(load_pretrained(folder), hf_model, ids, dtype)
+
+
+@pytest.mark.parametrize("asked", ["fp32", torch.float32, "float32"])
+def test_cast_to_the_asked_dtype(tmp_path, hf_model, ids, asked):
+    folder = save_bigscience(hf_model, tmp_path, dtype=torch.float16)
+    model = load_pretrained(folder, dtype=asked)
+    half_reference = {k: v.float() for k, v in bigscience_state(hf_model, torch.float16).items()}
+    assert all(torch.equal(t, half_reference[k]) for k, t in model.state_dict().items())
+
+
+def test_prefix_with_a_stored_lm_head(tmp_path, hf_model, ids):
+    """Fine-tunes saved from BloomForCausalLM may store lm_head.weight; it is the embedding and is skipped."""
+    state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+    state["lm_head.weight"] = state["transformer.word_embeddings.weight"].clone()
+    tmp_path.mkdir(exist_ok=True)
+    save_file(state, tmp_path / "model.safetensors")
+    hf_model.config.to_json_file(tmp_path / "config.json")
+    assert_same_model(load_pretrained(tmp_path), hf_model, ids)
+
+
+def test_hub_repo_id_from_the_local_cache(tmp_path, hf_model, ids, cache_only):
+    folder = save_bigscience(hf_model, tmp_path / "repo", dtype=torch.float32)
+    commit = put_in_hub_cache(folder, tmp_path / "hub", "bigscience/bloom-tiny")
+    for revision in (None, "main", commit):
+        model = load_pretrained("bigscience/bloom-tiny", revision=revision, cache_dir=tmp_path / "hub")
+        assert_same_model(model, hf_model, ids)
+
+
+def test_pickles_only_on_request_and_only_weights(tmp_path, hf_model, ids):
+    state = {k: v.contiguous() for k, v in bigscience_state(hf_model, torch.float32).items()}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    hf_model.config.to_json_file(tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match="allow_pickle=True"):
+        load_pretrained(tmp_path)
+    assert_same_model(load_pretrained(tmp_path, allow_pickle=True), hf_model, ids)
+
+    # a pickle that references a function (here shutil.rmtree) must be refused by weights-only unpickling
+    torch.save({"h.0.input_layernorm.weight": shutil.rmtree}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pytorch_model.bin"):
+        load_pretrained(tmp_path, allow_pickle=True)
+
+
+@pytest.fixture
+def sharded(tmp_path, hf_model):
+    return save_bigscience(hf_model, tmp_path / "ckpt", dtype=torch.float16)
+
+
+def test_no_config(sharded):
+    (sharded / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_pretrained(sharded)
+
+
+def test_no_weights(sharded):
+    for path in sharded.glob("model*"):
+        path.unlink()
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        load_pretrained(sharded)
+
+
+def test_not_a_folder_nor_a_repo_id(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        load_pretrained(tmp_path / "nowhere")
+
+
+def test_missing_shard(sharded):
+    (sharded / "model_00002-of-00003.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model_00002-of-00003.safetensors"):
+        load_pretrained(sharded)
+
+
+def test_shard_outside_the_folder(sharded):
+    shutil.copy(sharded / "model_00002-of-00003.safetensors", sharded.parent / "elsewhere.safetensors")
+    index_path = sharded / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"] = {k: "../elsewhere.safetensors" if v.startswith("model_00002") else v for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="outside the checkpoint folder"):
+        load_pretrained(sharded)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_shard(sharded, damage):
+    shard = sharded / "model_00003-of-00003.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 10] if damage == "truncate" else b"\x00garbage" * 40)
+    with pytest.raises(ValueError, match="model_00003-of-00003.safetensors"):
+        load_pretrained(sharded)
+
+
+def rewrite_shard(folder: Path, name: str, edit) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(folder / name)
+    edit(state)
+    save_file(state, folder / name)
+
+
+def test_wrong_shape_names_key_expected_and_found(sharded):
+    def shrink(state):
+        state["ln_f.weight"] = state["ln_f.weight"][:40].clone()
+
+    rewrite_shard(sharded, "model_00003-of-00003.safetensors", shrink)
+    with pytest.raises(ValueError, match=r"ln_f.weight in model_00003-of-00003.safetensors: expected \(48,\), found \(40,\)"):
+        load_pretrained(sharded)
+
+
+def test_missing_and_unexpected_keys_are_listed(sharded):
+    def rename(state):
+        state["ln_f.gamma"] = state.pop("ln_f.weight")
+        del state["ln_f.bias"]
+
+    rewrite_shard(sharded, "model_00003-of-00003.safetensors", rename)
+    with pytest.raises(ValueError, match=r"missing keys: ln_f.weight, ln_f.bias; unexpected keys: ln_f.gamma"):
+        load_pretrained(sharded)
+
+
+def test_key_stored_twice(sharded):
+    def duplicate(state):
+        state["transformer.ln_f.bias"] = state["ln_f.bias"].clone()
+
+    rewrite_shard(sharded, "model_00003-of-00003.safetensors", duplicate)
+    with pytest.raises(ValueError, match="stored twice: ln_f.bias"):
+        load_pretrained(sharded)
+
+
+def test_non_float_tensor(sharded):
+    def to_int(state):
+        state["ln_f.bias"] = state["ln_f.bias"].to(torch.int32)
+
+    rewrite_shard(sharded, "model_00003-of-00003.safetensors", to_int)
+    with pytest.raises(ValueError, match="'ln_f.bias' is stored as I32"):
+        load_pretrained(sharded)
+
+
+def test_unknown_dtype(sharded):
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        load_pretrained(sharded, dtype="int8")
+
+
+def test_heads_must_divide_hidden_size(sharded):
+    config = json.loads((sharded / "config.json").read_text())
+    config["num_attention_heads"] = 7
+    (sharded / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json: .*hidden_size 48 does not divide by n_head 7"):
+        load_pretrained(sharded)
+
+
+def test_revision_with_a_local_folder(sharded):
+    with pytest.raises(ValueError, match="revision"):
+        load_pretrained(sharded, revision="main")
