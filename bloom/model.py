@@ -2,8 +2,8 @@
 
 Shapes in the comments:
     B   batch                      T   tokens in this forward pass
-    S   key positions (T for now)  V   vocabulary rows (250880)
-    C   hidden_size                nh  heads, hd = C / nh
+    S   key positions: T, or the   V   vocabulary rows (250880)
+        KV cache's length          C   hidden_size; nh heads, hd = C / nh
 
 Module and parameter names are the published checkpoints' own (`h.3.self_attention.query_key_value.weight`),
 so that the loader only has to strip a `transformer.` prefix and a reader can match every tensor to the file.
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bloom.config import BloomConfig
+from bloom.kv_cache import KVCache, LayerKV
 
 
 def alibi_slopes(n_head: int, device: torch.device | None = None) -> torch.Tensor:
@@ -52,18 +53,18 @@ def alibi_bias(attention_mask: torch.Tensor, slopes: torch.Tensor, dtype: torch.
     return bias.to(dtype)[:, :, None, :]  # (B, nh, 1, S), rounded to the model dtype as transformers does
 
 
-def causal_mask(attention_mask: torch.Tensor, n_query: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask, (B, S) -> (B, 1, T, S): 0 where query t may see key s, the dtype's minimum elsewhere.
+def causal_mask(attention_mask: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask, (B, S) mask and (T,) query slots -> (B, 1, T, S): 0 where the query may see the key,
+    the dtype's minimum elsewhere.
 
-    Query t (the last T of the S positions) sees real keys up to itself. A padding query also sees itself,
-    so that no softmax row is empty: an all-masked row is NaN in fp16, and 0·NaN would carry it into the
-    real tokens. Real tokens never see padding, so their outputs are unaffected.
+    The query at slot t sees the real keys at slots up to t. A padding query also sees itself, so that no
+    softmax row is empty: an all-masked row is NaN in fp16, and 0·NaN would carry it into the real tokens.
+    Real tokens never see padding, so their outputs are unaffected.
     """
-    n_key = attention_mask.shape[-1]
-    key_pos = torch.arange(n_key, device=attention_mask.device)  # (S,)
-    query_pos = key_pos[n_key - n_query :, None]  # (T, 1)
-    allowed = (key_pos <= query_pos) & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)
-    allowed |= key_pos == query_pos
+    key_slots = torch.arange(attention_mask.shape[-1], device=attention_mask.device)  # (S,)
+    query_slots = slots[:, None]  # (T, 1)
+    allowed = (key_slots <= query_slots) & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)
+    allowed |= key_slots == query_slots
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
@@ -83,11 +84,15 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor, alibi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, alibi: torch.Tensor, mask: torch.Tensor, kv: LayerKV | None, slots: torch.Tensor
+    ) -> torch.Tensor:
         B, T, C = x.shape
         # The fused projection's output features are laid out per head: [head][q | k | v][hd].
         qkv = self.query_key_value(x).view(B, T, self.n_head, 3, self.head_dim)  # (B, T, nh, 3, hd)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # 3 x (B, nh, T, hd)
+        if kv is not None:
+            k, v = kv.update(slots, k, v)  # 2 x (B, nh, S, hd): the whole cache, unwritten slots masked
         S = k.shape[2]
         scores = torch.baddbmm(  # alibi + (q · kᵀ) / √hd
             alibi.expand(B, self.n_head, 1, S).reshape(B * self.n_head, 1, S),  # (B·nh, 1, S)
@@ -118,8 +123,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, alibi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attention(self.input_layernorm(x), alibi, mask)  # pre-LN residual adds
+    def forward(
+        self, x: torch.Tensor, alibi: torch.Tensor, mask: torch.Tensor, kv: LayerKV | None, slots: torch.Tensor
+    ) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), alibi, mask, kv, slots)  # pre-LN residual adds
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x
 
@@ -133,21 +140,37 @@ class Bloom(nn.Module):
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
         """Logits of every position, (B, T) token ids -> (B, T, V).
 
-        `attention_mask` (B, T) is 1 for real tokens and 0 for padding, which goes on the left. Real
-        positions of a padded row get the logits of that prompt alone; padding positions get logits
-        that mean nothing.
+        attention_mask: (B, S), 1 for real tokens and 0 for padding, which goes on the left. Without a cache
+            S = T; with one, S = cache.max_len and the mask covers every slot (future slots may be 1: causality
+            hides them). Real positions of a padded row get the logits of that prompt alone; padding
+            positions get logits that mean nothing.
+        cache, slots: the KV cache, and the slots (T,) where these tokens go (default 0..T-1).
+        last_only: return the logits of the last position only, (B, 1, V), as generation needs.
         """
+        B, T = input_ids.shape
+        S = T if cache is None else cache.max_len
+        if slots is None:
+            slots = torch.arange(T, device=input_ids.device)
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
         dtype = self.word_embeddings.weight.dtype
         alibi = alibi_bias(attention_mask, alibi_slopes(self.config.n_head, input_ids.device), dtype)  # (B, nh, 1, S)
-        mask = causal_mask(attention_mask, input_ids.shape[1], dtype)  # (B, 1, T, S)
+        mask = causal_mask(attention_mask, slots, dtype)  # (B, 1, T, S)
 
         x = self.word_embeddings_layernorm(self.word_embeddings(input_ids))  # (B, T, C)
-        for block in self.h:
-            x = block(x, alibi, mask)
+        for i, block in enumerate(self.h):
+            x = block(x, alibi, mask, None if cache is None else cache.layers[i], slots)
+        if last_only:
+            x = x[:, -1:]  # the head is a quarter of bloom-560m's weights: skip it where it is not needed
         x = self.ln_f(x)
         return F.linear(x, self.word_embeddings.weight)  # the LM head is the embedding: (B, T, V)

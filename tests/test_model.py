@@ -57,13 +57,13 @@ def test_alibi_bias_is_rounded_to_the_model_dtype():
 
 def test_causal_mask_hides_future_and_padding_but_never_a_whole_row():
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
-    additive = causal_mask(mask, 3, torch.float16)  # (B, 1, T, S)
+    additive = causal_mask(mask, torch.arange(3), torch.float16)  # (B, 1, T, S)
     visible = additive == 0
     assert additive.dtype == torch.float16 and additive.min() == torch.finfo(torch.float16).min
     assert visible[1, 0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
     assert visible[0, 0].tolist() == [[True, False, False], [False, True, False], [False, True, True]]
-    # with a cache, the T queries are the last T of the S keys
-    assert (causal_mask(mask, 1, torch.float32)[:, 0, 0] == 0).tolist() == [[False, True, True], [True, True, True]]
+    # with a cache, a query at slot 1 sees slots 0..1 that are real
+    assert (causal_mask(mask, torch.tensor([1]), torch.float32)[:, 0, 0] == 0).tolist() == [[False, True, False], [True, True, False]]
 
 
 def test_gelu_is_the_tanh_form():

@@ -21,6 +21,9 @@ def random_hf_bloom(seed: int = 0, **config) -> BloomForCausalLM:
 
     transformers initialises biases to 0 and LayerNorms to identity, and its 0.02 std makes attention nearly
     uniform; both would hide bugs, so every tensor is redrawn here with scales that keep the logits lively.
+    The projections are drawn at twice unit gain and the embedding LayerNorm scaled down to a quarter, so
+    that the blocks, not just the current token's embedding, decide the next token: greedy generation then
+    varies instead of repeating one token. (Larger gains amplify float32 rounding past 1e-5.)
     """
     config = {"vocab_size": 320, "hidden_size": 48, "n_layer": 2, "n_head": 6, "pad_token_id": 3} | config
     torch.manual_seed(seed)
@@ -29,10 +32,14 @@ def random_hf_bloom(seed: int = 0, **config) -> BloomForCausalLM:
         for name, param in model.named_parameters():
             if "layernorm" in name or "ln_f" in name:
                 param.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(param))
+                if name.startswith("transformer.word_embeddings_layernorm"):
+                    param.mul_(0.25)
             elif name.endswith("bias"):
                 param.copy_(0.1 * torch.randn_like(param))
-            else:
+            elif "word_embeddings" in name:
                 param.copy_(torch.randn_like(param) / param.shape[-1] ** 0.5)
+            else:
+                param.copy_(2 * torch.randn_like(param) / param.shape[-1] ** 0.5)
     return model
 
 

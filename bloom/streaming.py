@@ -1,0 +1,67 @@
+"""Turn generated tokens into text as they arrive.
+
+A byte-level BPE token can end in the middle of a multi-byte character ("é" is two bytes, an emoji four),
+and decoding such a prefix yields U+FFFD. `TextStream` holds text back while it ends in an incomplete
+character, so every piece it gives out is final and the pieces join up to exactly the decoded text.
+"""
+
+import inspect
+from collections.abc import Iterator
+
+import torch
+
+from bloom.generate import generate, generate_steps
+from bloom.model import Bloom
+from bloom.tokenizer import BloomTokenizer
+
+INCOMPLETE = "\ufffd"  # what the byte-level decoder gives for a character whose bytes are not all there
+
+
+class TextStream:
+    """Feed token ids one at a time with `push`; each call returns the text that became final."""
+
+    def __init__(self, tokenizer: BloomTokenizer, skip_special_tokens: bool = True) -> None:
+        self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self.n_emitted = 0  # characters already given out
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+        if text.endswith(INCOMPLETE):
+            return ""
+        return self._take(text)
+
+    def flush(self) -> str:
+        """Whatever is left, incomplete characters included (the stream has ended)."""
+        return self._take(self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens))
+
+    def _take(self, text: str) -> str:
+        piece, self.n_emitted = text[self.n_emitted :], len(text)
+        return piece
+
+
+def stream(
+    model: Bloom, tokenizer: BloomTokenizer, prompt: str, *, max_new_tokens: int, **generate_kwargs
+) -> Iterator[str]:
+    """Generate from one prompt and yield the new text piece by piece, stopping at EOS.
+
+    Takes `generate`'s keyword arguments (do_sample, temperature, top_k, top_p, repetition_penalty,
+    eos_token_id, seed, ...); the EOS token itself is not part of the text.
+    """
+    device = model.word_embeddings.weight.device
+    input_ids = torch.tensor([tokenizer.encode(prompt)], device=device)
+    generate_kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+    generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    arguments = inspect.signature(generate).bind(model, input_ids, max_new_tokens=max_new_tokens, **generate_kwargs)
+    arguments.apply_defaults()  # generate() owns the defaults
+    if arguments.arguments.pop("streamer") is not None:
+        raise TypeError("stream() is itself the streamer; do not pass streamer=")
+    text = TextStream(tokenizer)
+    for tokens, finished_before in generate_steps(**arguments.arguments):
+        if finished_before[0]:
+            break
+        if piece := text.push(int(tokens[0])):
+            yield piece
+    if rest := text.flush():
+        yield rest

@@ -1,0 +1,197 @@
+"""The KV-cached sampler: greedy parity with transformers, cache correctness, sampling definitions, EOS."""
+
+import pytest
+import torch
+from tiny_checkpoint import random_hf_bloom, save_transformers
+
+from bloom import load_pretrained
+from bloom.generate import apply_repetition_penalty, generate, sample, top_k_filter, top_p_filter
+from bloom.kv_cache import KVCache
+
+PAD = 3
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    hf = random_hf_bloom(hidden_size=48, n_head=6, n_layer=3)
+    return hf, load_pretrained(save_transformers(hf, tmp_path_factory.mktemp("ckpt")))
+
+
+def left_padded(lengths: list[int], vocab_size: int = 320) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(lengths)
+    ids = torch.randint(4, vocab_size, (len(lengths), T))
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, : T - length] = PAD
+        mask[row, T - length :] = 1
+    return ids, mask
+
+
+def hf_generate(hf, ids, mask, **kwargs):
+    with torch.no_grad():
+        return hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=PAD, **kwargs)
+
+
+@pytest.mark.parametrize("lengths", [[11], [13, 5, 9, 1]])
+def test_greedy_tokens_equal_transformers(models, lengths):
+    hf, ours = models
+    ids, mask = left_padded(lengths)
+    expected = hf_generate(hf, ids, mask, max_new_tokens=24, eos_token_id=None)
+    got = generate(ours, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=-1)
+    assert len(set(got[0, -24:].tolist())) > 3  # the tiny model does not just repeat one token
+    assert torch.equal(got, expected)
+
+
+def test_greedy_with_repetition_penalty_equals_transformers(models):
+    hf, ours = models
+    ids, _ = left_padded([10, 10])  # no padding: transformers would also penalise the pad token
+    expected = hf_generate(hf, ids, None, max_new_tokens=20, eos_token_id=None, repetition_penalty=1.8)
+    got = generate(ours, ids, max_new_tokens=20, eos_token_id=-1, repetition_penalty=1.8)
+    assert torch.equal(got, expected)
+
+
+def test_eos_stops_rows_and_pads_the_rest_like_transformers(models):
+    hf, ours = models
+    ids, mask = left_padded([7, 12, 4])
+    free_run = generate(ours, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=-1)
+    eos = int(free_run[1, 12 + 3])  # the 4th token of row 1 plays EOS
+    expected = hf_generate(hf, ids, mask, max_new_tokens=20, eos_token_id=eos)
+    got = generate(ours, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=eos)
+    assert torch.equal(got, expected)
+    for row in got[:, 12:]:
+        hits = (row == eos).nonzero()
+        if len(hits):
+            assert (row[int(hits[0]) + 1 :] == PAD).all()
+
+
+def test_generation_stops_once_every_row_has_finished(models):
+    _, ours = models
+    ids = torch.randint(4, 320, (1, 6))
+    first = int(generate(ours, ids, max_new_tokens=1, eos_token_id=-1)[0, -1])
+    assert generate(ours, ids, max_new_tokens=50, eos_token_id=first).shape == (1, 7)
+
+
+def test_cached_decode_logits_equal_a_full_forward_at_every_step(models):
+    _, ours = models
+    ids, mask = left_padded([9, 4, 6])
+    B, T = ids.shape
+    new = 12
+    cache = KVCache(ours.config, B, T + new, torch.float32, "cpu")
+    full_mask = torch.cat([mask, torch.ones(B, new, dtype=torch.long)], dim=1)
+    cache_mask = torch.ones(B, T + new, dtype=torch.long)
+    cache_mask[:, :T] = mask
+    with torch.no_grad():
+        step_logits = ours(ids, cache_mask, cache, torch.arange(T))
+        sequence = ids
+        for step in range(new):
+            full = ours(sequence, full_mask[:, : T + step])
+            real = mask.bool()[:, :, None].expand_as(step_logits) if step == 0 else slice(None)
+            torch.testing.assert_close(step_logits[real], full[:, -step_logits.shape[1] :][real], rtol=0, atol=1e-5)
+            token = full[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, token], dim=1)
+            step_logits = ours(token, cache_mask, cache, torch.tensor([T + step]))
+
+
+def test_padded_batch_rows_equal_each_prompt_alone(models):
+    _, ours = models
+    ids, mask = left_padded([12, 3, 8])
+    batch = generate(ours, ids, attention_mask=mask, max_new_tokens=15, eos_token_id=-1)
+    for row in range(3):
+        alone = generate(ours, ids[row : row + 1, mask[row].bool()], max_new_tokens=15, eos_token_id=-1)
+        assert torch.equal(batch[row, -15:], alone[0, -15:])
+
+
+def test_mask_is_inferred_from_the_pad_token_like_transformers(models):
+    _, ours = models
+    ids, mask = left_padded([10, 4])
+    explicit = generate(ours, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=-1)
+    assert torch.equal(generate(ours, ids, max_new_tokens=8, eos_token_id=-1, pad_token_id=PAD), explicit)
+
+
+def test_same_seed_same_samples_other_seed_other_samples(models):
+    _, ours = models
+    ids, mask = left_padded([8, 5])
+    kwargs = dict(attention_mask=mask, max_new_tokens=30, eos_token_id=-1, do_sample=True, temperature=1.5)
+    first = generate(ours, ids, seed=1, **kwargs)
+    assert torch.equal(first, generate(ours, ids, seed=1, **kwargs))
+    assert not torch.equal(first, generate(ours, ids, seed=2, **kwargs))
+
+
+def test_reused_cache(models):
+    _, ours = models
+    ids, mask = left_padded([6, 3])
+    cache = KVCache(ours.config, 2, 40, torch.float32, "cpu")
+    fresh = generate(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=-1)
+    for _ in range(2):
+        assert torch.equal(generate(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=-1, cache=cache), fresh)
+
+
+def test_streamer_sees_every_new_column(models):
+    _, ours = models
+    ids, mask = left_padded([5, 7])
+    columns = []
+    out = generate(ours, ids, attention_mask=mask, max_new_tokens=9, eos_token_id=-1, streamer=columns.append)
+    assert torch.equal(torch.stack(columns, dim=1), out[:, 7:])
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(do_sample=True, temperature=0.0), "temperature"),
+        (dict(do_sample=True, temperature=-1.0), "temperature"),
+        (dict(do_sample=True, top_p=0.0), "top_p"),
+        (dict(do_sample=True, top_p=1.5), "top_p"),
+        (dict(do_sample=True, top_k=0), "top_k"),
+        (dict(top_k=5), "do_sample=True"),
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(cache="small"), "at least 14 slots"),
+        (dict(attention_mask=torch.ones(1, 3, dtype=torch.long)), "attention_mask"),
+    ],
+)
+def test_bad_arguments(models, kwargs, message):
+    _, ours = models
+    ids = torch.randint(4, 320, (2, 4))
+    if kwargs.get("cache") == "small":
+        kwargs["cache"] = KVCache(ours.config, 2, 8, torch.float32, "cpu")
+    kwargs.setdefault("max_new_tokens", 10)
+    with pytest.raises(ValueError, match=message):
+        generate(ours, ids, **kwargs)
+
+
+# The logits processors, on hand-made logits, against their definitions.
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0], [0.0, 0.0, 1.0, 0.0, -1.0]])
+    kept = torch.isfinite(top_k_filter(logits, 2))
+    assert kept[0].tolist() == [False, True, False, True, False]
+    assert kept[1].tolist() == [True, True, True, True, False]  # ties with the 2nd largest stay
+    assert torch.isfinite(top_k_filter(logits, 99)).all()
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.05, 0.3, 0.15]])
+    logits = probs.log()
+    assert torch.isfinite(top_p_filter(logits, 0.5)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(top_p_filter(logits, 0.8)).tolist() == [[True, False, True, False]]
+    assert torch.isfinite(top_p_filter(logits, 0.81)).tolist() == [[True, False, True, True]]
+    assert torch.isfinite(top_p_filter(logits, 0.01)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(top_p_filter(logits, 1.0)).all()
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative():
+    logits = torch.tensor([[2.0, -2.0, 2.0, -2.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -4.0, 2.0, -2.0]]
+
+
+def test_temperature_and_sampling_follow_the_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    generator = torch.Generator().manual_seed(0)
+    for temperature in (0.5, 2.0):
+        probs = torch.softmax(logits / temperature, dim=-1)
+        draws = torch.stack([sample(probs, generator) for _ in range(20000)]).flatten()
+        frequencies = torch.bincount(draws, minlength=4) / draws.numel()
+        torch.testing.assert_close(frequencies, probs[0], rtol=0, atol=0.015)
+    assert (sample(torch.tensor([[0.0, 1.0, 0.0]]).expand(100, 3), generator) == 1).all()
