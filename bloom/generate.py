@@ -123,7 +123,7 @@ def generate_steps(
     Arguments as in `generate`. Rows that finished get pad_token_id. Stops after max_new_tokens; the
     caller decides when to stop earlier (a host sync).
     """
-    _check_sampling(do_sample, temperature, top_k, top_p, repetition_penalty, max_new_tokens)
+    check_sampling(do_sample, temperature, top_k, top_p, repetition_penalty, max_new_tokens)
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, tokens) with at least one token, got {tuple(input_ids.shape)}")
     B, T = input_ids.shape
@@ -181,9 +181,10 @@ def generate_steps(
             slot += 1
 
 
-def _check_sampling(
+def check_sampling(
     do_sample: bool, temperature: float, top_k: int | None, top_p: float | None, penalty: float, max_new_tokens: int
 ) -> None:
+    """Raise ValueError on sampling arguments that `generate` cannot honour."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if penalty <= 0:

@@ -19,6 +19,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
+from huggingface_hub.utils import tqdm
 from safetensors import SafetensorError, safe_open
 
 from bloom.config import BloomConfig
@@ -52,6 +53,7 @@ def load_pretrained(
     revision: str | None = None,
     cache_dir: str | Path | None = None,
     allow_pickle: bool = False,
+    progress: bool = False,
 ) -> Bloom:
     """Load a BLOOM checkpoint and return the model in eval mode.
 
@@ -63,15 +65,13 @@ def load_pretrained(
     revision, cache_dir: for hub repo ids (a branch, tag or commit; the huggingface cache folder).
     allow_pickle: also accept `pytorch_model*.bin` files, read with torch.load(weights_only=True). Off by
         default: safetensors files never run code, pickles might.
+    progress: show a progress bar over the tensors while they are read.
     """
     target_dtype = None if dtype is None else parse_dtype(dtype)
-    patterns = ["config.json", "*.safetensors", "*.safetensors.index.json"]
-    if allow_pickle:
-        patterns += ["*.bin", "*.bin.index.json"]
     folder = resolve_folder(
         path_or_repo_id,
-        patterns=patterns,
-        is_complete=lambda f: _is_complete(f, allow_pickle),
+        patterns=checkpoint_patterns(allow_pickle),
+        is_complete=lambda f: is_complete(f, allow_pickle),
         revision=revision,
         cache_dir=cache_dir,
     )
@@ -90,7 +90,8 @@ def load_pretrained(
         embedding_reader, embedding_key = sources["word_embeddings.weight"]
         target_dtype = target_dtype or embedding_reader.dtype(embedding_key)
         state = {
-            name: reader.tensor(key).to(device=device, dtype=target_dtype) for name, (reader, key) in sources.items()
+            name: reader.tensor(key).to(device=device, dtype=target_dtype)
+            for name, (reader, key) in tqdm(sources.items(), desc="Loading weights", unit="tensor", disable=not progress)
         }
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
@@ -114,7 +115,13 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
     raise FileNotFoundError(f"{folder}: no weights (model.safetensors or model.safetensors.index.json)")
 
 
-def _is_complete(folder: Path, allow_pickle: bool) -> bool:
+def checkpoint_patterns(allow_pickle: bool = False) -> list[str]:
+    """The files of a hub repo that loading needs (a repo also holds .bin, flax and onnx copies)."""
+    patterns = ["config.json", "*.safetensors", "*.safetensors.index.json"]
+    return patterns + ["*.bin", "*.bin.index.json"] if allow_pickle else patterns
+
+
+def is_complete(folder: Path, allow_pickle: bool = False) -> bool:
     """Whether a (cached) folder holds the config and every weight file."""
     try:
         return (folder / "config.json").is_file() and all(p.is_file() for p in weight_files(folder, allow_pickle))

@@ -23,3 +23,19 @@ def cache_only(monkeypatch):
         return real_snapshot_download(*args, **kwargs)
 
     monkeypatch.setattr(bloom.hub, "snapshot_download", snapshot_download)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory):
+    """A tiny checkpoint in transformers' layout plus the tiny BLOOM-style tokenizer, like a hub repo folder.
+
+    Its embedding has more rows than the tokenizer has ids, as BLOOM's does (250880 vs 250680).
+    """
+    from tiny_checkpoint import random_hf_bloom, save_transformers
+    from tiny_tokenizer import build_tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_bloom")
+    build_tiny_tokenizer(folder)
+    hf = random_hf_bloom(vocab_size=704, hidden_size=48, n_head=6, n_layer=2)
+    save_transformers(hf, folder)
+    return folder

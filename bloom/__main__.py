@@ -1,0 +1,5 @@
+import sys
+
+from bloom.cli import main
+
+sys.exit(main())

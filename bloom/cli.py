@@ -1,0 +1,162 @@
+"""The `bloom` command line: `bloom generate` and `bloom download`."""
+
+import argparse
+import inspect
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bloom.generate import check_sampling, generate
+from bloom.hub import resolve_folder
+from bloom.loader import DTYPES, checkpoint_patterns, is_complete, load_pretrained
+from bloom.streaming import TextStream
+from bloom.tokenizer import CONFIG_FILES, TOKENIZER_FILE, BloomTokenizer, load_tokenizer
+
+MAX_NEW_TOKENS = 64
+DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(generate).parameters.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(parser, args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as error:
+        print(f"bloom: error: {error}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bloom", description="BLOOM language models in plain PyTorch.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    gen = commands.add_parser(
+        "generate",
+        help="continue prompts, streaming the text to stdout",
+        description="Continue one prompt (streamed to stdout) or several (one left-padded batch, printed when "
+        "done). Greedy unless --do-sample. The last line on stderr gives load time, token counts and tokens/s.",
+    )
+    gen.add_argument("--model", required=True, help="checkpoint folder or hub repo id, e.g. bigscience/bloomz-560m")
+    gen.add_argument("--revision", help="branch, tag or commit of a hub repo")
+    prompts = gen.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
+    prompts.add_argument("--prompt-file", type=Path, help="a file with one prompt per line")
+    gen.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help=f"default {MAX_NEW_TOKENS}")
+    # Sampling options default to None, meaning "generate()'s own default": defaults live in one place.
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of taking the most likely token")
+    gen.add_argument("--temperature", type=float, help=f"divide the logits by this (sampling; default {DEFAULTS['temperature']})")
+    gen.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default: all)")
+    gen.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this much probability")
+    gen.add_argument("--repetition-penalty", type=float, help=f"> 1 discourages repeating tokens (default {DEFAULTS['repetition_penalty']})")
+    gen.add_argument("--seed", type=int, help="make sampling reproducible")
+    gen.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the checkpoint's stored dtype")
+    gen.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    gen.set_defaults(run=run_generate)
+
+    download = commands.add_parser(
+        "download", help="fetch a hub checkpoint into the local cache", description="Fetch config.json, the "
+        "safetensors weights and the tokenizer files of a hub repo (nothing else) into the huggingface cache."
+    )  # fmt: skip
+    download.add_argument("repo_id", help="e.g. bigscience/bloomz-560m")
+    download.add_argument("--revision", help="branch, tag or commit")
+    download.set_defaults(run=run_download)
+    return parser
+
+
+def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    prompts = args.prompt if args.prompt else read_prompts(args.prompt_file)
+    sampling = {
+        name: getattr(args, name)
+        for name in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
+        if getattr(args, name) is not None
+    }
+    try:  # refuse bad arguments before spending time on loading
+        settings = DEFAULTS | sampling
+        check_sampling(args.do_sample, settings["temperature"], settings["top_k"], settings["top_p"],
+                       settings["repetition_penalty"], args.max_new_tokens)  # fmt: skip
+    except ValueError as error:
+        parser.error(str(error))
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+
+    start = time.perf_counter()
+    model = load_pretrained(
+        args.model, dtype=args.dtype and DTYPES[args.dtype], device=args.device, revision=args.revision, progress=True
+    )
+    tokenizer = load_tokenizer(args.model, revision=args.revision)
+    load_seconds = time.perf_counter() - start
+
+    input_ids, attention_mask = (t.to(args.device) for t in tokenizer.batch_encode(prompts))
+    streamer = None
+    if len(prompts) == 1:
+        print(prompts[0], end="", flush=True)
+        streamer = StdoutStream(tokenizer)
+    start = time.perf_counter()
+    output = generate(
+        model, input_ids, attention_mask=attention_mask, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, streamer=streamer, **sampling,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    new_tokens = output[:, input_ids.shape[1] :]
+    if streamer is not None:
+        streamer.finish()
+    else:
+        for prompt, row in zip(prompts, new_tokens):
+            print(prompt + tokenizer.decode(row.tolist(), skip_special_tokens=True))
+    n_new = count_new_tokens(new_tokens, tokenizer.eos_token_id)
+    print(
+        f"load {load_seconds:.2f} s | prompt {int(attention_mask.sum())} tokens | new {n_new} tokens | "
+        f"{n_new / seconds:.1f} tokens/s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def run_download(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    folder = resolve_folder(
+        args.repo_id,
+        patterns=checkpoint_patterns() + [TOKENIZER_FILE, *CONFIG_FILES],
+        is_complete=lambda folder: is_complete(folder) and (folder / TOKENIZER_FILE).is_file(),
+        revision=args.revision,
+    )
+    print(folder)
+    return 0
+
+
+class StdoutStream:
+    """generate()'s streamer for one prompt: prints each piece of text as soon as it is final."""
+
+    def __init__(self, tokenizer: BloomTokenizer) -> None:
+        self.text = TextStream(tokenizer)
+        self.eos_token_id = tokenizer.eos_token_id
+        self.done = False
+
+    def __call__(self, tokens: torch.Tensor) -> None:
+        token = int(tokens[0])
+        if self.done:
+            return
+        self.done = token == self.eos_token_id
+        print(self.text.push(token), end="", flush=True)
+
+    def finish(self) -> None:
+        print(self.text.flush(), flush=True)
+
+
+def read_prompts(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise FileNotFoundError(f"--prompt-file {path}: {error.strerror}") from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompt-file {path}: no prompts (one per line)")
+    return prompts
+
+
+def count_new_tokens(new_tokens: torch.Tensor, eos_token_id: int | None) -> int:
+    """Tokens generated per row up to and including EOS, summed over the batch."""
+    is_eos = (new_tokens == eos_token_id).int()
+    after_eos = is_eos.cumsum(dim=1) - is_eos > 0
+    return int((~after_eos).sum())

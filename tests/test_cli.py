@@ -1,0 +1,98 @@
+"""The `bloom` command line, run as a user would: in a subprocess, on a tiny checkpoint folder."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bloom import generate, load_pretrained, load_tokenizer
+
+
+def bloom(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bloom", *args], capture_output=True, text=True, timeout=120)
+
+
+def expected_text(folder, prompts: list[str], max_new_tokens: int, **kwargs) -> list[str]:
+    model, tokenizer = load_pretrained(folder), load_tokenizer(folder)
+    ids, mask = tokenizer.batch_encode(prompts)
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                   eos_token_id=tokenizer.eos_token_id, **kwargs)  # fmt: skip
+    return [p + tokenizer.decode(row.tolist(), skip_special_tokens=True) for p, row in zip(prompts, out[:, ids.shape[1] :])]
+
+
+def test_help():
+    result = bloom("generate", "--help")
+    assert result.returncode == 0
+    for flag in ("--model", "--prompt-file", "--max-new-tokens", "--do-sample", "--top-p", "--dtype", "--device"):
+        assert flag in result.stdout
+
+
+def test_generate_one_prompt_streams_the_greedy_text(tiny_model_folder):
+    result = bloom("generate", "--model", str(tiny_model_folder), "--prompt", "Bonjour, le monde", "--max-new-tokens", "12")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected_text(tiny_model_folder, ["Bonjour, le monde"], 12)[0] + "\n"
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("load ") and "prompt " in last_line and "new 12 tokens" in last_line and "tokens/s" in last_line
+
+
+def test_generate_a_batch_from_a_file_with_sampling(tiny_model_folder, tmp_path):
+    prompts = ["The quick brown fox", "我爱", "Où est la bibliothèque ?"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    args = ["--max-new-tokens", "8", "--do-sample", "--temperature", "0.8", "--top-k", "40", "--top-p", "0.9", "--seed", "7"]
+    result = bloom("generate", "--model", str(tiny_model_folder), "--prompt-file", str(tmp_path / "prompts.txt"), *args)
+    assert result.returncode == 0, result.stderr
+    expected = expected_text(tiny_model_folder, prompts, 8, do_sample=True, temperature=0.8, top_k=40, top_p=0.9, seed=7)
+    assert result.stdout == "".join(text + "\n" for text in expected)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_dtype(tiny_model_folder, dtype):
+    result = bloom("generate", "--model", str(tiny_model_folder), "--prompt", "a", "--prompt", "bb", "--max-new-tokens", "3", "--dtype", dtype)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--do-sample", "--temperature", "0"], "temperature must be > 0"),
+        (["--do-sample", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["--do-sample", "--top-k", "0"], "top_k must be >= 1"),
+        (["--top-k", "5"], "do_sample=True"),
+        (["--max-new-tokens", "-2"], "max_new_tokens"),
+        (["--dtype", "int8"], "invalid choice"),
+        (["--device", "cuda"], "CUDA is not available"),
+    ],
+)
+def test_bad_arguments_fail_before_loading(tiny_model_folder, args, message):
+    if args[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = bloom("generate", "--model", str(tiny_model_folder), "--prompt", "x", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Loading weights" not in result.stderr
+
+
+def test_prompt_and_prompt_file_are_exclusive(tiny_model_folder, tmp_path):
+    result = bloom("generate", "--model", str(tiny_model_folder), "--prompt", "x", "--prompt-file", str(tmp_path / "p"))
+    assert result.returncode == 2 and "not allowed with" in result.stderr
+
+
+def test_missing_model_and_empty_prompt_file(tmp_path):
+    result = bloom("generate", "--model", str(tmp_path / "nope"), "--prompt", "x")
+    assert result.returncode == 1 and "no such folder" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "empty.txt").write_text("\n\n")
+    result = bloom("generate", "--model", str(tmp_path), "--prompt-file", str(tmp_path / "empty.txt"))
+    assert result.returncode == 1 and "no prompts" in result.stderr
+
+
+def test_download_from_the_local_cache(tiny_model_folder, tmp_path):
+    from hub_cache import put_in_hub_cache
+
+    commit = put_in_hub_cache(tiny_model_folder, tmp_path / "hub", "bigscience/bloom-tiny")
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "bloom", "download", "bigscience/bloom-tiny"], capture_output=True,
+                            text=True, timeout=120, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith(commit)

@@ -1,0 +1,52 @@
+"""Streaming text: pieces are final, join up to the decoded text, and never split a character."""
+
+import pytest
+import torch
+
+from bloom import generate, load_pretrained, load_tokenizer, stream
+from bloom.streaming import INCOMPLETE, TextStream
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_folder):
+    return load_tokenizer(tiny_model_folder)
+
+
+def test_text_stream_holds_back_split_characters(tokenizer):
+    text = "Un 🦄 et un café, 我们 ok"
+    ids = tokenizer.encode(text)
+    assert any(INCOMPLETE in tokenizer.decode([i]) for i in ids)  # some token ends inside a character
+    pieces = []
+    stream_ = TextStream(tokenizer)
+    for token_id in ids:
+        pieces.append(stream_.push(token_id))
+    pieces.append(stream_.flush())
+    assert "" in pieces[:-1]  # something was held back
+    assert all(INCOMPLETE not in piece for piece in pieces)
+    assert "".join(pieces) == text
+
+
+def test_flush_gives_out_an_unfinished_character(tokenizer):
+    stream_ = TextStream(tokenizer)
+    first_byte = tokenizer.encode("🦄")[0]
+    assert stream_.push(first_byte) == ""
+    assert stream_.flush() == INCOMPLETE
+
+
+def test_stream_yields_exactly_the_generated_text(tiny_model_folder, tokenizer):
+    model = load_pretrained(tiny_model_folder)
+    prompt = "Le café 🙂"
+    pieces = list(stream(model, tokenizer, prompt, max_new_tokens=30, do_sample=True, seed=3))
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    out = generate(model, ids, max_new_tokens=30, do_sample=True, seed=3, eos_token_id=tokenizer.eos_token_id)
+    new = out[0, ids.shape[1] :].tolist()
+    assert len(pieces) > 1
+    assert "".join(pieces) == tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_stream_refuses_a_streamer_and_unknown_arguments(tiny_model_folder, tokenizer):
+    model = load_pretrained(tiny_model_folder)
+    with pytest.raises(TypeError, match="streamer"):
+        list(stream(model, tokenizer, "hi", max_new_tokens=2, streamer=print))
+    with pytest.raises(TypeError):
+        list(stream(model, tokenizer, "hi", max_new_tokens=2, top_q=0.5))
