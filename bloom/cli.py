@@ -46,10 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help=f"default {MAX_NEW_TOKENS}")
     # Sampling options default to None, meaning "generate()'s own default": defaults live in one place.
     gen.add_argument("--do-sample", action="store_true", help="sample instead of taking the most likely token")
-    gen.add_argument("--temperature", type=float, help=f"divide the logits by this (sampling; default {DEFAULTS['temperature']})")
+    gen.add_argument(
+        "--temperature", type=float, help=f"divide the logits by this (sampling; default {DEFAULTS['temperature']})"
+    )
     gen.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default: all)")
     gen.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this much probability")
-    gen.add_argument("--repetition-penalty", type=float, help=f"> 1 discourages repeating tokens (default {DEFAULTS['repetition_penalty']})")
+    gen.add_argument(
+        "--repetition-penalty",
+        type=float,
+        help=f"> 1 discourages repeating tokens (default {DEFAULTS['repetition_penalty']})",
+    )
     gen.add_argument("--seed", type=int, help="make sampling reproducible")
     gen.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the checkpoint's stored dtype")
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -103,7 +109,7 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     if streamer is not None:
         streamer.finish()
     else:
-        for prompt, row in zip(prompts, new_tokens):
+        for prompt, row in zip(prompts, new_tokens, strict=True):
             print(prompt + tokenizer.decode(row.tolist(), skip_special_tokens=True))
     n_new = count_new_tokens(new_tokens, tokenizer.eos_token_id)
     print(

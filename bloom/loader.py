@@ -14,7 +14,6 @@ then assigned, so loading holds a single copy of the weights.
 
 import json
 import pickle
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -91,7 +90,9 @@ def load_pretrained(
         target_dtype = target_dtype or embedding_reader.dtype(embedding_key)
         state = {
             name: reader.tensor(key).to(device=device, dtype=target_dtype)
-            for name, (reader, key) in tqdm(sources.items(), desc="Loading weights", unit="tensor", disable=not progress)
+            for name, (reader, key) in tqdm(
+                sources.items(), desc="Loading weights", unit="tensor", disable=not progress
+            )
         }
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
@@ -207,7 +208,9 @@ def _check_keys(readers: list, expected: dict[str, tuple[int, ...]]) -> dict[str
             name = key.removeprefix(PREFIX)
             if name == LM_HEAD:
                 if shape != expected["word_embeddings.weight"]:
-                    misshapen.append(f"{key} in {reader.path.name}: expected {expected['word_embeddings.weight']}, found {shape}")
+                    misshapen.append(
+                        f"{key} in {reader.path.name}: expected {expected['word_embeddings.weight']}, found {shape}"
+                    )
                 continue
             if name not in expected:
                 unexpected.append(f"{key} ({reader.path.name})")
@@ -229,6 +232,6 @@ def _check_keys(readers: list, expected: dict[str, tuple[int, ...]]) -> dict[str
     if report:
         folder = readers[0].path.parent
         raise ValueError(f"checkpoint in {folder} does not fit the model of its config.json: {report}")
-    for name, (reader, key) in sources.items():
+    for reader, key in sources.values():
         reader.dtype(key)  # raises on a non-float tensor before anything is read
     return sources

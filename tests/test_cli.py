@@ -18,7 +18,10 @@ def expected_text(folder, prompts: list[str], max_new_tokens: int, **kwargs) -> 
     ids, mask = tokenizer.batch_encode(prompts)
     out = generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                    eos_token_id=tokenizer.eos_token_id, **kwargs)  # fmt: skip
-    return [p + tokenizer.decode(row.tolist(), skip_special_tokens=True) for p, row in zip(prompts, out[:, ids.shape[1] :])]
+    return [
+        p + tokenizer.decode(row.tolist(), skip_special_tokens=True)
+        for p, row in zip(prompts, out[:, ids.shape[1] :], strict=True)
+    ]
 
 
 def test_help():
@@ -29,26 +32,59 @@ def test_help():
 
 
 def test_generate_one_prompt_streams_the_greedy_text(tiny_model_folder):
-    result = bloom("generate", "--model", str(tiny_model_folder), "--prompt", "Bonjour, le monde", "--max-new-tokens", "12")
+    result = bloom(
+        "generate", "--model", str(tiny_model_folder), "--prompt", "Bonjour, le monde", "--max-new-tokens", "12"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected_text(tiny_model_folder, ["Bonjour, le monde"], 12)[0] + "\n"
     last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("load ") and "prompt " in last_line and "new 12 tokens" in last_line and "tokens/s" in last_line
+    assert (
+        last_line.startswith("load ")
+        and "prompt " in last_line
+        and "new 12 tokens" in last_line
+        and "tokens/s" in last_line
+    )
 
 
 def test_generate_a_batch_from_a_file_with_sampling(tiny_model_folder, tmp_path):
     prompts = ["The quick brown fox", "我爱", "Où est la bibliothèque ?"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    args = ["--max-new-tokens", "8", "--do-sample", "--temperature", "0.8", "--top-k", "40", "--top-p", "0.9", "--seed", "7"]
+    args = [
+        "--max-new-tokens",
+        "8",
+        "--do-sample",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "40",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "7",
+    ]
     result = bloom("generate", "--model", str(tiny_model_folder), "--prompt-file", str(tmp_path / "prompts.txt"), *args)
     assert result.returncode == 0, result.stderr
-    expected = expected_text(tiny_model_folder, prompts, 8, do_sample=True, temperature=0.8, top_k=40, top_p=0.9, seed=7)
+    expected = expected_text(
+        tiny_model_folder, prompts, 8, do_sample=True, temperature=0.8, top_k=40, top_p=0.9, seed=7
+    )
     assert result.stdout == "".join(text + "\n" for text in expected)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_dtype(tiny_model_folder, dtype):
-    result = bloom("generate", "--model", str(tiny_model_folder), "--prompt", "a", "--prompt", "bb", "--max-new-tokens", "3", "--dtype", dtype)
+    result = bloom(
+        "generate",
+        "--model",
+        str(tiny_model_folder),
+        "--prompt",
+        "a",
+        "--prompt",
+        "bb",
+        "--max-new-tokens",
+        "3",
+        "--dtype",
+        dtype,
+    )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 2
 

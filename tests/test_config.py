@@ -1,6 +1,5 @@
 """Presets, published config.json files and the flags that must be refused."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -42,8 +41,11 @@ def test_from_name_accepts_the_repo_id_and_lists_names_on_error():
 
 def test_old_spellings_and_unused_keys_are_accepted():
     config = BloomConfig.from_hf_config(
-        {"n_embed": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "offset_alibi": 100, "masked_softmax_fusion": True,
-         "seq_length": 2048, "n_inner": None, "vocab_size": 99, "pad_token_id": 3, "hidden_dropout": 0.0}
+        {
+            "n_embed": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "offset_alibi": 100,
+            "masked_softmax_fusion": True, "seq_length": 2048, "n_inner": None, "vocab_size": 99,
+            "pad_token_id": 3, "hidden_dropout": 0.0,
+        }
     )  # fmt: skip
     assert (config.hidden_size, config.n_head, config.n_layer, config.vocab_size, config.head_dim) == (64, 4, 2, 99, 16)
 
@@ -65,7 +67,9 @@ def test_flags_that_change_the_forward_pass_are_refused(flags, message):
 
 def test_slow_but_exact_without_tensor_parallel_slices_changes_nothing_and_is_accepted():
     # transformers' own tests set slow_but_exact=True with pretraining_tp=1: the emulation is then a no-op
-    assert BloomConfig.from_hf_config({"hidden_size": 64, "n_head": 4, "n_layer": 2, "slow_but_exact": True}).n_head == 4
+    assert (
+        BloomConfig.from_hf_config({"hidden_size": 64, "n_head": 4, "n_layer": 2, "slow_but_exact": True}).n_head == 4
+    )
 
 
 def test_bad_shapes_are_refused(tmp_path):

@@ -123,7 +123,9 @@ def test_reused_cache(models):
     cache = KVCache(ours.config, 2, 40, torch.float32, "cpu")
     fresh = generate(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=-1)
     for _ in range(2):
-        assert torch.equal(generate(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=-1, cache=cache), fresh)
+        assert torch.equal(
+            generate(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=-1, cache=cache), fresh
+        )
 
 
 def test_streamer_sees_every_new_column(models):

@@ -136,7 +136,9 @@ def test_shard_outside_the_folder(sharded):
     shutil.copy(sharded / "model_00002-of-00003.safetensors", sharded.parent / "elsewhere.safetensors")
     index_path = sharded / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
-    index["weight_map"] = {k: "../elsewhere.safetensors" if v.startswith("model_00002") else v for k, v in index["weight_map"].items()}
+    index["weight_map"] = {
+        k: "../elsewhere.safetensors" if v.startswith("model_00002") else v for k, v in index["weight_map"].items()
+    }
     index_path.write_text(json.dumps(index))
     with pytest.raises(ValueError, match="outside the checkpoint folder"):
         load_pretrained(sharded)
@@ -164,7 +166,9 @@ def test_wrong_shape_names_key_expected_and_found(sharded):
         state["ln_f.weight"] = state["ln_f.weight"][:40].clone()
 
     rewrite_shard(sharded, "model_00003-of-00003.safetensors", shrink)
-    with pytest.raises(ValueError, match=r"ln_f.weight in model_00003-of-00003.safetensors: expected \(48,\), found \(40,\)"):
+    with pytest.raises(
+        ValueError, match=r"ln_f.weight in model_00003-of-00003.safetensors: expected \(48,\), found \(40,\)"
+    ):
         load_pretrained(sharded)
 
 

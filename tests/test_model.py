@@ -63,7 +63,10 @@ def test_causal_mask_hides_future_and_padding_but_never_a_whole_row():
     assert visible[1, 0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
     assert visible[0, 0].tolist() == [[True, False, False], [False, True, False], [False, True, True]]
     # with a cache, a query at slot 1 sees slots 0..1 that are real
-    assert (causal_mask(mask, torch.tensor([1]), torch.float32)[:, 0, 0] == 0).tolist() == [[False, True, False], [True, True, False]]
+    assert (causal_mask(mask, torch.tensor([1]), torch.float32)[:, 0, 0] == 0).tolist() == [
+        [False, True, False],
+        [True, True, False],
+    ]
 
 
 def test_gelu_is_the_tanh_form():
@@ -126,3 +129,8 @@ def test_parameter_count_formula():
     V, h, L = 100, 64, 3
     assert sum(p.numel() for p in model.parameters()) == V * h + 2 * h + L * (12 * h * h + 13 * h) + 2 * h
     assert math.isclose(config.head_dim, 8)
+
+
+def test_mask_of_the_wrong_shape_is_refused():
+    with pytest.raises(ValueError, match=r"attention_mask is \(1, 4\), expected .* \(1, 5\)"):
+        tiny_model()(torch.randint(4, 100, (1, 5)), torch.ones(1, 4, dtype=torch.long))

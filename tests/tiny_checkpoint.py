@@ -78,7 +78,7 @@ def save_bigscience(
 
     names = [shard_name.format(i=i + 1, n=n_shards) for i in range(n_shards)]
     weight_map = {key: names[shard_of(key)] for key in state}
-    for i, name in enumerate(names):
+    for name in names:
         save_file({k: v for k, v in state.items() if weight_map[k] == name}, folder / name, metadata={"format": "pt"})
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
