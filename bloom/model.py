@@ -77,12 +77,21 @@ def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1.0 + 0.044715 * x * x)))
 
 
+class Tap(nn.Identity):
+    """A named point in the forward pass (`h.3.self_attention.probs`) that returns its input unchanged.
+
+    It exists so that `bloom.probe` can record or replace the tensor there with a forward hook; with no hook
+    registered it costs one module call.
+    """
+
+
 class Attention(nn.Module):
     def __init__(self, config: BloomConfig) -> None:
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.q, self.k, self.v, self.probs, self.context = (Tap() for _ in range(5))
 
     def forward(
         self, x: torch.Tensor, alibi: torch.Tensor, mask: torch.Tensor, kv: LayerKV | None, slots: torch.Tensor
@@ -91,6 +100,7 @@ class Attention(nn.Module):
         # The fused projection's output features are laid out per head: [head][q | k | v][hd].
         qkv = self.query_key_value(x).view(B, T, self.n_head, 3, self.head_dim)  # (B, T, nh, 3, hd)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # 3 x (B, nh, T, hd)
+        q, k, v = self.q(q), self.k(k), self.v(v)
         if kv is not None:
             k, v = kv.update(slots, k, v)  # 2 x (B, nh, S, hd): the whole cache, unwritten slots masked
         S = k.shape[2]
@@ -100,8 +110,8 @@ class Attention(nn.Module):
             k.reshape(B * self.n_head, S, self.head_dim).transpose(1, 2),  # (B·nh, hd, S)
             alpha=1.0 / math.sqrt(self.head_dim),
         ).view(B, self.n_head, T, S)
-        probs = F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, nh, T, S)
-        y = probs @ v  # (B, nh, T, hd)
+        probs = self.probs(F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype))  # (B, nh, T, S)
+        y = self.context(probs @ v)  # each head's output: (B, nh, T, hd)
         return self.dense(y.transpose(1, 2).reshape(B, T, C))  # heads concatenated: (B, T, C)
 
 
@@ -110,9 +120,10 @@ class MLP(nn.Module):
         super().__init__()
         self.dense_h_to_4h = nn.Linear(config.hidden_size, 4 * config.hidden_size)
         self.dense_4h_to_h = nn.Linear(4 * config.hidden_size, config.hidden_size)
+        self.act = Tap()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(bloom_gelu(self.dense_h_to_4h(x)))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+        return self.dense_4h_to_h(self.act(bloom_gelu(self.dense_h_to_4h(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
 
 
 class Block(nn.Module):

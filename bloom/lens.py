@@ -1,0 +1,26 @@
+"""The logit lens: read the residual stream after every block as if it were the last one."""
+
+import torch
+import torch.nn.functional as F
+
+from bloom.model import Bloom
+from bloom.probe import record
+
+
+@torch.inference_mode()
+def logit_lens(
+    model: Bloom, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, k: int = 5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k next-token probabilities of each layer's residual stream through ln_f and the LM head.
+
+    Returns (probs, token_ids), each (n_layer + 1, B, T, k): row 0 reads the stream entering block 0 (the
+    embedding after its LayerNorm), row i the stream after block i; the last row is the model's own output.
+    """
+    with record(model, "word_embeddings_layernorm", "h.*") as seen:
+        model(input_ids, attention_mask)
+    streams = [seen["word_embeddings_layernorm"]] + [seen[f"h.{i}"] for i in range(len(model.h))]
+    top = []
+    for x in streams:  # one layer at a time: (B, T, V) logits per layer, not (n_layer + 1, B, T, V)
+        logits = F.linear(model.ln_f(x), model.word_embeddings.weight)  # (B, T, V)
+        top.append(torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1))
+    return torch.stack([t.values for t in top]), torch.stack([t.indices for t in top])

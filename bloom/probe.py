@@ -1,0 +1,114 @@
+"""Look inside a forward pass, and change it, without editing the model: `record` and `patch`.
+
+Every submodule of `Bloom` is a place to look, named by its path (`model.named_modules()`):
+
+    word_embeddings_layernorm        (B, T, C)   the residual stream entering block 0
+    h.{i}                            (B, T, C)   the residual stream after block i
+    h.{i}.self_attention             (B, T, C)   what attention adds to the residual stream
+    h.{i}.self_attention.q / .k / .v (B, nh, T, hd)
+    h.{i}.self_attention.probs       (B, nh, T, S) attention probabilities, per head
+    h.{i}.self_attention.context     (B, nh, T, hd) each head's output, before `dense` mixes them
+    h.{i}.mlp.dense_h_to_4h          (B, T, 4C)  MLP pre-activations
+    h.{i}.mlp.act                    (B, T, 4C)  MLP activations (after the GeLU)
+    h.{i}.mlp                        (B, T, C)   what the MLP adds to the residual stream
+    ln_f                             (B, T, C)   the final LayerNorm's output
+
+Names take shell-style wildcards per dotted part: "h.*.self_attention.probs", "h.*" (every block's
+output, not what is inside them), "h.1[0-5]". Both context managers work through forward
+hooks, which they remove on exit; outside them the model runs exactly as written.
+
+    with record(model, "h.*", "h.*.self_attention.probs") as seen:
+        model(ids)
+    seen["h.3.self_attention.probs"]  # (B, nh, T, T)
+
+    with patch(model, {"h.5.self_attention.context": zero_head(7), "h.2": other_prompts_residual}):
+        logits = model(ids)
+"""
+
+import fnmatch
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+Edit = Callable[[torch.Tensor], torch.Tensor] | torch.Tensor
+
+
+def find(model: nn.Module, pattern: str) -> dict[str, nn.Module]:
+    """The submodules whose names match `pattern`; a pattern that matches nothing is an error."""
+    parts = pattern.split(".")
+
+    def matches(name: str) -> bool:
+        name_parts = name.split(".")
+        return len(name_parts) == len(parts) and all(map(fnmatch.fnmatchcase, name_parts, parts))
+
+    found = {name: module for name, module in model.named_modules() if name and matches(name)}
+    if not found:
+        examples = "h.0, h.0.self_attention.probs, h.0.self_attention.context, h.0.mlp.act, ln_f"
+        raise ValueError(f"no module of the model is named like {pattern!r} (names look like: {examples})")
+    return found
+
+
+@contextmanager
+def record(model: nn.Module, *patterns: str) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the outputs of the named modules into the yielded dict (name -> tensor, detached).
+
+    A module that runs again inside the block (each step of generation) overwrites its entry.
+    """
+    seen: dict[str, torch.Tensor] = {}
+    modules = {name: module for pattern in patterns for name, module in find(model, pattern).items()}
+
+    def keep(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            seen[name] = output.detach()
+
+        return hook
+
+    handles = [module.register_forward_hook(keep(name)) for name, module in modules.items()]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def patch(model: nn.Module, edits: dict[str, Edit]) -> Iterator[None]:
+    """Replace the outputs of the named modules while the block runs.
+
+    Each edit is a tensor (used instead of the output: same shape) or a function of the output that returns
+    the new one (`zero_head(h)`, `lambda x: 2 * x`).
+    """
+    handles = []
+
+    def apply(name: str, edit: Edit) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            if callable(edit):
+                return edit(output)
+            if edit.shape != output.shape:
+                shapes = f"tensor of shape {tuple(edit.shape)}, output is {tuple(output.shape)}"
+                raise ValueError(f"patch for {name}: {shapes}")
+            return edit.to(output.dtype)
+
+        return hook
+
+    try:
+        for pattern, edit in edits.items():
+            for name, module in find(model, pattern).items():
+                handles.append(module.register_forward_hook(apply(name, edit)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def zero_head(head: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An edit for `*.self_attention.context` (B, nh, T, hd) that removes one head's output."""
+
+    def edit(context: torch.Tensor) -> torch.Tensor:
+        context = context.clone()
+        context[:, head] = 0
+        return context
+
+    return edit

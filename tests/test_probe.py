@@ -1,0 +1,109 @@
+"""Recording and editing a forward pass through bloom.probe, and the logit lens."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bloom import Bloom, BloomConfig
+from bloom.lens import logit_lens
+from bloom.probe import patch, record, zero_head
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model = Bloom(BloomConfig(hidden_size=64, n_layer=3, n_head=8, vocab_size=100)).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def batch():
+    ids = torch.randint(4, 100, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    return ids, mask
+
+
+def test_last_residual_through_ln_f_and_head_is_the_logits(model, batch):
+    ids, mask = batch
+    with torch.no_grad(), record(model, "h.*", "ln_f") as seen:
+        logits = model(ids, mask)
+    assert sorted(seen) == ["h.0", "h.1", "h.2", "ln_f"]
+    assert torch.equal(F.linear(model.ln_f(seen["h.2"]), model.word_embeddings.weight), logits)
+    assert torch.equal(F.linear(seen["ln_f"], model.word_embeddings.weight), logits)
+
+
+def test_attention_probabilities_sum_to_one_and_respect_causality_and_padding(model, batch):
+    ids, mask = batch
+    with torch.no_grad(), record(model, "h.*.self_attention.probs", "h.1.self_attention.q") as seen:
+        model(ids, mask)
+    assert seen["h.1.self_attention.q"].shape == (2, 8, 10, 8)
+    for layer in range(3):
+        probs = seen[f"h.{layer}.self_attention.probs"]  # (B, nh, T, S)
+        assert probs.shape == (2, 8, 10, 10)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(2, 8, 10))
+        assert (probs.triu(diagonal=1) == 0).all()  # no query sees a later key
+        assert (probs[1, :, 4:, :4] == 0).all()  # real tokens of the padded row never see the padding
+
+
+def test_recording_leaves_no_hooks_and_changes_nothing(model, batch):
+    ids, mask = batch
+    with torch.no_grad():
+        before = model(ids, mask)
+        with record(model, "*", "h.*", "h.*.*", "h.*.*.*"):
+            during = model(ids, mask)
+        assert torch.equal(before, during)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_ablating_a_head_changes_the_output_and_ablating_nothing_does_not(model, batch):
+    ids, mask = batch
+    with torch.no_grad():
+        clean = model(ids, mask)
+        with patch(model, {"h.1.self_attention.context": lambda x: x}):
+            assert torch.equal(model(ids, mask), clean)
+        name = "h.1.self_attention.context"
+        with patch(model, {name: zero_head(3)}), record(model, name) as seen:
+            ablated = model(ids, mask)
+    assert (seen["h.1.self_attention.context"][:, 3] == 0).all()
+    assert (seen["h.1.self_attention.context"][:, 2] != 0).any()
+    assert (ablated - clean).abs().max() > 1e-3
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["word_embeddings_layernorm", "h.0", "h.1", "h.2"])
+def test_patching_a_whole_activation_from_prompt_a_into_prompt_b_gives_a(model, name):
+    a, b = torch.randint(4, 100, (1, 12)), torch.randint(4, 100, (1, 12))
+    with torch.no_grad():
+        with record(model, name) as seen:
+            logits_a = model(a)
+        with patch(model, {name: seen[name]}):
+            patched_b = model(b)
+        assert not torch.equal(model(b), logits_a)
+    torch.testing.assert_close(patched_b, logits_a, rtol=0, atol=1e-6)
+
+
+def test_bad_names_and_shapes_are_refused(model, batch):
+    ids, mask = batch
+    with pytest.raises(ValueError, match="h.9"):
+        with record(model, "h.9"):
+            pass
+    with pytest.raises(ValueError, match=r"patch for h.0: tensor of shape \(1, 2\)"):
+        with torch.no_grad(), patch(model, {"h.0": torch.zeros(1, 2)}):
+            model(ids, mask)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_logit_lens_last_row_is_the_models_prediction(model, batch):
+    ids, mask = batch
+    probs, tokens = logit_lens(model, ids, mask, k=4)
+    assert probs.shape == tokens.shape == (4, 2, 10, 4)
+    with torch.no_grad():
+        expected = torch.topk(torch.softmax(model(ids, mask), dim=-1), 4, dim=-1)
+    assert torch.equal(tokens[-1], expected.indices)
+    torch.testing.assert_close(probs[-1], expected.values)
+    assert (probs[:, :, :, :-1] >= probs[:, :, :, 1:]).all()  # sorted, most likely first
+    assert not torch.equal(tokens[0], tokens[-1])  # early layers predict something else
