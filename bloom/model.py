@@ -170,6 +170,19 @@ class Bloom(nn.Module):
         cache, slots: the KV cache, and the slots (T,) where these tokens go (default 0..T-1).
         last_only: return the logits of the last position only, (B, 1, V), as generation needs.
         """
+        x = self.hidden(input_ids, attention_mask, cache, slots)  # (B, T, C)
+        if last_only:
+            x = x[:, -1:]  # the head reads all 250880 embedding rows (46% of bloom-560m): only where needed
+        return F.linear(x, self.word_embeddings.weight)  # the LM head is the embedding: (B, T, V)
+
+    def hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final hidden states, after ln_f, (B, T) -> (B, T, C); arguments as in `forward`."""
         B, T = input_ids.shape
         S = T if cache is None else cache.max_len
         if slots is None:
@@ -177,9 +190,7 @@ class Bloom(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
         if attention_mask.shape != (B, S):
-            raise ValueError(
-                f"attention_mask is {tuple(attention_mask.shape)}, expected (batch, key positions) = {(B, S)}"
-            )
+            raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, expected (batch, key positions) = {(B, S)}")
         dtype = self.word_embeddings.weight.dtype
         alibi = alibi_bias(attention_mask, alibi_slopes(self.config.n_head, input_ids.device), dtype)  # (B, nh, 1, S)
         mask = causal_mask(attention_mask, slots, dtype)  # (B, 1, T, S)
@@ -187,7 +198,4 @@ class Bloom(nn.Module):
         x = self.word_embeddings_layernorm(self.word_embeddings(input_ids))  # (B, T, C)
         for i, block in enumerate(self.h):
             x = block(x, alibi, mask, None if cache is None else cache.layers[i], slots)
-        if last_only:
-            x = x[:, -1:]  # the head reads all 250880 embedding rows (46% of bloom-560m): only where needed
-        x = self.ln_f(x)
-        return F.linear(x, self.word_embeddings.weight)  # the LM head is the embedding: (B, T, V)
+        return self.ln_f(x)

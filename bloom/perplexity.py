@@ -1,0 +1,88 @@
+"""Perplexity of a long text, scored with sliding windows.
+
+A text longer than the context is cut into windows of `context` tokens that start every `stride` tokens.
+A window scores only the tokens that the previous window did not reach, each from the tokens before it in
+the window, so with stride < context every token after the first window sees at least context - stride
+tokens of context. A token with nothing before it in its window is not scored: the first token of the
+text, and with stride = context (windows that do not overlap) the first token of every window. This is
+the procedure of transformers' "perplexity of fixed-length models" guide, so the numbers are comparable.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub.utils import tqdm
+
+from bloom.model import Bloom
+
+LOGITS_CHUNK = 256  # positions whose (chunk, V) logits are materialised at once
+
+
+@dataclass(frozen=True)
+class Window:
+    begin: int  # first token of the window
+    end: int  # one past the last token
+    first_scored: int  # tokens [first_scored, end) are scored
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per scored token, in nats
+    n_scored: int
+    n_windows: int
+
+
+def sliding_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
+    if not 0 < stride <= context:
+        raise ValueError(f"stride must be in [1, context={context}], got {stride}")
+    if n_tokens < 2:
+        raise ValueError(f"the text has {n_tokens} token(s); perplexity needs at least 2")
+    windows, scored_up_to = [], 1  # token 0 is never scored
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + context, n_tokens)
+        windows.append(Window(begin, end, max(scored_up_to, begin + 1)))
+        scored_up_to = end
+        if end == n_tokens:
+            break
+    return windows
+
+
+@torch.inference_mode()
+def perplexity(
+    model: Bloom, token_ids: list[int], *, context: int, stride: int, batch_size: int = 4, progress: bool = False
+) -> Perplexity:
+    """Perplexity of `token_ids` under the model, windows batched `batch_size` at a time (left-padded)."""
+    windows = sliding_windows(len(token_ids), context, stride)
+    device = model.word_embeddings.weight.device
+    tokens = torch.tensor(token_ids, device=device)
+    nll, n_scored = 0.0, 0
+    with tqdm(total=len(windows), desc="Scoring", unit="window", disable=not progress) as bar:
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start : start + batch_size]
+            T = max(w.end - w.begin for w in batch)
+            ids = torch.full((len(batch), T), model.config.pad_token_id or 0, device=device)  # (B, T)
+            mask = torch.zeros_like(ids)
+            for row, w in enumerate(batch):
+                ids[row, T - (w.end - w.begin) :] = tokens[w.begin : w.end]
+                mask[row, T - (w.end - w.begin) :] = 1
+            hidden = model.hidden(ids, mask)  # (B, T, C)
+            for row, w in enumerate(batch):
+                offset = T - w.end  # column of token i is i + offset
+                predictors = hidden[row, w.first_scored - 1 + offset : w.end - 1 + offset]  # (n, C)
+                nll += _nll_sum(model, predictors, tokens[w.first_scored : w.end])
+                n_scored += w.end - w.first_scored
+            bar.update(len(batch))
+    mean = nll / n_scored
+    return Perplexity(math.exp(mean), mean, n_scored, len(windows))
+
+
+def _nll_sum(model: Bloom, hidden: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed -log p(target) for (n, C) hidden states, in float32 logits, a chunk of positions at a time."""
+    total = 0.0
+    for i in range(0, len(targets), LOGITS_CHUNK):
+        logits = F.linear(hidden[i : i + LOGITS_CHUNK], model.word_embeddings.weight).float()  # (chunk, V)
+        total += F.cross_entropy(logits, targets[i : i + LOGITS_CHUNK], reduction="sum").item()
+    return total
