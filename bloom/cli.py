@@ -1,4 +1,4 @@
-"""The `bloom` command line: `bloom generate` and `bloom download`."""
+"""The `bloom` command line: generate, perplexity, download."""
 
 import argparse
 import inspect
@@ -11,10 +11,13 @@ import torch
 from bloom.generate import check_sampling, generate
 from bloom.hub import resolve_folder
 from bloom.loader import DTYPES, checkpoint_patterns, is_complete, load_pretrained
+from bloom.model import Bloom
+from bloom.perplexity import perplexity
 from bloom.streaming import TextStream
 from bloom.tokenizer import CONFIG_FILES, TOKENIZER_FILE, BloomTokenizer, load_tokenizer
 
 MAX_NEW_TOKENS = 64
+CONTEXT, STRIDE, BATCH_SIZE = 1024, 512, 4
 DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(generate).parameters.items()}
 
 
@@ -38,8 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Continue one prompt (streamed to stdout) or several (one left-padded batch, printed when "
         "done). Greedy unless --do-sample. The last line on stderr gives load time, token counts and tokens/s.",
     )
-    gen.add_argument("--model", required=True, help="checkpoint folder or hub repo id, e.g. bigscience/bloomz-560m")
-    gen.add_argument("--revision", help="branch, tag or commit of a hub repo")
+    add_model_arguments(gen)
     prompts = gen.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
     prompts.add_argument("--prompt-file", type=Path, help="a file with one prompt per line")
@@ -57,9 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"> 1 discourages repeating tokens (default {DEFAULTS['repetition_penalty']})",
     )
     gen.add_argument("--seed", type=int, help="make sampling reproducible")
-    gen.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the checkpoint's stored dtype")
-    gen.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     gen.set_defaults(run=run_generate)
+
+    ppl = commands.add_parser(
+        "perplexity",
+        help="perplexity of a text file, with sliding windows",
+        description="Perplexity of a UTF-8 text file: windows of --context tokens every --stride tokens, each "
+        "token scored once with the context before it (transformers' fixed-length-model procedure).",
+    )
+    add_model_arguments(ppl)
+    ppl.add_argument("--file", type=Path, required=True, help="the text to score")
+    ppl.add_argument("--context", type=int, default=CONTEXT, help=f"tokens per window (default {CONTEXT})")
+    ppl.add_argument("--stride", type=int, default=STRIDE, help=f"tokens between window starts (default {STRIDE})")
+    ppl.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"windows per forward (default {BATCH_SIZE})")
+    ppl.set_defaults(run=run_perplexity)
 
     download = commands.add_parser(
         "download", help="fetch a hub checkpoint into the local cache", description="Fetch config.json, the "
@@ -69,6 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--revision", help="branch, tag or commit")
     download.set_defaults(run=run_download)
     return parser
+
+
+def add_model_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--model", required=True, help="checkpoint folder or hub repo id, e.g. bigscience/bloomz-560m")
+    command.add_argument("--revision", help="branch, tag or commit of a hub repo")
+    command.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the checkpoint's stored dtype")
+    command.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+
+
+def load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Bloom, BloomTokenizer, float]:
+    """The model and tokenizer the arguments name, and the seconds it took to load them."""
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    start = time.perf_counter()
+    dtype = args.dtype and DTYPES[args.dtype]
+    model = load_pretrained(args.model, dtype=dtype, device=args.device, revision=args.revision, progress=True)
+    tokenizer = load_tokenizer(args.model, revision=args.revision)
+    return model, tokenizer, time.perf_counter() - start
 
 
 def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -84,15 +115,7 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
                        settings["repetition_penalty"], args.max_new_tokens)  # fmt: skip
     except ValueError as error:
         parser.error(str(error))
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available on this machine")
-
-    start = time.perf_counter()
-    model = load_pretrained(
-        args.model, dtype=args.dtype and DTYPES[args.dtype], device=args.device, revision=args.revision, progress=True
-    )
-    tokenizer = load_tokenizer(args.model, revision=args.revision)
-    load_seconds = time.perf_counter() - start
+    model, tokenizer, load_seconds = load(parser, args)
 
     input_ids, attention_mask = (t.to(args.device) for t in tokenizer.batch_encode(prompts))
     streamer = None
@@ -117,6 +140,22 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         f"{n_new / seconds:.1f} tokens/s",
         file=sys.stderr,
     )
+    return 0
+
+
+def run_perplexity(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        text = args.file.read_text(encoding="utf-8")
+    except OSError as error:
+        raise FileNotFoundError(f"--file {args.file}: {error.strerror}") from None
+    if not 0 < args.stride <= args.context:
+        parser.error(f"--stride must be between 1 and --context ({args.context}), got {args.stride}")
+    model, tokenizer, _ = load(parser, args)
+    result = perplexity(
+        model, tokenizer.encode(text), context=args.context, stride=args.stride, batch_size=args.batch_size,
+        progress=True,
+    )  # fmt: skip
+    print(f"perplexity {result.perplexity:.4f} | {result.n_scored} tokens scored in {result.n_windows} windows")
     return 0
 
 

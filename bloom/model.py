@@ -190,7 +190,7 @@ class Bloom(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
         if attention_mask.shape != (B, S):
-            raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, expected (batch, key positions) = {(B, S)}")
+            raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, expected (batch, keys) = {(B, S)}")
         dtype = self.word_embeddings.weight.dtype
         alibi = alibi_bias(attention_mask, alibi_slopes(self.config.n_head, input_ids.device), dtype)  # (B, nh, 1, S)
         mask = causal_mask(attention_mask, slots, dtype)  # (B, 1, T, S)

@@ -132,5 +132,5 @@ def test_parameter_count_formula():
 
 
 def test_mask_of_the_wrong_shape_is_refused():
-    with pytest.raises(ValueError, match=r"attention_mask is \(1, 4\), expected .* \(1, 5\)"):
+    with pytest.raises(ValueError, match=r"attention_mask is \(1, 4\), expected \(batch, keys\) = \(1, 5\)"):
         tiny_model()(torch.randint(4, 100, (1, 5)), torch.ones(1, 4, dtype=torch.long))

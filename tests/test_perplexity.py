@@ -10,7 +10,10 @@ from bloom import load_pretrained
 from bloom.perplexity import perplexity, sliding_windows
 
 
-@pytest.mark.parametrize("n_tokens,context,stride", [(100, 32, 8), (100, 32, 32), (31, 32, 16), (2, 4, 1), (257, 50, 49)])
+WINDOWS = [(100, 32, 8), (100, 32, 32), (31, 32, 16), (2, 4, 1), (257, 50, 49)]  # (n_tokens, context, stride)
+
+
+@pytest.mark.parametrize("n_tokens,context,stride", WINDOWS)
 def test_windows_score_every_token_with_context_exactly_once(n_tokens, context, stride):
     windows = sliding_windows(n_tokens, context, stride)
     scored = [t for w in windows for t in range(w.first_scored, w.end)]
