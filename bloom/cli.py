@@ -18,6 +18,19 @@ from bloom.tokenizer import CONFIG_FILES, TOKENIZER_FILE, BloomTokenizer, load_t
 
 MAX_NEW_TOKENS = 64
 CONTEXT, STRIDE, BATCH_SIZE = 1024, 512, 4
+PARITY_NEW_TOKENS = 20
+# Largest difference allowed at any layer, relative to that tensor's scale: max |ours - theirs| / max |theirs|.
+# fp32: both follow the same operations (measured: bit-identical on CPU). Half precision: a few roundings may
+# land differently (unit roundoff: fp16 4.9e-4, bf16 3.9e-3).
+PARITY_TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+PARITY_DESCRIPTION = """\
+Run our BLOOM and transformers' BLOOM on the same checkpoint and prompts (left-padded batch) and print, for
+the embedding LayerNorm, each block's output, ln_f and the logits, the largest absolute difference and the
+largest difference relative to the reference tensor's scale (max |ours - theirs| / max |theirs|), at real
+tokens; then the first new token where the two greedy generations differ.
+
+Exit status 1, naming the first tensor at fault, when a relative difference exceeds the dtype's tolerance:
+""" + ", ".join(f"{str(dtype).removeprefix('torch.')} {tol:g}" for dtype, tol in PARITY_TOLERANCES.items())
 DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(generate).parameters.items()}
 
 
@@ -73,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--stride", type=int, default=STRIDE, help=f"tokens between window starts (default {STRIDE})")
     ppl.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"windows per forward (default {BATCH_SIZE})")
     ppl.set_defaults(run=run_perplexity)
+
+    parity = commands.add_parser(
+        "parity",
+        help="compare with transformers' BLOOM, layer by layer (needs transformers)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=PARITY_DESCRIPTION,
+    )
+    add_model_arguments(parity)
+    parity.add_argument("--reference", help="the checkpoint transformers loads (default: --model)")
+    parity.add_argument("--prompt", action="append", help="a prompt; repeat for several (default: three built in)")
+    parity.add_argument("--max-new-tokens", type=int, default=PARITY_NEW_TOKENS, help=f"default {PARITY_NEW_TOKENS}")
+    parity.set_defaults(run=run_parity)
 
     download = commands.add_parser(
         "download", help="fetch a hub checkpoint into the local cache", description="Fetch config.json, the "
@@ -157,6 +182,14 @@ def run_perplexity(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     )  # fmt: skip
     print(f"perplexity {result.perplexity:.4f} | {result.n_scored} tokens scored in {result.n_windows} windows")
     return 0
+
+
+def run_parity(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        import bloom_parity  # imports transformers, which the bloom package itself never does
+    except ImportError as error:
+        raise ValueError(f"bloom parity needs transformers ({error}): pip install 'bloom[parity]'") from None
+    return bloom_parity.run_parity(args, PARITY_TOLERANCES)
 
 
 def run_download(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -1,0 +1,104 @@
+"""`bloom parity`: our BLOOM against transformers' on the same checkpoint, layer by layer.
+
+The only module of this distribution, tests aside, that imports transformers (`pip install "bloom[parity]"`);
+the `bloom` package itself never does. Both models see the same token ids (our tokenizer), and every tensor
+is compared at real (non-padding) positions.
+"""
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+from transformers import BloomForCausalLM
+
+from bloom import generate, load_pretrained, load_tokenizer
+from bloom.probe import record
+
+PROMPTS = ["Translate to English: Je t'aime.", "The capital of France is", "def fibonacci(n):"]
+
+
+@dataclass(frozen=True)
+class LayerDiff:
+    name: str
+    max_abs: float
+    max_rel: float  # max_abs / max |reference|
+
+
+def ours_by_layer(model, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    with torch.inference_mode(), record(model, "word_embeddings_layernorm", "h.*", "ln_f") as seen:
+        logits = model(ids, mask)
+    names = ["word_embeddings_layernorm", *(f"h.{i}" for i in range(len(model.h))), "ln_f"]
+    return {name: seen[name] for name in names} | {"logits": logits}
+
+
+def transformers_by_layer(hf: BloomForCausalLM, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The same tensors from transformers. Its hidden_states are: the embedding LayerNorm's output, the output of
+    every block but the last, and ln_f's output; the last block's own output is taken with a hook."""
+    last_block: list[torch.Tensor] = []
+    handle = hf.transformer.h[-1].register_forward_hook(lambda module, args, output: last_block.append(output[0]))
+    try:
+        with torch.inference_mode():
+            out = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    finally:
+        handle.remove()
+    states, n_layer = out.hidden_states, hf.config.n_layer
+    blocks = {f"h.{i}": states[i + 1] for i in range(n_layer - 1)} | {f"h.{n_layer - 1}": last_block[0]}
+    return {"word_embeddings_layernorm": states[0], **blocks, "ln_f": states[-1], "logits": out.logits}
+
+
+def compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], mask: torch.Tensor) -> list[LayerDiff]:
+    real = mask.bool()
+    diffs = []
+    for name, reference in theirs.items():
+        a, b = ours[name][real].double(), reference[real].double()
+        max_abs = (a - b).abs().max().item()
+        diffs.append(LayerDiff(name, max_abs, max_abs / max(b.abs().max().item(), 1e-30)))
+    return diffs
+
+
+def first_difference(a: torch.Tensor, b: torch.Tensor) -> int | None:
+    """Index of the first position where two token sequences differ (a length difference counts), or None."""
+    n = min(len(a), len(b))
+    differs = (a[:n] != b[:n]).nonzero()
+    if len(differs):
+        return int(differs[0])
+    return None if len(a) == len(b) else n
+
+
+def run_parity(args: argparse.Namespace, tolerances: dict[torch.dtype, float]) -> int:
+    """Print the layer table and the greedy comparison; 0 if every layer is within its dtype's tolerance
+    (max |ours - theirs| / max |theirs|), else 1."""
+    model = load_pretrained(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
+    dtype = model.word_embeddings.weight.dtype
+    reference = args.reference or args.model
+    hf = BloomForCausalLM.from_pretrained(reference, dtype=dtype, revision=args.revision).to(args.device).eval()
+    tokenizer = load_tokenizer(args.model, revision=args.revision)
+    prompts = args.prompt or PROMPTS
+    ids, mask = (t.to(args.device) for t in tokenizer.batch_encode(prompts))
+    tolerance = tolerances[dtype]
+
+    diffs = compare(ours_by_layer(model, ids, mask), transformers_by_layer(hf, ids, mask), mask)
+    print(f"ours: {args.model} | transformers: {reference} | {str(dtype).removeprefix('torch.')} | "
+          f"{len(prompts)} prompts, {int(mask.sum())} tokens | tolerance {tolerance:g} (max abs / max |reference|)")  # fmt: skip
+    print(f"{'tensor':<28}{'max abs diff':>14}{'max rel diff':>14}")
+    for d in diffs:
+        flag = "  <-- beyond tolerance" if d.max_rel > tolerance else ""
+        print(f"{d.name:<28}{d.max_abs:>14.3e}{d.max_rel:>14.3e}{flag}")
+
+    kwargs = dict(attention_mask=mask, max_new_tokens=args.max_new_tokens, do_sample=False)
+    ours_tokens = generate(model, ids, eos_token_id=tokenizer.eos_token_id, **kwargs)
+    with torch.inference_mode():
+        theirs_tokens = hf.generate(input_ids=ids, eos_token_id=tokenizer.eos_token_id,
+                                    pad_token_id=tokenizer.pad_token_id, **kwargs)  # fmt: skip
+    T = ids.shape[1]
+    for prompt, a, b in zip(prompts, ours_tokens[:, T:], theirs_tokens[:, T:], strict=True):
+        at = first_difference(a, b)
+        verdict = "identical" if at is None else f"first differs at new token {at}"
+        print(f"greedy, {args.max_new_tokens} new tokens, {prompt!r}: {verdict}")
+
+    beyond = [d for d in diffs if d.max_rel > tolerance]
+    if beyond:
+        print(f"FAIL: first tensor beyond tolerance: {beyond[0].name} ({beyond[0].max_rel:.3e} > {tolerance:g})")
+        return 1
+    print("OK: every tensor within tolerance")
+    return 0
