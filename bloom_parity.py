@@ -78,8 +78,9 @@ def run_parity(args: argparse.Namespace, tolerances: dict[torch.dtype, float]) -
     tolerance = tolerances[dtype]
 
     diffs = compare(ours_by_layer(model, ids, mask), transformers_by_layer(hf, ids, mask), mask)
-    print(f"ours: {args.model} | transformers: {reference} | {str(dtype).removeprefix('torch.')} | "
-          f"{len(prompts)} prompts, {int(mask.sum())} tokens | tolerance {tolerance:g} (max abs / max |reference|)")  # fmt: skip
+    dtype_name = str(dtype).removeprefix("torch.")
+    print(f"ours: {args.model} | transformers: {reference} | {dtype_name} | {len(prompts)} prompts, "
+          f"{int(mask.sum())} tokens | tolerance {tolerance:g} (max abs / max |reference|)")  # fmt: skip
     print(f"{'tensor':<28}{'max abs diff':>14}{'max rel diff':>14}")
     for d in diffs:
         flag = "  <-- beyond tolerance" if d.max_rel > tolerance else ""
