@@ -1,6 +1,7 @@
-"""The `bloom` command line: generate, perplexity, download."""
+"""The `bloom` command line: generate, perplexity, inspect, parity, download."""
 
 import argparse
+import importlib.util
 import inspect
 import sys
 import time
@@ -8,11 +9,14 @@ from pathlib import Path
 
 import torch
 
+from bloom import viz
 from bloom.generate import check_sampling, generate
 from bloom.hub import resolve_folder
+from bloom.lens import logit_lens
 from bloom.loader import DTYPES, checkpoint_patterns, is_complete, load_pretrained
 from bloom.model import Bloom
 from bloom.perplexity import perplexity
+from bloom.probe import record
 from bloom.streaming import TextStream
 from bloom.tokenizer import CONFIG_FILES, TOKENIZER_FILE, BloomTokenizer, load_tokenizer
 
@@ -86,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--stride", type=int, default=STRIDE, help=f"tokens between window starts (default {STRIDE})")
     ppl.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"windows per forward (default {BATCH_SIZE})")
     ppl.set_defaults(run=run_perplexity)
+
+    inspect_ = commands.add_parser(
+        "inspect",
+        help="draw attention maps, ALiBi biases and a logit-lens grid for a prompt (needs matplotlib)",
+        description="Write PNGs for one prompt into --out: attention_hNN.png (every head of layer NN), alibi.png "
+        "(each head's ALiBi bias) and logit_lens.png (each layer's top next-token guess), and print their paths.",
+    )
+    add_model_arguments(inspect_)
+    inspect_.add_argument("--prompt", required=True)
+    inspect_.add_argument("--out", type=Path, required=True, help="folder for the pictures (created if needed)")
+    inspect_.set_defaults(run=run_inspect)
 
     parity = commands.add_parser(
         "parity",
@@ -182,6 +197,37 @@ def run_perplexity(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     )  # fmt: skip
     print(f"perplexity {result.perplexity:.4f} | {result.n_scored} tokens scored in {result.n_windows} windows")
     return 0
+
+
+def run_inspect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("bloom inspect draws with matplotlib: pip install 'bloom[viz]'")
+    model, tokenizer, _ = load(parser, args)
+    ids = torch.tensor([tokenizer.encode(args.prompt)], device=args.device)  # (1, T)
+    if ids.shape[1] == 0:
+        parser.error("--prompt is empty")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode(), record(model, "h.*.self_attention.probs") as seen:
+        model(ids)
+    labels = [readable(tokenizer.decode([i])) for i in ids[0].tolist()]
+    paths = [
+        viz.attention_heads(
+            seen[f"h.{i}.self_attention.probs"][0], labels, f"layer {i}", args.out / f"attention_h{i:02d}.png"
+        )
+        for i in range(len(model.h))
+    ]
+    paths.append(viz.alibi(model.config.n_head, len(labels), args.out / "alibi.png"))
+    probs, top_ids = logit_lens(model, ids, k=1)  # (n_layer + 1, 1, T, 1) each
+    top = [[readable(tokenizer.decode([i])) for i in row] for row in top_ids[:, 0, :, 0].tolist()]
+    paths.append(viz.logit_lens_grid(probs[:, 0, :, 0], top, labels, args.out / "logit_lens.png"))
+    for path in paths:
+        print(path)
+    return 0
+
+
+def readable(token: str) -> str:
+    """A token as a picture label: whitespace made visible."""
+    return token.replace(" ", "·").replace("\n", "↵").replace("\t", "→") or "∅"
 
 
 def run_parity(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
