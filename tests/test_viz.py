@@ -19,7 +19,8 @@ def png_size(path: Path) -> tuple[int, int]:
 def test_each_picture_has_the_promised_size(tmp_path):
     probs = torch.softmax(torch.randn(6, 5, 5), dim=-1).tril()
     tokens = ["a", "b", "c", "d", "e"]
-    assert png_size(viz.attention_heads(probs, tokens, "t", tmp_path / "a.png")) == (3 * 320, int((2 * 3.2 + 0.5) * 100))
+    attention = viz.attention_heads(probs, tokens, "t", tmp_path / "a.png")  # 6 heads: 2 x 3 panels
+    assert png_size(attention) == (3 * 320, int((2 * 3.2 + 0.5) * 100))
     assert png_size(viz.alibi(16, 30, tmp_path / "b.png")) == (4 * 260, int((4 * 2.6 + 0.5) * 100))
     lens = torch.rand(4, 5)
     top = [["x"] * 5 for _ in range(4)]
