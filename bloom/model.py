@@ -172,7 +172,7 @@ class Bloom(nn.Module):
         """
         x = self.hidden(input_ids, attention_mask, cache, slots)  # (B, T, C)
         if last_only:
-            x = x[:, -1:]  # the head reads all 250880 embedding rows (46% of bloom-560m): only where needed
+            x = x[:, -1:]  # skips a (T, C) x (C, 250880) product over the prompt when only the next token matters
         return F.linear(x, self.word_embeddings.weight)  # the LM head is the embedding: (B, T, V)
 
     def hidden(
