@@ -9,7 +9,9 @@ What the published files look like (BLOOM_FACTS.md §8):
 
 Every header is read and checked against the model before any tensor is: a bad checkpoint raises before
 anything is loaded. The model is built on the meta device and each tensor is read once, cast and moved,
-then assigned, so loading holds a single copy of the weights.
+then assigned, so loading holds a single copy of the weights: kept in the stored dtype on the CPU, the
+weights are the memory-mapped file itself (copy-on-write); cast or moved to a GPU, they are converted a
+chunk at a time.
 """
 
 import json
@@ -32,6 +34,7 @@ DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16,
 }  # fmt: skip
+READ_CHUNK_BYTES = 64 * 2**20  # converted or moved a chunk at a time
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
@@ -89,7 +92,7 @@ def load_pretrained(
         embedding_reader, embedding_key = sources["word_embeddings.weight"]
         target_dtype = target_dtype or embedding_reader.dtype(embedding_key)
         state = {
-            name: reader.tensor(key).to(device=device, dtype=target_dtype)
+            name: reader.read(key, target_dtype, torch.device(device))
             for name, (reader, key) in tqdm(
                 sources.items(), desc="Loading weights", unit="tensor", disable=not progress
             )
@@ -159,8 +162,25 @@ class _SafetensorsReader:
             raise ValueError(f"{self.path}: tensor {key!r} is stored as {code}, not a float type BLOOM uses")
         return _SAFETENSORS_DTYPES[code]
 
-    def tensor(self, key: str) -> torch.Tensor:
-        return self._handle.get_tensor(key)
+    def read(self, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The tensor in `dtype` on `device`, holding one copy of it in memory at any time.
+
+        Stored dtype on the CPU: a copy-on-write view of the memory-mapped file, read lazily. Otherwise the
+        tensor is filled a chunk of rows at a time, each chunk read through its own short-lived mapping:
+        the file pages of the stored tensor never pile up next to the converted copy.
+        """
+        if dtype == self.dtype(key) and device.type == "cpu":
+            return self._handle.get_tensor(key)
+        shape = self._handle.get_slice(key).get_shape()
+        out = torch.empty(shape, dtype=dtype, device=device)
+        if out.ndim == 0:
+            out.copy_(self._handle.get_tensor(key))
+            return out
+        rows_per_chunk = max(1, READ_CHUNK_BYTES // max(1, out[0].numel() * out.element_size()))
+        for start in range(0, shape[0], rows_per_chunk):
+            with safe_open(self.path, framework="pt") as handle:
+                out[start : start + rows_per_chunk] = handle.get_slice(key)[start : start + rows_per_chunk]
+        return out
 
 
 class _PickleReader:
@@ -173,8 +193,8 @@ class _PickleReader:
     def dtype(self, key: str) -> torch.dtype:
         return self._state[key].dtype
 
-    def tensor(self, key: str) -> torch.Tensor:
-        return self._state[key]
+    def read(self, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return self._state[key].to(device=device, dtype=dtype)
 
 
 class _open:

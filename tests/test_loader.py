@@ -10,6 +10,7 @@ from hub_cache import put_in_hub_cache
 from safetensors.torch import save_file
 from tiny_checkpoint import bigscience_state, random_hf_bloom, save_bigscience, save_transformers
 
+import bloom.loader
 from bloom import Bloom, load_pretrained
 from bloom.loader import weight_files
 
@@ -216,3 +217,12 @@ def test_heads_must_divide_hidden_size(sharded):
 def test_revision_with_a_local_folder(sharded):
     with pytest.raises(ValueError, match="revision"):
         load_pretrained(sharded, revision="main")
+
+
+def test_cast_in_chunks_of_rows(tmp_path, hf_model, ids, monkeypatch):
+    """A cast reads a few rows at a time; the chunks must tile every tensor exactly."""
+    monkeypatch.setattr(bloom.loader, "READ_CHUNK_BYTES", 7 * 48 * 2)  # 7 rows of the fp16 embedding per chunk
+    folder = save_bigscience(hf_model, tmp_path, dtype=torch.bfloat16)
+    model = load_pretrained(folder, dtype="fp32")
+    reference = {k: v.float() for k, v in bigscience_state(hf_model, torch.bfloat16).items()}
+    assert all(torch.equal(t, reference[k]) for k, t in model.state_dict().items())
