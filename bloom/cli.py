@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
+import bloom.bench
 from bloom import viz
+from bloom.decoder import Decoder
 from bloom.generate import check_sampling, generate
 from bloom.hub import resolve_folder
 from bloom.lens import logit_lens
@@ -76,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"> 1 discourages repeating tokens (default {DEFAULTS['repetition_penalty']})",
     )
     gen.add_argument("--seed", type=int, help="make sampling reproducible")
+    gen.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                     help="decode with a compiled step: a slow first token, then faster (default: eager)")  # fmt: skip
     gen.set_defaults(run=run_generate)
 
     ppl = commands.add_parser(
@@ -113,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--prompt", action="append", help="a prompt; repeat for several (default: three built in)")
     parity.add_argument("--max-new-tokens", type=int, default=PARITY_NEW_TOKENS, help=f"default {PARITY_NEW_TOKENS}")
     parity.set_defaults(run=run_parity)
+
+    bench = commands.add_parser(
+        "bench",
+        help="measure load time, memory, prefill and decode speed against transformers",
+        description=bloom.bench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bloom.bench.add_bench_arguments(bench)
+    bench.set_defaults(run=bloom.bench.run)
 
     download = commands.add_parser(
         "download", help="fetch a hub checkpoint into the local cache", description="Fetch config.json, the "
@@ -162,10 +175,13 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     if len(prompts) == 1:
         print(prompts[0], end="", flush=True)
         streamer = StdoutStream(tokenizer)
+    B, T = input_ids.shape
+    decoder = Decoder(model, B, T + args.max_new_tokens, compile=args.compile)
     start = time.perf_counter()
     output = generate(
         model, input_ids, attention_mask=attention_mask, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, streamer=streamer, **sampling,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, streamer=streamer, decoder=decoder,
+        **sampling,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     new_tokens = output[:, input_ids.shape[1] :]
@@ -177,7 +193,7 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     n_new = count_new_tokens(new_tokens, tokenizer.eos_token_id)
     print(
         f"load {load_seconds:.2f} s | prompt {int(attention_mask.sum())} tokens | new {n_new} tokens | "
-        f"{n_new / seconds:.1f} tokens/s",
+        f"{n_new / seconds:.1f} tokens/s" + (" (compiling included)" if args.compile else ""),
         file=sys.stderr,
     )
     return 0
@@ -232,10 +248,10 @@ def readable(token: str) -> str:
 
 def run_parity(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
-        import bloom_parity  # imports transformers, which the bloom package itself never does
+        import bloom_reference  # imports transformers, which the bloom package itself never does
     except ImportError as error:
         raise ValueError(f"bloom parity needs transformers ({error}): pip install 'bloom[parity]'") from None
-    return bloom_parity.run_parity(args, PARITY_TOLERANCES)
+    return bloom_reference.run_parity(args, PARITY_TOLERANCES)
 
 
 def run_download(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from bloom.kv_cache import KVCache
+from bloom.decoder import Decoder
 from bloom.model import Bloom
 
 EOS_CHECK_EVERY = 16
@@ -65,7 +65,7 @@ def generate(
     pad_token_id: int | None = None,
     seed: int | None = None,
     streamer: Callable[[torch.Tensor], None] | None = None,
-    cache: KVCache | None = None,
+    decoder: Decoder | None = None,
 ) -> torch.Tensor:
     """Continue each prompt of a left-padded batch; returns the prompt plus the new tokens, (B, T + new).
 
@@ -80,12 +80,14 @@ def generate(
     eos_token_id, pad_token_id: default to the model config's. A row that produced EOS gets pad after it.
     seed: makes sampling reproducible; otherwise torch's global generator is used.
     streamer: called with each step's new tokens, (B,), as soon as they are chosen.
-    cache: a KVCache to reuse (batch size B, at least T + max_new_tokens slots); one is made otherwise.
+    decoder: the decode step and KV cache to use (batch size B, at least T + max_new_tokens slots): pass a
+        `Decoder(model, B, max_len, compile=True)` to decode with a compiled step, and reuse it across calls.
+        An eager one of exactly T + max_new_tokens slots is made otherwise.
     """
     steps = generate_steps(
         model, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, cache=cache,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, decoder=decoder,
     )  # fmt: skip
     columns, alive = [], []  # (B,) per step; whether any row was still going at that step
     for step, (tokens, finished_before) in enumerate(steps):
@@ -116,7 +118,7 @@ def generate_steps(
     eos_token_id: int | None,
     pad_token_id: int | None,
     seed: int | None,
-    cache: KVCache | None,
+    decoder: Decoder | None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield, for each new position, the chosen tokens (B,) and whether each row had finished before it.
 
@@ -139,24 +141,25 @@ def generate_steps(
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
     if max_new_tokens == 0:
         return
-    if cache is None:
-        dtype = model.word_embeddings.weight.dtype
-        cache = KVCache(model.config, B, T + max_new_tokens, dtype, device)
-    elif cache.batch_size != B or cache.max_len < T + max_new_tokens:
+    if decoder is None:
+        decoder = Decoder(model, B, T + max_new_tokens)
+    elif decoder.model is not model:
+        raise ValueError("this decoder was made for another model")
+    elif decoder.batch_size != B or decoder.max_len < T + max_new_tokens:
         raise ValueError(
             f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) need a cache of batch {B} and at "
-            f"least {T + max_new_tokens} slots; this cache has batch {cache.batch_size} and {cache.max_len} slots"
+            f"least {T + max_new_tokens} slots; this decoder has batch {decoder.batch_size} and {decoder.max_len}"
         )
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
 
     # Every slot after the prompt will hold a real token; causality hides the ones not yet written.
-    mask = torch.ones(B, cache.max_len, dtype=torch.long, device=device)  # (B, S_max)
+    mask = torch.ones(B, decoder.max_len, dtype=torch.long, device=device)  # (B, S_max)
     mask[:, :T] = attention_mask
     seen = torch.zeros(B, model.config.vocab_size, dtype=torch.int32, device=device)
     seen = seen.scatter_add_(1, input_ids, attention_mask.to(torch.int32)) > 0  # (B, V): tokens in the row
     finished = torch.zeros(B, dtype=torch.bool, device=device)
 
-    logits = model(input_ids, mask, cache, torch.arange(T, device=device), last_only=True)  # prefill: (B, 1, V)
+    logits = model(input_ids, mask, decoder.cache, torch.arange(T, device=device), last_only=True)  # (B, 1, V)
     slot = torch.tensor([T], device=device)  # where the next token goes; advanced in place
     for step in range(max_new_tokens):
         scores = logits[:, -1].float()  # (B, V)
@@ -177,7 +180,7 @@ def generate_steps(
             finished |= tokens == eos_token_id
         seen[torch.arange(B, device=device), tokens] = True
         if step + 1 < max_new_tokens:
-            logits = model(tokens[:, None], mask, cache, slot)  # decode one: (B, 1, V)
+            logits = decoder.step(tokens, mask, slot)  # (B, 1, V)
             slot += 1
 
 

@@ -146,9 +146,10 @@ class Bloom(nn.Module):
     def __init__(self, config: BloomConfig) -> None:
         super().__init__()
         self.config = config
-        self.word_embeddings = nn.Embedding(
-            config.vocab_size, config.hidden_size
-        )  # no padding_idx: the pad row is trained
+        embedding = torch.empty(config.vocab_size, config.hidden_size)  # (V, C); no padding_idx: pad is trained
+        if not embedding.is_meta:  # on the meta device (loading) a random init means nothing and costs a second
+            nn.init.normal_(embedding)
+        self.word_embeddings = nn.Embedding.from_pretrained(embedding, freeze=False)
         self.word_embeddings_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)

@@ -5,6 +5,7 @@ import torch
 from tiny_checkpoint import random_hf_bloom, save_transformers
 
 from bloom import load_pretrained
+from bloom.decoder import Decoder
 from bloom.generate import apply_repetition_penalty, generate, sample, top_k_filter, top_p_filter
 from bloom.kv_cache import KVCache
 
@@ -117,15 +118,25 @@ def test_same_seed_same_samples_other_seed_other_samples(models):
     assert not torch.equal(first, generate(ours, ids, seed=2, **kwargs))
 
 
-def test_reused_cache(models):
+def test_a_decoder_is_reused_across_calls(models):
     _, ours = models
     ids, mask = left_padded([6, 3])
-    cache = KVCache(ours.config, 2, 40, torch.float32, "cpu")
+    decoder = Decoder(ours, 2, 40)
     fresh = generate(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=-1)
     for _ in range(2):
-        assert torch.equal(
-            generate(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=-1, cache=cache), fresh
-        )
+        reused = generate(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=-1, decoder=decoder)
+        assert torch.equal(reused, fresh)
+
+
+def test_compiled_decoder_gives_the_eager_tokens(models):
+    """The fast path: one compiled graph (fullgraph: no graph breaks), reused across prompts and lengths."""
+    _, ours = models
+    decoder = Decoder(ours, 3, 48, compile=True)
+    for lengths, new in (([9, 4, 6], 20), ([12, 12, 2], 30)):
+        ids, mask = left_padded(lengths)
+        eager = generate(ours, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=-1)
+        compiled = generate(ours, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=-1, decoder=decoder)
+        assert torch.equal(compiled, eager)
 
 
 def test_streamer_sees_every_new_column(models):
@@ -147,15 +158,18 @@ def test_streamer_sees_every_new_column(models):
         (dict(top_k=5), "do_sample=True"),
         (dict(max_new_tokens=-1), "max_new_tokens"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
-        (dict(cache="small"), "at least 14 slots"),
+        (dict(decoder="small"), "at least 14 slots"),
+        (dict(decoder="other model"), "another model"),
         (dict(attention_mask=torch.ones(1, 3, dtype=torch.long)), "attention_mask"),
     ],
 )
-def test_bad_arguments(models, kwargs, message):
+def test_bad_arguments(models, kwargs, message, tmp_path):
     _, ours = models
     ids = torch.randint(4, 320, (2, 4))
-    if kwargs.get("cache") == "small":
-        kwargs["cache"] = KVCache(ours.config, 2, 8, torch.float32, "cpu")
+    if kwargs.get("decoder") == "small":
+        kwargs["decoder"] = Decoder(ours, 2, 8)
+    elif kwargs.get("decoder") == "other model":
+        kwargs["decoder"] = Decoder(load_pretrained(save_transformers(random_hf_bloom(), tmp_path)), 2, 40)
     kwargs.setdefault("max_new_tokens", 10)
     with pytest.raises(ValueError, match=message):
         generate(ours, ids, **kwargs)

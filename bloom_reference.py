@@ -1,8 +1,8 @@
-"""`bloom parity`: our BLOOM against transformers' on the same checkpoint, layer by layer.
+"""transformers' BLOOM as the reference: `bloom parity` (layer by layer) and the reference side of `bloom bench`.
 
 The only module of this distribution, tests aside, that imports transformers (`pip install "bloom[parity]"`);
-the `bloom` package itself never does. Both models see the same token ids (our tokenizer), and every tensor
-is compared at real (non-padding) positions.
+the `bloom` package itself never does. In the parity table both models see the same token ids (our
+tokenizer), and every tensor is compared at real (non-padding) positions.
 """
 
 import argparse
@@ -12,6 +12,8 @@ import torch
 from transformers import BloomForCausalLM
 
 from bloom import generate, load_pretrained, load_tokenizer
+from bloom.bench import measure
+from bloom.loader import DTYPES
 from bloom.probe import record
 
 PROMPTS = ["Translate to English: Je t'aime.", "The capital of France is", "def fibonacci(n):"]
@@ -103,3 +105,18 @@ def run_parity(args: argparse.Namespace, tolerances: dict[torch.dtype, float]) -
         return 1
     print("OK: every tensor within tolerance")
     return 0
+
+
+def bench_worker(args: argparse.Namespace) -> dict:
+    """`bloom bench`'s measurement of transformers' BLOOM (eager, its default DynamicCache), as for ours."""
+
+    def load() -> BloomForCausalLM:
+        # on CPU, then moved: device_map would need the accelerate package
+        return BloomForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device).eval()
+
+    def run(model: BloomForCausalLM, ids: torch.Tensor, n: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                  min_new_tokens=n, do_sample=False, pad_token_id=3)  # fmt: skip
+
+    return measure(load, run, args)

@@ -1,0 +1,226 @@
+"""`bloom bench`: load time, memory, prefill and decode speed, ours and transformers' side by side.
+
+Each measurement runs in a fresh process (`python -m bloom.bench --worker ...`), alternating the two
+implementations, so neither inherits the other's memory or caches. Speed does not depend on the weights'
+values, so `--shape bloom-560m` builds a random checkpoint of that shape in the published layout.
+Without transformers installed, only ours is measured.
+"""
+
+import argparse
+import importlib.util
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from bloom.config import BloomConfig
+from bloom.decoder import Decoder
+from bloom.generate import generate
+from bloom.loader import DTYPES, load_pretrained
+from bloom.model import Bloom
+
+IMPLEMENTATIONS = ("ours", "transformers")
+
+
+def rss_gb() -> float:
+    """Current resident memory of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 1e9
+
+
+def measure(
+    load: Callable[[], torch.nn.Module],
+    run: Callable[[torch.nn.Module, torch.Tensor, int], torch.Tensor],
+    args: argparse.Namespace,
+) -> dict:
+    """Time `load()`, then prefill (one new token) and decode (`new_tokens`) with `run(model, ids, n)`.
+
+    Memory is the peak added by loading and a first short generation: GPU memory allocated on CUDA, resident
+    memory (RSS) on the CPU.
+    """
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    before = rss_gb()
+    start = time.perf_counter()
+    model = load()
+    sync()
+    load_s = time.perf_counter() - start
+    weight_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+
+    ids = torch.randint(4, 250680, (args.batch_size, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    ids = ids.remainder(model.config.vocab_size).to(device)
+    start = time.perf_counter()
+    run(model, ids, 2)  # warm-up (compiles, when asked); it also reads every weight, which mmap loading defers
+    warmup_s = time.perf_counter() - start
+    if device.type == "cuda":
+        memory_gb = torch.cuda.max_memory_allocated() / 1e9
+    else:  # the process's peak RSS (kilobytes on Linux) less what it held before loading
+        memory_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9 - before
+    prefill, total = [], []
+    for _ in range(args.reps):
+        for n, times in ((1, prefill), (args.new_tokens, total)):
+            sync()
+            start = time.perf_counter()
+            tokens = run(model, ids, n)
+            sync()
+            times.append(time.perf_counter() - start)
+    prefill_s, total_s = statistics.median(prefill), statistics.median(total)
+    steps_per_s = (args.new_tokens - 1) / (total_s - prefill_s)  # decode steps after the prefill's token
+    return {
+        "load_s": load_s,
+        "warmup_s": warmup_s,
+        "memory_gb": memory_gb,
+        "weight_gb": weight_gb,
+        "prefill_ms": prefill_s * 1e3,
+        "decode_tok_s": steps_per_s * args.batch_size,
+        "decode_gb_s": steps_per_s * weight_gb,  # every step reads every weight once
+        "tokens": tokens[:, args.prompt_len :].tolist(),
+    }
+
+
+def ours_worker(args: argparse.Namespace) -> dict:
+    decoders: dict[Bloom, Decoder] = {}
+
+    def run(model: Bloom, ids: torch.Tensor, n: int) -> torch.Tensor:
+        if model not in decoders:  # one decoder (and compiled step) for all the runs
+            decoders[model] = Decoder(model, args.batch_size, args.prompt_len + args.new_tokens, compile=args.compile)
+        return generate(model, ids, max_new_tokens=n, eos_token_id=-1, decoder=decoders[model])
+
+    return measure(lambda: load_pretrained(args.model, dtype=args.dtype, device=args.device), run, args)
+
+
+def build_random_checkpoint(name: str, dtype: torch.dtype, folder: Path) -> Path:
+    """A checkpoint of preset `name` with random weights, in the bigscience layout (reused if present)."""
+    if (folder / "model.safetensors").is_file():
+        return folder
+    config = BloomConfig.from_name(name)
+    with torch.device("meta"):
+        model = Bloom(config)
+    model = model.to_empty(device="cpu").to(dtype)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            if "layernorm" in pname or pname.startswith("ln_f"):
+                param.fill_(1.0 if pname.endswith("weight") else 0.0)
+            else:
+                param.normal_(0, 0.02, generator=generator)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    config_json = {"model_type": "bloom", "n_embed": config.hidden_size, "n_layer": config.n_layer,
+                   "num_attention_heads": config.n_head, "vocab_size": config.vocab_size, "pad_token_id": 3,
+                   "torch_dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config_json, indent=2))
+    return folder
+
+
+def run_worker(impl: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, "-m", "bloom.bench", "--worker", impl, "--model", str(args.model), "--dtype", args.dtype,
+               "--device", args.device, "--batch-size", str(args.batch_size), "--prompt-len", str(args.prompt_len),
+               "--new-tokens", str(args.new_tokens), "--reps", str(args.reps),
+               "--compile" if args.compile else "--no-compile"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"the {impl} worker failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
+    columns = [("load s", "load_s", ".2f"), ("warm-up s", "warmup_s", ".1f"), ("peak mem GB", "memory_gb", ".2f"),
+               ("prefill ms", "prefill_ms", ".1f"), ("decode tok/s", "decode_tok_s", ".1f"),
+               ("decode GB/s", "decode_gb_s", ".1f")]  # fmt: skip
+    medians = {
+        impl: {key: statistics.median(r[key] for r in runs) for _, key, _ in columns} for impl, runs in results.items()
+    }
+    device = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    )
+    lines = [
+        f"{device} | torch {torch.__version__} | {args.dtype} | batch {args.batch_size} | prompt {args.prompt_len} | "
+        f"{args.new_tokens} new tokens | ours {'compiled' if args.compile else 'eager'} | "
+        f"median of {args.runs} process(es) x {args.reps} rep(s) | {args.model}",
+        "",
+        "| | " + " | ".join(title for title, _, _ in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for impl, m in medians.items():
+        lines.append(f"| {impl} | " + " | ".join(f"{m[key]:{fmt}}" for _, key, fmt in columns) + " |")
+    if len(medians) == 2:
+        ours, theirs = medians["ours"], medians["transformers"]
+        lines.append(
+            "| ours / transformers | " + " | ".join(f"{ours[key] / theirs[key]:.2f}x" for _, key, _ in columns) + " |"
+        )
+        same = all(r["tokens"] == results["ours"][0]["tokens"] for r in results["transformers"])
+        lines += ["", f"generated tokens identical: {'yes' if same else 'no'}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    return run(parser, parser.parse_args(argv))
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Build the checkpoint if asked, measure each implementation in fresh processes, print the table."""
+    if getattr(args, "worker", None):
+        worker = ours_worker if args.worker == "ours" else _transformers_worker()
+        print(json.dumps(worker(args)))
+        return 0
+    if (args.model is None) == (args.shape is None):
+        parser.error("give exactly one of --model and --shape")
+    if args.model is None:
+        folder = Path(args.build_dir or tempfile.gettempdir()) / f"bloom-bench-{args.shape}-{args.dtype}"
+        print(f"building a random {args.shape} checkpoint in {folder} ...", file=sys.stderr)
+        args.model = build_random_checkpoint(args.shape, DTYPES[args.dtype], folder)
+    implementations = ["ours"]
+    if importlib.util.find_spec("transformers") is not None:
+        implementations.append("transformers")
+    else:
+        print("transformers is not installed: measuring ours only", file=sys.stderr)
+    results: dict[str, list[dict]] = {impl: [] for impl in implementations}
+    for i in range(args.runs):
+        for impl in implementations:  # alternate, so that drifts of the machine hit both alike
+            print(f"run {i + 1}/{args.runs}: {impl}", file=sys.stderr)
+            results[impl].append(run_worker(impl, args))
+    print(table(results, args))
+    return 0
+
+
+def _transformers_worker() -> Callable[[argparse.Namespace], dict]:
+    import bloom_reference  # imports transformers, which the bloom package itself never does
+
+    return bloom_reference.bench_worker
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bloom bench", description=__doc__.split("\n\n")[0])
+    add_bench_arguments(parser)
+    parser.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
+    return parser
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint folder or hub repo id")
+    parser.add_argument("--shape", help="instead of --model: a preset name (bloom-560m, bloom-7b1, ...) to build "
+                        "with random weights")  # fmt: skip
+    parser.add_argument("--build-dir", help="where --shape checkpoints are built and kept (default: the temp dir)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16", help="default bf16")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--batch-size", type=int, default=1, help="default 1")
+    parser.add_argument("--prompt-len", type=int, default=128, help="default 128")
+    parser.add_argument("--new-tokens", type=int, default=128, help="default 128")
+    parser.add_argument("--reps", type=int, default=2, help="timed repetitions per process (default 2)")
+    parser.add_argument("--runs", type=int, default=2, help="fresh processes per implementation (default 2)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="ours decodes with a compiled step (bloom.decoder.Decoder); default: eager")  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""Same as `bloom bench`: ours and transformers' BLOOM side by side. Run with --help for the options."""
+
+import sys
+
+from bloom.bench import main
+
+sys.exit(main())
