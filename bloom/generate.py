@@ -159,7 +159,7 @@ def generate_steps(
     seen = seen.scatter_add_(1, input_ids, attention_mask.to(torch.int32)) > 0  # (B, V): tokens in the row
     finished = torch.zeros(B, dtype=torch.bool, device=device)
 
-    logits = model(input_ids, mask, decoder.cache, torch.arange(T, device=device), last_only=True)  # (B, 1, V)
+    logits = model(input_ids, attention_mask, decoder.cache, last_only=True)  # prefill: (B, 1, V)
     slot = torch.tensor([T], device=device)  # where the next token goes; advanced in place
     for step in range(max_new_tokens):
         scores = logits[:, -1].float()  # (B, V)

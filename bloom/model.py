@@ -102,7 +102,9 @@ class Attention(nn.Module):
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # 3 x (B, nh, T, hd)
         q, k, v = self.q(q), self.k(k), self.v(v)
         if kv is not None:
-            k, v = kv.update(slots, k, v)  # 2 x (B, nh, S, hd): the whole cache, unwritten slots masked
+            cached_k, cached_v = kv.update(slots, k, v)  # 2 x (B, nh, S_max, hd)
+            if mask.shape[-1] == cached_k.shape[2]:  # decoding: attend over the whole cache, unwritten slots masked
+                k, v = cached_k, cached_v  # (a prefill attends over its own T tokens only)
         S = k.shape[2]
         scores = torch.baddbmm(  # alibi + (q · kᵀ) / √hd
             alibi.expand(B, self.n_head, 1, S).reshape(B * self.n_head, 1, S),  # (B·nh, 1, S)
@@ -164,11 +166,13 @@ class Bloom(nn.Module):
     ) -> torch.Tensor:
         """Logits of every position, (B, T) token ids -> (B, T, V).
 
-        attention_mask: (B, S), 1 for real tokens and 0 for padding, which goes on the left. Without a cache
-            S = T; with one, S = cache.max_len and the mask covers every slot (future slots may be 1: causality
-            hides them). Real positions of a padded row get the logits of that prompt alone; padding
-            positions get logits that mean nothing.
-        cache, slots: the KV cache, and the slots (T,) where these tokens go (default 0..T-1).
+        attention_mask: (B, S), 1 for real tokens and 0 for padding, which goes on the left. S = T, except when
+            decoding with a cache: then S = cache.max_len and the mask covers every slot (future slots may be 1:
+            causality hides them). Real positions of a padded row get the logits of that prompt alone;
+            padding positions get logits that mean nothing.
+        cache, slots: the KV cache, and the slots (T,) where these tokens go. Without slots, the tokens start
+            the sequence (a prefill): they attend to each other only and are stored at slots 0..T-1. With
+            slots, they attend to everything in the cache.
         last_only: return the logits of the last position only, (B, 1, V), as generation needs.
         """
         x = self.hidden(input_ids, attention_mask, cache, slots)  # (B, T, C)
@@ -185,7 +189,9 @@ class Bloom(nn.Module):
     ) -> torch.Tensor:
         """The final hidden states, after ln_f, (B, T) -> (B, T, C); arguments as in `forward`."""
         B, T = input_ids.shape
-        S = T if cache is None else cache.max_len
+        if slots is not None and cache is None:
+            raise ValueError("slots say where tokens go in a KV cache: pass the cache too")
+        S = T if slots is None else cache.max_len
         if slots is None:
             slots = torch.arange(T, device=input_ids.device)
         if attention_mask is None:
