@@ -70,7 +70,9 @@ def first_difference(a: torch.Tensor, b: torch.Tensor) -> int | None:
 def run_parity(args: argparse.Namespace, tolerances: dict[torch.dtype, float]) -> int:
     """Print the layer table and the greedy comparison; 0 if every layer is within its dtype's tolerance
     (max |ours - theirs| / max |theirs|), else 1."""
-    model = load_pretrained(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
+    model = load_pretrained(
+        args.model, dtype=args.dtype, device=args.device, revision=args.revision, quantize=args.quantize
+    )
     dtype = model.word_embeddings.weight.dtype
     reference = args.reference or args.model
     hf = BloomForCausalLM.from_pretrained(reference, dtype=dtype, revision=args.revision).to(args.device).eval()

@@ -142,6 +142,7 @@ def add_model_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--revision", help="branch, tag or commit of a hub repo")
     command.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the checkpoint's stored dtype")
     command.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    command.add_argument("--quantize", choices=["int8"], help="int8 weights for the blocks' linear layers")
 
 
 def load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Bloom, BloomTokenizer, float]:
@@ -150,7 +151,9 @@ def load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Blo
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
     start = time.perf_counter()
     dtype = args.dtype and DTYPES[args.dtype]
-    model = load_pretrained(args.model, dtype=dtype, device=args.device, revision=args.revision, progress=True)
+    model = load_pretrained(
+        args.model, dtype=dtype, device=args.device, revision=args.revision, progress=True, quantize=args.quantize
+    )
     tokenizer = load_tokenizer(args.model, revision=args.revision)
     return model, tokenizer, time.perf_counter() - start
 

@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from bloom.config import BloomConfig
 from bloom.hub import resolve_folder
 from bloom.model import Bloom
+from bloom.quantize import quantize_int8
 
 PREFIX = "transformer."
 LM_HEAD = "lm_head.weight"
@@ -56,6 +57,7 @@ def load_pretrained(
     cache_dir: str | Path | None = None,
     allow_pickle: bool = False,
     progress: bool = False,
+    quantize: str | None = None,
 ) -> Bloom:
     """Load a BLOOM checkpoint and return the model in eval mode.
 
@@ -68,8 +70,12 @@ def load_pretrained(
     allow_pickle: also accept `pytorch_model*.bin` files, read with torch.load(weights_only=True). Off by
         default: safetensors files never run code, pickles might.
     progress: show a progress bar over the tensors while they are read.
+    quantize: "int8" stores the blocks' linear weights as int8 with a scale per output channel
+        (`bloom.quantize`): half their bf16 bytes.
     """
     target_dtype = None if dtype is None else parse_dtype(dtype)
+    if quantize not in (None, "int8"):
+        raise ValueError(f"unknown quantize={quantize!r}; the one scheme is 'int8'")
     folder = resolve_folder(
         path_or_repo_id,
         patterns=checkpoint_patterns(allow_pickle),
@@ -98,6 +104,8 @@ def load_pretrained(
             )
         }
     model.load_state_dict(state, assign=True, strict=True)
+    if quantize == "int8":
+        quantize_int8(model)
     return model.eval()
 
 

@@ -147,3 +147,19 @@ def test_perplexity_command_prints_the_library_value(tiny_model_folder, tmp_path
     assert result.stdout.startswith(f"perplexity {expected.perplexity:.4f} | {expected.n_scored} tokens scored")
     bad = bloom("perplexity", "--model", str(tiny_model_folder), "--file", str(tmp_path / "text.txt"), "--stride", "0")
     assert bad.returncode == 2 and "--stride" in bad.stderr
+
+
+def test_generate_with_int8_weights(tiny_model_folder):
+    args = ["--prompt", "Bonjour, le monde", "--max-new-tokens", "6", "--dtype", "bf16", "--quantize", "int8"]
+    result = bloom("generate", "--model", str(tiny_model_folder), *args)
+    assert result.returncode == 0, result.stderr
+    model, tokenizer = (
+        load_pretrained(tiny_model_folder, dtype="bf16", quantize="int8"),
+        load_tokenizer(tiny_model_folder),
+    )
+    ids = torch.tensor([tokenizer.encode("Bonjour, le monde")])
+    out = generate(model, ids, max_new_tokens=6, eos_token_id=tokenizer.eos_token_id)
+    assert (
+        result.stdout
+        == "Bonjour, le monde" + tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True) + "\n"
+    )

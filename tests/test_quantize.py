@@ -1,0 +1,67 @@
+"""Weight-only int8: half the bytes of the linear weights, logits within a measured bound of bf16."""
+
+import pytest
+import torch
+from tiny_checkpoint import random_hf_bloom, save_transformers
+
+from bloom import generate, load_pretrained
+from bloom.quantize import Int8Linear, quantize_int8
+
+# Bounds measured on these tiny checkpoints (seeds 0-5, 32 prompts of 16 tokens), with headroom:
+# - RMS(int8 - bf16) / RMS(bf16) logits: 2.5-3.4%           -> bound 5%
+# - max |int8 - fp32| / max |bf16 - fp32| (bf16's own error): 1.7-2.9x -> bound 4x
+# - first greedy token equal to bf16's: 87.5-97% of prompts -> bound 80%
+RMS_BOUND, ERROR_RATIO_BOUND, AGREEMENT_BOUND = 0.05, 4.0, 0.8
+
+
+def linear_bytes(model) -> int:
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return sum(t.numel() * t.element_size() for n, t in tensors if ".self_attention." in n or ".mlp." in n)
+
+
+def test_int8_linear_is_the_dequantized_product():
+    linear = torch.nn.Linear(16, 8)
+    q = Int8Linear.from_linear(linear)
+    assert q.weight.dtype == torch.int8 and q.scale.shape == (8,) and q.weight.abs().max() == 127
+    x = torch.randn(3, 16)
+    dequantized = q.weight.float() * q.scale[:, None]
+    torch.testing.assert_close(q(x), x @ dequantized.T + linear.bias)
+    assert (dequantized - linear.weight).abs().max() <= q.scale.max() / 2 + 1e-7  # rounding: half a step
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
+def test_int8_halves_memory_and_stays_within_the_bound(tmp_path, seed):
+    folder = save_transformers(random_hf_bloom(seed=seed, hidden_size=64, n_head=8, n_layer=3), tmp_path)
+    torch.manual_seed(seed)
+    bf16 = load_pretrained(folder, dtype="bf16")
+    int8 = load_pretrained(folder, dtype="bf16", quantize="int8")
+    assert linear_bytes(int8) / linear_bytes(bf16) < 0.52  # int8 weights plus a bf16 scale per row, and biases
+    assert all(isinstance(block.mlp.dense_h_to_4h, Int8Linear) for block in int8.h)
+
+    ids = torch.randint(4, 320, (32, 16))
+    with torch.no_grad():
+        reference, quantized = bf16(ids).float(), int8(ids).float()
+        exact = load_pretrained(folder, dtype="fp32")(ids)
+    assert (quantized - reference).pow(2).mean().sqrt() <= RMS_BOUND * reference.pow(2).mean().sqrt()
+    assert (quantized - exact).abs().max() <= ERROR_RATIO_BOUND * (reference - exact).abs().max()
+
+    # Greedy: mostly the same first token, and always where bf16's top-2 margin exceeds twice the largest
+    # change int8 made to any logit at that position (there the bound guarantees the same argmax).
+    first_new = generate(int8, ids, max_new_tokens=1, eos_token_id=-1)[:, -1]
+    expected = generate(bf16, ids, max_new_tokens=1, eos_token_id=-1)[:, -1]
+    assert (first_new == expected).float().mean() >= AGREEMENT_BOUND
+    top2 = reference[:, -1].topk(2).values
+    sure = (top2[:, 0] - top2[:, 1]) > 2 * (quantized[:, -1] - reference[:, -1]).abs().amax(dim=-1)
+    assert sure.sum() >= 8 and torch.equal(first_new[sure], expected[sure])
+
+
+def test_quantizing_leaves_embedding_and_norms_alone(tmp_path):
+    folder = save_transformers(random_hf_bloom(hidden_size=64, n_head=8, n_layer=2), tmp_path)
+    model = quantize_int8(load_pretrained(folder, dtype="bf16"))
+    assert model.word_embeddings.weight.dtype == torch.bfloat16
+    assert model.h[0].input_layernorm.weight.dtype == torch.bfloat16
+
+
+def test_unknown_scheme(tmp_path):
+    with pytest.raises(ValueError, match="quantize='int4'"):
+        load_pretrained(tmp_path, quantize="int4")
