@@ -1,4 +1,4 @@
-"""The `bloom` command line: generate, perplexity, inspect, parity, download."""
+"""The `bloom` command line: generate, perplexity, inspect, parity, bench, download."""
 
 import argparse
 import importlib.util
