@@ -1,6 +1,6 @@
 """Load a published BLOOM checkpoint (folder or hub repo id) into `bloom.model.Bloom`.
 
-What the published files look like (BLOOM_FACTS.md §8):
+What the published files look like:
 - `config.json`, and the weights as one `model.safetensors`, or shards listed by `model.safetensors.index.json`
   (file names are read from its weight_map; the 176B model spells them `model_000NN-of-00072.safetensors`).
 - Keys are the module names of `Bloom` (`h.0.mlp.dense_h_to_4h.weight`), with no prefix in the bigscience repos

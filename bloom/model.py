@@ -8,7 +8,7 @@ Shapes in the comments:
 Module and parameter names are the published checkpoints' own (`h.3.self_attention.query_key_value.weight`),
 so that the loader only has to strip a `transformer.` prefix and a reader can match every tensor to the file.
 
-Numerics follow transformers' BLOOM op for op (see BLOOM_FACTS.md), which is what makes the fp32 logits
+Numerics follow transformers' BLOOM op for op (docs/internals.md, section 3), which is what makes the fp32 logits
 equal and the half-precision ones close: ALiBi slopes from a float32 torch.pow, scores as
 baddbmm(alibi, q, kᵀ, alpha=1/√hd), softmax in float32, GeLU in HF's exact operation order.
 """
