@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import bloom.bench
 from bloom import viz
@@ -17,6 +18,7 @@ from bloom.hub import resolve_folder
 from bloom.lens import logit_lens
 from bloom.loader import DTYPES, checkpoint_patterns, is_complete, load_pretrained
 from bloom.model import Bloom
+from bloom.parallel import join_process_group, shared_seed
 from bloom.perplexity import perplexity
 from bloom.probe import record
 from bloom.streaming import TextStream
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as error:
         print(f"bloom: error: {error}", file=sys.stderr)
         return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help=f"> 1 discourages repeating tokens (default {DEFAULTS['repetition_penalty']})",
     )
+    gen.add_argument("--tp", type=int, default=1, help="split the model over this many processes, launched "
+                         "with torchrun --nproc-per-node TP (default 1)")  # fmt: skip
     gen.add_argument("--seed", type=int, help="make sampling reproducible")
     gen.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                      help="decode with a compiled step: a slow first token, then faster (default: eager)")  # fmt: skip
@@ -149,11 +156,15 @@ def load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Blo
     """The model and tokenizer the arguments name, and the seconds it took to load them."""
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    tp = getattr(args, "tp", 1)  # only `generate` takes --tp
+    if tp > 1:
+        args.device = join_process_group(tp, args.device)
     start = time.perf_counter()
     dtype = args.dtype and DTYPES[args.dtype]
     model = load_pretrained(
-        args.model, dtype=dtype, device=args.device, revision=args.revision, progress=True, quantize=args.quantize
-    )
+        args.model, dtype=dtype, device=args.device, revision=args.revision, progress=is_main(),
+        quantize=args.quantize, tensor_parallel=tp > 1,
+    )  # fmt: skip
     tokenizer = load_tokenizer(args.model, revision=args.revision)
     return model, tokenizer, time.perf_counter() - start
 
@@ -172,10 +183,12 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     except ValueError as error:
         parser.error(str(error))
     model, tokenizer, load_seconds = load(parser, args)
+    if args.tp > 1 and args.do_sample and args.seed is None:
+        sampling["seed"] = shared_seed()
 
     input_ids, attention_mask = (t.to(args.device) for t in tokenizer.batch_encode(prompts))
     streamer = None
-    if len(prompts) == 1:
+    if len(prompts) == 1 and is_main():
         print(prompts[0], end="", flush=True)
         streamer = StdoutStream(tokenizer)
     B, T = input_ids.shape
@@ -188,6 +201,8 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     )  # fmt: skip
     seconds = time.perf_counter() - start
     new_tokens = output[:, input_ids.shape[1] :]
+    if not is_main():  # under tensor parallelism every process holds the same tokens; one prints them
+        return 0
     if streamer is not None:
         streamer.finish()
     else:
@@ -200,6 +215,11 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         file=sys.stderr,
     )
     return 0
+
+
+def is_main() -> bool:
+    """Whether this process prints: the only one, or process 0 of a tensor-parallel group."""
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def run_perplexity(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -24,7 +24,8 @@ class Decoder:
     def __init__(self, model: Bloom, batch_size: int, max_len: int, *, compile: bool = False) -> None:
         weight = model.word_embeddings.weight
         self.model, self.batch_size, self.max_len = model, batch_size, max_len
-        self.cache = KVCache(model.config, batch_size, max_len, weight.dtype, weight.device)
+        n_head = model.h[0].self_attention.n_head  # the heads of this process
+        self.cache = KVCache(model.config, batch_size, max_len, weight.dtype, weight.device, n_head)
 
         def step(tokens: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor, cache: KVCache) -> torch.Tensor:
             return model(tokens[:, None], mask, cache, slot)  # the cache as an argument: measured faster

@@ -26,9 +26,16 @@ class LayerKV(nn.Module):
 
 class KVCache(nn.Module):
     def __init__(
-        self, config: BloomConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str
+        self,
+        config: BloomConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        n_head: int | None = None,
     ) -> None:
+        """n_head: the heads this process computes (default: all; fewer when heads are split, bloom.parallel)."""
         super().__init__()
         self.batch_size, self.max_len = batch_size, max_len
-        shape = (batch_size, config.n_head, max_len, config.head_dim)
+        shape = (batch_size, n_head or config.n_head, max_len, config.head_dim)
         self.layers = nn.ModuleList(LayerKV(shape, dtype, device) for _ in range(config.n_layer))

@@ -20,12 +20,14 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from huggingface_hub.utils import tqdm
 from safetensors import SafetensorError, safe_open
 
 from bloom.config import BloomConfig
 from bloom.hub import resolve_folder
 from bloom.model import Bloom
+from bloom.parallel import split_heads
 from bloom.quantize import quantize_int8
 
 PREFIX = "transformer."
@@ -58,6 +60,7 @@ def load_pretrained(
     allow_pickle: bool = False,
     progress: bool = False,
     quantize: str | None = None,
+    tensor_parallel: bool = False,
 ) -> Bloom:
     """Load a BLOOM checkpoint and return the model in eval mode.
 
@@ -72,6 +75,8 @@ def load_pretrained(
     progress: show a progress bar over the tensors while they are read.
     quantize: "int8" stores the blocks' linear weights as int8 with a scale per output channel
         (`bloom.quantize`): half their bf16 bytes.
+    tensor_parallel: split every block's heads and MLP over the processes of the initialised
+        torch.distributed group (`bloom.parallel`); each process reads only its slices of the files.
     """
     target_dtype = None if dtype is None else parse_dtype(dtype)
     if quantize not in (None, "int8"):
@@ -91,14 +96,20 @@ def load_pretrained(
 
     with torch.device("meta"):
         model = Bloom(config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # as stored
+    parts = {}  # model key -> (dim, rank, world size) of the slice this process reads
+    if tensor_parallel:
+        if not dist.is_initialized():
+            raise ValueError("tensor_parallel=True needs torch.distributed initialised first (run under torchrun)")
+        with torch.device("meta"):
+            parts = split_heads(model, dist.get_rank(), dist.get_world_size())
     with ExitStack() as stack:
         readers = [stack.enter_context(_open(path)) for path in files]
         sources = _check_keys(readers, expected)  # model key -> (reader, stored key)
         embedding_reader, embedding_key = sources["word_embeddings.weight"]
         target_dtype = target_dtype or embedding_reader.dtype(embedding_key)
         state = {
-            name: reader.read(key, target_dtype, torch.device(device))
+            name: reader.read(key, target_dtype, torch.device(device), parts.get(name))
             for name, (reader, key) in tqdm(
                 sources.items(), desc="Loading weights", unit="tensor", disable=not progress
             )
@@ -170,13 +181,22 @@ class _SafetensorsReader:
             raise ValueError(f"{self.path}: tensor {key!r} is stored as {code}, not a float type BLOOM uses")
         return _SAFETENSORS_DTYPES[code]
 
-    def read(self, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def read(
+        self, key: str, dtype: torch.dtype, device: torch.device, part: tuple[int, int, int] | None = None
+    ) -> torch.Tensor:
         """The tensor in `dtype` on `device`, holding one copy of it in memory at any time.
 
         Stored dtype on the CPU: a copy-on-write view of the memory-mapped file, read lazily. Otherwise the
         tensor is filled a chunk of rows at a time, each chunk read through its own short-lived mapping:
-        the file pages of the stored tensor never pile up next to the converted copy.
+        the file pages of the stored tensor never pile up next to the converted copy. With `part` =
+        (dim, index, count), only slice `index` of `count` equal slices along `dim` is read.
         """
+        if part is not None:
+            dim, index, count = part
+            size = self._handle.get_slice(key).get_shape()[dim] // count
+            piece = slice(index * size, (index + 1) * size)
+            stored = self._handle.get_slice(key)
+            return (stored[piece] if dim == 0 else stored[:, piece]).to(device=device, dtype=dtype)
         if dtype == self.dtype(key) and device.type == "cpu":
             return self._handle.get_tensor(key)
         shape = self._handle.get_slice(key).get_shape()
@@ -201,8 +221,15 @@ class _PickleReader:
     def dtype(self, key: str) -> torch.dtype:
         return self._state[key].dtype
 
-    def read(self, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return self._state[key].to(device=device, dtype=dtype)
+    def read(
+        self, key: str, dtype: torch.dtype, device: torch.device, part: tuple[int, int, int] | None = None
+    ) -> torch.Tensor:
+        tensor = self._state[key]
+        if part is not None:
+            dim, index, count = part
+            size = tensor.shape[dim] // count
+            tensor = tensor.narrow(dim, index * size, size)
+        return tensor.to(device=device, dtype=dtype)
 
 
 class _open:

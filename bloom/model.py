@@ -89,6 +89,7 @@ class Attention(nn.Module):
     def __init__(self, config: BloomConfig) -> None:
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.head_offset = 0  # this module's first head; not 0 when heads are split over processes (bloom.parallel)
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.q, self.k, self.v, self.probs, self.context = (Tap() for _ in range(5))
@@ -96,7 +97,8 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, alibi: torch.Tensor, mask: torch.Tensor, kv: LayerKV | None, slots: torch.Tensor
     ) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
+        alibi = alibi[:, self.head_offset : self.head_offset + self.n_head]  # (B, nh, 1, S): this module's heads
         # The fused projection's output features are laid out per head: [head][q | k | v][hd].
         qkv = self.query_key_value(x).view(B, T, self.n_head, 3, self.head_dim)  # (B, T, nh, 3, hd)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # 3 x (B, nh, T, hd)
@@ -114,7 +116,7 @@ class Attention(nn.Module):
         ).view(B, self.n_head, T, S)
         probs = self.probs(F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype))  # (B, nh, T, S)
         y = self.context(probs @ v)  # each head's output: (B, nh, T, hd)
-        return self.dense(y.transpose(1, 2).reshape(B, T, C))  # heads concatenated: (B, T, C)
+        return self.dense(y.transpose(1, 2).reshape(B, T, -1))  # heads concatenated, (B, T, nh·hd) -> (B, T, C)
 
 
 class MLP(nn.Module):

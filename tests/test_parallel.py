@@ -1,0 +1,80 @@
+"""Tensor parallelism: 2 processes with gloo give the single-process logits and tokens, each holding its slice."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_checkpoint import random_hf_bloom, save_bigscience
+
+from bloom import Bloom, BloomConfig, generate, load_pretrained
+from bloom.parallel import split_heads
+
+
+def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def sharded_checkpoint(tmp_path_factory):
+    return save_bigscience(random_hf_bloom(hidden_size=48, n_head=6, n_layer=2), tmp_path_factory.mktemp("tp"),
+                           dtype=torch.float32)  # fmt: skip
+
+
+def test_two_processes_equal_one(sharded_checkpoint, tmp_path):
+    result = torchrun(2, str(Path(__file__).parent / "tp_worker.py"), str(sharded_checkpoint), str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    whole = load_pretrained(sharded_checkpoint, dtype="fp32")
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        ids, mask = got["ids"], got["mask"]
+        with torch.no_grad():
+            expected = whole(ids, mask)
+        real = mask.bool()
+        torch.testing.assert_close(got["logits"][real], expected[real], rtol=0, atol=1e-5)
+        assert torch.equal(got["tokens"], generate(whole, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=-1))
+        # each process holds (and so read) only its slice: half the heads, half the MLP
+        shapes = got["shapes"]
+        assert shapes["h.0.self_attention.query_key_value.weight"] == (72, 48)  # 3 heads of 3 x 8 rows
+        assert shapes["h.0.self_attention.dense.weight"] == (48, 24)
+        assert shapes["h.1.mlp.dense_h_to_4h.weight"] == (96, 48)
+        assert shapes["h.1.mlp.dense_4h_to_h.weight"] == (48, 96)
+        assert shapes["word_embeddings.weight"] == (320, 48)  # replicated
+
+
+def test_the_command_line_under_torchrun(tiny_model_folder):
+    args = [
+        "--model",
+        str(tiny_model_folder),
+        "--prompt",
+        "Bonjour, le monde",
+        "--max-new-tokens",
+        "8",
+        "--dtype",
+        "fp32",
+    ]
+    alone = subprocess.run([sys.executable, "-m", "bloom", "generate", *args], capture_output=True, text=True)
+    split = torchrun(2, "-m", "bloom", "generate", *args, "--tp", "2")
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert split.stdout == alone.stdout  # printed once, by process 0
+    assert "new 8 tokens" in split.stderr
+
+
+def test_heads_must_divide_over_the_processes():
+    with torch.device("meta"):
+        model = Bloom(BloomConfig(hidden_size=48, n_layer=2, n_head=6, vocab_size=100))
+    with pytest.raises(ValueError, match="6 attention heads cannot be split evenly over 4 processes"):
+        split_heads(model, 0, 4)
+
+
+def test_tensor_parallel_needs_a_process_group(sharded_checkpoint):
+    with pytest.raises(ValueError, match="torch.distributed initialised"):
+        load_pretrained(sharded_checkpoint, tensor_parallel=True)
+
+
+def test_tp_without_torchrun_is_refused(tiny_model_folder):
+    result = subprocess.run([sys.executable, "-m", "bloom", "generate", "--model", str(tiny_model_folder),
+                             "--prompt", "x", "--tp", "2"], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 1 and "torchrun --nproc-per-node 2" in result.stderr
