@@ -193,9 +193,9 @@ class _SafetensorsReader:
         """
         if part is not None:
             dim, index, count = part
-            size = self._handle.get_slice(key).get_shape()[dim] // count
-            piece = slice(index * size, (index + 1) * size)
             stored = self._handle.get_slice(key)
+            size = stored.get_shape()[dim] // count
+            piece = slice(index * size, (index + 1) * size)
             return (stored[piece] if dim == 0 else stored[:, piece]).to(device=device, dtype=dtype)
         if dtype == self.dtype(key) and device.type == "cpu":
             return self._handle.get_tensor(key)
