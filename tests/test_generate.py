@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_checkpoint import random_hf_bloom, save_transformers
+from tiny_checkpoint import left_padded, random_hf_bloom, save_transformers
 
 from bloom import load_pretrained
 from bloom.decoder import Decoder
@@ -16,16 +16,6 @@ PAD = 3
 def models(tmp_path_factory):
     hf = random_hf_bloom(hidden_size=48, n_head=6, n_layer=3)
     return hf, load_pretrained(save_transformers(hf, tmp_path_factory.mktemp("ckpt")))
-
-
-def left_padded(lengths: list[int], vocab_size: int = 320) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(lengths)
-    ids = torch.randint(4, vocab_size, (len(lengths), T))
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        ids[row, : T - length] = PAD
-        mask[row, T - length :] = 1
-    return ids, mask
 
 
 def hf_generate(hf, ids, mask, **kwargs):

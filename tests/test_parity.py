@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_checkpoint import random_hf_bloom, save_transformers
+from tiny_checkpoint import left_padded, random_hf_bloom, save_transformers
 from transformers import BloomForCausalLM
 
 from bloom import load_pretrained
@@ -16,22 +16,11 @@ SHAPES = [  # (hidden_size, n_head, n_layer): power-of-two heads and not
 ]
 
 
-def padded_batch(vocab_size: int, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random ids, left-padded with 3 to the longest length, and their mask."""
-    T = max(lengths)
-    ids = torch.randint(4, vocab_size, (len(lengths), T))
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        ids[row, : T - length] = 3
-        mask[row, T - length :] = 1
-    return ids, mask
-
-
 @pytest.mark.parametrize("hidden_size,n_head,n_layer", SHAPES)
 def test_fp32_logits_equal_transformers(tmp_path, hidden_size, n_head, n_layer):
     hf = random_hf_bloom(hidden_size=hidden_size, n_head=n_head, n_layer=n_layer)
     ours = load_pretrained(save_transformers(hf, tmp_path))
-    ids, mask = padded_batch(hf.config.vocab_size, [19, 7, 12, 1])
+    ids, mask = left_padded([19, 7, 12, 1], hf.config.vocab_size)
     with torch.no_grad():
         expected = hf(input_ids=ids, attention_mask=mask).logits
         got = ours(ids, mask)
@@ -57,7 +46,7 @@ def test_half_precision_logits_match_transformers(tmp_path, dtype, hidden_size, 
     hf = BloomForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     ours = load_pretrained(folder, dtype=dtype)
     assert ours.word_embeddings.weight.dtype == dtype
-    ids, mask = padded_batch(hf.config.vocab_size, [16, 9, 3])
+    ids, mask = left_padded([16, 9, 3], hf.config.vocab_size)
     real = mask.bool()
     with torch.no_grad():
         exact = hf32(input_ids=ids, attention_mask=mask).logits[real]

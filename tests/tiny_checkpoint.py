@@ -43,6 +43,17 @@ def random_hf_bloom(seed: int = 0, **config) -> BloomForCausalLM:
     return model
 
 
+def left_padded(lengths: list[int], vocab_size: int = 320, pad: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids (never a special token), left-padded with `pad` to the longest length, and their mask."""
+    T = max(lengths)
+    ids = torch.randint(4, vocab_size, (len(lengths), T))
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, : T - length] = pad
+        mask[row, T - length :] = 1
+    return ids, mask
+
+
 def save_transformers(model: BloomForCausalLM, folder: Path, max_shard_size: str | None = None) -> Path:
     """transformers' own save_pretrained, in safetensors."""
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
