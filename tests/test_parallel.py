@@ -6,10 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_quantize import RMS_BOUND
 from tiny_checkpoint import random_hf_bloom, save_bigscience
 
 from bloom import Bloom, BloomConfig, generate, load_pretrained
 from bloom.parallel import split_heads
+
+WORKER = str(Path(__file__).parent / "tp_worker.py")
 
 
 def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
@@ -24,7 +27,7 @@ def sharded_checkpoint(tmp_path_factory):
 
 
 def test_two_processes_equal_one(sharded_checkpoint, tmp_path):
-    result = torchrun(2, str(Path(__file__).parent / "tp_worker.py"), str(sharded_checkpoint), str(tmp_path))
+    result = torchrun(2, WORKER, str(sharded_checkpoint), str(tmp_path), "fp32")
     assert result.returncode == 0, result.stderr[-3000:]
     whole = load_pretrained(sharded_checkpoint, dtype="fp32")
     for rank in (0, 1):
@@ -36,12 +39,35 @@ def test_two_processes_equal_one(sharded_checkpoint, tmp_path):
         torch.testing.assert_close(got["logits"][real], expected[real], rtol=0, atol=1e-5)
         assert torch.equal(got["tokens"], generate(whole, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=-1))
         # each process holds (and so read) only its slice: half the heads, half the MLP
-        shapes = got["shapes"]
+        shapes = {name: shape for name, (shape, _) in got["tensors"].items()}
         assert shapes["h.0.self_attention.query_key_value.weight"] == (72, 48)  # 3 heads of 3 x 8 rows
         assert shapes["h.0.self_attention.dense.weight"] == (48, 24)
         assert shapes["h.1.mlp.dense_h_to_4h.weight"] == (96, 48)
         assert shapes["h.1.mlp.dense_4h_to_h.weight"] == (48, 96)
         assert shapes["word_embeddings.weight"] == (320, 48)  # replicated
+
+
+def test_int8_and_the_compiled_step_under_two_processes(tmp_path):
+    # 128 features, so that the split row-parallel layers (64 and 256 input features) take the CPU's int8 kernel
+    hf = random_hf_bloom(hidden_size=128, n_head=4, n_layer=2)
+    folder = save_bigscience(hf, tmp_path / "checkpoint", dtype=torch.bfloat16)
+    result = torchrun(2, WORKER, str(folder), str(tmp_path), "bf16", "int8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    bf16 = load_pretrained(folder, dtype="bf16")
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        with torch.no_grad():
+            reference = bf16(got["ids"], got["mask"]).float()
+        real = got["mask"].bool()
+        # each process scales its own columns of a row-parallel weight, so the error is int8's, not more
+        error = (got["logits"].float() - reference)[real].pow(2).mean().sqrt()
+        assert error <= RMS_BOUND * reference[real].pow(2).mean().sqrt()
+        assert torch.equal(got["tokens_compiled"], got["tokens"])
+        tensors = got["tensors"]
+        assert tensors["h.0.self_attention.dense.weight"] == ((128, 64), torch.int8)  # 2 of 4 heads, int8
+        assert tensors["h.1.mlp.dense_4h_to_h.weight"] == ((128, 256), torch.int8)
+        assert tensors["h.1.mlp.dense_4h_to_h.scale"] == ((128,), torch.bfloat16)  # this process's own scales
+        assert tensors["h.1.mlp.dense_h_to_4h.weight"] == ((256, 128), torch.int8)
 
 
 def test_the_command_line_under_torchrun(tiny_model_folder):

@@ -5,7 +5,7 @@ import torch
 from tiny_checkpoint import random_hf_bloom, save_transformers
 
 from bloom import generate, load_pretrained
-from bloom.quantize import Int8Linear, quantize_int8
+from bloom.quantize import Int8Linear, int8_matmul, quantize_int8
 
 # Bounds measured on these tiny checkpoints (seeds 0-5, 32 prompts of 16 tokens), with headroom:
 # - RMS(int8 - bf16) / RMS(bf16) logits: 2.5-3.4%           -> bound 5%
@@ -27,6 +27,21 @@ def test_int8_linear_is_the_dequantized_product():
     dequantized = q.weight.float() * q.scale[:, None]
     torch.testing.assert_close(q(x), x @ dequantized.T + linear.bias)
     assert (dequantized - linear.weight).abs().max() <= q.scale.max() / 2 + 1e-7  # rounding: half a step
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 3, 16, 17])
+@pytest.mark.parametrize("features", [8, 24, 40, 64, 192])  # only multiples of 64 take the CPU's int8 kernel
+def test_int8_matmul_is_the_dequantized_product(dtype, rows, features):
+    weight = torch.randint(-127, 128, (40, features), dtype=torch.int8)
+    scale = torch.rand(40).to(dtype) / 100
+    x = torch.randn(1, rows, features).to(dtype)  # (B, T, in)
+    y = int8_matmul(x, weight, scale)
+    assert y.shape == (1, rows, 40) and y.dtype == dtype
+    exact = x.double() @ (weight.double() * scale.double()[:, None]).T
+    # rounded to bf16 at most twice (the product, then the scaling); fp32's summation order aside
+    rtol, atol = (2**-7, 2**-7 * exact.abs().max()) if dtype == torch.bfloat16 else (1e-5, 1e-5 * exact.abs().max())
+    torch.testing.assert_close(y.double(), exact, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
