@@ -27,7 +27,7 @@ from bloom.generate import generate
 from bloom.loader import DTYPES, load_pretrained
 from bloom.model import Bloom
 
-IMPLEMENTATIONS = ("ours", "transformers")
+IMPLEMENTATIONS = ("ours", "ours-int8", "transformers")
 
 
 def rss_gb() -> float:
@@ -53,7 +53,8 @@ def measure(
     model = load()
     sync()
     load_s = time.perf_counter() - start
-    weight_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    weights = [*model.parameters(), *model.buffers()]  # int8 weights are buffers
+    weight_gb = sum(w.numel() * w.element_size() for w in weights) / 1e9
 
     ids = torch.randint(4, 250680, (args.batch_size, args.prompt_len), generator=torch.Generator().manual_seed(0))
     ids = ids.remainder(model.config.vocab_size).to(device)
@@ -94,7 +95,9 @@ def ours_worker(args: argparse.Namespace) -> dict:
             decoders[model] = Decoder(model, args.batch_size, args.prompt_len + args.new_tokens, compile=args.compile)
         return generate(model, ids, max_new_tokens=n, eos_token_id=-1, decoder=decoders[model])
 
-    return measure(lambda: load_pretrained(args.model, dtype=args.dtype, device=args.device), run, args)
+    quantize = "int8" if args.worker == "ours-int8" else None
+    return measure(lambda: load_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=quantize),
+                   run, args)  # fmt: skip
 
 
 def build_random_checkpoint(name: str, dtype: torch.dtype, folder: Path) -> Path:
@@ -152,13 +155,14 @@ def table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
     ]
     for impl, m in medians.items():
         lines.append(f"| {impl} | " + " | ".join(f"{m[key]:{fmt}}" for _, key, fmt in columns) + " |")
-    if len(medians) == 2:
-        ours, theirs = medians["ours"], medians["transformers"]
-        lines.append(
-            "| ours / transformers | " + " | ".join(f"{ours[key] / theirs[key]:.2f}x" for _, key, _ in columns) + " |"
-        )
+    for numerator, denominator in (("ours", "transformers"), ("ours-int8", "ours")):
+        if numerator in medians and denominator in medians:
+            top, bottom = medians[numerator], medians[denominator]
+            ratios = " | ".join(f"{top[key] / bottom[key]:.2f}x" for _, key, _ in columns)
+            lines.append(f"| {numerator} / {denominator} | {ratios} |")
+    if "transformers" in results:
         same = all(r["tokens"] == results["ours"][0]["tokens"] for r in results["transformers"])
-        lines += ["", f"generated tokens identical: {'yes' if same else 'no'}"]
+        lines += ["", f"generated tokens identical (ours, transformers): {'yes' if same else 'no'}"]
     return "\n".join(lines)
 
 
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """Build the checkpoint if asked, measure each implementation in fresh processes, print the table."""
     if getattr(args, "worker", None):
-        worker = ours_worker if args.worker == "ours" else _transformers_worker()
+        worker = _transformers_worker() if args.worker == "transformers" else ours_worker
         print(json.dumps(worker(args)))
         return 0
     if (args.model is None) == (args.shape is None):
@@ -179,7 +183,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         folder = Path(args.build_dir or tempfile.gettempdir()) / f"bloom-bench-{args.shape}-{args.dtype}"
         print(f"building a random {args.shape} checkpoint in {folder} ...", file=sys.stderr)
         args.model = build_random_checkpoint(args.shape, DTYPES[args.dtype], folder)
-    implementations = ["ours"]
+    implementations = ["ours", "ours-int8"] if args.quantize else ["ours"]
     if importlib.util.find_spec("transformers") is not None:
         implementations.append("transformers")
     else:
@@ -220,6 +224,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=2, help="fresh processes per implementation (default 2)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="ours decodes with a compiled step (bloom.decoder.Decoder); default: eager")  # fmt: skip
+    parser.add_argument("--quantize", choices=["int8"], help="also measure ours with int8 weights (ours-int8), "
+                        "beside ours in the checkpoint's dtype")  # fmt: skip
 
 
 if __name__ == "__main__":
