@@ -17,7 +17,9 @@ class Decoder:
       lays them out for the CPU's matmul kernels (bf16 decode of bloom-560m on 2 cores: 14 -> 24 tokens/s);
       the matmul weights are copied when the first step compiles: after editing weights, make a new Decoder;
     - on CUDA as a CUDA graph (mode "reduce-overhead"), which removes the launch overhead of ~20 kernels per
-      block.
+      block. The cache's tensors are marked as static addresses, so the graph writes into them in place
+      instead of copying them in (a graph may only mutate such inputs); the logits a step returns live in the
+      graph's memory and are overwritten by the next step.
     The cache belongs to the decoder, so the compiled step always sees the same buffers.
     """
 
@@ -33,13 +35,18 @@ class Decoder:
         if not compile:
             self._step = step
         elif weight.device.type == "cuda":
+            for tensor in self.cache.buffers():
+                torch._dynamo.mark_static_address(tensor)
             self._step = torch.compile(step, fullgraph=True, mode="reduce-overhead")
         else:
             self._step = torch.compile(step, fullgraph=True)
         self._freeze = compile and weight.device.type == "cpu"
+        self._graphed = compile and weight.device.type == "cuda"
 
     def step(self, tokens: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         # inductor reads `freezing` from its global config when it compiles (the first call);
         # torch.compile(options={"freezing": True}) does not reach it
+        if self._graphed:  # the previous step's outputs are no longer needed: the graph may reuse their memory
+            torch.compiler.cudagraph_mark_step_begin()
         with inductor_config.patch(freezing=self._freeze):
             return self._step(tokens, mask, slot, self.cache)

@@ -24,6 +24,14 @@ from bloom.parallel import RowParallelLinear
 PACKED_KERNEL_MAX_ROWS, PACKED_KERNEL_FEATURE_MULTIPLE = 16, 64
 
 
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) weight -> (out, in) int8 and (out,) scales in the weight's dtype, one per row."""
+    w = weight.to(torch.float32, copy=True)  # (out, in), the one temporary copy (divided in place)
+    scale = torch.linalg.vector_norm(w, ord=float("inf"), dim=1).clamp_(min=1e-12) / 127  # (out,): max |row| / 127
+    q = w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scale.to(weight.dtype)
+
+
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(..., in) · ((out, in) int8 · (out,) scale)ᵀ -> (..., out), in x's dtype."""
     rows, features = x.numel() // x.shape[-1], x.shape[-1]
@@ -47,11 +55,8 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module) -> "Int8Linear":
-        weight = linear.weight.detach()
-        scale = weight.abs().amax(dim=1).float().clamp(min=1e-12) / 127  # (out,)
-        q = torch.round(weight.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls(q, scale.to(weight.dtype), bias)
+        return cls(*quantize_rows(linear.weight.detach()), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = int8_matmul(x, self.weight, self.scale)  # (..., out)
@@ -68,7 +73,11 @@ class Int8RowParallelLinear(Int8Linear):
 
 
 def quantize_int8(model: Bloom) -> Bloom:
-    """Replace, in place, every linear layer of the blocks by its int8 version; returns the model."""
+    """Replace, in place, every linear layer of the blocks by its int8 version; returns the model.
+
+    On a meta-device model this only builds the int8 layers, to be filled by `load_state_dict`
+    (which is how `load_pretrained(..., quantize="int8")` quantizes each weight as it reads it).
+    """
     for block in model.h:
         for parent in (block.self_attention, block.mlp):
             for name, child in list(parent.named_children()):

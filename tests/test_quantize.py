@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from tiny_checkpoint import random_hf_bloom, save_transformers
+from tiny_checkpoint import random_hf_bloom, save_bigscience, save_transformers
 
+import bloom.loader
 from bloom import generate, load_pretrained
 from bloom.quantize import Int8Linear, int8_matmul, quantize_int8
 
@@ -68,6 +69,16 @@ def test_int8_halves_memory_and_stays_within_the_bound(tmp_path, seed):
     top2 = reference[:, -1].topk(2).values
     sure = (top2[:, 0] - top2[:, 1]) > 2 * (quantized[:, -1] - reference[:, -1]).abs().amax(dim=-1)
     assert sure.sum() >= 8 and torch.equal(first_new[sure], expected[sure])
+
+
+def test_quantizing_while_loading_equals_quantizing_the_loaded_model(tmp_path, monkeypatch):
+    folder = save_bigscience(random_hf_bloom(hidden_size=64, n_head=8, n_layer=2), tmp_path, dtype=torch.float16)
+    monkeypatch.setattr(bloom.loader, "READ_CHUNK_BYTES", 1000)  # several chunks of rows per weight
+    loaded = load_pretrained(folder, dtype="bf16", quantize="int8").state_dict()
+    afterwards = quantize_int8(load_pretrained(folder, dtype="bf16")).state_dict()
+    assert loaded.keys() == afterwards.keys()
+    assert all(torch.equal(loaded[name], afterwards[name]) for name in loaded)
+    assert loaded["h.1.mlp.dense_4h_to_h.weight"].dtype == torch.int8
 
 
 def test_quantizing_leaves_embedding_and_norms_alone(tmp_path):
