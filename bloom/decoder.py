@@ -14,7 +14,7 @@ class Decoder:
     cache at `slot`. With `compile=True` the step is compiled once, as one graph (fullgraph), and reused by
     every `generate` call given this decoder:
     - on the CPU with inductor's freezing, which folds the weights into the compiled code as constants and
-      lays them out for the CPU's matmul kernels (bf16 decode of bloom-560m on 2 cores: 14 -> 24 tokens/s);
+      lays them out for the CPU's matmul kernels (bf16 decode of bloom-560m on 2 cores: 15 -> 30 tokens/s);
       the matmul weights are copied when the first step compiles: after editing weights, make a new Decoder;
     - on CUDA as a CUDA graph (mode "reduce-overhead"), which removes the launch overhead of ~20 kernels per
       block. The cache's tensors are marked as static addresses, so the graph writes into them in place

@@ -10,8 +10,8 @@ What the published files look like:
 Every header is read and checked against the model before any tensor is: a bad checkpoint raises before
 anything is loaded. The model is built on the meta device and each tensor is read once, cast and moved,
 then assigned, so loading holds a single copy of the weights: kept in the stored dtype on the CPU, the
-weights are the memory-mapped file itself (copy-on-write); cast or moved to a GPU, they are converted a
-chunk at a time.
+weights are the memory-mapped file itself (copy-on-write); cast, moved to a GPU or quantized to int8,
+they are converted a chunk of rows at a time.
 """
 
 import ctypes
