@@ -90,6 +90,8 @@ def join_process_group(world_size: int, device: str) -> str:
 
 def shared_seed() -> int:
     """A random seed drawn by process 0 and sent to all: sampling must pick the same token everywhere."""
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # nccl sends only GPU tensors
     seed = torch.randint(0, 2**62, (1,)) if dist.get_rank() == 0 else torch.zeros(1, dtype=torch.int64)
+    seed = seed.to(device)
     dist.broadcast(seed, src=0)
     return int(seed)

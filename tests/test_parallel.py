@@ -45,6 +45,9 @@ def test_two_processes_equal_one(sharded_checkpoint, tmp_path):
         assert shapes["h.1.mlp.dense_h_to_4h.weight"] == (96, 48)
         assert shapes["h.1.mlp.dense_4h_to_h.weight"] == (48, 96)
         assert shapes["word_embeddings.weight"] == (320, 48)  # replicated
+    # sampling without a given seed: process 0 draws one and sends it, so every process samples alike
+    first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
+    assert first["seed"] == second["seed"] and torch.equal(first["sampled"], second["sampled"])
 
 
 def test_int8_and_the_compiled_step_under_two_processes(tmp_path):
