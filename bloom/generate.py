@@ -155,15 +155,18 @@ def generate_steps(
     # Every slot after the prompt will hold a real token; causality hides the ones not yet written.
     mask = torch.ones(B, decoder.max_len, dtype=torch.long, device=device)  # (B, S_max)
     mask[:, :T] = attention_mask
-    seen = torch.zeros(B, model.config.vocab_size, dtype=torch.int32, device=device)
-    seen = seen.scatter_add_(1, input_ids, attention_mask.to(torch.int32)) > 0  # (B, V): tokens in the row
+    seen = None  # (B, V): the tokens in each row, kept only for a repetition penalty
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.int32, device=device)
+        seen = seen.scatter_add_(1, input_ids, attention_mask.to(torch.int32)) > 0
+    rows = torch.arange(B, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
 
     logits = model(input_ids, attention_mask, decoder.cache, last_only=True)  # prefill: (B, 1, V)
     slot = torch.tensor([T], device=device)  # where the next token goes; advanced in place
     for step in range(max_new_tokens):
         scores = logits[:, -1].float()  # (B, V)
-        if repetition_penalty != 1.0:
+        if seen is not None:
             scores = apply_repetition_penalty(scores, seen, repetition_penalty)
         if do_sample:
             scores = scores / temperature
@@ -178,7 +181,8 @@ def generate_steps(
         yield tokens, finished.clone()
         if eos_token_id is not None:
             finished |= tokens == eos_token_id
-        seen[torch.arange(B, device=device), tokens] = True
+        if seen is not None:
+            seen[rows, tokens] = True
         if step + 1 < max_new_tokens:
             logits = decoder.step(tokens, mask, slot)  # (B, 1, V)
             slot += 1
