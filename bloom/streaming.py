@@ -18,27 +18,29 @@ INCOMPLETE = "\ufffd"  # what the byte-level decoder gives for a character whose
 
 
 class TextStream:
-    """Feed token ids one at a time with `push`; each call returns the text that became final."""
+    """Feed token ids one at a time with `push`; each call returns the text that became final.
+
+    Only the ids after the last final piece are decoded again at each push (byte-level BPE decodes a
+    sequence to the concatenation of its pieces' bytes), so a long stream costs linear, not quadratic, time.
+    """
 
     def __init__(self, tokenizer: BloomTokenizer, skip_special_tokens: bool = True) -> None:
         self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
-        self.ids: list[int] = []
-        self.n_emitted = 0  # characters already given out
+        self.pending: list[int] = []  # ids whose text is not given out yet
 
     def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending, skip_special_tokens=self.skip_special_tokens)
         if text.endswith(INCOMPLETE):
             return ""
-        return self._take(text)
+        self.pending = []
+        return text
 
     def flush(self) -> str:
         """Whatever is left, incomplete characters included (the stream has ended)."""
-        return self._take(self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens))
-
-    def _take(self, text: str) -> str:
-        piece, self.n_emitted = text[self.n_emitted :], len(text)
-        return piece
+        text = self.tokenizer.decode(self.pending, skip_special_tokens=self.skip_special_tokens)
+        self.pending = []
+        return text
 
 
 def stream(
