@@ -17,7 +17,7 @@ def logit_lens(
     embedding after its LayerNorm), row i the stream after block i; the last row is the model's own output.
     """
     with record(model, "word_embeddings_layernorm", "h.*") as seen:
-        model(input_ids, attention_mask)
+        model.hidden(input_ids, attention_mask)  # the blocks only: the LM head runs below, once per layer
     streams = [seen["word_embeddings_layernorm"]] + [seen[f"h.{i}"] for i in range(len(model.h))]
     top = []
     for x in streams:  # one layer at a time: (B, T, V) logits per layer, not (n_layer + 1, B, T, V)
