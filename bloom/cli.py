@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help=f"> 1 discourages repeating tokens (default {DEFAULTS['repetition_penalty']})",
     )
-    gen.add_argument("--tp", type=int, default=1, help="split the model over this many processes, launched "
+    gen.add_argument("--tp", type=positive_int, default=1, help="split the model over this many processes, launched "
                          "with torchrun --nproc-per-node TP (default 1)")  # fmt: skip
     gen.add_argument("--seed", type=int, help="make sampling reproducible")
     gen.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
@@ -97,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(ppl)
     ppl.add_argument("--file", type=Path, required=True, help="the text to score")
-    ppl.add_argument("--context", type=int, default=CONTEXT, help=f"tokens per window (default {CONTEXT})")
+    ppl.add_argument("--context", type=positive_int, default=CONTEXT, help=f"tokens per window (default {CONTEXT})")
     ppl.add_argument("--stride", type=int, default=STRIDE, help=f"tokens between window starts (default {STRIDE})")
-    ppl.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"windows per forward (default {BATCH_SIZE})")
+    ppl.add_argument(
+        "--batch-size", type=positive_int, default=BATCH_SIZE, help=f"windows per forward (default {BATCH_SIZE})"
+    )
     ppl.set_defaults(run=run_perplexity)
 
     inspect_ = commands.add_parser(
@@ -144,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def add_model_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--model", required=True, help="checkpoint folder or hub repo id, e.g. bigscience/bloomz-560m")
     command.add_argument("--revision", help="branch, tag or commit of a hub repo")
@@ -154,6 +163,10 @@ def add_model_arguments(command: argparse.ArgumentParser) -> None:
 
 def load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Bloom, BloomTokenizer, float]:
     """The model and tokenizer the arguments name, and the seconds it took to load them."""
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device}: not a device torch knows (cpu, cuda, cuda:1, ...)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
     tp = getattr(args, "tp", 1)  # only `generate` takes --tp
@@ -171,6 +184,8 @@ def load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Blo
 
 def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     prompts = args.prompt if args.prompt else read_prompts(args.prompt_file)
+    if "" in prompts:
+        parser.error(f"--prompt number {prompts.index('') + 1} is empty: there is nothing to continue")
     sampling = {
         name: getattr(args, name)
         for name in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
@@ -187,10 +202,7 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         sampling["seed"] = shared_seed()
 
     input_ids, attention_mask = (t.to(args.device) for t in tokenizer.batch_encode(prompts))
-    streamer = None
-    if len(prompts) == 1 and is_main():
-        print(prompts[0], end="", flush=True)
-        streamer = StdoutStream(tokenizer)
+    streamer = StdoutStream(tokenizer, prompts[0], show=is_main()) if len(prompts) == 1 else None
     B, T = input_ids.shape
     decoder = Decoder(model, B, T + args.max_new_tokens, compile=args.compile)
     start = time.perf_counter()
@@ -289,22 +301,33 @@ def run_download(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
 
 
 class StdoutStream:
-    """generate()'s streamer for one prompt: prints each piece of text as soon as it is final."""
+    """generate()'s streamer for one prompt: prints the prompt, then each piece of text as soon as it is final.
 
-    def __init__(self, tokenizer: BloomTokenizer) -> None:
+    Under tensor parallelism every process streams, with `show` on process 0 only: a streamer makes generate()
+    check for EOS at every step, and all processes must stop at the same step, or one would wait forever in a
+    collective that the others never join.
+    """
+
+    def __init__(self, tokenizer: BloomTokenizer, prompt: str, show: bool = True) -> None:
         self.text = TextStream(tokenizer)
         self.eos_token_id = tokenizer.eos_token_id
         self.done = False
+        self.show = show
+        self.print(prompt)
 
     def __call__(self, tokens: torch.Tensor) -> None:
         token = int(tokens[0])
         if self.done:
             return
         self.done = token == self.eos_token_id
-        print(self.text.push(token), end="", flush=True)
+        self.print(self.text.push(token))
 
     def finish(self) -> None:
-        print(self.text.flush(), flush=True)
+        self.print(self.text.flush() + "\n")
+
+    def print(self, text: str) -> None:
+        if self.show:
+            print(text, end="", flush=True)
 
 
 def read_prompts(path: Path) -> list[str]:

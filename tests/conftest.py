@@ -39,3 +39,32 @@ def tiny_model_folder(tmp_path_factory):
     hf = random_hf_bloom(vocab_size=704, hidden_size=48, n_head=6, n_layer=2)
     save_transformers(hf, folder)
     return folder
+
+
+EOS_PROMPT = "Bonjour, le monde"
+
+
+@pytest.fixture(scope="session")
+def eos_model_folder(tmp_path_factory):
+    """Like tiny_model_folder, but greedy generation from EOS_PROMPT emits EOS as its third new token.
+
+    Made by swapping the embedding rows (which are also the LM head's) of EOS and of the token a random model
+    picks third; the fixture checks that this worked, so tests can rely on it.
+    """
+    from tiny_checkpoint import random_hf_bloom, save_transformers
+    from tiny_tokenizer import build_tiny_tokenizer
+
+    from bloom import generate, load_pretrained, load_tokenizer
+
+    folder = tmp_path_factory.mktemp("eos_bloom")
+    build_tiny_tokenizer(folder)
+    eos = load_tokenizer(folder).eos_token_id
+    ids = torch.tensor([load_tokenizer(folder).encode(EOS_PROMPT)])
+    hf = random_hf_bloom(vocab_size=704, hidden_size=48, n_head=6, n_layer=2)
+    third = int(generate(load_pretrained(save_transformers(hf, folder)), ids, max_new_tokens=3, eos_token_id=-1)[0, -1])
+    with torch.no_grad():
+        embedding = hf.transformer.word_embeddings.weight
+        embedding[[third, eos]] = embedding[[eos, third]]
+    out = generate(load_pretrained(save_transformers(hf, folder)), ids, max_new_tokens=8, eos_token_id=eos)
+    assert out.shape[1] == ids.shape[1] + 3 and out[0, -1] == eos, "the swap did not make EOS the third token"
+    return folder

@@ -46,6 +46,15 @@ def test_generate_one_prompt_streams_the_greedy_text(tiny_model_folder):
     )
 
 
+def test_streaming_stops_at_eos(eos_model_folder):
+    from conftest import EOS_PROMPT
+
+    result = bloom("generate", "--model", str(eos_model_folder), "--prompt", EOS_PROMPT, "--max-new-tokens", "20")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected_text(eos_model_folder, [EOS_PROMPT], 20)[0] + "\n"
+    assert "new 3 tokens" in result.stderr  # the EOS is counted, the padding after it is not
+
+
 def test_generate_a_batch_from_a_file_with_sampling(tiny_model_folder, tmp_path):
     prompts = ["The quick brown fox", "我爱", "Où est la bibliothèque ?"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
@@ -92,7 +101,12 @@ def test_dtype(tiny_model_folder, dtype):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--do-sample", "--temperature", "0"], "temperature must be > 0"),
+        (["--do-sample", "--temperature", "0"], "temperature must be a finite number > 0"),
+        (["--do-sample", "--temperature", "nan"], "temperature must be a finite number > 0"),
+        (["--repetition-penalty", "inf"], "repetition_penalty must be a finite number > 0"),
+        (["--prompt", ""], "--prompt number 2 is empty"),
+        (["--tp", "0"], "--tp: must be 1 or more, got 0"),
+        (["--device", "gpu0"], "--device gpu0: not a device torch knows"),
         (["--do-sample", "--top-p", "1.5"], "top_p must be in (0, 1]"),
         (["--do-sample", "--top-k", "0"], "top_k must be >= 1"),
         (["--top-k", "5"], "do_sample=True"),
@@ -147,6 +161,9 @@ def test_perplexity_command_prints_the_library_value(tiny_model_folder, tmp_path
     assert result.stdout.startswith(f"perplexity {expected.perplexity:.4f} | {expected.n_scored} tokens scored")
     bad = bloom("perplexity", "--model", str(tiny_model_folder), "--file", str(tmp_path / "text.txt"), "--stride", "0")
     assert bad.returncode == 2 and "--stride" in bad.stderr
+    bad = bloom("perplexity", "--model", str(tiny_model_folder), "--file", str(tmp_path / "text.txt"),
+                "--batch-size", "0")  # fmt: skip
+    assert bad.returncode == 2 and "--batch-size: must be 1 or more" in bad.stderr
 
 
 def test_generate_with_int8_weights(tiny_model_folder):

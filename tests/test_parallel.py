@@ -91,6 +91,18 @@ def test_the_command_line_under_torchrun(tiny_model_folder):
     assert "new 8 tokens" in split.stderr
 
 
+def test_the_command_line_under_torchrun_stops_at_eos(eos_model_folder):
+    """Every process must stop at the same step: one that stopped early would leave the others in an all_reduce."""
+    from conftest import EOS_PROMPT
+
+    args = ["--model", str(eos_model_folder), "--prompt", EOS_PROMPT, "--max-new-tokens", "20", "--dtype", "fp32"]
+    alone = subprocess.run([sys.executable, "-m", "bloom", "generate", *args], capture_output=True, text=True)
+    split = torchrun(2, "-m", "bloom", "generate", *args, "--tp", "2")
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert split.stdout == alone.stdout
+    assert "new 3 tokens" in split.stderr
+
+
 def test_heads_must_divide_over_the_processes():
     with torch.device("meta"):
         model = Bloom(BloomConfig(hidden_size=48, n_layer=2, n_head=6, vocab_size=100))

@@ -44,6 +44,20 @@ def test_stream_yields_exactly_the_generated_text(tiny_model_folder, tokenizer):
     assert "".join(pieces) == tokenizer.decode(new, skip_special_tokens=True)
 
 
+def test_stream_stops_at_eos(eos_model_folder):
+    from conftest import EOS_PROMPT
+
+    model, tokenizer = load_pretrained(eos_model_folder), load_tokenizer(eos_model_folder)
+    forward_calls = []
+    model.register_forward_hook(lambda *args: forward_calls.append(1))
+    pieces = list(stream(model, tokenizer, EOS_PROMPT, max_new_tokens=20))
+    # the prefill and a step after each of the 3 tokens (the last one sees that every row has finished)
+    assert len(forward_calls) == 1 + 3
+    ids = torch.tensor([tokenizer.encode(EOS_PROMPT)])
+    two_before_eos = generate(model, ids, max_new_tokens=2)[0, ids.shape[1] :].tolist()
+    assert "".join(pieces) == tokenizer.decode(two_before_eos)
+
+
 def test_stream_refuses_a_streamer_and_unknown_arguments(tiny_model_folder, tokenizer):
     model = load_pretrained(tiny_model_folder)
     with pytest.raises(TypeError, match="streamer"):
