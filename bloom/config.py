@@ -48,6 +48,8 @@ class BloomConfig:
             hf_config = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: not valid JSON ({error})") from None
+        if not isinstance(hf_config, dict):
+            raise ValueError(f"{path}: expected a JSON object of settings, found a {type(hf_config).__name__}")
         try:
             return cls.from_hf_config(hf_config)
         except ValueError as error:

@@ -8,6 +8,7 @@ finished is checked every `EOS_CHECK_EVERY` steps (every step when streaming), a
 after the last row finished are dropped at the end.
 """
 
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -79,7 +80,8 @@ def generate(
     repetition_penalty: > 1 makes tokens already in the row (prompt or generated) less likely.
     eos_token_id, pad_token_id: default to the model config's. A row that produced EOS gets pad after it.
     seed: makes sampling reproducible; otherwise torch's global generator is used.
-    streamer: called with each step's new tokens, (B,), as soon as they are chosen.
+    streamer: called with each step's new tokens, (B,), as soon as they are chosen. With a streamer, EOS is
+        checked at every step; under tensor parallelism give every process one, or none, so that all stop together.
     decoder: the decode step and KV cache to use (batch size B, at least T + max_new_tokens slots): pass a
         `Decoder(model, B, max_len, compile=True)` to decode with a compiled step, and reuse it across calls.
         An eager one of exactly T + max_new_tokens slots is made otherwise.
@@ -139,6 +141,11 @@ def generate_steps(
         attention_mask = (input_ids != pad_token_id).long() if infer else torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+    if not attention_mask[:, -1].all():  # one host sync per call
+        row = int((attention_mask[:, -1] == 0).nonzero()[0])
+        raise ValueError(
+            f"row {row} of the batch ends in padding: pad prompts on the left, and give each at least one token"
+        )
     if max_new_tokens == 0:
         return
     if decoder is None:
@@ -194,14 +201,14 @@ def check_sampling(
     """Raise ValueError on sampling arguments that `generate` cannot honour."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+    if not 0 < penalty < math.inf:
+        raise ValueError(f"repetition_penalty must be a finite number > 0, got {penalty}")
     if not do_sample:
         if temperature != 1.0 or top_k is not None or top_p is not None:
             raise ValueError("temperature, top_k and top_p only apply when sampling: pass do_sample=True")
         return
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (for greedy, use do_sample=False)")
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature} (greedy: do_sample=False)")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:

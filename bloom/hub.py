@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
 
 def resolve_folder(
@@ -46,4 +46,7 @@ def resolve_folder(
             return cached
     except LocalEntryNotFoundError:
         pass
-    return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns))
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns))
+    except (HfHubHTTPError, LocalEntryNotFoundError) as error:  # a mistyped local path lands here too
+        raise FileNotFoundError(f"{repo_id}: no such local folder, and the hub did not provide it ({error})") from None

@@ -178,6 +178,8 @@ def _shards_from_index(folder: Path, index_path: Path) -> list[Path]:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"{index_path}: not a checkpoint index with a weight_map ({error!r})") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_path}: its weight_map should map tensor names to shard files, got {weight_map!r:.80}")
     shards = []
     for name in dict.fromkeys(weight_map.values()):  # unique, in order
         path = (folder / name).resolve()
@@ -268,7 +270,10 @@ class _PickleReader:
         return {key: tuple(t.shape) for key, t in self._state.items()}
 
     def dtype(self, key: str) -> torch.dtype:
-        return self._state[key].dtype
+        dtype = self._state[key].dtype
+        if dtype not in _SAFETENSORS_DTYPES.values():
+            raise ValueError(f"{self.path}: tensor {key!r} is stored as {dtype}, not a float type BLOOM uses")
+        return dtype
 
     def read(
         self, key: str, dtype: torch.dtype, device: torch.device, part: tuple[int, int, int] | None = None

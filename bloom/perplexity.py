@@ -55,6 +55,8 @@ def perplexity(
     model: Bloom, token_ids: list[int], *, context: int, stride: int, batch_size: int = 4, progress: bool = False
 ) -> Perplexity:
     """Perplexity of `token_ids` under the model, windows batched `batch_size` at a time (left-padded)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be 1 or more, got {batch_size}")
     windows = sliding_windows(len(token_ids), context, stride)
     device = model.word_embeddings.weight.device
     tokens = torch.tensor(token_ids, device=device)

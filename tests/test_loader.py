@@ -98,6 +98,11 @@ def test_pickles_only_on_request_and_only_weights(tmp_path, hf_model, ids):
         load_pretrained(tmp_path)
     assert_same_model(load_pretrained(tmp_path, allow_pickle=True), hf_model, ids)
 
+    state["ln_f.bias"] = state["ln_f.bias"].to(torch.int32)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pytorch_model.bin: tensor 'ln_f.bias' is stored as torch.int32"):
+        load_pretrained(tmp_path, allow_pickle=True)
+
     # a pickle that references a function (here shutil.rmtree) must be refused by weights-only unpickling
     torch.save({"h.0.input_layernorm.weight": shutil.rmtree}, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="pytorch_model.bin"):
@@ -127,9 +132,30 @@ def test_not_a_folder_nor_a_repo_id(tmp_path):
         load_pretrained(tmp_path / "nowhere")
 
 
+def test_mistyped_relative_path_says_no_such_folder(tmp_path, monkeypatch):
+    """'checkpoints/tiny' could be a repo id too: the hub is asked, and the error still names the folder."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="checkpoints/tiny: no such local folder, and the hub did not"):
+        load_pretrained("checkpoints/tiny", cache_dir=tmp_path / "hub")
+
+
 def test_missing_shard(sharded):
     (sharded / "model_00002-of-00003.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model_00002-of-00003.safetensors"):
+        load_pretrained(sharded)
+
+
+@pytest.mark.parametrize("weight_map", [{}, ["model_00001-of-00003.safetensors"]])
+def test_index_without_a_map_of_shards(sharded, weight_map):
+    index_path = sharded / "model.safetensors.index.json"
+    index_path.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(ValueError, match="model.safetensors.index.json: its weight_map should map tensor names"):
+        load_pretrained(sharded)
+
+
+def test_config_that_is_not_an_object(sharded):
+    (sharded / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json: expected a JSON object of settings, found a list"):
         load_pretrained(sharded)
 
 
@@ -221,7 +247,7 @@ def test_revision_with_a_local_folder(sharded):
 
 def test_cast_in_chunks_of_rows(tmp_path, hf_model, ids, monkeypatch):
     """A cast reads a few rows at a time; the chunks must tile every tensor exactly."""
-    monkeypatch.setattr(bloom.loader, "READ_CHUNK_BYTES", 7 * 48 * 2)  # 7 rows of the fp16 embedding per chunk
+    monkeypatch.setattr(bloom.loader, "READ_CHUNK_BYTES", 7 * 48 * 4)  # 7 rows of the embedding, in its fp32 cast
     folder = save_bigscience(hf_model, tmp_path, dtype=torch.bfloat16)
     model = load_pretrained(folder, dtype="fp32")
     reference = {k: v.float() for k, v in bigscience_state(hf_model, torch.bfloat16).items()}
