@@ -81,10 +81,12 @@ def join_process_group(world_size: int, device: str) -> str:
             f"--tp {world_size} needs {world_size} processes: run under torchrun --nproc-per-node {world_size} "
             f"(this run has {launched})"
         )
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
+    if not device.startswith("cuda"):
+        dist.init_process_group("gloo")
+        return device
+    device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", device_id=torch.device(device))  # binds nccl to this GPU from the start
     return device
 
 
