@@ -35,7 +35,7 @@ class Decoder:
         if not compile:
             self._step = step
         elif weight.device.type == "cuda":
-            for tensor in self.cache.buffers():
+            for tensor in self.cache.tensors():
                 torch._dynamo.mark_static_address(tensor)
             self._step = torch.compile(step, fullgraph=True, mode="reduce-overhead")
         else:

@@ -3,19 +3,21 @@
 Layout, for every layer: keys and values are (B, nh, S_max, hd), position s of the sequence at index s.
 Slot s holds the token at column s of the generated sequence (left padding included), so a batch shares
 one slot index per step and the shapes never change while decoding.
+
+The caches are plain objects holding tensors, not modules with buffers: torch.compile guards a module's buffers
+by identity, so every new cache would compile the decode step again (and fail past dynamo's recompile limit),
+while plain tensors are guarded by shape and dtype, and a new Decoder reuses the step compiled for an earlier one.
 """
 
 import torch
-from torch import nn
 
 from bloom.config import BloomConfig
 
 
-class LayerKV(nn.Module):
+class LayerKV:
     def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device | str) -> None:
-        super().__init__()
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, nh, T, hd) at `slots` (T,) and return all keys and values, (B, nh, S_max, hd) each."""
@@ -24,7 +26,7 @@ class LayerKV(nn.Module):
         return self.k, self.v
 
 
-class KVCache(nn.Module):
+class KVCache:
     def __init__(
         self,
         config: BloomConfig,
@@ -35,7 +37,10 @@ class KVCache(nn.Module):
         n_head: int | None = None,
     ) -> None:
         """n_head: the heads this process computes (default: all; fewer when heads are split, bloom.parallel)."""
-        super().__init__()
         self.batch_size, self.max_len = batch_size, max_len
         shape = (batch_size, n_head or config.n_head, max_len, config.head_dim)
-        self.layers = nn.ModuleList(LayerKV(shape, dtype, device) for _ in range(config.n_layer))
+        self.layers = [LayerKV(shape, dtype, device) for _ in range(config.n_layer)]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every layer's keys and values."""
+        return [t for layer in self.layers for t in (layer.k, layer.v)]

@@ -129,6 +129,18 @@ def test_compiled_decoder_gives_the_eager_tokens(models):
         assert torch.equal(compiled, eager)
 
 
+def test_many_compiled_decoders(models):
+    """New decoders reuse the compiled step: more of them than dynamo's recompile limit, of several shapes."""
+    _, ours = models
+    shapes = [(3, 48)] * (torch._dynamo.config.recompile_limit + 1) + [(2, 40), (1, 36), (2, 44)]
+    for batch, max_len in shapes:
+        ids, mask = left_padded([7, 3, 5][:batch])
+        eager = generate(ours, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=-1)
+        decoder = Decoder(ours, batch, max_len, compile=True)
+        compiled = generate(ours, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=-1, decoder=decoder)
+        assert torch.equal(compiled, eager)
+
+
 def test_streamer_sees_every_new_column(models):
     _, ours = models
     ids, mask = left_padded([5, 7])
