@@ -157,6 +157,7 @@ def generate_steps(
             f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) need a cache of batch {B} and at "
             f"least {T + max_new_tokens} slots; this decoder has batch {decoder.batch_size} and {decoder.max_len}"
         )
+    decoder.check()
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
 
     # Every slot after the prompt will hold a real token; causality hides the ones not yet written.

@@ -15,7 +15,9 @@ Every submodule of `Bloom` is a place to look, named by its path (`model.named_m
 
 Names take shell-style wildcards per dotted part: "h.*.self_attention.probs", "h.*" (every block's
 output, not what is inside them), "h.1[0-5]". Both context managers work through forward
-hooks, which they remove on exit; outside them the model runs exactly as written.
+hooks, which they remove on exit; outside them the model runs exactly as written. `generate` runs them too,
+with the default eager decoder; a compiled decoder (`Decoder(..., compile=True)`) would skip them, so it refuses.
+Under tensor parallelism (`--tp`) each process holds its own heads, and head numbers count within the process.
 
     with record(model, "h.*", "h.*.self_attention.probs") as seen:
         model(ids)
@@ -84,12 +86,14 @@ def patch(model: nn.Module, edits: dict[str, Edit]) -> Iterator[None]:
 
     def apply(name: str, edit: Edit) -> Callable:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            if callable(edit):
-                return edit(output)
-            if edit.shape != output.shape:
-                shapes = f"tensor of shape {tuple(edit.shape)}, output is {tuple(output.shape)}"
-                raise ValueError(f"patch for {name}: {shapes}")
-            return edit.to(output.dtype)
+            try:
+                new = edit(output) if callable(edit) else edit
+            except (ValueError, IndexError) as error:
+                raise ValueError(f"patch for {name}: {error}") from error
+            if not isinstance(new, torch.Tensor) or new.shape != output.shape:
+                found = f"shape {tuple(new.shape)}" if isinstance(new, torch.Tensor) else type(new).__name__
+                raise ValueError(f"patch for {name}: the edit gave {found}, the output is {tuple(output.shape)}")
+            return new.to(output.dtype)
 
         return hook
 
@@ -107,6 +111,8 @@ def zero_head(head: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """An edit for `*.self_attention.context` (B, nh, T, hd) that removes one head's output."""
 
     def edit(context: torch.Tensor) -> torch.Tensor:
+        if not 0 <= head < context.shape[1]:
+            raise ValueError(f"zero_head({head}): there are {context.shape[1]} heads, numbered from 0")
         context = context.clone()
         context[:, head] = 0
         return context

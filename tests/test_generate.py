@@ -141,6 +141,26 @@ def test_many_compiled_decoders(models):
         assert torch.equal(compiled, eager)
 
 
+def test_compiled_decoder_follows_weight_edits_and_refuses_hooks(tmp_path):
+    """Freezing copies the weights into the compiled step: after an in-place edit it must not compute the old model."""
+    from bloom.probe import record
+
+    model = load_pretrained(save_transformers(random_hf_bloom(), tmp_path))
+    decoder = Decoder(model, 2, 30, compile=True)
+    ids, mask = left_padded([7, 4])
+    eager = []
+    for _ in range(2):
+        eager.append(generate(model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=-1))
+        compiled = generate(model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=-1, decoder=decoder)
+        assert torch.equal(compiled, eager[-1])
+        with torch.no_grad():
+            model.h[0].mlp.dense_4h_to_h.weight.mul_(-3)
+    assert not torch.equal(eager[0], eager[1])  # the edit changed the greedy tokens
+    with record(model, "h.1") as seen, pytest.raises(ValueError, match="forward hooks on h.1: a compiled decode step"):
+        generate(model, ids, attention_mask=mask, max_new_tokens=4, decoder=decoder)
+    assert not seen
+
+
 def test_streamer_sees_every_new_column(models):
     _, ours = models
     ids, mask = left_padded([5, 7])

@@ -91,8 +91,15 @@ def test_bad_names_and_shapes_are_refused(model, batch):
     with pytest.raises(ValueError, match="h.9"):
         with record(model, "h.9"):
             pass
-    with pytest.raises(ValueError, match=r"patch for h.0: tensor of shape \(1, 2\)"):
-        with torch.no_grad(), patch(model, {"h.0": torch.zeros(1, 2)}):
+    bad_edits = [
+        ({"h.0": torch.zeros(1, 2)}, r"patch for h.0: the edit gave shape \(1, 2\), the output is \(2, 10, 64\)"),
+        ({"h.0": lambda x: x[:, :1]}, r"patch for h.0: the edit gave shape \(2, 1, 64\)"),
+        ({"h.0": lambda x: None}, r"patch for h.0: the edit gave NoneType"),
+        ({"h.1.self_attention.context": zero_head(8)}, r"h.1.self_attention.context: zero_head\(8\): there are 8"),
+        ({"h.1.self_attention.context": zero_head(-1)}, r"h.1.self_attention.context: zero_head\(-1\)"),
+    ]
+    for edits, message in bad_edits:
+        with pytest.raises(ValueError, match=message), torch.no_grad(), patch(model, edits):
             model(ids, mask)
     assert all(not m._forward_hooks for m in model.modules())
 
