@@ -25,11 +25,18 @@ PACKED_KERNEL_MAX_ROWS, PACKED_KERNEL_FEATURE_MULTIPLE = 16, 64
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) weight -> (out, in) int8 and (out,) scales in the weight's dtype, one per row."""
+    """(out, in) weight -> (out, in) int8 and (out,) scales in the weight's dtype, one per row.
+
+    q is rounded against the scale as stored (rounded to the weight's dtype), so |q · scale - w| stays within
+    half a step. A scale too small for that dtype (fp16 rows below ~1e-5) becomes its smallest positive value
+    instead of 0, which would zero the row.
+    """
     w = weight.to(torch.float32, copy=True)  # (out, in), the one temporary copy (divided in place)
-    scale = torch.linalg.vector_norm(w, ord=float("inf"), dim=1).clamp_(min=1e-12) / 127  # (out,): max |row| / 127
-    q = w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-    return q, scale.to(weight.dtype)
+    scale = (torch.linalg.vector_norm(w, ord=float("inf"), dim=1) / 127).to(weight.dtype)  # (out,): max |row| / 127
+    smallest = torch.finfo(weight.dtype).smallest_normal * torch.finfo(weight.dtype).eps  # the smallest subnormal
+    scale = scale.clamp_(min=smallest)
+    q = w.div_(scale.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scale
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from tiny_checkpoint import random_hf_bloom, save_bigscience, save_transformers
 
 import bloom.loader
 from bloom import generate, load_pretrained
-from bloom.quantize import Int8Linear, int8_matmul, quantize_int8
+from bloom.quantize import Int8Linear, int8_matmul, quantize_int8, quantize_rows
 
 # Bounds measured on these tiny checkpoints (seeds 0-5, 32 prompts of 16 tokens), with headroom:
 # - RMS(int8 - bf16) / RMS(bf16) logits: 2.5-3.4%           -> bound 5%
@@ -28,6 +28,19 @@ def test_int8_linear_is_the_dequantized_product():
     dequantized = q.weight.float() * q.scale[:, None]
     torch.testing.assert_close(q(x), x @ dequantized.T + linear.bias)
     assert (dequantized - linear.weight).abs().max() <= q.scale.max() / 2 + 1e-7  # rounding: half a step
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rounding_stays_within_half_a_step_of_the_stored_scale(dtype):
+    weight = torch.randn(256, 512).to(dtype)
+    weight[0] *= 1e-6  # an fp16 scale of this row would underflow to 0
+    weight[1] = 0
+    q, scale = quantize_rows(weight)
+    assert scale.dtype == dtype and (scale > 0).all()
+    error = (q.double() * scale.double()[:, None] - weight.double()).abs()  # (out, in)
+    assert (error <= scale.double()[:, None] * (0.5 + 1e-3)).all()
+    assert (q[1] == 0).all()
+    assert error[0].max() <= 0.05 * weight[0].double().abs().max()  # the tiny row is kept, not zeroed
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
