@@ -40,7 +40,11 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(..., in) · ((out, in) int8 · (out,) scale)ᵀ -> (..., out), in x's dtype."""
+    """(..., in) · ((out, in) int8 · (out,) scale)ᵀ -> (..., out), in x's dtype.
+
+    The CPU's int8 kernel and the conversion path round differently in bf16, so with int8 weights a row of a
+    long or large batch can differ from the same prompt alone by bf16 rounding (not bitwise, as without int8).
+    """
     rows, features = x.numel() // x.shape[-1], x.shape[-1]
     if (
         x.device.type == "cpu"
@@ -59,6 +63,10 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", weight)  # (out, in) int8
         self.register_buffer("scale", scale)  # (out,) in the activation dtype
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def extra_repr(self) -> str:
+        out_features, in_features = self.weight.shape
+        return f"in_features={in_features}, out_features={out_features}, bias={self.bias is not None}, int8"
 
     @classmethod
     def from_linear(cls, linear: nn.Module) -> "Int8Linear":

@@ -65,7 +65,7 @@ def alibi(n_head: int, n_tokens: int, path: Path) -> Path:
     """
     slopes = alibi_slopes(n_head)
     distance = torch.arange(n_tokens)[:, None] - torch.arange(n_tokens)[None, :]  # (T, T), query - key
-    strongest = -slopes.max().item() * (n_tokens - 1)  # one colour scale for all heads, so slopes compare
+    strongest = -slopes.max().item() * max(n_tokens - 1, 1)  # one colour scale for all heads, so slopes compare
     rows, cols = _grid(n_head)
     fig = _figure((2.6 * cols, 2.6 * rows + 0.5))
     for head in range(n_head):
