@@ -26,8 +26,9 @@ class Decoder:
       block. The cache's tensors are marked as static addresses, so the graph writes into them in place
       instead of copying them in (a graph may only mutate such inputs); the logits a step returns live in the
       graph's memory and are overwritten by the next step.
-    The cache belongs to the decoder, so the compiled step always sees the same buffers. A compiled step does
-    not run forward hooks, so probing (bloom.probe) needs an eager decoder.
+    The cache belongs to the decoder, so its steps always write into the same tensors (a CUDA graph is recorded
+    again for another decoder's cache). A compiled step does not run forward hooks, so probing (bloom.probe)
+    needs an eager decoder.
     """
 
     def __init__(self, model: Bloom, batch_size: int, max_len: int, *, compile: bool = False) -> None:
@@ -42,8 +43,8 @@ class Decoder:
         if not compile:
             self._step = step
         elif weight.device.type == "cuda":
-            for tensor in self.cache.tensors():
-                torch._dynamo.mark_static_address(tensor)
+            for tensor in self.cache.tensors():  # unguarded: another Decoder's cache re-records the graph, no recompile
+                torch._dynamo.mark_static_address(tensor, guard=False)
             self._step = torch.compile(step, fullgraph=True, mode="reduce-overhead")
         else:
             self._step = torch.compile(step, fullgraph=True)

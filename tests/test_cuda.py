@@ -34,9 +34,10 @@ def test_cuda_graph_decoder_gives_the_eager_tokens(folder, quantize):
 
     model = load_pretrained(folder, dtype="fp32", device="cuda", quantize=quantize)
     assert isinstance(model.h[0].mlp.dense_h_to_4h, Int8Linear) == (quantize == "int8")
-    decoder = Decoder(model, 3, 48, compile=True)
+    decoders = [Decoder(model, 3, 48, compile=True), Decoder(model, 3, 48, compile=True)]
     counters.clear()
-    for lengths, new in (([9, 4, 6], 20), ([12, 12, 2], 30)):  # the second call replays the recorded graph
+    # the second call replays the recorded graph; the other decoder's cache is at other addresses (a re-record)
+    for decoder, (lengths, new) in zip(decoders * 2, [([9, 4, 6], 20), ([12, 12, 2], 30)] * 2, strict=True):
         ids, mask = (t.cuda() for t in left_padded(lengths))
         eager = generate(model, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=-1)
         graphed = generate(model, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=-1, decoder=decoder)
