@@ -68,7 +68,8 @@ class Decoder:
                 "decode with Decoder(..., compile=False) while probing"
             )
         if self._freeze:
-            versions = [t._version for t in (*self.model.parameters(), *self.model.buffers())]
+            tensors = (*self.model.parameters(), *self.model.buffers())
+            versions = [-1 if t.is_inference() else t._version for t in tensors]  # made in inference_mode: no count
             if _FROZEN_VERSIONS.setdefault(self.model, versions) != versions:
                 torch.compiler.reset()
                 _FROZEN_VERSIONS[self.model] = versions

@@ -159,6 +159,13 @@ def test_compiled_decoder_follows_weight_edits_and_refuses_hooks(tmp_path):
     with record(model, "h.1") as seen, pytest.raises(ValueError, match="forward hooks on h.1: a compiled decode step"):
         generate(model, ids, attention_mask=mask, max_new_tokens=4, decoder=decoder)
     assert not seen
+    with torch.inference_mode():  # weights made here keep no version count; the check must still let them through
+        model = load_pretrained(tmp_path)
+    eager = generate(model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=-1)
+    compiled = generate(
+        model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=-1, decoder=Decoder(model, 2, 30, compile=True)
+    )
+    assert torch.equal(compiled, eager)
 
 
 def test_streamer_sees_every_new_column(models):
