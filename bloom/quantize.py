@@ -34,7 +34,7 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = weight.to(torch.float32, copy=True)  # (out, in), the one temporary copy (divided in place)
     scale = (torch.linalg.vector_norm(w, ord=float("inf"), dim=1) / 127).to(weight.dtype)  # (out,): max |row| / 127
     smallest = torch.finfo(weight.dtype).smallest_normal * torch.finfo(weight.dtype).eps  # the smallest subnormal
-    scale = scale.clamp_(min=smallest)
+    scale.clamp_(min=smallest)
     q = w.div_(scale.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return q, scale
 

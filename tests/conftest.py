@@ -58,8 +58,8 @@ def eos_model_folder(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("eos_bloom")
     build_tiny_tokenizer(folder)
-    eos = load_tokenizer(folder).eos_token_id
-    ids = torch.tensor([load_tokenizer(folder).encode(EOS_PROMPT)])
+    tokenizer = load_tokenizer(folder)
+    eos, ids = tokenizer.eos_token_id, torch.tensor([tokenizer.encode(EOS_PROMPT)])
     hf = random_hf_bloom(vocab_size=704, hidden_size=48, n_head=6, n_layer=2)
     third = int(generate(load_pretrained(save_transformers(hf, folder)), ids, max_new_tokens=3, eos_token_id=-1)[0, -1])
     with torch.no_grad():
