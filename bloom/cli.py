@@ -136,6 +136,26 @@ def build_parser() -> argparse.ArgumentParser:
     bloom.bench.add_bench_arguments(bench)
     bench.set_defaults(run=bloom.bench.run)
 
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score the model on lm-evaluation-harness tasks (needs lm-eval)",
+        description="Run EleutherAI's lm-evaluation-harness on the model (bloom.evaluation.BloomLM) and print "
+        "its results table. Task names are the harness's (lambada_openai, hellaswag, piqa, ...) or those of "
+        "task YAML files in --include-path. Install the harness with: pip install 'bloom[eval]'",
+    )
+    add_model_arguments(evaluate)
+    evaluate.add_argument("--tasks", required=True, help="comma-separated task names, e.g. lambada_openai,piqa")
+    evaluate.add_argument("--num-fewshot", type=int, help="examples in each prompt (default: each task's own)")
+    evaluate.add_argument(
+        "--limit",
+        type=float,
+        help="score only the first N documents of each task, or this fraction of them if below 1 (for testing)",
+    )
+    evaluate.add_argument("--batch-size", type=positive_int, default=1, help="requests per forward (default 1)")
+    evaluate.add_argument("--include-path", type=Path, help="a folder of extra task YAML files")
+    evaluate.add_argument("--output", type=Path, help="also write the harness's results to this JSON file")
+    evaluate.set_defaults(run=run_evaluate)
+
     download = commands.add_parser(
         "download", help="fetch a hub checkpoint into the local cache", description="Fetch config.json, the "
         "safetensors weights and the tokenizer files of a hub repo (nothing else) into the huggingface cache."
@@ -287,6 +307,38 @@ def run_parity(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     except ImportError as error:
         raise ValueError(f"bloom parity needs transformers ({error}): pip install 'bloom[parity]'") from None
     return bloom_reference.run_parity(args, PARITY_TOLERANCES)
+
+
+def run_evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import json
+
+    try:  # the harness is an optional extra: imported here only, never by `import bloom`
+        import lm_eval
+        import lm_eval.tasks
+        import lm_eval.utils
+
+        from bloom.evaluation import BloomLM
+    except ImportError as error:
+        raise ValueError(f"bloom evaluate runs lm-evaluation-harness ({error}): pip install 'bloom[eval]'") from None
+    tasks = [task for task in args.tasks.split(",") if task]
+    if not tasks:
+        parser.error("--tasks names no task")
+    if args.limit is not None and args.limit <= 0:
+        parser.error(f"--limit must be more than 0, got {args.limit:g}")
+    model, tokenizer, _ = load(parser, args)
+    lm = BloomLM(model, tokenizer=tokenizer, device=args.device, batch_size=args.batch_size)
+    task_manager = lm_eval.tasks.TaskManager(include_path=None if args.include_path is None else str(args.include_path))
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit  # below 1: a fraction
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=limit, task_manager=task_manager, log_samples=False
+    )
+    print(lm_eval.utils.make_table(results))
+    if results.get("groups"):
+        print(lm_eval.utils.make_table(results, "groups"))
+    if args.output is not None:
+        text = json.dumps(results, indent=2, default=lm_eval.utils.handle_non_serializable, ensure_ascii=False)
+        args.output.write_text(text + "\n", encoding="utf-8")
+    return 0
 
 
 def run_download(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

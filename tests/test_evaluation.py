@@ -1,0 +1,229 @@
+"""`bloom.evaluation.BloomLM` and `bloom evaluate` against the harness's own transformers adapter (HFLM).
+
+The harness's hub datasets cannot be fetched here, so three tasks are written at test time from local JSON
+files (`dataset_path: json`): a multiple-choice task (loglikelihood), a rolling-perplexity task
+(loglikelihood_rolling) and a generation task (generate_until). Both adapters run them on the same tiny
+checkpoint folder in fp32 with a 32-token context, so that long texts are scored in several windows and long
+prompts are cut. HFLM batches 2 requests, right-padded; BloomLM batches 3, left-padded.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+lm_eval = pytest.importorskip("lm_eval")  # the `eval` extra; the `test` extra installs it
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from bloom import load_pretrained, load_tokenizer  # noqa: E402
+from bloom.evaluation import BloomLM  # noqa: E402
+from bloom.probe import patch, zero_head  # noqa: E402
+
+MAX_LENGTH = 32
+TASKS = ["tiny_mc", "tiny_rolling", "tiny_gen"]
+QUESTIONS = [
+    ("The quick brown fox jumps over the", ["lazy dog.", "quick cat.", "moon"]),
+    ("Le renard brun rapide saute", ["par-dessus le chien.", "dans le café.", "à l'école"]),
+    ("def add(a, b):", ["return a + b", "pass", "print(a)"]),
+    ("Hello, world! How are", ["you today?", "fine, thank", "the dog"]),
+    ("El niño comió una", ["manzana", "bibliothèque", "renard brun"]),
+]
+TEXTS = [
+    "BLOOM is a multilingual language model trained on 46 natural languages and 13 programming languages.",
+    "Où est la bibliothèque ? Je voudrais un café crème, s'il vous plaît. Les élèves étudient à l'école.",
+    "Hello, world!",
+    "def add(a, b):\n    return a + b\n" * 8,
+]
+PROMPTS = [
+    "The quick brown fox",
+    "Les élèves étudient à l'école française depuis des années, et le renard brun rapide saute par-dessus",
+    "我爱自然语言处理。",
+    "Hello, world! How are you today?",
+]
+GEN_TOKENS = 12
+
+
+def hf_greedy_text(hf_model, tokenizer, prompt: str, n: int) -> str:
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n)
+    return tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def task_folder(tiny_model_folder, tmp_path_factory):
+    """The three task YAMLs and their JSON data.
+
+    Some choices and the stop string come from transformers' own greedy continuations, so that some
+    continuations are the greedy ones (is_greedy is True somewhere) and generation stops at a stop string
+    in the middle of what it would otherwise generate. A random model's greedy token is often a piece of a
+    character, so only the questions whose greedy token decodes to text that encodes back to it get one.
+    """
+    from transformers import BloomForCausalLM
+
+    folder = tmp_path_factory.mktemp("tasks")
+    hf = BloomForCausalLM.from_pretrained(tiny_model_folder, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(tiny_model_folder)
+    mc = []
+    for question, choices in QUESTIONS:
+        ids = tokenizer.encode(question)
+        with torch.no_grad():
+            greedy = int(hf(torch.tensor([ids])).logits[0, -1].argmax())
+        text = tokenizer.decode([greedy])
+        if tokenizer.encode(question + text) == ids + [greedy]:  # the text is read back as the greedy token
+            choices = [text, *choices]
+        mc.append({"question": question, "choices": choices, "label": 0})
+    assert any(len(doc["choices"]) > 3 for doc in mc), "no greedy continuation to offer as a choice"
+    text = hf_greedy_text(hf, tokenizer, PROMPTS[0], GEN_TOKENS)
+    k = next(k for k in range(2, len(text)) if text[k] not in text[:k] and text[k].strip())
+    stop = text[k]  # the first prompt's generation stops after k characters
+
+    data = {
+        "mc": mc,
+        "rolling": [{"text": t} for t in TEXTS],
+        "gen": [{"prompt": p, "answer": text[:k] if i == 0 else "?"} for i, p in enumerate(PROMPTS)],
+    }
+    for name, rows in data.items():
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {file}\ntest_split: test\n"
+    (folder / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\n" + common.format(file=folder / "mc.jsonl") + "output_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\ntarget_delimiter: ""\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    (folder / "tiny_rolling.yaml").write_text(
+        "task: tiny_rolling\n" + common.format(file=folder / "rolling.jsonl") + "output_type: loglikelihood_rolling\n"
+        'doc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"
+    )
+    (folder / "tiny_gen.yaml").write_text(
+        "task: tiny_gen\n" + common.format(file=folder / "gen.jsonl") + "output_type: generate_until\n"
+        'doc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
+        f"generation_kwargs:\n  until: [{json.dumps(stop)}]\n  max_gen_toks: {GEN_TOKENS}\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def task_manager(task_folder):
+    return TaskManager(include_path=str(task_folder), include_defaults=False)
+
+
+def evaluate(lm, task_manager, tasks=TASKS, **kwargs):
+    return lm_eval.simple_evaluate(
+        model=lm, tasks=tasks, task_manager=task_manager, bootstrap_iters=0, log_samples=True, **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_folder, task_manager):
+    """The harness's transformers adapter on the tiny checkpoint."""
+    hf = HFLM(pretrained=str(tiny_model_folder), dtype="float32", device="cpu", batch_size=2, max_length=MAX_LENGTH)
+    return evaluate(hf, task_manager)
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_model_folder, task_manager):
+    return evaluate(BloomLM(tiny_model_folder, dtype="fp32", batch_size=3, max_length=MAX_LENGTH), task_manager)
+
+
+def responses(results, task: str) -> list:
+    """Each document's responses, one per request, in document order."""
+    return [sample["resps"] for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
+
+
+def test_multiple_choice_equals_the_harness_adapter(reference, ours):
+    theirs, mine = responses(reference, "tiny_mc"), responses(ours, "tiny_mc")
+    assert len(mine) == len(QUESTIONS) and [len(doc) for doc in mine] == [len(doc) for doc in theirs]
+    for doc_theirs, doc_mine in zip(theirs, mine, strict=True):
+        for [(logprob_theirs, greedy_theirs)], [(logprob_mine, greedy_mine)] in zip(doc_theirs, doc_mine, strict=True):
+            assert logprob_mine == pytest.approx(logprob_theirs, abs=1e-4)
+            assert greedy_mine == greedy_theirs
+    assert any(greedy for doc in theirs for [(_, greedy)] in doc)  # the greedy choices are recognised
+    for metric in ("acc,none", "acc_norm,none"):
+        assert ours["results"]["tiny_mc"][metric] == reference["results"]["tiny_mc"][metric]
+
+
+def test_rolling_perplexity_equals_the_harness_adapter(reference, ours, tiny_model_folder):
+    tokenizer = load_tokenizer(tiny_model_folder)
+    assert max(len(tokenizer.encode(text)) for text in TEXTS) > 2 * MAX_LENGTH  # several windows
+    theirs, mine = responses(reference, "tiny_rolling"), responses(ours, "tiny_rolling")
+    assert len(mine) == len(TEXTS)
+    for [logprob_theirs], [logprob_mine] in zip(theirs, mine, strict=True):
+        assert logprob_mine == pytest.approx(logprob_theirs, abs=1e-4)
+    for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+        assert ours["results"]["tiny_rolling"][metric] == pytest.approx(
+            reference["results"]["tiny_rolling"][metric], rel=1e-5
+        )
+
+
+def test_greedy_generations_equal_the_harness_adapter(reference, ours):
+    theirs, mine = responses(reference, "tiny_gen"), responses(ours, "tiny_gen")
+    assert mine == theirs
+    assert theirs[0][0] and reference["results"]["tiny_gen"]["exact_match,none"] > 0  # stopped at the stop string
+    assert ours["results"]["tiny_gen"]["exact_match,none"] == reference["results"]["tiny_gen"]["exact_match,none"]
+
+
+def test_a_hooked_model_in_memory_scores_differently(tiny_model_folder, task_manager, reference):
+    model, tokenizer = load_pretrained(tiny_model_folder, dtype="fp32"), load_tokenizer(tiny_model_folder)
+    lm = BloomLM(model, tokenizer=tokenizer, batch_size=4, max_length=MAX_LENGTH)
+    with patch(model, {"h.0.self_attention.context": zero_head(0)}):
+        ablated = evaluate(lm, task_manager, tasks=["tiny_mc"])
+    plain = evaluate(lm, task_manager, tasks=["tiny_mc"])  # the hooks are gone: the harness adapter's numbers
+    ablated_logprobs = [r[0][0] for doc in responses(ablated, "tiny_mc") for r in doc]
+    plain_logprobs = [r[0][0] for doc in responses(plain, "tiny_mc") for r in doc]
+    reference_logprobs = [r[0][0] for doc in responses(reference, "tiny_mc") for r in doc]
+    assert plain_logprobs == pytest.approx(reference_logprobs, abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(ablated_logprobs, plain_logprobs, strict=True)) > 0.1
+
+
+def test_bad_arguments(tiny_model_folder):
+    model = load_pretrained(tiny_model_folder)
+    with pytest.raises(ValueError, match="tokenizer"):
+        BloomLM(model)
+    with pytest.raises(ValueError, match="dtype"):
+        BloomLM(model, tokenizer=tiny_model_folder, dtype="bf16")
+    with pytest.raises(ValueError, match="batch_size"):
+        BloomLM(model, tokenizer=tiny_model_folder, batch_size=0)
+
+
+def test_import_bloom_does_not_import_the_harness():
+    code = "import sys, bloom, bloom.cli; sys.exit('lm_eval' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_evaluate_command(tiny_model_folder, task_folder, reference, tmp_path, capsys, monkeypatch):
+    """`bloom evaluate` in-process on two local tasks, --limit 3: the table, the JSON file, the harness's
+    accuracy over the same three documents."""
+    import lm_eval.tasks
+
+    from bloom.cli import main
+
+    # Indexing the harness's thousands of built-in tasks takes ~15 s; the tasks here are all in --include-path.
+    def local_tasks_only(include_path):
+        return TaskManager(include_path=include_path, include_defaults=False)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", local_tasks_only)
+    output = tmp_path / "results.json"
+    argv = ["evaluate", "--model", str(tiny_model_folder), "--tasks", "tiny_mc,tiny_gen", "--limit", "3",
+            "--batch-size", "2", "--include-path", str(task_folder), "--output", str(output),
+            "--dtype", "fp32"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "tiny_mc" in printed and "acc" in printed and "tiny_gen" in printed and "exact_match" in printed
+    results = json.loads(output.read_text())["results"]
+    first_three = sorted(reference["samples"]["tiny_mc"], key=lambda s: s["doc_id"])[:3]
+    assert results["tiny_mc"]["acc,none"] == pytest.approx(sum(s["acc"] for s in first_three) / 3)
+
+
+def test_evaluate_command_without_the_harness(tiny_model_folder, capsys, monkeypatch):
+    from bloom.cli import main
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
+    monkeypatch.delitem(sys.modules, "bloom.evaluation")
+    assert main(["evaluate", "--model", str(tiny_model_folder), "--tasks", "tiny_mc"]) == 1
+    assert "pip install 'bloom[eval]'" in capsys.readouterr().err
