@@ -325,9 +325,13 @@ def run_evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         parser.error("--tasks names no task")
     if args.limit is not None and args.limit <= 0:
         parser.error(f"--limit must be more than 0, got {args.limit:g}")
+    task_manager = lm_eval.tasks.TaskManager(include_path=None if args.include_path is None else str(args.include_path))
+    unknown = [task for task in tasks if task not in task_manager.all_tasks and not Path(task).is_file()]
+    if unknown:  # before spending time on loading
+        where = "" if args.include_path is None else f" nor in --include-path {args.include_path}"
+        raise ValueError(f"--tasks: {', '.join(unknown)}: not a task of the harness{where} (lm-eval ls tasks)")
     model, tokenizer, _ = load(parser, args)
     lm = BloomLM(model, tokenizer=tokenizer, device=args.device, batch_size=args.batch_size)
-    task_manager = lm_eval.tasks.TaskManager(include_path=None if args.include_path is None else str(args.include_path))
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit  # below 1: a fraction
     results = lm_eval.simple_evaluate(
         model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=limit, task_manager=task_manager, log_samples=False

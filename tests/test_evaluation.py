@@ -196,18 +196,11 @@ def test_import_bloom_does_not_import_the_harness():
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
-def test_evaluate_command(tiny_model_folder, task_folder, reference, tmp_path, capsys, monkeypatch):
+def test_evaluate_command(tiny_model_folder, task_folder, reference, local_tasks_only, tmp_path, capsys):
     """`bloom evaluate` in-process on two local tasks, --limit 3: the table, the JSON file, the harness's
     accuracy over the same three documents."""
-    import lm_eval.tasks
-
     from bloom.cli import main
 
-    # Indexing the harness's thousands of built-in tasks takes ~15 s; the tasks here are all in --include-path.
-    def local_tasks_only(include_path):
-        return TaskManager(include_path=include_path, include_defaults=False)
-
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager", local_tasks_only)
     output = tmp_path / "results.json"
     argv = ["evaluate", "--model", str(tiny_model_folder), "--tasks", "tiny_mc,tiny_gen", "--limit", "3",
             "--batch-size", "2", "--include-path", str(task_folder), "--output", str(output),
@@ -218,6 +211,44 @@ def test_evaluate_command(tiny_model_folder, task_folder, reference, tmp_path, c
     results = json.loads(output.read_text())["results"]
     first_three = sorted(reference["samples"]["tiny_mc"], key=lambda s: s["doc_id"])[:3]
     assert results["tiny_mc"]["acc,none"] == pytest.approx(sum(s["acc"] for s in first_three) / 3)
+
+
+@pytest.fixture
+def local_tasks_only(monkeypatch):
+    """Indexing the harness's thousands of built-in tasks takes ~15 s; the tasks here are all in --include-path."""
+    import lm_eval.tasks
+
+    def task_manager(include_path):
+        return TaskManager(include_path=include_path, include_defaults=False)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", task_manager)
+
+
+def test_evaluate_command_help_and_bad_tasks(task_folder, local_tasks_only, capsys, tmp_path):
+    from bloom.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--help"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    for flag in ("--tasks", "--num-fewshot", "--limit", "--batch-size", "--include-path", "--output", "--quantize"):
+        assert flag in printed
+    # The task names are checked before the model is loaded: this folder does not exist.
+    argv = ["evaluate", "--model", str(tmp_path / "nowhere"), "--tasks", "tiny_mc,tiny_nope"]
+    assert main([*argv, "--include-path", str(task_folder)]) == 1
+    assert capsys.readouterr().err == (
+        f"bloom: error: --tasks: tiny_nope: not a task of the harness nor in --include-path {task_folder} "
+        "(lm-eval ls tasks)\n"
+    )
+
+
+def test_evaluate_command_with_int8_weights(tiny_model_folder, task_folder, local_tasks_only, capsys):
+    from bloom.cli import main
+
+    argv = ["evaluate", "--model", str(tiny_model_folder), "--tasks", "tiny_mc", "--limit", "2",
+            "--include-path", str(task_folder), "--quantize", "int8"]  # fmt: skip
+    assert main(argv) == 0
+    assert "tiny_mc" in capsys.readouterr().out
 
 
 def test_evaluate_command_without_the_harness(tiny_model_folder, capsys, monkeypatch):
