@@ -73,7 +73,7 @@ def task_folder(tiny_model_folder, tmp_path_factory):
             greedy = int(hf(torch.tensor([ids])).logits[0, -1].argmax())
         text = tokenizer.decode([greedy])
         if tokenizer.encode(question + text) == ids + [greedy]:  # the text is read back as the greedy token
-            choices = [text, *choices]
+            choices = [text, text + " the", *choices]  # greedy, then (most likely) not greedy
         mc.append({"question": question, "choices": choices, "label": 0})
     assert any(len(doc["choices"]) > 3 for doc in mc), "no greedy continuation to offer as a choice"
     text = hf_greedy_text(hf, tokenizer, PROMPTS[0], GEN_TOKENS)
