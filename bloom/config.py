@@ -105,8 +105,8 @@ class BloomConfig:
         ids = {}
         for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = hf_config.get(field, getattr(cls, field))
-            ids[field] = tuple(value) if isinstance(value, list) else value  # transformers allows a list of EOS ids
-            _check_token_id(field, ids[field], sizes["vocab_size"][1])
+            _check_token_id(field, value, sizes["vocab_size"][1])
+            ids[field] = tuple(value) if isinstance(value, list) else value
         return cls(**{field: value for field, (_, value) in sizes.items()}, **ids)
 
 
@@ -123,11 +123,17 @@ def _check_size(key: str, value: Any, *, integer: bool) -> None:
 
 
 def _check_token_id(key: str, value: Any, vocab_size: int) -> None:
-    """A special token id is absent (None), an id in [0, vocab_size), or (EOS) a non-empty tuple of such ids."""
-    values = value if key.endswith("eos_token_id") and isinstance(value, tuple) and value else (value,)
-    for one in values:
-        if one is not None and (type(one) is not int or not 0 <= one < vocab_size):
-            raise ValueError(f"{key} should be a token id in [0, vocab_size {vocab_size}) or null, got {value!r:.60}")
+    """A special token id is absent (None), an id in [0, vocab_size), or (EOS, as transformers allows) a non-empty
+    list or tuple of such ids."""
+
+    def is_id(one: Any) -> bool:
+        return type(one) is int and 0 <= one < vocab_size
+
+    if value is None or is_id(value):
+        return
+    if key.endswith("eos_token_id") and isinstance(value, list | tuple) and value and all(map(is_id, value)):
+        return
+    raise ValueError(f"{key} should be a token id in [0, vocab_size {vocab_size}) or null, got {value!r:.60}")
 
 
 def read_json(path: Path) -> Any:

@@ -336,8 +336,14 @@ def _check_config_fits(config_path: Path, config: BloomConfig, readers: list) ->
                 )
             if match := _BLOCK_KEY.match(name):
                 blocks.add(int(match[1]))
-    if len(blocks) != config.n_layer:
-        raise ValueError(f"{config_path}: n_layer is {config.n_layer}, but the weights hold {len(blocks)} blocks")
+    numbered_in_order = blocks == set(range(len(blocks)))
+    # Blocks h.0 .. h.k-1 make the config wrong; oddly numbered ones are the weights' fault, for the key check to
+    # name, unless the config asks for more blocks than are stored.
+    if len(blocks) != config.n_layer and (numbered_in_order or config.n_layer > len(blocks)):
+        numbers = "" if numbered_in_order else f" ({', '.join(f'h.{i}' for i in sorted(blocks)[:8])}...)"
+        raise ValueError(
+            f"{config_path}: n_layer is {config.n_layer}, but the weights hold {len(blocks)} blocks{numbers}"
+        )
 
 
 def _check_keys(readers: list, expected: dict[str, tuple[int, ...]]) -> dict[str, tuple]:

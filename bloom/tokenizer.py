@@ -163,5 +163,5 @@ def _token_content(value: Any, file: Path, key: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
     raise ValueError(
-        f"{file}: {key} should be a token string, an object with a \"content\" string, or null; got {value!r:.60}"
+        f'{file}: {key} should be a token string, an object with a "content" string, or null; got {value!r:.60}'
     )

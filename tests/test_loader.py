@@ -215,9 +215,9 @@ def edit_index(folder: Path, edit) -> Path:
 @pytest.mark.parametrize(
     "name",
     [
-        "../elsewhere.safetensors", "..", ".", "", "/tmp/elsewhere.safetensors", "sub/../model_00002-of-00003.safetensors",
-        "./model_00002-of-00003.safetensors", "..\\elsewhere.safetensors", "C:\\elsewhere.safetensors",
-        "C:elsewhere.safetensors", "model_00002-of-00003.safetensors\0.txt",
+        "../elsewhere.safetensors", "..", ".", "", "/tmp/elsewhere.safetensors",
+        "sub/../model_00002-of-00003.safetensors", "./model_00002-of-00003.safetensors", "..\\elsewhere.safetensors",
+        "C:\\elsewhere.safetensors", "C:elsewhere.safetensors", "model_00002-of-00003.safetensors\0.txt",
     ],
 )  # fmt: skip
 def test_shard_names_that_leave_the_folder_are_refused_by_name(sharded, name):
@@ -230,7 +230,9 @@ def test_shard_names_that_leave_the_folder_are_refused_by_name(sharded, name):
                 weight_map[key] = name
 
     edit_index(sharded, point_elsewhere)
-    with pytest.raises(ValueError, match=rf"model.safetensors.index.json: shard {re.escape(repr(name))} is not a plain"):
+    with pytest.raises(
+        ValueError, match=rf"model.safetensors.index.json: shard {re.escape(repr(name))} is not a plain"
+    ):
         load_pretrained(sharded)
 
 

@@ -196,9 +196,7 @@ def test_load_errors(folder_copy: Path, tmp_path: Path) -> None:
         load_tokenizer(folder_copy / "tokenizer.json", revision="main")
 
 
-@pytest.mark.parametrize(
-    "value", [["</s>"], 2, True, {"special": True}, {"content": 2}, {"content": ["</s>"]}]
-)
+@pytest.mark.parametrize("value", [["</s>"], 2, True, {"special": True}, {"content": 2}, {"content": ["</s>"]}])
 @pytest.mark.parametrize("name", ["tokenizer_config.json", "special_tokens_map.json"])
 def test_special_token_entries_of_the_wrong_shape_are_refused_naming_file_and_key(
     folder_copy: Path, name: str, value
