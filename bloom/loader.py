@@ -2,16 +2,19 @@
 
 What the published files look like:
 - `config.json`, and the weights as one `model.safetensors`, or shards listed by `model.safetensors.index.json`
-  (file names are read from its weight_map; the 176B model spells them `model_000NN-of-00072.safetensors`).
+  (file names are read from its weight_map; the 176B model spells them `model_000NN-of-00072.safetensors`). A shard
+  name must be a plain file name of the folder; where the file links to is not judged, since a huggingface cache
+  links every file of a snapshot to a blob outside it.
 - Keys are the module names of `Bloom` (`h.0.mlp.dense_h_to_4h.weight`), with no prefix in the bigscience repos
   and with `transformer.` in checkpoints saved from transformers' BloomForCausalLM.
 - No lm_head: it is the word embedding. A stored `lm_head.weight` is skipped.
 
-Every header is read and checked against the model before any tensor is: a bad checkpoint raises before
-anything is loaded. The model is built on the meta device and each tensor is read once, cast and moved,
-then assigned, so loading holds a single copy of the weights: kept in the stored dtype on the CPU, the
-weights are the memory-mapped file itself (copy-on-write); cast, moved to a GPU or quantized to int8,
-they are converted a chunk of rows at a time.
+Every header is read and checked before any tensor is, first against config.json's sizes (before a model of
+that size is built), then key by key against the model: a bad checkpoint raises before anything is loaded.
+The model is built on the meta device and each tensor is read once, cast and moved, then assigned, so loading
+holds a single copy of the weights: kept in the stored dtype on the CPU, the weights are the memory-mapped
+file itself (copy-on-write); cast, moved to a GPU or quantized to int8, they are converted a chunk of rows at
+a time.
 """
 
 import ctypes
@@ -340,7 +343,8 @@ def _check_config_fits(config_path: Path, config: BloomConfig, readers: list) ->
     # Blocks h.0 .. h.k-1 make the config wrong; oddly numbered ones are the weights' fault, for the key check to
     # name, unless the config asks for more blocks than are stored.
     if len(blocks) != config.n_layer and (numbered_in_order or config.n_layer > len(blocks)):
-        numbers = "" if numbered_in_order else f" ({', '.join(f'h.{i}' for i in sorted(blocks)[:8])}...)"
+        listed = ", ".join(f"h.{i}" for i in sorted(blocks)[:8]) + (", ..." if len(blocks) > 8 else "")
+        numbers = "" if numbered_in_order else f" ({listed})"
         raise ValueError(
             f"{config_path}: n_layer is {config.n_layer}, but the weights hold {len(blocks)} blocks{numbers}"
         )
