@@ -21,7 +21,6 @@ from huggingface_hub.file_download import (
     _get_pointer_path,
     repo_folder_name,
 )
-from huggingface_hub.utils._shared_blobs import publish_blob_to_shared_store
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 LFS_SUFFIXES = (".safetensors", ".bin")
@@ -53,6 +52,8 @@ def put_in_hub_cache(
             blob.parent.mkdir(parents=True, exist_ok=True)
             blob.write_bytes(file.read_bytes())
             if shared_store and is_lfs(file):
+                from huggingface_hub.utils._shared_blobs import publish_blob_to_shared_store  # recent versions only
+
                 xet_hash = hashlib.sha256(b"xet" + blob.read_bytes()).hexdigest()  # stands in for the Xet hash
                 shared = publish_blob_to_shared_store(
                     blob_path=str(blob), xet_hash=xet_hash, cache_dir=cache_dir, expected_size=blob.stat().st_size
