@@ -1,6 +1,7 @@
 """BLOOM's architecture hyper-parameters, named as in the published config.json files."""
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,14 +15,14 @@ class BloomConfig:
     vocab_size: int = 250880  # rows of the embedding: the tokenizer's 250680 ids padded to a multiple of 512
     layer_norm_epsilon: float = 1e-5  # for every LayerNorm
     bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
+    eos_token_id: int | tuple[int, ...] | None = 2  # or several (a list in config.json)
     pad_token_id: int | None = 3
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "n_layer", "n_head", "vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"BloomConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("hidden_size", "n_layer", "n_head", "vocab_size", "layer_norm_epsilon"):
+            _check_size(f"BloomConfig.{name}", getattr(self, name), integer=name != "layer_norm_epsilon")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            _check_token_id(f"BloomConfig.{name}", getattr(self, name), self.vocab_size)
         if self.hidden_size % self.n_head:
             raise ValueError(
                 f"BloomConfig: hidden_size {self.hidden_size} does not divide by n_head {self.n_head}; "
@@ -44,10 +45,7 @@ class BloomConfig:
     def from_json(cls, path: str | Path) -> "BloomConfig":
         """Read a published config.json."""
         path = Path(path)
-        try:
-            hf_config = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from None
+        hf_config = read_json(path)
         if not isinstance(hf_config, dict):
             raise ValueError(f"{path}: expected a JSON object of settings, found a {type(hf_config).__name__}")
         try:
@@ -65,39 +63,87 @@ class BloomConfig:
         are rejected, so that a config is never silently misread.
         """
         if hf_config.get("model_type", "bloom") != "bloom":
-            raise ValueError(f"model_type is {hf_config['model_type']!r}, expected 'bloom'")
-        if hf_config.get("apply_residual_connection_post_layernorm", False):
+            raise ValueError(f"model_type is {hf_config['model_type']!r:.60}, expected 'bloom'")
+        flags = {name: hf_config.get(name, default) for name, default in _FLAGS.items()}
+        for name, value in flags.items():
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} should be true or false, got {value!r:.60}")
+        if flags["apply_residual_connection_post_layernorm"]:
             raise ValueError(
                 "apply_residual_connection_post_layernorm=true is not supported: no published BLOOM checkpoint sets it"
             )
-        if hf_config.get("slow_but_exact", False) and hf_config.get("pretraining_tp", 1) > 1:
+        pretraining_tp = hf_config.get("pretraining_tp", 1)
+        _check_size("pretraining_tp", pretraining_tp, integer=True)
+        if flags["slow_but_exact"] and pretraining_tp > 1:
             raise ValueError(
                 "slow_but_exact=true with pretraining_tp > 1 is not supported: it emulates tensor-parallel matmul "
                 "slices (and drops two biases in transformers); no published BLOOM checkpoint sets it"
             )
-        if not hf_config.get("tie_word_embeddings", True):
+        if not flags["tie_word_embeddings"]:
             raise ValueError("tie_word_embeddings=false is not supported: BLOOM's LM head is the word embedding")
         if "quantization_config" in hf_config:
             raise ValueError("quantized checkpoints (quantization_config) are not supported")
 
-        def pick(*names: str, default: Any = None) -> Any:
+        def pick(*names: str, default: Any = None) -> tuple[str, Any]:
+            """(the key the file uses, its value)"""
             for name in names:
                 if name in hf_config:
-                    return hf_config[name]
+                    return name, hf_config[name]
             if default is None:
                 raise ValueError(f"config has no {' / '.join(names)}")
-            return default
+            return names[0], default
 
-        return cls(
-            hidden_size=pick("hidden_size", "n_embed"),
-            n_layer=pick("n_layer", "num_hidden_layers"),
-            n_head=pick("n_head", "num_attention_heads"),
-            vocab_size=pick("vocab_size", default=cls.vocab_size),
-            layer_norm_epsilon=pick("layer_norm_epsilon", default=cls.layer_norm_epsilon),
-            bos_token_id=hf_config.get("bos_token_id", cls.bos_token_id),
-            eos_token_id=hf_config.get("eos_token_id", cls.eos_token_id),
-            pad_token_id=hf_config.get("pad_token_id", cls.pad_token_id),
-        )
+        sizes = {
+            "hidden_size": pick("hidden_size", "n_embed"),
+            "n_layer": pick("n_layer", "num_hidden_layers"),
+            "n_head": pick("n_head", "num_attention_heads"),
+            "vocab_size": pick("vocab_size", default=cls.vocab_size),
+            "layer_norm_epsilon": pick("layer_norm_epsilon", default=cls.layer_norm_epsilon),
+        }
+        for field, (key, value) in sizes.items():
+            _check_size(key, value, integer=field != "layer_norm_epsilon")
+        ids = {}
+        for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = hf_config.get(field, getattr(cls, field))
+            _check_token_id(field, value, sizes["vocab_size"][1])
+            ids[field] = tuple(value) if isinstance(value, list) else value
+        return cls(**{field: value for field, (_, value) in sizes.items()}, **ids)
+
+
+# Boolean flags of config.json that are checked, with the value transformers assumes when one is absent.
+_FLAGS = {"apply_residual_connection_post_layernorm": False, "slow_but_exact": False, "tie_word_embeddings": True}
+
+
+def _check_size(key: str, value: Any, *, integer: bool) -> None:
+    """A size must be a positive integer (not a bool, not 2.0); a rate a positive finite number."""
+    if integer and (type(value) is not int or value < 1):
+        raise ValueError(f"{key} should be a positive integer, got {value!r:.60}")
+    if not integer and (type(value) not in (int, float) or not 0 < value < math.inf):
+        raise ValueError(f"{key} should be a positive finite number, got {value!r:.60}")
+
+
+def _check_token_id(key: str, value: Any, vocab_size: int) -> None:
+    """A special token id is absent (None), an id in [0, vocab_size), or (EOS, as transformers allows) a non-empty
+    list or tuple of such ids."""
+
+    def is_id(one: Any) -> bool:
+        return type(one) is int and 0 <= one < vocab_size
+
+    if value is None or is_id(value):
+        return
+    if key.endswith("eos_token_id") and isinstance(value, list | tuple) and value and all(map(is_id, value)):
+        return
+    raise ValueError(f"{key} should be a token id in [0, vocab_size {vocab_size}) or null, got {value!r:.60}")
+
+
+def read_json(path: Path) -> Any:
+    """The parsed contents of a JSON file, or a ValueError naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
 def _preset(hidden_size: int, n_layer: int, n_head: int) -> BloomConfig:

@@ -2,22 +2,25 @@
 
 What the published files look like:
 - `config.json`, and the weights as one `model.safetensors`, or shards listed by `model.safetensors.index.json`
-  (file names are read from its weight_map; the 176B model spells them `model_000NN-of-00072.safetensors`).
+  (file names are read from its weight_map; the 176B model spells them `model_000NN-of-00072.safetensors`). A shard
+  name must be a plain file name of the folder; where the file links to is not judged, since a huggingface cache
+  links every file of a snapshot to a blob outside it.
 - Keys are the module names of `Bloom` (`h.0.mlp.dense_h_to_4h.weight`), with no prefix in the bigscience repos
   and with `transformer.` in checkpoints saved from transformers' BloomForCausalLM.
 - No lm_head: it is the word embedding. A stored `lm_head.weight` is skipped.
 
-Every header is read and checked against the model before any tensor is: a bad checkpoint raises before
-anything is loaded. The model is built on the meta device and each tensor is read once, cast and moved,
-then assigned, so loading holds a single copy of the weights: kept in the stored dtype on the CPU, the
-weights are the memory-mapped file itself (copy-on-write); cast, moved to a GPU or quantized to int8,
-they are converted a chunk of rows at a time.
+Every header is read and checked before any tensor is, first against config.json's sizes (before a model of
+that size is built), then key by key against the model: a bad checkpoint raises before anything is loaded.
+The model is built on the meta device and each tensor is read once, cast and moved, then assigned, so loading
+holds a single copy of the weights: kept in the stored dtype on the CPU, the weights are the memory-mapped
+file itself (copy-on-write); cast, moved to a GPU or quantized to int8, they are converted a chunk of rows at
+a time.
 """
 
 import ctypes
-import json
 import math
 import pickle
+import re
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -27,7 +30,7 @@ import torch.distributed as dist
 from huggingface_hub.utils import tqdm
 from safetensors import SafetensorError, safe_open
 
-from bloom.config import BloomConfig
+from bloom.config import BloomConfig, read_json
 from bloom.hub import resolve_folder
 from bloom.model import Bloom
 from bloom.parallel import split_heads
@@ -42,6 +45,7 @@ DTYPES = {
 }  # fmt: skip
 READ_CHUNK_BYTES = 64 * 2**20  # converted or moved a chunk at a time
 _LIBC = ctypes.CDLL(None)  # this process's C library
+_BLOCK_KEY = re.compile(r"h\.([0-9]+)\.")  # a block's tensor: h.3.mlp.dense_4h_to_h.weight
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
@@ -98,21 +102,21 @@ def load_pretrained(
         raise FileNotFoundError(f"{folder}: no config.json")
     config = BloomConfig.from_json(config_path)
     files = weight_files(folder, allow_pickle)
-
-    with torch.device("meta"):
-        model = Bloom(config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # as stored
-    parts = {}  # model key -> (dim, rank, world size) of the slice this process reads
-    if tensor_parallel:
-        if not dist.is_initialized():
-            raise ValueError("tensor_parallel=True needs torch.distributed initialised first (run under torchrun)")
-        with torch.device("meta"):
-            parts = split_heads(model, dist.get_rank(), dist.get_world_size())
-    if quantize == "int8":
-        quantize_int8(model)  # on meta: the int8 layers, empty
-    int8_weights = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Int8Linear)}
     with ExitStack() as stack:
         readers = [stack.enter_context(_open(path)) for path in files]
+        _check_config_fits(config_path, config, readers)  # before a model of the config's size is built
+        with torch.device("meta"):
+            model = Bloom(config)
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # as stored
+        parts = {}  # model key -> (dim, rank, world size) of the slice this process reads
+        if tensor_parallel:
+            if not dist.is_initialized():
+                raise ValueError("tensor_parallel=True needs torch.distributed initialised first (run under torchrun)")
+            with torch.device("meta"):
+                parts = split_heads(model, dist.get_rank(), dist.get_world_size())
+        if quantize == "int8":
+            quantize_int8(model)  # on meta: the int8 layers, empty
+        int8_weights = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Int8Linear)}
         sources = _check_keys(readers, expected)  # model key -> (reader, stored key)
         embedding_reader, embedding_key = sources["word_embeddings.weight"]
         target_dtype = target_dtype or embedding_reader.dtype(embedding_key)
@@ -174,19 +178,29 @@ def is_complete(folder: Path, allow_pickle: bool = False) -> bool:
 
 
 def _shards_from_index(folder: Path, index_path: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{index_path}: not a checkpoint index with a weight_map ({error!r})") from None
+    """The shard files an index names, in order. A shard name must be a plain file name: what it resolves to
+    is not judged, because a huggingface cache links every file of a snapshot to a blob outside its folder."""
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index_path}: its weight_map should map tensor names to shard files, got {weight_map!r:.80}")
+    for key, name in weight_map.items():
+        if not isinstance(name, str):
+            raise ValueError(f"{index_path}: weight_map[{key!r}] should be a shard file name, got {name!r:.80}")
     shards = []
     for name in dict.fromkeys(weight_map.values()):  # unique, in order
-        path = (folder / name).resolve()
-        if not path.is_relative_to(folder.resolve()):
-            raise ValueError(f"{index_path}: shard {name!r} points outside the checkpoint folder {folder}")
-        if not path.is_file():
-            raise FileNotFoundError(f"{index_path}: shard {name!r} is missing from {folder}")
+        if name in ("", ".", "..") or any(character in name for character in "/\\:\0"):
+            raise ValueError(
+                f"{index_path}: shard {name!r:.80} is not a plain file name; shards must be files of the checkpoint "
+                "folder, named without folders, '..', drive letters or separators"
+            )
+        path = folder / name
+        try:
+            found = path.is_file()
+        except OSError:  # e.g. a name too long for the file system
+            found = False
+        if not found:
+            raise FileNotFoundError(f"{index_path}: shard {name!r:.80} is missing from {folder}")
         shards.append(path)
     return shards
 
@@ -194,9 +208,7 @@ def _shards_from_index(folder: Path, index_path: Path) -> list[Path]:
 class _SafetensorsReader:
     def __init__(self, path: Path, handle) -> None:
         self.path, self._handle = path, handle
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {key: tuple(self._handle.get_slice(key).get_shape()) for key in self._handle.keys()}
+        self.shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # from the header
 
     def dtype(self, key: str) -> torch.dtype:
         code = self._handle.get_slice(key).get_dtype()
@@ -264,10 +276,10 @@ class _SafetensorsReader:
 
 class _PickleReader:
     def __init__(self, path: Path, state: dict[str, torch.Tensor]) -> None:
+        if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+            raise ValueError(f"{path}: expected a dict mapping tensor names to tensors")
         self.path, self._state = path, state
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {key: tuple(t.shape) for key, t in self._state.items()}
+        self.shapes = {key: tuple(t.shape) for key, t in state.items()}
 
     def dtype(self, key: str) -> torch.dtype:
         dtype = self._state[key].dtype
@@ -306,10 +318,36 @@ class _open:
             handle = self._stack.enter_context(safe_open(self.path, framework="pt"))
             return _SafetensorsReader(self.path, handle)
         except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as error:
+            self._stack.close()
             raise ValueError(f"{self.path}: cannot read weights ({error})") from None
 
     def __exit__(self, *exc_info) -> None:
         self._stack.close()
+
+
+def _check_config_fits(config_path: Path, config: BloomConfig, readers: list) -> None:
+    """Refuse a config.json whose sizes the stored shapes contradict, naming the key, before anything is built
+    (a wrong n_layer would otherwise build a million blocks before the keys are compared)."""
+    blocks = set()
+    for reader in readers:
+        for key, shape in reader.shapes.items():
+            name = key.removeprefix(PREFIX)
+            if name == "word_embeddings.weight" and shape != (config.vocab_size, config.hidden_size):
+                raise ValueError(
+                    f"{config_path}: vocab_size {config.vocab_size} and hidden_size {config.hidden_size} do not fit "
+                    f"{key} in {reader.path.name}, of shape {shape}"
+                )
+            if match := _BLOCK_KEY.match(name):
+                blocks.add(int(match[1]))
+    numbered_in_order = blocks == set(range(len(blocks)))
+    # Blocks h.0 .. h.k-1 make the config wrong; oddly numbered ones are the weights' fault, for the key check to
+    # name, unless the config asks for more blocks than are stored.
+    if len(blocks) != config.n_layer and (numbered_in_order or config.n_layer > len(blocks)):
+        listed = ", ".join(f"h.{i}" for i in sorted(blocks)[:8]) + (", ..." if len(blocks) > 8 else "")
+        numbers = "" if numbered_in_order else f" ({listed})"
+        raise ValueError(
+            f"{config_path}: n_layer is {config.n_layer}, but the weights hold {len(blocks)} blocks{numbers}"
+        )
 
 
 def _check_keys(readers: list, expected: dict[str, tuple[int, ...]]) -> dict[str, tuple]:
@@ -318,7 +356,7 @@ def _check_keys(readers: list, expected: dict[str, tuple[int, ...]]) -> dict[str
     unexpected, misshapen, duplicated = [], [], []
     misshapen_names = set()
     for reader in readers:
-        for key, shape in reader.shapes().items():
+        for key, shape in reader.shapes.items():
             name = key.removeprefix(PREFIX)
             if name == LM_HEAD:
                 if shape != expected["word_embeddings.weight"]:

@@ -8,13 +8,14 @@ EOS id. Batches are always padded on the left, as BLOOM's checkpoints ask
 (`padding_side: "left"`), so that every prompt ends at the last position.
 """
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
 
+from bloom.config import read_json
 from bloom.hub import resolve_folder
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -41,6 +42,19 @@ class BloomTokenizer:
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.unk_token_id = unk_token_id
+
+    def check_fits(self, embedding_rows: int) -> None:
+        """Refuse a model whose embedding has fewer rows than this tokenizer has ids (`model.config.vocab_size`).
+
+        BLOOM's embedding has more rows than its tokenizer has ids (250880 vs 250680); fewer would make some
+        token ids index past the embedding.
+        """
+        ids = max(self.tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        if ids > embedding_rows:
+            raise ValueError(
+                f"the tokenizer has ids up to {ids - 1}, but the model's embedding has only {embedding_rows} rows "
+                "(vocab_size in its config.json): the tokenizer does not belong to this model"
+            )
 
     @property
     def vocab_size(self) -> int:
@@ -123,14 +137,12 @@ def special_token_ids(tokenizer: Tokenizer, folder: Path) -> dict[str, int | Non
         file = folder / name
         if not file.is_file():
             continue
-        try:
-            config = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{file}: not valid JSON ({err})") from err
+        config = read_json(file)
+        if not isinstance(config, dict):
+            raise ValueError(f"{file}: expected a JSON object of settings, found a {type(config).__name__}")
         for key in BLOOM_SPECIAL_TOKENS:
             if key in config:
-                value = config[key]  # a plain string, or an AddedToken dict {"content": ..., ...}
-                named[key] = (value["content"] if isinstance(value, dict) else value, file)
+                named[key] = (_token_content(config[key], file, key), file)
 
     ids: dict[str, int | None] = {}
     for key, bloom_token in BLOOM_SPECIAL_TOKENS.items():
@@ -142,3 +154,14 @@ def special_token_ids(tokenizer: Tokenizer, folder: Path) -> dict[str, int | Non
         if token is not None and ids[key] is None:
             raise ValueError(f"{file}: {key} {token!r} is not in the tokenizer's vocabulary")
     return ids
+
+
+def _token_content(value: Any, file: Path, key: str) -> str | None:
+    """The token a config file names: a plain string, an AddedToken dict {"content": ..., ...}, or null."""
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    if value is None or isinstance(value, str):
+        return value
+    raise ValueError(
+        f'{file}: {key} should be a token string, an object with a "content" string, or null; got {value!r:.60}'
+    )

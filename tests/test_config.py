@@ -1,5 +1,7 @@
 """Presets, published config.json files and the flags that must be refused."""
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -80,5 +82,48 @@ def test_bad_shapes_are_refused(tmp_path):
     with pytest.raises(ValueError, match="config has no n_layer / num_hidden_layers"):
         BloomConfig.from_hf_config({"hidden_size": 64, "n_head": 4})
     (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        BloomConfig.from_json(tmp_path / "config.json")
+
+
+GOOD = {"hidden_size": 64, "n_head": 4, "n_layer": 2, "vocab_size": 100}
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("n_layer", True), ("n_layer", "2"), ("n_layer", 2.0), ("n_layer", -1), ("n_layer", None),
+        ("n_embed", 0), ("hidden_size", [64]), ("num_attention_heads", False), ("n_head", 1e400),
+        ("vocab_size", 0), ("vocab_size", -5), ("vocab_size", 100.5),
+        ("layer_norm_epsilon", -1e-5), ("layer_norm_epsilon", 0), ("layer_norm_epsilon", float("nan")),
+        ("layer_norm_epsilon", float("inf")), ("layer_norm_epsilon", "1e-5"), ("layer_norm_epsilon", True),
+        ("pad_token_id", 100), ("pad_token_id", -1), ("eos_token_id", "2"), ("eos_token_id", [2, 100]),
+        ("eos_token_id", []), ("eos_token_id", [2, None]), ("pad_token_id", [3]), ("bos_token_id", 1.0),
+        ("eos_token_id", True),
+        ("apply_residual_connection_post_layernorm", "false"), ("tie_word_embeddings", 1),
+        ("slow_but_exact", None), ("pretraining_tp", "4"), ("pretraining_tp", 0),
+    ],
+)  # fmt: skip
+def test_values_of_the_wrong_type_or_range_are_refused_naming_file_and_key(tmp_path, key, value):
+    path = tmp_path / "config.json"
+    replaced = {"n_embed": "hidden_size", "num_attention_heads": "n_head"}.get(key)  # the old spellings
+    path.write_text(json.dumps({k: v for k, v in GOOD.items() if k != replaced} | {key: value}))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {key} should be"):
+        BloomConfig.from_json(path)
+
+
+def test_a_list_of_eos_ids_is_kept_as_transformers_keeps_it():
+    config = BloomConfig.from_hf_config(GOOD | {"eos_token_id": [2, 7], "pad_token_id": None, "layer_norm_epsilon": 1})
+    assert (config.eos_token_id, config.pad_token_id, config.layer_norm_epsilon) == ((2, 7), None, 1)
+
+
+def test_direct_construction_names_the_field():
+    with pytest.raises(ValueError, match=r"BloomConfig.n_layer should be a positive integer, got True"):
+        BloomConfig(hidden_size=64, n_layer=True, n_head=4)
+
+
+@pytest.mark.parametrize("contents", [b"\xff\xfe{}", b"[" * 100_000])
+def test_unreadable_json_names_the_file(tmp_path, contents):
+    (tmp_path / "config.json").write_bytes(contents)
     with pytest.raises(ValueError, match="config.json: not valid JSON"):
         BloomConfig.from_json(tmp_path / "config.json")

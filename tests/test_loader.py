@@ -1,6 +1,7 @@
 """Every checkpoint layout the loader accepts, and every bad checkpoint it must refuse clearly."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -82,12 +83,56 @@ def test_prefix_with_a_stored_lm_head(tmp_path, hf_model, ids):
     assert_same_model(load_pretrained(tmp_path), hf_model, ids)
 
 
-def test_hub_repo_id_from_the_local_cache(tmp_path, hf_model, ids, cache_only):
-    folder = save_bigscience(hf_model, tmp_path / "repo", dtype=torch.float32)
-    commit = put_in_hub_cache(folder, tmp_path / "hub", "bigscience/bloom-tiny")
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "single file",
+        "sharded, model-00001-of-0000N",  # transformers' save_pretrained, bloom-7b1
+        "sharded, model_00001-of-0000N",  # the 176B model's spelling
+        "sharded, blobs in the shared store",  # huggingface_hub's cache-wide store for Xet downloads
+    ],
+)
+def test_hub_repo_id_from_the_local_cache(tmp_path, hf_model, ids, cache_only, layout):
+    """Every file of the snapshot is a relative symlink to a blob outside the snapshot folder, as in a real cache."""
+    repo = tmp_path / "repo"
+    if layout == "single file":
+        save_transformers(hf_model, repo)
+    elif layout == "sharded, model-00001-of-0000N":
+        save_transformers(hf_model, repo, max_shard_size="20KB")
+        assert (repo / "model-00001-of-00013.safetensors").is_file()
+    else:
+        save_bigscience(hf_model, repo, dtype=torch.float32)
+    commit = put_in_hub_cache(repo, tmp_path / "hub", "bigscience/bloom-tiny", shared_store="shared" in layout)
     for revision in (None, "main", commit):
         model = load_pretrained("bigscience/bloom-tiny", revision=revision, cache_dir=tmp_path / "hub")
         assert_same_model(model, hf_model, ids)
+
+
+def test_the_hub_cache_is_the_one_huggingface_hub_reads(tmp_path, hf_model):
+    """huggingface_hub's own cache scanner sees every file of the snapshot, each a relative link into blobs/."""
+    from huggingface_hub import scan_cache_dir
+
+    repo = save_bigscience(hf_model, tmp_path / "repo", dtype=torch.float32)
+    commit = put_in_hub_cache(repo, tmp_path / "hub", "bigscience/bloom-tiny")
+    scan = scan_cache_dir(tmp_path / "hub")
+    assert not scan.warnings
+    (cached,) = scan.repos
+    assert cached.repo_id == "bigscience/bloom-tiny" and cached.refs["main"].commit_hash == commit
+    (revision,) = cached.revisions
+    assert sorted(f.file_name for f in revision.files) == sorted(p.name for p in repo.iterdir())
+    for file in revision.files:
+        assert file.file_path.is_symlink()
+        assert file.file_path.readlink() == Path("../../blobs") / file.blob_path.name
+
+
+def test_a_symlink_the_user_placed_in_a_local_folder_is_followed(tmp_path, hf_model, ids):
+    folder = save_bigscience(hf_model, tmp_path / "ckpt", dtype=torch.float32)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for shard in folder.glob("model_*.safetensors"):
+        shard.rename(elsewhere / shard.name)
+        shard.symlink_to(elsewhere / shard.name)  # absolute, out of the checkpoint folder
+    assert_same_model(load_pretrained(folder), hf_model, ids)
 
 
 def test_pickles_only_on_request_and_only_weights(tmp_path, hf_model, ids):
@@ -159,15 +204,64 @@ def test_config_that_is_not_an_object(sharded):
         load_pretrained(sharded)
 
 
-def test_shard_outside_the_folder(sharded):
-    shutil.copy(sharded / "model_00002-of-00003.safetensors", sharded.parent / "elsewhere.safetensors")
-    index_path = sharded / "model.safetensors.index.json"
+def edit_index(folder: Path, edit) -> Path:
+    index_path = folder / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
-    index["weight_map"] = {
-        k: "../elsewhere.safetensors" if v.startswith("model_00002") else v for k, v in index["weight_map"].items()
-    }
+    edit(index["weight_map"])
     index_path.write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="outside the checkpoint folder"):
+    return index_path
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../elsewhere.safetensors", "..", ".", "", "/tmp/elsewhere.safetensors",
+        "sub/../model_00002-of-00003.safetensors", "./model_00002-of-00003.safetensors", "..\\elsewhere.safetensors",
+        "C:\\elsewhere.safetensors", "C:elsewhere.safetensors", "model_00002-of-00003.safetensors\0.txt",
+    ],
+)  # fmt: skip
+def test_shard_names_that_leave_the_folder_are_refused_by_name(sharded, name):
+    """Judged by the name alone, whether or not a file of that name exists."""
+    shutil.copy(sharded / "model_00002-of-00003.safetensors", sharded.parent / "elsewhere.safetensors")
+
+    def point_elsewhere(weight_map):
+        for key, shard in weight_map.items():
+            if shard.startswith("model_00002"):
+                weight_map[key] = name
+
+    edit_index(sharded, point_elsewhere)
+    with pytest.raises(
+        ValueError, match=rf"model.safetensors.index.json: shard {re.escape(repr(name))} is not a plain"
+    ):
+        load_pretrained(sharded)
+
+
+@pytest.mark.parametrize("value", [["model_00001-of-00003.safetensors"], 3, None, {"file": "x"}])
+def test_index_values_that_are_not_file_names_are_refused_by_key(sharded, value):
+    index_path = edit_index(sharded, lambda weight_map: weight_map.update({"ln_f.bias": value}))
+    with pytest.raises(ValueError, match=rf"{index_path}: weight_map\['ln_f.bias'\] should be a shard file name"):
+        load_pretrained(sharded)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        ({"n_layer": 1_000_000}, "n_layer is 1000000, but the weights hold 3 blocks"),
+        ({"n_layer": 2}, "n_layer is 2, but the weights hold 3 blocks"),
+        ({"n_embed": 96}, r"vocab_size 320 and hidden_size 96 do not fit word_embeddings.weight in "
+                          r"model_00001-of-00003.safetensors, of shape \(320, 48\)"),
+        ({"vocab_size": 10**12}, r"vocab_size 1000000000000 and hidden_size 48 do not fit"),
+    ],
+)  # fmt: skip
+def test_config_sizes_that_the_weights_contradict_are_refused_before_building(sharded, monkeypatch, edit, message):
+    config_path = sharded / "config.json"
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | edit))
+
+    def no_model(config):
+        raise AssertionError("a model was built before the config was checked against the weights")
+
+    monkeypatch.setattr(bloom.loader, "Bloom", no_model)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(config_path))}: {message}"):
         load_pretrained(sharded)
 
 

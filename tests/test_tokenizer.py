@@ -167,10 +167,12 @@ def test_load_from_a_tokenizer_json_path(folder_copy: Path, tok: BloomTokenizer)
     assert from_file.pad_token_id == 2  # the config files next to the file are read too
 
 
+@pytest.mark.parametrize("shared_store", [False, True])
 def test_load_from_a_hub_repo_id_in_a_local_cache(
-    tiny_folder: Path, tok: BloomTokenizer, tmp_path: Path, cache_only: None
+    tiny_folder: Path, tok: BloomTokenizer, tmp_path: Path, cache_only: None, shared_store: bool
 ) -> None:
-    commit = put_in_hub_cache(tiny_folder, tmp_path / "hub", "bigscience/tiny-bloom")
+    """Served from a cache laid out by huggingface_hub's helpers: snapshot files are symlinks into blobs/."""
+    commit = put_in_hub_cache(tiny_folder, tmp_path / "hub", "bigscience/tiny-bloom", shared_store=shared_store)
     for revision in (None, commit):
         loaded = load_tokenizer("bigscience/tiny-bloom", revision=revision, cache_dir=tmp_path / "hub")
         assert loaded.encode(TEXTS[4]) == tok.encode(TEXTS[4])
@@ -192,3 +194,31 @@ def test_load_errors(folder_copy: Path, tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="revision"):
         load_tokenizer(folder_copy / "tokenizer.json", revision="main")
+
+
+@pytest.mark.parametrize("value", [["</s>"], 2, True, {"special": True}, {"content": 2}, {"content": ["</s>"]}])
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "special_tokens_map.json"])
+def test_special_token_entries_of_the_wrong_shape_are_refused_naming_file_and_key(
+    folder_copy: Path, name: str, value
+) -> None:
+    config_file = folder_copy / name
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"eos_token": value}))
+    with pytest.raises(ValueError, match=rf"{name}: eos_token should be a token string"):
+        load_tokenizer(folder_copy)
+
+
+@pytest.mark.parametrize("contents", [b"[1, 2]", b'"eos_token"', b"\xff\xfe{}", b"[" * 100_000])
+def test_config_files_that_are_not_json_objects_are_refused_naming_the_file(folder_copy: Path, contents) -> None:
+    (folder_copy / "special_tokens_map.json").write_bytes(contents)
+    with pytest.raises(ValueError, match="special_tokens_map.json: (expected a JSON object|not valid JSON)"):
+        load_tokenizer(folder_copy)
+
+
+def test_a_tokenizer_with_more_ids_than_the_embedding_has_rows_is_refused(tiny_folder: Path, tok: BloomTokenizer):
+    from transformers import AutoTokenizer
+
+    ids = len(AutoTokenizer.from_pretrained(tiny_folder))  # transformers' count, added tokens included
+    tok.check_fits(ids)
+    with pytest.raises(ValueError, match=rf"tokenizer has ids up to {ids - 1}, but the model's embedding has only "
+                                         rf"{ids - 1} rows"):  # fmt: skip
+        tok.check_fits(ids - 1)
