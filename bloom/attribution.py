@@ -34,6 +34,7 @@ def residual_components(
     return labels, parts
 
 
+@torch.no_grad()
 def direct_logit_attribution(
     model: Bloom, input_ids: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> tuple[list[str], torch.Tensor]:

@@ -45,6 +45,8 @@ def activation_patching(
     ceil(P·[nh·]T / batch_size) forward passes of `batch_size` rows; memory grows with batch_size·T·V for the
     logits. A progress bar shows on stderr when the sweep takes more than 2 seconds.
     """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     names, per_head, T = _check(model, clean_ids, corrupt_ids, points)
     with torch.no_grad(), record(model, *names) as clean:
         model(clean_ids)

@@ -78,7 +78,7 @@ def record(
 
     def keep(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            if grad and not torch.is_grad_enabled():
+            if grad and (not torch.is_grad_enabled() or torch.is_inference_mode_enabled()):
                 raise ValueError(f"record(grad=True) of {name}: autograd is off (no_grad or inference_mode)")
             if not grad:
                 kept = output.detach()

@@ -168,9 +168,10 @@ def test_gradients_through_recorded_points_equal_transformers(models, frozen):
 
 def test_record_with_grad_refuses_when_autograd_is_off(models):
     _, ours = models
-    with pytest.raises(ValueError, match=r"record\(grad=True\) of h.0: autograd is off"):
-        with torch.no_grad(), record(ours, "h.0", grad=True):
-            ours(torch.tensor([[5, 6, 7]]))
+    for autograd_off in (torch.no_grad, torch.inference_mode):
+        with pytest.raises(ValueError, match=r"record\(grad=True\) of h.0: autograd is off"):
+            with autograd_off(), record(ours, "h.0", grad=True):
+                ours(torch.tensor([[5, 6, 7]]))
 
 
 def test_residual_components_sum_to_the_stream_entering_ln_f_and_heads_are_right(models):
@@ -296,6 +297,8 @@ def test_patching_refuses_mixed_points_bad_prompts_and_bad_metrics(models, promp
         activation_patching(ours, clean, corrupt, metric, ["h.*", "h.0.self_attention.context"])
     with pytest.raises(ValueError, match=r"clean_ids \(1, 6\) and corrupt_ids \(1, 5\)"):
         attribution_patching(ours, clean, corrupt[:, 1:], metric, "h.*")
+    with pytest.raises(ValueError, match=r"batch_size must be a positive integer, got 0"):
+        activation_patching(ours, clean, corrupt, metric, "h.*", batch_size=0)
     with pytest.raises(ValueError, match=r"metric gave \(5, 320\) for logits of 5 rows"):
         activation_patching(ours, clean, corrupt, lambda logits: logits[:, -1], "h.*", batch_size=5)
 
