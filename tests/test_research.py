@@ -98,11 +98,18 @@ POINTS = [
 ]
 
 
+def hf_key(name):
+    """The name transformers' tensor of our point is kept under: q, k and v all come from `h.{i}.qkv`."""
+    return name.rsplit(".", 2)[0] + ".qkv" if name.endswith((".q", ".k", ".v")) else name
+
+
+def hf_names(names):
+    return sorted({hf_key(name) for name in names})
+
+
 def hf_view(name, kept):
     """Our point `name` read from transformers' kept tensors, and its gradient (if any), in our shapes."""
-    base = name.rsplit(".", 1)[0] + ".qkv" if name.endswith((".q", ".k", ".v")) else name
-    base = base.replace(".self_attention.qkv", ".qkv")
-    tensor = kept[base]
+    tensor = kept[hf_key(name)]
     if name.endswith((".q", ".k", ".v")):
         convert = lambda t: qkv_of(t, name[-1])  # noqa: E731
     elif name.endswith(".context"):
@@ -110,11 +117,6 @@ def hf_view(name, kept):
     else:
         convert = lambda t: t  # noqa: E731
     return convert(tensor.detach()), None if tensor.grad is None else convert(tensor.grad)
-
-
-def hf_names(names):
-    return sorted({n.rsplit(".", 1)[0].replace(".self_attention", "") + ".qkv" if n.endswith((".q", ".k", ".v"))
-                   else n for n in names})  # fmt: skip
 
 
 def at_real(tensor, mask):
