@@ -25,10 +25,15 @@ When decoding, S is the KV cache's length, and the scores of slots not yet writt
 them); `record(..., every_call=True)` keeps the prefill's and every step's tensors, whose T axes concatenate to
 what one forward pass over the whole sequence records.
 Under tensor parallelism (`--tp`) each process holds its own heads, and head numbers count within the process.
+The research tools (bloom.weights, bloom.attribution, bloom.patching; docs/research.md) are built on these points.
 
     with record(model, "h.*", "h.*.self_attention.probs") as seen:
         model(ids)
     seen["h.3.self_attention.probs"]  # (B, nh, T, T)
+
+    with record(model, "h.*.self_attention.context", grad=True) as seen:
+        model(ids)[0, -1, token].backward()
+    seen["h.3.self_attention.context"].grad  # (B, nh, T, hd): d logit / d each head's output
 
     with patch(model, {"h.5.self_attention.context": zero_head(7), "h.2": other_prompts_residual}):
         logits = model(ids)
