@@ -92,7 +92,7 @@ class Attention(nn.Module):
         self.head_offset = 0  # this module's first head; not 0 when heads are split over processes (bloom.parallel)
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.q, self.k, self.v, self.probs, self.context = (Tap() for _ in range(5))
+        self.q, self.k, self.v, self.scores, self.probs, self.context = (Tap() for _ in range(6))
 
     def forward(
         self, x: torch.Tensor, alibi: torch.Tensor, mask: torch.Tensor, kv: LayerKV | None, slots: torch.Tensor
@@ -108,12 +108,13 @@ class Attention(nn.Module):
             if mask.shape[-1] == cached_k.shape[2]:  # decoding: attend over the whole cache, unwritten slots masked
                 k, v = cached_k, cached_v  # (a prefill attends over its own T tokens only)
         S = k.shape[2]
-        scores = torch.baddbmm(  # alibi + (q · kᵀ) / √hd
+        scores = torch.baddbmm(  # alibi + (q · kᵀ) / √hd, without the mask (added below)
             alibi.expand(B, self.n_head, 1, S).reshape(B * self.n_head, 1, S),  # (B·nh, 1, S)
             q.reshape(B * self.n_head, T, self.head_dim),  # (B·nh, T, hd)
             k.reshape(B * self.n_head, S, self.head_dim).transpose(1, 2),  # (B·nh, hd, S)
             alpha=1.0 / math.sqrt(self.head_dim),
         ).view(B, self.n_head, T, S)
+        scores = self.scores(scores)  # (B, nh, T, S)
         probs = self.probs(F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype))  # (B, nh, T, S)
         y = self.context(probs @ v)  # each head's output: (B, nh, T, hd)
         return self.dense(y.transpose(1, 2).reshape(B, T, -1))  # heads concatenated, (B, T, nh·hd) -> (B, T, C)
@@ -135,13 +136,14 @@ class Block(nn.Module):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.self_attention = Attention(config)
+        self.resid_mid = Tap()  # the residual stream between attention's add and the MLP's
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
     def forward(
         self, x: torch.Tensor, alibi: torch.Tensor, mask: torch.Tensor, kv: LayerKV | None, slots: torch.Tensor
     ) -> torch.Tensor:
-        x = x + self.self_attention(self.input_layernorm(x), alibi, mask, kv, slots)  # pre-LN residual adds
+        x = self.resid_mid(x + self.self_attention(self.input_layernorm(x), alibi, mask, kv, slots))  # pre-LN adds
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x
 

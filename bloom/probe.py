@@ -6,8 +6,12 @@ Every submodule of `Bloom` is a place to look, named by its path (`model.named_m
     h.{i}                            (B, T, C)   the residual stream after block i
     h.{i}.self_attention             (B, T, C)   what attention adds to the residual stream
     h.{i}.self_attention.q / .k / .v (B, nh, T, hd)
+    h.{i}.self_attention.scores      (B, nh, T, S) q·kᵀ/√hd + ALiBi bias, per head, WITHOUT the causal and
+                                                 padding mask: softmax(scores + mask) = probs
     h.{i}.self_attention.probs       (B, nh, T, S) attention probabilities, per head
     h.{i}.self_attention.context     (B, nh, T, hd) each head's output, before `dense` mixes them
+    h.{i}.resid_mid                  (B, T, C)   the residual stream after attention's add, before the MLP:
+                                                 resid_mid + mlp = h.{i}
     h.{i}.mlp.dense_h_to_4h          (B, T, 4C)  MLP pre-activations
     h.{i}.mlp.act                    (B, T, 4C)  MLP activations (after the GeLU)
     h.{i}.mlp                        (B, T, C)   what the MLP adds to the residual stream
@@ -17,11 +21,19 @@ Names take shell-style wildcards per dotted part: "h.*.self_attention.probs", "h
 output, not what is inside them), "h.1[0-5]". Both context managers work through forward
 hooks, which they remove on exit; outside them the model runs exactly as written. `generate` runs them too,
 with the default eager decoder; a compiled decoder (`Decoder(..., compile=True)`) would skip them, so it refuses.
+When decoding, S is the KV cache's length, and the scores of slots not yet written mean nothing (the mask hides
+them); `record(..., every_call=True)` keeps the prefill's and every step's tensors, whose T axes concatenate to
+what one forward pass over the whole sequence records.
 Under tensor parallelism (`--tp`) each process holds its own heads, and head numbers count within the process.
+The research tools (bloom.weights, bloom.attribution, bloom.patching; docs/research.md) are built on these points.
 
     with record(model, "h.*", "h.*.self_attention.probs") as seen:
         model(ids)
     seen["h.3.self_attention.probs"]  # (B, nh, T, T)
+
+    with record(model, "h.*.self_attention.context", grad=True) as seen:
+        model(ids)[0, -1, token].backward()
+    seen["h.3.self_attention.context"].grad  # (B, nh, T, hd): d logit / d each head's output
 
     with patch(model, {"h.5.self_attention.context": zero_head(7), "h.2": other_prompts_residual}):
         logits = model(ids)
@@ -53,17 +65,38 @@ def find(model: nn.Module, pattern: str) -> dict[str, nn.Module]:
 
 
 @contextmanager
-def record(model: nn.Module, *patterns: str) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the outputs of the named modules into the yielded dict (name -> tensor, detached).
+def record(
+    model: nn.Module, *patterns: str, grad: bool = False, every_call: bool = False
+) -> Iterator[dict[str, torch.Tensor | list[torch.Tensor]]]:
+    """Record the outputs of the named modules into the yielded dict (name -> tensor).
 
-    A module that runs again inside the block (each step of generation) overwrites its entry.
+    grad: keep the recorded tensors in the autograd graph, so that after the caller's `backward()` each
+        one's `.grad` holds the gradient with respect to it. When the model's parameters do not require
+        gradients (`model.requires_grad_(False)`), the first recorded tensor becomes a leaf that does, and
+        everything after it is tracked; the values are unchanged. Needs autograd on (not under no_grad or
+        inference_mode). Without grad the tensors are detached.
+    every_call: each entry is the list of the module's outputs, one per call, in order (`generate`: the
+        prefill, then each decode step), instead of the output of the last call.
     """
-    seen: dict[str, torch.Tensor] = {}
+    seen: dict[str, torch.Tensor | list[torch.Tensor]] = {}
     modules = {name: module for pattern in patterns for name, module in find(model, pattern).items()}
 
     def keep(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            seen[name] = output.detach()
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if grad and (not torch.is_grad_enabled() or torch.is_inference_mode_enabled()):
+                raise ValueError(f"record(grad=True) of {name}: autograd is off (no_grad or inference_mode)")
+            if not grad:
+                kept = output.detach()
+            elif output.requires_grad:
+                kept = output
+                kept.retain_grad()
+            else:
+                kept = output.detach().requires_grad_()  # a leaf: what follows is computed from it
+            if every_call:
+                seen.setdefault(name, []).append(kept)
+            else:
+                seen[name] = kept
+            return kept if grad else None
 
         return hook
 

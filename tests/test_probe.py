@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from bloom import Bloom, BloomConfig
 from bloom.lens import logit_lens
+from bloom.model import alibi_slopes
 from bloom.probe import patch, record, zero_head
 
 
@@ -114,3 +115,32 @@ def test_logit_lens_last_row_is_the_models_prediction(model, batch):
     torch.testing.assert_close(probs[-1], expected.values)
     assert (probs[:, :, :, :-1] >= probs[:, :, :, 1:]).all()  # sorted, most likely first
     assert not torch.equal(tokens[0], tokens[-1])  # early layers predict something else
+
+
+def test_resid_mid_plus_mlp_is_the_block_and_softmax_of_the_masked_scores_is_probs(model, batch):
+    ids, mask = batch
+    points = ["h.*", "h.*.resid_mid", "h.*.mlp", "h.*.self_attention.scores", "h.*.self_attention.probs"]
+    with torch.no_grad(), record(model, *points, "h.*.self_attention.q", "h.*.self_attention.k") as seen:
+        model(ids, mask)
+    allowed = torch.ones(10, 10).tril().bool() & mask.bool()[:, None, :]  # (B, T, S): earlier real keys
+    allowed |= torch.eye(10, dtype=torch.bool)  # a padding query sees itself (bloom.model.causal_mask)
+    for i in range(3):
+        assert torch.equal(seen[f"h.{i}.resid_mid"] + seen[f"h.{i}.mlp"], seen[f"h.{i}"])
+        scores, probs = seen[f"h.{i}.self_attention.scores"], seen[f"h.{i}.self_attention.probs"]  # (B, nh, T, S)
+        assert scores.shape == (2, 8, 10, 10) and torch.isfinite(scores).all()  # the mask is not in the scores
+        masked = scores.masked_fill(~allowed[:, None], float("-inf"))
+        torch.testing.assert_close(torch.softmax(masked, dim=-1), probs, rtol=0, atol=1e-6)
+        q, k = seen[f"h.{i}.self_attention.q"][0], seen[f"h.{i}.self_attention.k"][0]  # row 0: no padding
+        slope_times_key_position = scores[0] - q @ k.transpose(1, 2) / 8**0.5  # (nh, T, S), hd = 8
+        alibi = alibi_slopes(8)[:, None, None] * torch.arange(10.0)  # (nh, 1, S)
+        torch.testing.assert_close(slope_times_key_position, alibi.expand(8, 10, 10), rtol=0, atol=1e-5)
+
+
+def test_every_call_keeps_each_forward_pass_in_order(model, batch):
+    ids, mask = batch
+    with torch.no_grad(), record(model, "h.0", every_call=True) as seen:
+        model(ids[:, :4]), model(ids, mask)
+    assert [tuple(t.shape) for t in seen["h.0"]] == [(2, 4, 64), (2, 10, 64)]
+    with torch.no_grad(), record(model, "h.0") as last:
+        model(ids[:, :4]), model(ids, mask)
+    assert torch.equal(last["h.0"], seen["h.0"][1])

@@ -1,0 +1,363 @@
+"""The research tools (gradients through named points, residual decomposition, direct logit attribution,
+patching sweeps, per-head weights) against transformers' BLOOM, read and edited with its own forward hooks
+and differentiated with its own autograd, on a tiny random checkpoint with 6 heads (not a power of two)."""
+
+import pytest
+import torch
+from tiny_checkpoint import left_padded, random_hf_bloom, save_transformers
+
+from bloom import generate, load_pretrained
+from bloom.attribution import direct_logit_attribution, residual_components
+from bloom.patching import activation_patching, attribution_patching
+from bloom.probe import record
+from bloom.weights import head_weights, ov_circuit, qk_circuit
+
+N_LAYER, N_HEAD, C, V = 3, 6, 48, 320
+HD = C // N_HEAD
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    hf = random_hf_bloom(vocab_size=V, hidden_size=C, n_head=N_HEAD, n_layer=N_LAYER)
+    ours = load_pretrained(save_transformers(hf, tmp_path_factory.mktemp("research_bloom")))
+    return hf, ours
+
+
+# Where transformers keeps the tensor of each of our named points: (module path, read the module's input?).
+# transformers' blocks, attention and MLP return the residual stream with the add already done.
+def hf_place(name: str) -> tuple[str, bool]:
+    if name in ("word_embeddings_layernorm", "ln_f"):
+        return name, name == "ln_f"  # ln_f: its input, the residual stream entering it
+    i, point = name.split(".", 2)[1], name.split(".", 2)[2:]
+    return {
+        (): (f"h.{i}", False),
+        ("resid_mid",): (f"h.{i}.self_attention", False),
+        ("ln1",): (f"h.{i}.input_layernorm", False),
+        ("qkv",): (f"h.{i}.self_attention.query_key_value", False),
+        ("self_attention.probs",): (f"h.{i}.self_attention.attention_dropout", False),
+        ("self_attention.context",): (f"h.{i}.self_attention.dense", True),  # (B, T, nh·hd), heads merged
+        ("mlp.act",): (f"h.{i}.mlp.gelu_impl", False),
+        ("mlp",): (f"h.{i}.mlp.dense_4h_to_h", False),
+    }[tuple(point)]
+
+
+def run_hf(hf, ids, names, mask=None, edits=None, grad=False):
+    """Run transformers' BLOOM; returns (logits, {name: tensor}) with `edits` {name: fn(tensor) -> tensor}
+    applied in its hooks and, with grad, each kept tensor's gradient retained."""
+    edits, kept, handles = edits or {}, {}, []
+    modules = dict(hf.transformer.named_modules())
+
+    def hook_for(name, reads_input):
+        def hook(module, args, output=None):
+            whole = args if reads_input else output
+            tensor = whole[0] if isinstance(whole, tuple) else whole
+            if name in edits:
+                tensor = edits[name](tensor)
+            if grad:
+                tensor.retain_grad()
+            kept[name] = tensor
+            if name in edits:
+                return (tensor, *whole[1:]) if isinstance(whole, tuple) else tensor
+
+        return hook
+
+    for name in names:
+        path, reads_input = hf_place(name)
+        register = modules[path].register_forward_pre_hook if reads_input else modules[path].register_forward_hook
+        handles.append(register(hook_for(name, reads_input)))
+    try:
+        with torch.set_grad_enabled(grad):
+            logits = hf(input_ids=ids, attention_mask=mask).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, kept
+
+
+def heads_of(merged):
+    """(B, T, nh·hd) -> (B, nh, T, hd)"""
+    B, T, _ = merged.shape
+    return merged.view(B, T, N_HEAD, HD).transpose(1, 2)
+
+
+def qkv_of(fused, which):
+    """transformers' fused projection output (B, T, 3C) -> q, k or v (B, nh, T, hd)"""
+    B, T, _ = fused.shape
+    return fused.view(B, T, N_HEAD, 3, HD)[..., "qkv".index(which), :].transpose(1, 2)
+
+
+ATTENTION = ["h.*.self_attention.q", "h.*.self_attention.k", "h.*.self_attention.v", "h.*.self_attention.probs"]
+POINTS = [
+    "word_embeddings_layernorm",
+    "h.*",
+    "h.*.resid_mid",
+    *ATTENTION,
+    "h.*.self_attention.context",
+    "h.*.mlp.act",
+    "h.*.mlp",
+]
+
+
+def hf_key(name):
+    """The name transformers' tensor of our point is kept under: q, k and v all come from `h.{i}.qkv`."""
+    return name.rsplit(".", 2)[0] + ".qkv" if name.endswith((".q", ".k", ".v")) else name
+
+
+def hf_names(names):
+    return sorted({hf_key(name) for name in names})
+
+
+def hf_view(name, kept):
+    """Our point `name` read from transformers' kept tensors, and its gradient (if any), in our shapes."""
+    tensor = kept[hf_key(name)]
+    if name.endswith((".q", ".k", ".v")):
+        convert = lambda t: qkv_of(t, name[-1])  # noqa: E731
+    elif name.endswith(".context"):
+        convert = heads_of
+    else:
+        convert = lambda t: t  # noqa: E731
+    return convert(tensor.detach()), None if tensor.grad is None else convert(tensor.grad)
+
+
+def at_real(tensor, mask):
+    """The entries of real (not padding) positions: (B, T, ...) or (B, nh, T, ...) -> (n_real, ...).
+
+    For attention probabilities (B, nh, T, S), the masked keys (padding, later positions) are zeroed: the
+    probability there is 0, and its gradient (context's gradient · that key's value) means nothing, since
+    transformers' padding positions hold other values than ours."""
+    if tensor.shape[-1] == mask.shape[1] and tensor.ndim == 4:  # probs or scores
+        allowed = torch.ones(mask.shape[1], mask.shape[1]).tril().bool() & mask.bool()[:, None, :]  # (B, T, S)
+        tensor = tensor * allowed[:, None]
+    return (tensor.transpose(1, 2) if tensor.ndim == 4 else tensor)[mask.bool()]
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["weights-with-grad", "frozen-weights"])
+def test_gradients_through_recorded_points_equal_transformers(models, frozen):
+    hf, ours = models
+    ids, mask = left_padded([9, 6], vocab_size=V)
+    targets = torch.randint(0, V, ids.shape)
+
+    def loss(logits):  # the log-likelihood of random targets at the real positions
+        return (logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0] * mask).sum()
+
+    ours.requires_grad_(not frozen)
+    try:
+        with record(ours, *POINTS, "h.*.self_attention.scores", grad=True) as seen:
+            loss(ours(ids, mask)).backward()
+    finally:
+        ours.requires_grad_(True)
+        ours.zero_grad(set_to_none=True)
+    names = [n for n in seen if not n.endswith(".scores")]
+    assert len(names) == 1 + 9 * N_LAYER
+    logits, kept = run_hf(hf, ids, hf_names(names), mask, grad=True)
+    loss(logits).backward()
+    hf.zero_grad(set_to_none=True)
+    for name in names:
+        value, grad = hf_view(name, kept)
+        torch.testing.assert_close(
+            at_real(seen[name].detach(), mask), at_real(value, mask), rtol=0, atol=1e-5, msg=name
+        )
+        torch.testing.assert_close(at_real(seen[name].grad, mask), at_real(grad, mask), rtol=0, atol=1e-5, msg=name)
+    for i in range(N_LAYER):  # scores: softmax's backward applied by hand to transformers' probs and their .grad
+        probs, probs_grad = hf_view(f"h.{i}.self_attention.probs", kept)
+        probs = at_real(probs, mask)  # masked keys zeroed: they get no gradient
+        probs_grad = at_real(probs_grad, mask)
+        scores_grad = probs * (probs_grad - (probs * probs_grad).sum(-1, keepdim=True))
+        torch.testing.assert_close(
+            at_real(seen[f"h.{i}.self_attention.scores"].grad, mask), scores_grad, rtol=0, atol=1e-5
+        )
+
+
+def test_record_with_grad_refuses_when_autograd_is_off(models):
+    _, ours = models
+    for autograd_off in (torch.no_grad, torch.inference_mode):
+        with pytest.raises(ValueError, match=r"record\(grad=True\) of h.0: autograd is off"):
+            with autograd_off(), record(ours, "h.0", grad=True):
+                ours(torch.tensor([[5, 6, 7]]))
+
+
+def test_residual_components_sum_to_the_stream_entering_ln_f_and_heads_are_right(models):
+    hf, ours = models
+    ids, mask = left_padded([7, 5], vocab_size=V)
+    labels, parts = residual_components(ours, ids, mask)
+    layer_labels = lambda i: [f"h.{i}.head.{h}" for h in range(N_HEAD)] + [f"h.{i}.attn_bias", f"h.{i}.mlp"]  # noqa: E731
+    assert labels == ["embed"] + sum((layer_labels(i) for i in range(N_LAYER)), [])
+    assert parts.shape == (1 + N_LAYER * (N_HEAD + 2), 2, 7, C)
+    _, kept = run_hf(hf, ids, ["ln_f", "word_embeddings_layernorm", "h.1.mlp"], mask)
+    real = mask.bool()  # transformers' padding positions hold other values than ours, which mean nothing
+    torch.testing.assert_close(parts.sum(0)[real], kept["ln_f"][real], rtol=0, atol=1e-5)
+    torch.testing.assert_close(parts[0], kept["word_embeddings_layernorm"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(parts[labels.index("h.1.mlp")][real], kept["h.1.mlp"][real], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        parts[labels.index("h.2.attn_bias")], hf.transformer.h[2].self_attention.dense.bias.expand(2, 7, C)
+    )
+    for layer, head in [(0, 5), (2, 1)]:  # transformers with every other head's output zeroed before dense
+        only_this_head = torch.zeros(C)
+        only_this_head[head * HD : (head + 1) * HD] = 1
+        dense = hf.transformer.h[layer].self_attention.dense
+        handle = dense.register_forward_hook(lambda m, args, out: out.copy_(out - m.bias))
+        try:
+            _, kept = run_hf(hf, ids, [f"h.{layer}.self_attention.context"], mask,
+                             edits={f"h.{layer}.self_attention.context": only_this_head.mul})  # fmt: skip
+        finally:
+            handle.remove()
+        head_out = torch.nn.functional.linear(kept[f"h.{layer}.self_attention.context"], dense.weight)
+        torch.testing.assert_close(
+            parts[labels.index(f"h.{layer}.head.{head}")][real], head_out[real], rtol=0, atol=1e-5
+        )
+
+
+def test_direct_logit_attribution_sums_to_the_logits_and_one_head_is_frozen_ln_f_by_hand(models):
+    hf, ours = models
+    ids, mask = left_padded([8, 8], vocab_size=V)
+    tokens = torch.randint(0, V, ids.shape)
+    labels, attrib = direct_logit_attribution(ours, ids, tokens, mask)
+    assert labels[-1] == "ln_f_bias" and attrib.shape == (len(labels), 2, 8)
+    logits, kept = run_hf(hf, ids, ["ln_f", "h.1.self_attention.context"], mask)
+    torch.testing.assert_close(attrib.sum(0), logits.gather(-1, tokens[..., None])[..., 0], rtol=0, atol=1e-4)
+    layer, head = 1, 4
+    x = kept["ln_f"]  # (B, T, C), the residual entering ln_f
+    sl = slice(head * HD, (head + 1) * HD)
+    c = kept["h.1.self_attention.context"][..., sl] @ hf.transformer.h[layer].self_attention.dense.weight[:, sl].T
+    std = (x.var(-1, unbiased=False, keepdim=True) + hf.transformer.ln_f.eps).sqrt()
+    row = hf.lm_head.weight[tokens]  # (B, T, C)
+    by_hand = ((c - c.mean(-1, keepdim=True)) / std * hf.transformer.ln_f.weight * row).sum(-1)
+    torch.testing.assert_close(attrib[labels.index(f"h.{layer}.head.{head}")], by_hand.detach(), rtol=0, atol=1e-5)
+    bias = (hf.transformer.ln_f.bias * row).sum(-1)
+    torch.testing.assert_close(attrib[-1], bias.detach(), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"tokens is \(2, 7\)"):
+        direct_logit_attribution(ours, ids, tokens[:, 1:], mask)
+
+
+def metric(logits):
+    return logits[:, -1, 17] - logits[:, -1, 42]
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return torch.randint(4, V, (1, 6)), torch.randint(4, V, (1, 6))
+
+
+SWEEPS = [
+    ("h.*", None),
+    ("h.0.resid_mid", None),
+    ("h.1.mlp", None),
+    ("h.2.self_attention.context", [1, 5]),
+]  # heads checked
+
+
+@pytest.mark.parametrize(("points", "heads"), SWEEPS)
+def test_activation_patching_equals_a_loop_of_patched_transformers_runs(models, prompts, points, heads):
+    hf, ours = models
+    clean, corrupt = prompts
+    labels, values = activation_patching(ours, clean, corrupt, metric, points, batch_size=5)
+    T = clean.shape[1]
+    assert values.shape == ((len(labels), N_HEAD, T) if heads else (len(labels), T))
+    _, clean_hf = run_hf(hf, clean, labels)
+    expected = torch.empty(len(labels), len(heads or [None]), T)
+    for p, name in enumerate(labels):
+        for j, h in enumerate(heads or [None]):
+            for t in range(T):
+                cols = (
+                    slice(None) if h is None else slice(h * HD, (h + 1) * HD)
+                )  # per head: its slice of `dense`'s input
+
+                def put(x, name=name, t=t, cols=cols):
+                    x = x.clone()
+                    x[:, t, cols] = clean_hf[name][:, t, cols]
+                    return x
+
+                logits, _ = run_hf(hf, corrupt, [name], edits={name: put})
+                expected[p, j, t] = metric(logits)
+    torch.testing.assert_close(
+        values[:, heads] if heads else values, expected if heads else expected[:, 0], rtol=0, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("points", ["h.*", "h.*.self_attention.context", "h.1.self_attention.q", "h.*.mlp.act"])
+def test_attribution_patching_equals_the_first_order_estimate_by_hand(models, prompts, points):
+    hf, ours = models
+    clean, corrupt = prompts
+    labels, estimates = attribution_patching(ours, clean, corrupt, metric, points)
+    _, clean_hf = run_hf(hf, clean, hf_names(labels))
+    logits, corrupt_hf = run_hf(hf, corrupt, hf_names(labels), grad=True)
+    metric(logits).sum().backward()
+    hf.zero_grad(set_to_none=True)
+    for name, estimate in zip(labels, estimates, strict=True):
+        clean_value, _ = hf_view(name, clean_hf)
+        corrupt_value, grad = hf_view(name, corrupt_hf)
+        by_hand = ((clean_value - corrupt_value) * grad)[0]  # (T, ...) or (nh, T, hd)
+        by_hand = by_hand.sum(-1)  # one number per position, per head for the head points
+        torch.testing.assert_close(estimate, by_hand, rtol=1e-4, atol=1e-5, msg=name)
+    assert all(p.grad is None for p in ours.parameters())
+
+
+def test_patching_refuses_mixed_points_bad_prompts_and_bad_metrics(models, prompts):
+    _, ours = models
+    clean, corrupt = prompts
+    with pytest.raises(ValueError, match=r"h.0.self_attention.context.* are per head .* h.0, h.1 are not"):
+        activation_patching(ours, clean, corrupt, metric, ["h.*", "h.0.self_attention.context"])
+    with pytest.raises(ValueError, match=r"clean_ids \(1, 6\) and corrupt_ids \(1, 5\)"):
+        attribution_patching(ours, clean, corrupt[:, 1:], metric, "h.*")
+    with pytest.raises(ValueError, match=r"batch_size must be a positive integer, got 0"):
+        activation_patching(ours, clean, corrupt, metric, "h.*", batch_size=0)
+    with pytest.raises(ValueError, match=r"metric gave \(5, 320\) for logits of 5 rows"):
+        activation_patching(ours, clean, corrupt, lambda logits: logits[:, -1], "h.*", batch_size=5)
+
+
+def test_head_weights_reproduce_q_k_v_and_the_circuits(models):
+    hf, ours = models
+    ids, mask = left_padded([7, 4], vocab_size=V)
+    names = [f"h.{i}.{p}" for i in range(N_LAYER) for p in ("ln1", "qkv", "self_attention.probs")]
+    _, kept = run_hf(hf, ids, names + ["h.1.self_attention.context"], mask)
+    for i in range(N_LAYER):
+        w = head_weights(ours, i)
+        assert {k: tuple(v.shape) for k, v in w.items()} == {
+            "W_Q": (N_HEAD, C, HD), "W_K": (N_HEAD, C, HD), "W_V": (N_HEAD, C, HD),
+            "b_Q": (N_HEAD, HD), "b_K": (N_HEAD, HD), "b_V": (N_HEAD, HD), "W_O": (N_HEAD, HD, C), "b_O": (C,),
+        }  # fmt: skip
+        qkv = ours.h[i].self_attention.query_key_value
+        assert all(
+            w[k].untyped_storage().data_ptr() == qkv.weight.untyped_storage().data_ptr() for k in "W_Q W_K W_V".split()
+        )
+        x = kept[f"h.{i}.ln1"]  # (B, T, C)
+        for which in "QKV":
+            by_weights = torch.einsum("btc,hcd->bhtd", x, w[f"W_{which}"]) + w[f"b_{which}"][None, :, None]
+            torch.testing.assert_close(by_weights, qkv_of(kept[f"h.{i}.qkv"], which.lower()), rtol=0, atol=1e-5)
+    i, w = 1, head_weights(ours, 1)
+    x, probs = kept["h.1.ln1"], kept["h.1.self_attention.probs"]
+    q, k = qkv_of(kept["h.1.qkv"], "q"), qkv_of(kept["h.1.qkv"], "k")
+    for h in (0, 5):
+        qk = x @ qk_circuit(w, h) @ x.transpose(1, 2) + (x @ w["W_Q"][h] @ w["b_K"][h])[:, :, None]
+        qk = qk + (x @ w["W_K"][h] @ w["b_Q"][h])[:, None, :] + w["b_Q"][h] @ w["b_K"][h]
+        torch.testing.assert_close(qk, q[:, h] @ k[:, h].transpose(1, 2), rtol=0, atol=1e-4)
+        written = probs[:, h] @ (x @ ov_circuit(w, h) + w["b_V"][h] @ w["W_O"][h])  # (B, T, C)
+        sl = slice(h * HD, (h + 1) * HD)
+        dense = hf.transformer.h[1].self_attention.dense.weight
+        torch.testing.assert_close(
+            written, kept["h.1.self_attention.context"][..., sl] @ dense[:, sl].T, rtol=0, atol=1e-5
+        )
+    with pytest.raises(ValueError, match="layer 3 does not exist"):
+        head_weights(ours, N_LAYER)
+
+
+def test_recording_across_generate_concatenates_to_a_full_forward(models):
+    hf, ours = models
+    ids, mask = left_padded([6, 4], vocab_size=V)
+    names = ["h.*", "h.*.resid_mid", "h.*.self_attention.q", "h.*.self_attention.context", "h.*.mlp"]
+    with record(ours, *names, "h.1.self_attention.probs", every_call=True) as steps:
+        out = generate(ours, ids, attention_mask=mask, max_new_tokens=5)
+    assert all(len(calls) == 5 for calls in steps.values())  # the prefill and 4 decode steps (the 5th token is not fed)
+    full_ids, full_mask = out[:, :-1], torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], dim=1)
+    _, kept = run_hf(hf, full_ids, hf_names(steps), full_mask)
+    T = full_ids.shape[1]
+    for name, calls in steps.items():
+        if name.endswith(".probs"):  # a prefill's keys are its own T tokens, a decode step's the whole cache
+            S = calls[-1].shape[-1]
+            calls = [torch.nn.functional.pad(calls[0], (0, S - calls[0].shape[-1])), *calls[1:]]
+        recorded = torch.cat(calls, dim=2 if ".self_attention." in name else 1)  # along T
+        recorded = recorded[..., :T] if name.endswith(".probs") else recorded
+        value, _ = hf_view(name, kept)
+        torch.testing.assert_close(
+            at_real(recorded, full_mask), at_real(value, full_mask), rtol=1e-5, atol=1e-5, msg=name
+        )
