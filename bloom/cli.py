@@ -170,8 +170,10 @@ def add_model_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--quantize", choices=["int8"], help="int8 weights for the blocks' linear layers")
 
 
-def load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Bloom, BloomTokenizer, float]:
-    """The model and tokenizer the arguments name, and the seconds it took to load them.
+def load(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, tokenizer: BloomTokenizer | None = None
+) -> tuple[Bloom, BloomTokenizer, float]:
+    """The model and tokenizer the arguments name (the tokenizer unless given), and the seconds it took.
 
     The tokenizer comes first: it is small, and a checkpoint without one fails before its weights are read.
     """
@@ -179,7 +181,7 @@ def load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Blo
     if tp > 1:
         args.device = join_process_group(tp, args.device)
     start = time.perf_counter()
-    tokenizer = load_tokenizer(args.model, revision=args.revision)
+    tokenizer = tokenizer or load_tokenizer(args.model, revision=args.revision)
     dtype = args.dtype and DTYPES[args.dtype]
     model = load_pretrained(
         args.model, dtype=dtype, device=args.device, revision=args.revision, progress=is_main(),
@@ -241,9 +243,13 @@ def run_perplexity(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     text = read_text(args.file, "--file")
     if not 0 < args.stride <= args.context:
         parser.error(f"--stride must be between 1 and --context ({args.context}), got {args.stride}")
-    model, tokenizer, _ = load(parser, args)
+    tokenizer = load_tokenizer(args.model, revision=args.revision)
+    token_ids = tokenizer.encode(text)
+    if len(token_ids) < 2:  # found before the weights are read
+        raise ValueError(f"--file {args.file}: {len(token_ids)} token(s); perplexity needs at least 2")
+    model, _, _ = load(parser, args, tokenizer)
     result = perplexity(
-        model, tokenizer.encode(text), context=args.context, stride=args.stride, batch_size=args.batch_size,
+        model, token_ids, context=args.context, stride=args.stride, batch_size=args.batch_size,
         progress=True,
     )  # fmt: skip
     print(f"perplexity {result.perplexity:.4f} | {result.n_scored} tokens scored in {result.n_windows} windows")

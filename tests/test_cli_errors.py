@@ -74,6 +74,12 @@ def test_unreadable_files_are_named(cli, no_weights, tiny_model_folder, bad_file
         assert_user_error(result, command, f"{flag} {path}: {why}")
 
 
+def test_a_text_too_short_to_score_is_named_before_loading(cli, no_weights, tiny_model_folder, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    result = cli("perplexity", "--model", tiny_model_folder, "--file", tmp_path / "empty.txt")
+    assert_user_error(result, "perplexity", f"--file {tmp_path / 'empty.txt'}: 0 token(s)")
+
+
 def test_an_out_folder_that_cannot_be_written_is_refused_before_loading(cli, no_weights, tiny_model_folder, bad_files):
     file = bad_files / "a_file"
     for out, why in [(file, "a file, not a folder"), (file / "pictures", "cannot write there")]:
