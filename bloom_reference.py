@@ -13,6 +13,7 @@ import torch
 from transformers import BloomForCausalLM
 
 from bloom import generate, load_pretrained, load_tokenizer
+from bloom.arguments import check_prompts
 from bloom.bench import measure
 from bloom.hub import resolve_folder
 from bloom.loader import DTYPES, checkpoint_patterns, is_complete
@@ -83,9 +84,7 @@ def reference_folder(args: argparse.Namespace) -> Path:
 def run_parity(args: argparse.Namespace, tolerances: dict[torch.dtype, float]) -> int:
     """Print the layer table and the greedy comparison; 0 if every layer is within its dtype's tolerance
     (max |ours - theirs| / max |theirs|), else 1."""
-    prompts = args.prompt or PROMPTS
-    if "" in prompts:
-        raise ValueError(f"--prompt number {prompts.index('') + 1} is empty: there is nothing to compare")
+    prompts = check_prompts(args.prompt) if args.prompt else PROMPTS
     reference = args.reference or args.model
     hf_folder = reference_folder(args)  # the arguments and files are checked before any weight is read
     tokenizer = load_tokenizer(args.model, revision=args.revision)

@@ -25,8 +25,9 @@ class CommandParser(argparse.ArgumentParser):
     """argparse, answering for the (sub)command that was typed.
 
     - A flag this command does not have is refused first, by the command, with the closest one it has
-      (`bloom generate: error: unrecognized argument --promt (did you mean --prompt?)`). Flags are typed in
-      full: a prefix is a typo, not a shortcut (allow_abbrev=False).
+      (`bloom generate: error: unrecognized argument --promt (did you mean --prompt?)`), and so is a stray
+      argument: parse_known_args leaves nothing unknown. Flags are typed in full: a prefix is a typo, not a
+      shortcut (allow_abbrev=False).
     - An invalid choice (a subcommand, a --dtype) names the closest valid one.
     - `args.command_parser` is the parser of the subcommand that ran, for errors found later (`fail`).
     """
@@ -50,12 +51,13 @@ class CommandParser(argparse.ArgumentParser):
 
     def refuse_unknown_flags(self, args: list[str]) -> None:
         """Refuse the first token that argparse would take for a flag this parser does not have."""
-        known = self._option_string_actions
+        known = self._option_string_actions  # argparse's map of every flag of this parser
         for arg in args:
             if arg == "--" or (self.commands is not None and not arg.startswith("-")):
                 return  # what follows belongs to the positionals, or to the subcommand
             name = arg.split("=", 1)[0]
-            looks_like_a_flag = re.match(r"--?[^\W\d]", arg) and " " not in arg  # argparse's own rules
+            # as argparse reads a token: a dash and a letter, and no space (-1 and "-a b" are values)
+            looks_like_a_flag = re.match(r"--?[^\W\d]", arg) and " " not in arg
             if looks_like_a_flag and name not in known:
                 close = closest(name, [flag for flag in known if flag.startswith("--")])
                 self.error(f"unrecognized argument {name}" + (f" (did you mean {close}?)" if close else ""))
@@ -124,7 +126,8 @@ def network_error(error: BaseException) -> BaseException | None:
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if names & {cls.__name__ for cls in type(error).__mro__}:
+        from_a_network_library = type(error).__module__ != "builtins"  # not a pipe or a local socket
+        if from_a_network_library and names & {cls.__name__ for cls in type(error).__mro__}:
             return error
         error = error.__cause__ or error.__context__
     return None
@@ -174,6 +177,22 @@ def device(text: str) -> str:
 
 
 # Files the user names: errors say which flag and which file.
+
+
+def check_prompts(prompts: list[str], flag: str = "--prompt") -> list[str]:
+    """Refuse an empty prompt, and one that is not UTF-8 (the shell hands undecodable bytes over as
+    lone surrogates, which no tokenizer takes)."""
+    for number, prompt in enumerate(prompts, 1):
+        which = f"{flag} number {number}" if len(prompts) > 1 else flag
+        if not prompt:
+            raise ValueError(f"{which} is empty: there is nothing to continue")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"{which} is not UTF-8 text (an undecodable byte at character {error.start + 1})"
+            ) from None
+    return prompts
 
 
 def read_text(path: Path, flag: str) -> str:

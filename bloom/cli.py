@@ -3,6 +3,7 @@
 import argparse
 import importlib.util
 import inspect
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from bloom import viz
 from bloom.arguments import (
     USER_ERRORS,
     CommandParser,
+    check_prompts,
     device,
     fail,
     non_negative_int,
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command_parser  # the subcommand's own parser: its usage, its flags
     try:
         return args.run(command, args)
+    except BrokenPipeError:  # the reader of stdout went away (`bloom generate ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 1
     except USER_ERRORS as error:  # what the user typed or pointed at; any other exception is a bug
         fail(command, error)
     except KeyboardInterrupt:
@@ -191,9 +196,7 @@ def load(
 
 
 def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    prompts = args.prompt if args.prompt else read_prompts(args.prompt_file)
-    if "" in prompts:
-        parser.error(f"--prompt number {prompts.index('') + 1} is empty: there is nothing to continue")
+    prompts = check_prompts(args.prompt) if args.prompt else read_prompts(args.prompt_file)
     sampling = {
         name: getattr(args, name)
         for name in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
@@ -259,8 +262,7 @@ def run_perplexity(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 def run_inspect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if importlib.util.find_spec("matplotlib") is None:
         raise ValueError("bloom inspect draws with matplotlib: pip install 'bloom[viz]'")
-    if not args.prompt:
-        parser.error("--prompt is empty")
+    check_prompts([args.prompt])
     output_folder(args.out, "--out")
     model, tokenizer, _ = load(parser, args)
     ids = torch.tensor([tokenizer.encode(args.prompt)], device=args.device)  # (1, T)

@@ -113,6 +113,7 @@ def test_a_checkpoint_without_a_tokenizer_is_refused_before_its_weights(cli, no_
         (["--top-k", "5"], ["--top-k", "only apply when sampling: pass --do-sample"]),
         (["--tp", "0"], ["argument --tp: must be 1 or more, got 0"]),
         (["--prompt", ""], ["--prompt number 2 is empty"]),
+        (["--prompt", "caf\udce9"], ["--prompt number 2 is not UTF-8 text", "character 4"]),  # a shell's b"caf\xe9"
         (["--device", "tpu"], ["argument --device: 'tpu': not a device"]),
         (["--device", "meta"], ["argument --device: 'meta'"]),
         (["--device", "gpu0"], ["argument --device: 'gpu0'"]),
@@ -249,6 +250,26 @@ def test_a_reference_the_hub_cannot_give_says_the_hub_is_unreachable(cli, tiny_m
     result = cli("parity", "--model", tiny_model_folder, "--reference", "bigscience/not-cached")
     assert time.perf_counter() - start < 10  # no retries: transformers used to try for 30 s
     assert_user_error(result, "parity", "--reference bigscience/not-cached", "the huggingface hub is unreachable")
+
+
+@pytest.mark.parametrize("command,args", [("download", []), ("generate", ["--prompt", "x"])])
+def test_a_repo_neither_cached_nor_reachable(cli, no_weights, tmp_path, monkeypatch, command, args):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    repo = ["bigscience/not-cached"] if command == "download" else ["--model", "bigscience/not-cached"]
+    result = cli(command, *repo, *args)
+    assert_user_error(result, command, "bigscience/not-cached", "the huggingface hub is unreachable")
+
+
+def test_a_closed_stdout_ends_quietly(tiny_model_folder):
+    """`bloom generate ... | head -c 10`: the reader goes away, bloom stops without a traceback."""
+    command = [sys.executable, "-m", "bloom", "generate", "--model", str(tiny_model_folder), "--prompt", "x"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before anything is printed
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1 and "Traceback" not in err and "error" not in err, err
 
 
 def test_other_user_errors_from_the_library_are_reported_without_a_traceback(cli, tiny_model_folder, monkeypatch):
