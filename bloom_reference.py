@@ -78,7 +78,7 @@ def reference_folder(args: argparse.Namespace) -> Path:
         return resolve_folder(reference, patterns=[*checkpoint_patterns(), "config.json"], is_complete=is_complete,
                               revision=args.revision)  # fmt: skip
     except OSError as error:
-        raise type(error)(f"{flag} {error}") from error
+        raise OSError(f"{flag} {error}") from error  # from: the hub's own error tells whether it was reachable
 
 
 def run_parity(args: argparse.Namespace, tolerances: dict[torch.dtype, float]) -> int:

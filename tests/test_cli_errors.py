@@ -283,6 +283,15 @@ def test_other_user_errors_from_the_library_are_reported_without_a_traceback(cli
     assert_user_error(result, "generate", "checkpoint in /x does not fit the model of its config.json")
 
 
+def test_ctrl_c_ends_quietly(cli, tiny_model_folder, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bloom.cli, "load_pretrained", interrupted)
+    code, _, err = cli("generate", "--model", tiny_model_folder, "--prompt", "x")
+    assert code == 130 and "Traceback" not in err
+
+
 def test_a_bug_keeps_its_traceback(cli, tiny_model_folder, monkeypatch):
     def bug(*args, **kwargs):
         raise RuntimeError("a bug")
