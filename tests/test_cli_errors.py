@@ -365,8 +365,7 @@ def test_fuzz_bad_command_lines(cli, no_weights, tiny_model_folder, bad_files, m
              "latin1": bad_files / "latin1.txt", "dir": bad_files, "missing": bad_files / "missing",
              "a_file": bad_files / "a_file"}  # fmt: skip
     rng = random.Random(0)
-    start = time.perf_counter()
-    for _ in range(150):
+    for _ in range(400):
         command = rng.choice(list(VALID))
         pool = BAD[command] + ([] if command in ("bench", "download") else BAD["common"])
         parts = [VALID[command], *rng.sample(pool, rng.randint(1, 3))]  # a later flag overrides an earlier one
@@ -374,4 +373,3 @@ def test_fuzz_bad_command_lines(cli, no_weights, tiny_model_folder, bad_files, m
         code, _, err = cli(command, *argv)
         assert code == 2 and "Traceback" not in err, (argv, err)
         assert f"bloom {command}: error: " in err.strip().splitlines()[-1], (argv, err)
-    assert time.perf_counter() - start < 60
