@@ -7,13 +7,16 @@ tokenizer), and every tensor is compared at real (non-padding) positions.
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import BloomForCausalLM
 
 from bloom import generate, load_pretrained, load_tokenizer
+from bloom.arguments import check_prompts
 from bloom.bench import measure
-from bloom.loader import DTYPES
+from bloom.hub import resolve_folder
+from bloom.loader import DTYPES, checkpoint_patterns, is_complete
 from bloom.probe import record
 
 PROMPTS = ["Translate to English: Je t'aime.", "The capital of France is", "def fibonacci(n):"]
@@ -67,17 +70,29 @@ def first_difference(a: torch.Tensor, b: torch.Tensor) -> int | None:
     return None if len(a) == len(b) else n
 
 
+def reference_folder(args: argparse.Namespace) -> Path:
+    """The local folder of the checkpoint transformers loads (--reference, else --model): from the huggingface
+    cache when it is there, so that transformers itself never waits on the network."""
+    reference, flag = (args.reference, "--reference") if args.reference else (args.model, "--model")
+    try:
+        return resolve_folder(reference, patterns=[*checkpoint_patterns(), "config.json"], is_complete=is_complete,
+                              revision=args.revision)  # fmt: skip
+    except OSError as error:
+        raise OSError(f"{flag} {error}") from error  # from: the hub's own error tells whether it was reachable
+
+
 def run_parity(args: argparse.Namespace, tolerances: dict[torch.dtype, float]) -> int:
     """Print the layer table and the greedy comparison; 0 if every layer is within its dtype's tolerance
     (max |ours - theirs| / max |theirs|), else 1."""
+    prompts = check_prompts(args.prompt) if args.prompt else PROMPTS
+    reference = args.reference or args.model
+    hf_folder = reference_folder(args)  # the arguments and files are checked before any weight is read
+    tokenizer = load_tokenizer(args.model, revision=args.revision)
     model = load_pretrained(
         args.model, dtype=args.dtype, device=args.device, revision=args.revision, quantize=args.quantize
     )
     dtype = model.word_embeddings.weight.dtype
-    reference = args.reference or args.model
-    hf = BloomForCausalLM.from_pretrained(reference, dtype=dtype, revision=args.revision).to(args.device).eval()
-    tokenizer = load_tokenizer(args.model, revision=args.revision)
-    prompts = args.prompt or PROMPTS
+    hf = BloomForCausalLM.from_pretrained(hf_folder, dtype=dtype, local_files_only=True).to(args.device).eval()
     ids, mask = (t.to(args.device) for t in tokenizer.batch_encode(prompts))
     tolerance = tolerances[dtype]
 

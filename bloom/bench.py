@@ -21,13 +21,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bloom.config import BloomConfig
+from bloom.arguments import USER_ERRORS, CommandParser, device, fail, int_at_least, positive_int
+from bloom.config import PRESETS, BloomConfig
 from bloom.decoder import Decoder
 from bloom.generate import generate
 from bloom.loader import DTYPES, load_pretrained
 from bloom.model import Bloom
 
 IMPLEMENTATIONS = ("ours", "ours-int8", "transformers")
+PROG = "bloom bench"
 
 
 def rss_gb() -> float:
@@ -130,8 +132,10 @@ def run_worker(impl: str, args: argparse.Namespace) -> dict:
                "--new-tokens", str(args.new_tokens), "--reps", str(args.reps),
                "--compile" if args.compile else "--no-compile"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"the {impl} worker failed:\n{result.stderr[-3000:]}")
+    if result.returncode != 0:  # its traceback's last line says what failed; the command shows the rest
+        last_line = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+        last_line = last_line.removeprefix(f"{PROG}: error: ")
+        raise ChildProcessError(f"the {impl} worker failed: {last_line} (rerun it alone: {' '.join(command)})")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -168,7 +172,10 @@ def table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    return run(parser, parser.parse_args(argv))
+    try:
+        return run(parser, parser.parse_args(argv))
+    except USER_ERRORS as error:  # a worker's last line is then `bloom bench: error: ...`
+        fail(parser, error)
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -204,7 +211,7 @@ def _transformers_worker() -> Callable[[argparse.Namespace], dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bloom bench", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog=PROG, description=__doc__.split("\n\n")[0])
     add_bench_arguments(parser)
     parser.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     return parser
@@ -212,16 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint folder or hub repo id")
-    parser.add_argument("--shape", help="instead of --model: a preset name (bloom-560m, bloom-7b1, ...) to build "
-                        "with random weights")  # fmt: skip
+    parser.add_argument("--shape", choices=PRESETS, metavar="PRESET", help="instead of --model: a preset name "
+                        "(bloom-560m, bloom-7b1, ...) to build with random weights")  # fmt: skip
     parser.add_argument("--build-dir", help="where --shape checkpoints are built and kept (default: the temp dir)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16", help="default bf16")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--batch-size", type=int, default=1, help="default 1")
-    parser.add_argument("--prompt-len", type=int, default=128, help="default 128")
-    parser.add_argument("--new-tokens", type=int, default=128, help="default 128")
-    parser.add_argument("--reps", type=int, default=2, help="timed repetitions per process (default 2)")
-    parser.add_argument("--runs", type=int, default=2, help="fresh processes per implementation (default 2)")
+    parser.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="default 1")
+    parser.add_argument("--prompt-len", type=positive_int, default=128, help="default 128")
+    parser.add_argument("--new-tokens", type=int_at_least(2), default=128, help="2 or more (default 128)")
+    parser.add_argument("--reps", type=positive_int, default=2, help="timed repetitions per process (default 2)")
+    parser.add_argument("--runs", type=positive_int, default=2, help="fresh processes per implementation (default 2)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="ours decodes with a compiled step (bloom.decoder.Decoder); default: eager")  # fmt: skip
     parser.add_argument("--quantize", choices=["int8"], help="also measure ours with int8 weights (ours-int8), "

@@ -3,6 +3,7 @@
 import argparse
 import importlib.util
 import inspect
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,18 @@ import torch.distributed as dist
 
 import bloom.bench
 from bloom import viz
+from bloom.arguments import (
+    USER_ERRORS,
+    CommandParser,
+    check_prompts,
+    device,
+    fail,
+    non_negative_int,
+    output_folder,
+    positive_int,
+    read_text,
+    seed,
+)
 from bloom.decoder import Decoder
 from bloom.generate import check_sampling, generate
 from bloom.hub import resolve_folder
@@ -43,20 +56,24 @@ DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(gen
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    command = args.command_parser  # the subcommand's own parser: its usage, its flags
     try:
-        return args.run(parser, args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as error:
-        print(f"bloom: error: {error}", file=sys.stderr)
+        return args.run(command, args)
+    except BrokenPipeError:  # the reader of stdout went away (`bloom generate ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 1
+    except USER_ERRORS as error:  # what the user typed or pointed at; any other exception is a bug
+        fail(command, error)
+    except KeyboardInterrupt:
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bloom", description="BLOOM language models in plain PyTorch.")
+    parser = CommandParser(prog="bloom", description="BLOOM language models in plain PyTorch.")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     gen = commands.add_parser(
@@ -69,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     prompts = gen.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
     prompts.add_argument("--prompt-file", type=Path, help="a file with one prompt per line")
-    gen.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help=f"default {MAX_NEW_TOKENS}")
+    gen.add_argument(
+        "--max-new-tokens", type=non_negative_int, default=MAX_NEW_TOKENS, help=f"default {MAX_NEW_TOKENS}"
+    )
     # Sampling options default to None, meaning "generate()'s own default": defaults live in one place.
     gen.add_argument("--do-sample", action="store_true", help="sample instead of taking the most likely token")
     gen.add_argument(
@@ -84,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--tp", type=positive_int, default=1, help="split the model over this many processes, launched "
                          "with torchrun --nproc-per-node TP (default 1)")  # fmt: skip
-    gen.add_argument("--seed", type=int, help="make sampling reproducible")
+    gen.add_argument("--seed", type=seed, help="make sampling reproducible (0 to 2**64 - 1)")
     gen.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                      help="decode with a compiled step: a slow first token, then faster (default: eager)")  # fmt: skip
     gen.set_defaults(run=run_generate)
@@ -124,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parity)
     parity.add_argument("--reference", help="the checkpoint transformers loads (default: --model)")
     parity.add_argument("--prompt", action="append", help="a prompt; repeat for several (default: three built in)")
-    parity.add_argument("--max-new-tokens", type=int, default=PARITY_NEW_TOKENS, help=f"default {PARITY_NEW_TOKENS}")
+    parity.add_argument(
+        "--max-new-tokens", type=non_negative_int, default=PARITY_NEW_TOKENS, help=f"default {PARITY_NEW_TOKENS}"
+    )
     parity.set_defaults(run=run_parity)
 
     bench = commands.add_parser(
@@ -166,57 +187,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
-
-
 def add_model_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--model", required=True, help="checkpoint folder or hub repo id, e.g. bigscience/bloomz-560m")
     command.add_argument("--revision", help="branch, tag or commit of a hub repo")
     command.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the checkpoint's stored dtype")
-    command.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    command.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     command.add_argument("--quantize", choices=["int8"], help="int8 weights for the blocks' linear layers")
 
 
-def load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Bloom, BloomTokenizer, float]:
-    """The model and tokenizer the arguments name, and the seconds it took to load them."""
-    try:
-        torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device {args.device}: not a device torch knows (cpu, cuda, cuda:1, ...)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+def load(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, tokenizer: BloomTokenizer | None = None
+) -> tuple[Bloom, BloomTokenizer, float]:
+    """The model and tokenizer the arguments name (the tokenizer unless given), and the seconds it took.
+
+    The tokenizer comes first: it is small, and a checkpoint without one fails before its weights are read.
+    """
     tp = getattr(args, "tp", 1)  # only `generate` takes --tp
     if tp > 1:
         args.device = join_process_group(tp, args.device)
     start = time.perf_counter()
+    tokenizer = tokenizer or load_tokenizer(args.model, revision=args.revision)
     dtype = args.dtype and DTYPES[args.dtype]
     model = load_pretrained(
         args.model, dtype=dtype, device=args.device, revision=args.revision, progress=is_main(),
         quantize=args.quantize, tensor_parallel=tp > 1,
     )  # fmt: skip
-    tokenizer = load_tokenizer(args.model, revision=args.revision)
     return model, tokenizer, time.perf_counter() - start
 
 
 def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    prompts = args.prompt if args.prompt else read_prompts(args.prompt_file)
-    if "" in prompts:
-        parser.error(f"--prompt number {prompts.index('') + 1} is empty: there is nothing to continue")
+    prompts = check_prompts(args.prompt) if args.prompt else read_prompts(args.prompt_file)
     sampling = {
         name: getattr(args, name)
         for name in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
         if getattr(args, name) is not None
     }
-    try:  # refuse bad arguments before spending time on loading
-        settings = DEFAULTS | sampling
-        check_sampling(args.do_sample, settings["temperature"], settings["top_k"], settings["top_p"],
-                       settings["repetition_penalty"], args.max_new_tokens)  # fmt: skip
-    except ValueError as error:
-        parser.error(str(error))
+    settings = DEFAULTS | sampling  # refuse bad arguments before spending time on loading
+    check_sampling(args.do_sample, settings["temperature"], settings["top_k"], settings["top_p"],
+                   settings["repetition_penalty"], args.max_new_tokens)  # fmt: skip
     model, tokenizer, load_seconds = load(parser, args)
     if args.tp > 1 and args.do_sample and args.seed is None:
         sampling["seed"] = shared_seed()
@@ -255,15 +263,16 @@ def is_main() -> bool:
 
 
 def run_perplexity(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    try:
-        text = args.file.read_text(encoding="utf-8")
-    except OSError as error:
-        raise FileNotFoundError(f"--file {args.file}: {error.strerror}") from None
+    text = read_text(args.file, "--file")
     if not 0 < args.stride <= args.context:
         parser.error(f"--stride must be between 1 and --context ({args.context}), got {args.stride}")
-    model, tokenizer, _ = load(parser, args)
+    tokenizer = load_tokenizer(args.model, revision=args.revision)
+    token_ids = tokenizer.encode(text)
+    if len(token_ids) < 2:  # found before the weights are read
+        raise ValueError(f"--file {args.file}: {len(token_ids)} token(s); perplexity needs at least 2")
+    model, _, _ = load(parser, args, tokenizer)
     result = perplexity(
-        model, tokenizer.encode(text), context=args.context, stride=args.stride, batch_size=args.batch_size,
+        model, token_ids, context=args.context, stride=args.stride, batch_size=args.batch_size,
         progress=True,
     )  # fmt: skip
     print(f"perplexity {result.perplexity:.4f} | {result.n_scored} tokens scored in {result.n_windows} windows")
@@ -273,11 +282,10 @@ def run_perplexity(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 def run_inspect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if importlib.util.find_spec("matplotlib") is None:
         raise ValueError("bloom inspect draws with matplotlib: pip install 'bloom[viz]'")
+    check_prompts([args.prompt])
+    output_folder(args.out, "--out")
     model, tokenizer, _ = load(parser, args)
     ids = torch.tensor([tokenizer.encode(args.prompt)], device=args.device)  # (1, T)
-    if ids.shape[1] == 0:
-        parser.error("--prompt is empty")
-    args.out.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode(), record(model, "h.*.self_attention.probs") as seen:
         model(ids)
     labels = [readable(tokenizer.decode([i])) for i in ids[0].tolist()]
@@ -387,10 +395,7 @@ class StdoutStream:
 
 
 def read_prompts(path: Path) -> list[str]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise FileNotFoundError(f"--prompt-file {path}: {error.strerror}") from None
+    lines = read_text(path, "--prompt-file").splitlines()
     prompts = [line for line in lines if line.strip()]
     if not prompts:
         raise ValueError(f"--prompt-file {path}: no prompts (one per line)")

@@ -98,32 +98,6 @@ def test_dtype(tiny_model_folder, dtype):
     assert len(result.stdout.splitlines()) == 2
 
 
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["--do-sample", "--temperature", "0"], "temperature must be a finite number > 0"),
-        (["--do-sample", "--temperature", "nan"], "temperature must be a finite number > 0"),
-        (["--repetition-penalty", "inf"], "repetition_penalty must be a finite number > 0"),
-        (["--prompt", ""], "--prompt number 2 is empty"),
-        (["--tp", "0"], "--tp: must be 1 or more, got 0"),
-        (["--device", "gpu0"], "--device gpu0: not a device torch knows"),
-        (["--do-sample", "--top-p", "1.5"], "top_p must be in (0, 1]"),
-        (["--do-sample", "--top-k", "0"], "top_k must be >= 1"),
-        (["--top-k", "5"], "do_sample=True"),
-        (["--max-new-tokens", "-2"], "max_new_tokens"),
-        (["--dtype", "int8"], "invalid choice"),
-        (["--device", "cuda"], "CUDA is not available"),
-    ],
-)
-def test_bad_arguments_fail_before_loading(tiny_model_folder, args, message):
-    if args[0] == "--device" and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    result = bloom("generate", "--model", str(tiny_model_folder), "--prompt", "x", *args)
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert "Loading weights" not in result.stderr
-
-
 def test_prompt_and_prompt_file_are_exclusive(tiny_model_folder, tmp_path):
     result = bloom("generate", "--model", str(tiny_model_folder), "--prompt", "x", "--prompt-file", str(tmp_path / "p"))
     assert result.returncode == 2 and "not allowed with" in result.stderr
@@ -131,10 +105,10 @@ def test_prompt_and_prompt_file_are_exclusive(tiny_model_folder, tmp_path):
 
 def test_missing_model_and_empty_prompt_file(tmp_path):
     result = bloom("generate", "--model", str(tmp_path / "nope"), "--prompt", "x")
-    assert result.returncode == 1 and "no such folder" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "no such folder" in result.stderr and "Traceback" not in result.stderr
     (tmp_path / "empty.txt").write_text("\n\n")
     result = bloom("generate", "--model", str(tmp_path), "--prompt-file", str(tmp_path / "empty.txt"))
-    assert result.returncode == 1 and "no prompts" in result.stderr
+    assert result.returncode == 2 and "no prompts" in result.stderr
 
 
 def test_download_from_the_local_cache(tiny_model_folder, tmp_path):

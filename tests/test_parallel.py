@@ -118,4 +118,4 @@ def test_tensor_parallel_needs_a_process_group(sharded_checkpoint):
 def test_tp_without_torchrun_is_refused(tiny_model_folder):
     result = subprocess.run([sys.executable, "-m", "bloom", "generate", "--model", str(tiny_model_folder),
                              "--prompt", "x", "--tp", "2"], capture_output=True, text=True)  # fmt: skip
-    assert result.returncode == 1 and "torchrun --nproc-per-node 2" in result.stderr
+    assert result.returncode == 2 and "torchrun --nproc-per-node 2" in result.stderr

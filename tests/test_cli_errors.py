@@ -1,0 +1,375 @@
+"""Every user error on the `bloom` command line ends in `bloom CMD: error: ...` naming the flag or file at
+fault, with the subcommand's usage and exit status 2, before any weight is read, and never in a traceback.
+
+Run in-process through bloom.cli.main (fast); as a subprocess only where a process boundary is the point
+(torchrun, the bench worker).
+"""
+
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import bloom.bench
+import bloom.cli
+from bloom.arguments import CommandParser, in_flags
+from bloom.cli import main
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `bloom ARGS...` in this process: (exit status, stdout, stderr)."""
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        try:
+            code = main([str(arg) for arg in argv])
+        except SystemExit as exit:
+            code = exit.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fail the test if any weights are loaded: every error here must come before that."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the arguments were checked")
+
+    monkeypatch.setattr(bloom.cli, "load_pretrained", refuse)
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    (tmp_path / "a_file").write_text("not a folder")
+    return tmp_path
+
+
+def assert_user_error(result, command: str, *names: str) -> str:
+    code, _, err = result
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert f"usage: bloom {command} " in err and f"\nbloom {command}: error: " in err, err  # its usage, not bloom's
+    message = err.split(": error: ", 1)[1]
+    for name in names:
+        assert name in message, (name, message)
+    return message
+
+
+@pytest.mark.parametrize("command,flag", [("generate", "--prompt-file"), ("perplexity", "--file")])
+def test_unreadable_files_are_named(cli, no_weights, tiny_model_folder, bad_files, command, flag):
+    for path, why in [
+        (bad_files / "latin1.txt", "not UTF-8 text (byte 0xe9 at offset 3)"),
+        (bad_files, "Is a directory"),
+        (bad_files / "missing.txt", "No such file or directory"),
+    ]:
+        result = cli(command, "--model", tiny_model_folder, flag, path)
+        assert_user_error(result, command, f"{flag} {path}: {why}")
+
+
+def test_a_text_too_short_to_score_is_named_before_loading(cli, no_weights, tiny_model_folder, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    result = cli("perplexity", "--model", tiny_model_folder, "--file", tmp_path / "empty.txt")
+    assert_user_error(result, "perplexity", f"--file {tmp_path / 'empty.txt'}: 0 token(s)")
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_loading(cli, no_weights, tiny_model_folder, bad_files):
+    file = bad_files / "a_file"
+    for out, why in [(file, "a file, not a folder"), (file / "pictures", "cannot write there")]:
+        result = cli("inspect", "--model", tiny_model_folder, "--prompt", "x", "--out", out)
+        assert_user_error(result, "inspect", f"--out {out}: {why}")
+    if os.path.isdir("/proc/self"):  # a folder even root cannot write in
+        assert_user_error(cli("inspect", "--model", tiny_model_folder, "--prompt", "x", "--out", "/proc/self"),
+                          "inspect", "--out /proc/self: cannot write there")  # fmt: skip
+
+
+def test_a_checkpoint_without_a_tokenizer_is_refused_before_its_weights(cli, no_weights, tiny_model_folder, tmp_path):
+    folder = tmp_path / "no_tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).symlink_to(tiny_model_folder / name)
+    assert_user_error(cli("generate", "--model", folder, "--prompt", "x"), "generate", str(folder), "tokenizer.json")
+
+
+@pytest.mark.parametrize(
+    "args,names",
+    [
+        (["--seed", str(2**70)], ["argument --seed", "between 0 and 2**64 - 1"]),
+        (["--seed", "-1"], ["argument --seed"]),
+        (["--max-new-tokens", "-2"], ["argument --max-new-tokens", "0 or more"]),
+        (["--do-sample", "--top-p", "1.5"], ["--top-p must be in (0, 1], got 1.5"]),
+        (["--do-sample", "--top-p", "0"], ["--top-p must be in (0, 1]"]),
+        (["--do-sample", "--top-k", "0"], ["--top-k must be >= 1, got 0"]),
+        (["--do-sample", "--temperature", "nan"], ["--temperature must be a finite number > 0"]),
+        (["--do-sample", "--temperature", "0"], ["--temperature must", "(greedy: without --do-sample)"]),
+        (["--repetition-penalty", "inf"], ["--repetition-penalty must be a finite number > 0"]),
+        (["--top-k", "5"], ["--top-k", "only apply when sampling: pass --do-sample"]),
+        (["--tp", "0"], ["argument --tp: must be 1 or more, got 0"]),
+        (["--prompt", ""], ["--prompt number 2 is empty"]),
+        (["--prompt", "caf\udce9"], ["--prompt number 2 is not UTF-8 text", "character 4"]),  # a shell's b"caf\xe9"
+        (["--device", "tpu"], ["argument --device: 'tpu': not a device"]),
+        (["--device", "meta"], ["argument --device: 'meta'"]),
+        (["--device", "gpu0"], ["argument --device: 'gpu0'"]),
+        (["--dtype", "int8"], ["argument --dtype: invalid choice: 'int8'"]),
+        (["--dtype", "bf61"], ["did you mean 'bf16'?"]),
+    ],
+)
+def test_bad_generate_arguments_name_the_flag_as_typed(cli, no_weights, tiny_model_folder, args, names):
+    message = assert_user_error(
+        cli("generate", "--model", tiny_model_folder, "--prompt", "x", *args), "generate", *names
+    )
+    for library_name in ("do_sample", "top_k", "top_p", "max_new_tokens", "repetition_penalty"):
+        assert library_name not in message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:7"])
+def test_cuda_without_a_gpu(cli, no_weights, tiny_model_folder, device):
+    result = cli("generate", "--model", tiny_model_folder, "--prompt", "x", "--device", device)
+    assert_user_error(result, "generate", f"argument --device: {device}: CUDA is not available")
+
+
+def test_a_gpu_this_machine_does_not_have(cli, no_weights, tiny_model_folder, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    result = cli("generate", "--model", tiny_model_folder, "--prompt", "x", "--device", "cuda:7")
+    assert_user_error(result, "generate", "cuda:7: this machine has 2 GPU(s), cuda:0 to cuda:1")
+
+
+@pytest.mark.parametrize(
+    "args,names",
+    [
+        (["--stride", "0"], ["--stride must be between 1 and --context"]),
+        (["--context", "8", "--stride", "9"], ["--stride", "--context (8)", "got 9"]),
+        (["--context", "0"], ["argument --context: must be 1 or more"]),
+        (["--batch-size", "-1"], ["argument --batch-size"]),
+    ],
+)
+def test_bad_perplexity_numbers(cli, no_weights, tiny_model_folder, tmp_path, args, names):
+    (tmp_path / "text.txt").write_text("some text to score")
+    result = cli("perplexity", "--model", tiny_model_folder, "--file", tmp_path / "text.txt", *args)
+    assert_user_error(result, "perplexity", *names)
+
+
+@pytest.mark.parametrize(
+    "args,names",
+    [
+        (["--batch-size", "0"], ["argument --batch-size"]),
+        (["--new-tokens", "1"], ["argument --new-tokens: must be 2 or more"]),
+        (["--reps", "0"], ["argument --reps"]),
+        (["--runs", "-2"], ["argument --runs"]),
+        (["--device", "tpu"], ["argument --device"]),
+        (["--shape", "bloom-560"], ["argument --shape", "did you mean 'bloom-560m'?"]),
+    ],
+)
+def test_bad_bench_numbers(cli, monkeypatch, args, names):
+    monkeypatch.setattr(bloom.bench, "run_worker", lambda *a: pytest.fail("a worker was started"))
+    assert_user_error(cli("bench", *args), "bench", *names)
+
+
+@pytest.mark.parametrize(
+    "command,args,typo,suggestion",
+    [
+        ("generate", ["--prompt", "x", "--max-new-token", "3"], "--max-new-token", "--max-new-tokens"),
+        ("generate", ["--promt", "x"], "--promt", "--prompt"),  # before "one of --prompt --prompt-file is required"
+        ("generate", ["--prompt", "x", "--do_sample"], "--do_sample", "--do-sample"),
+        ("generate", ["--prompt", "x", "--temperature=0.5", "--top_p=0.9"], "--top_p", "--top-p"),
+        ("perplexity", ["--file", "f.txt", "--strid", "3"], "--strid", "--stride"),
+        ("inspect", ["--prompt", "x", "--output", "o"], "--output", "--out"),
+        ("parity", ["--refrence", "r"], "--refrence", "--reference"),
+        ("bench", ["--shape", "bloom-560m", "--new_tokens", "3"], "--new_tokens", "--new-tokens"),
+    ],
+)
+def test_a_mistyped_flag_is_named_with_the_closest_one(cli, no_weights, command, args, typo, suggestion):
+    model = [] if command == "bench" else ["--model", "m"]
+    result = cli(command, *model, *args)
+    assert_user_error(result, command, f"unrecognized argument {typo} (did you mean {suggestion}?)")
+
+
+def test_a_prefix_is_not_a_flag(cli, no_weights, tiny_model_folder):
+    result = cli("generate", "--model", tiny_model_folder, "--prompt", "x", "--max", "3")
+    assert_user_error(result, "generate", "unrecognized argument --max (did you mean --max-new-tokens?)")
+
+
+def test_a_stray_argument_gets_the_subcommands_usage(cli):
+    assert_user_error(cli("download", "bigscience/bloom-560m", "extra"), "download", "unrecognized arguments: extra")
+
+
+def test_a_mistyped_subcommand_is_named_with_the_closest_one(cli):
+    code, _, err = cli("generat", "--model", "m")
+    assert code == 2 and "Traceback" not in err
+    assert "invalid choice: 'generat'" in err and "did you mean 'generate'?" in err
+
+
+def test_library_argument_names_become_flags():
+    parser = CommandParser(prog="bloom perplexity")
+    for flag in ("--model", "--context", "--stride", "--batch-size", "--do-sample"):
+        parser.add_argument(flag, action="store_true" if flag == "--do-sample" else "store")
+    cases = {
+        "stride must be in [1, context=1024], got 0": "--stride must be in [1, --context 1024], got 0",
+        "batch_size must be 1 or more, got 0": "--batch-size must be 1 or more, got 0",
+        "pass do_sample=True": "pass --do-sample",
+        "context must be 1 or more": "--context must be 1 or more",
+        # words that are also flags stay words in prose; flags already written as flags stay as they are
+        "the weights do not fit the model of its config.json": "the weights do not fit the model of its config.json",
+        "this export has another context; choose another --stride": "this export has another context; choose "
+        "another --stride",
+        "args.batch_size_max is unknown": "args.batch_size_max is unknown",
+    }
+    for library, cli_message in cases.items():
+        assert in_flags(library, parser) == cli_message
+
+
+def test_a_missing_reference_fails_fast_before_any_model_is_loaded(cli, tiny_model_folder, monkeypatch):
+    pytest.importorskip("transformers")
+    import bloom_reference
+
+    monkeypatch.setattr(bloom_reference, "load_pretrained", lambda *a, **k: pytest.fail("ours was loaded"))
+    missing = tiny_model_folder.parent / "no_such_reference"
+    result = cli("parity", "--model", tiny_model_folder, "--reference", missing)
+    assert_user_error(result, "parity", f"--reference {missing}: no such folder")
+
+
+def test_a_reference_the_hub_cannot_give_says_the_hub_is_unreachable(cli, tiny_model_folder, tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    import huggingface_hub.constants
+
+    import bloom_reference
+
+    monkeypatch.setattr(bloom_reference, "load_pretrained", lambda *a, **k: pytest.fail("ours was loaded"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 does
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    start = time.perf_counter()
+    result = cli("parity", "--model", tiny_model_folder, "--reference", "bigscience/not-cached")
+    assert time.perf_counter() - start < 10  # no retries: transformers used to try for 30 s
+    assert_user_error(result, "parity", "--reference bigscience/not-cached", "the huggingface hub is unreachable")
+
+
+@pytest.mark.parametrize("command,args", [("download", []), ("generate", ["--prompt", "x"])])
+def test_a_repo_neither_cached_nor_reachable(cli, no_weights, tmp_path, monkeypatch, command, args):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    repo = ["bigscience/not-cached"] if command == "download" else ["--model", "bigscience/not-cached"]
+    result = cli(command, *repo, *args)
+    assert_user_error(result, command, "bigscience/not-cached", "the huggingface hub is unreachable")
+
+
+def test_a_closed_stdout_ends_quietly(tiny_model_folder):
+    """`bloom generate ... | head -c 10`: the reader goes away, bloom stops without a traceback."""
+    command = [sys.executable, "-m", "bloom", "generate", "--model", str(tiny_model_folder), "--prompt", "x"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before anything is printed
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1 and "Traceback" not in err and "error" not in err, err
+
+
+def test_other_user_errors_from_the_library_are_reported_without_a_traceback(cli, tiny_model_folder, monkeypatch):
+    """An error found while working (here: the checkpoint) is reported as one, under the subcommand."""
+
+    def bad_checkpoint(*args, **kwargs):
+        raise ValueError("checkpoint in /x does not fit the model of its config.json: h.0 missing")
+
+    monkeypatch.setattr(bloom.cli, "load_pretrained", bad_checkpoint)
+    result = cli("generate", "--model", tiny_model_folder, "--prompt", "x")
+    assert_user_error(result, "generate", "checkpoint in /x does not fit the model of its config.json")
+
+
+def test_ctrl_c_ends_quietly(cli, tiny_model_folder, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bloom.cli, "load_pretrained", interrupted)
+    code, _, err = cli("generate", "--model", tiny_model_folder, "--prompt", "x")
+    assert code == 130 and "Traceback" not in err
+
+
+def test_a_bug_keeps_its_traceback(cli, tiny_model_folder, monkeypatch):
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(bloom.cli, "load_pretrained", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["generate", "--model", str(tiny_model_folder), "--prompt", "x"])
+
+
+def test_a_failing_bench_worker_is_reported_in_one_line(cli, tiny_model_folder, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((tiny_model_folder / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")  # a header, no tensors
+    result = cli("bench", "--model", broken, "--runs", "1", "--reps", "1", "--prompt-len", "2", "--new-tokens", "2")
+    message = assert_user_error(result, "bench", "the ours worker failed: ", str(broken), "--worker ours")
+    assert len(message.strip().splitlines()) == 1  # what failed, and the command that shows more
+
+
+def test_torchrun_tensor_parallel_user_error(tiny_model_folder, bad_files):
+    """Under torchrun each process reports the error in one line; no traceback comes from bloom. (torchrun's
+    launcher then prints its own ChildFailedError report, which bloom cannot silence.)"""
+    prompt_file = bad_files / "latin1.txt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "bloom", "generate",
+               "--model", str(tiny_model_folder), "--tp", "2", "--prompt-file", str(prompt_file)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count(f"bloom generate: error: --prompt-file {prompt_file}: not UTF-8 text") == 2
+    assert f"{os.sep}bloom{os.sep}" not in "".join(line for line in result.stderr.splitlines() if "File " in line)
+
+
+BAD = {  # fragments that each make a command line wrong
+    "common": [["--device", "tpu"], ["--device", "cuda:99"], ["--dtype", "fp8"], ["--quantize", "int4"],
+               ["--modle", "x"], ["--revision"], ["--model", "/no/such/folder"], ["-x"], ["--", "extra"]],
+    "generate": [["--seed", str(2**70)], ["--seed", "-1"], ["--max-new-tokens", "-5"], ["--max-new-tokens", "1e3"],
+                 ["--top-p", "0"], ["--do-sample", "--top-p", "1.5"], ["--do-sample", "--top-p", "nan"],
+                 ["--top-k", "0"], ["--do-sample", "--top-k", "-3"], ["--do-sample", "--temperature", "0"],
+                 ["--do-sample", "--temperature", "inf"], ["--repetition-penalty", "-1"], ["--tp", "0"],
+                 ["--tp", "3"], ["--prompt", ""], ["--prompt-file", "{latin1}"], ["--prompt-file", "{dir}"],
+                 ["--prompt-file", "{missing}"], ["--promt", "x"], ["--temperature", "hot"]],
+    "perplexity": [["--file", "{latin1}"], ["--file", "{dir}"], ["--stride", "0"], ["--stride", "99999"],
+                   ["--context", "0"], ["--batch-size", "0"], ["--context", "-1"], ["--strde", "2"]],
+    "inspect": [["--out", "{a_file}"], ["--out", "{a_file}/sub"], ["--prompt", ""], ["--outt", "x"]],
+    "parity": [["--reference", "{missing}"], ["--max-new-tokens", "-1"], ["--prompt", ""]],
+    "bench": [["--batch-size", "0"], ["--new-tokens", "1"], ["--reps", "0"], ["--runs", "-2"],
+              ["--shape", "bloom-9b"], ["--model", "m", "--shape", "bloom-560m"], ["--device", "tpu"],
+              ["--prompt-len", "x"]],
+    "download": [["--revison", "x"], ["extra"], ["--model", "m"]],
+}  # fmt: skip
+VALID = {  # the rest of each command line
+    "generate": ["--model", "{model}", "--prompt", "x"],
+    "perplexity": ["--model", "{model}", "--file", "{text}"],
+    "inspect": ["--model", "{model}", "--prompt", "x", "--out", "{out}"],
+    "parity": ["--model", "{model}"],
+    "bench": ["--shape", "bloom-560m"],
+    "download": ["bigscience/bloom-560m"],
+}
+
+
+def test_fuzz_bad_command_lines(cli, no_weights, tiny_model_folder, bad_files, monkeypatch):
+    """Random command lines with one to three wrong parts: each ends in exit status 2 and a `bloom CMD: error:`
+    line, with nothing loaded."""
+    pytest.importorskip("transformers")  # parity
+    import bloom_reference
+
+    monkeypatch.setattr(bloom_reference, "load_pretrained", lambda *a, **k: pytest.fail("ours was loaded"))
+    monkeypatch.setattr(bloom.bench, "run_worker", lambda *a: pytest.fail("a bench worker was started"))
+    monkeypatch.setattr(bloom.cli, "resolve_folder", lambda *a, **k: pytest.fail("download started"))
+    (bad_files / "text.txt").write_text("some text")
+    paths = {"model": tiny_model_folder, "text": bad_files / "text.txt", "out": bad_files / "pictures",
+             "latin1": bad_files / "latin1.txt", "dir": bad_files, "missing": bad_files / "missing",
+             "a_file": bad_files / "a_file"}  # fmt: skip
+    rng = random.Random(0)
+    for _ in range(400):
+        command = rng.choice(list(VALID))
+        pool = BAD[command] + ([] if command in ("bench", "download") else BAD["common"])
+        parts = [VALID[command], *rng.sample(pool, rng.randint(1, 3))]  # a later flag overrides an earlier one
+        argv = [arg.format(**paths) for part in parts for arg in part]
+        code, _, err = cli(command, *argv)
+        assert code == 2 and "Traceback" not in err, (argv, err)
+        assert f"bloom {command}: error: " in err.strip().splitlines()[-1], (argv, err)
