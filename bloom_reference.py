@@ -1,6 +1,6 @@
 """transformers' BLOOM as the reference: `bloom parity` (layer by layer) and the reference side of `bloom bench`.
 
-The only module of this distribution, tests aside, that imports transformers (`pip install "bloom[parity]"`);
+The only module of this distribution, tests aside, that imports transformers (`pip install -e ".[parity]"`);
 the `bloom` package itself never does. In the parity table both models see the same token ids (our
 tokenizer), and every tensor is compared at real (non-padding) positions.
 """

@@ -1,4 +1,4 @@
-"""The `bloom` command line: generate, perplexity, inspect, parity, bench, download."""
+"""The `bloom` command line: generate, perplexity, inspect, parity, bench, download, evaluate."""
 
 import argparse
 import importlib.util
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="score the model on lm-evaluation-harness tasks (needs lm-eval)",
         description="Run EleutherAI's lm-evaluation-harness on the model (bloom.evaluation.BloomLM) and print "
         "its results table. Task names are the harness's (lambada_openai, hellaswag, piqa, ...) or those of "
-        "task YAML files in --include-path. Install the harness with: pip install 'bloom[eval]'",
+        "task YAML files in --include-path. Install the harness with: pip install -e '.[eval]'",
     )
     add_model_arguments(evaluate)
     evaluate.add_argument("--tasks", required=True, help="comma-separated task names, e.g. lambada_openai,piqa")
@@ -281,7 +281,7 @@ def run_perplexity(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 def run_inspect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if importlib.util.find_spec("matplotlib") is None:
-        raise ValueError("bloom inspect draws with matplotlib: pip install 'bloom[viz]'")
+        raise ValueError("bloom inspect draws with matplotlib: pip install -e '.[viz]'")
     check_prompts([args.prompt])
     output_folder(args.out, "--out")
     model, tokenizer, _ = load(parser, args)
@@ -313,7 +313,7 @@ def run_parity(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     try:
         import bloom_reference  # imports transformers, which the bloom package itself never does
     except ImportError as error:
-        raise ValueError(f"bloom parity needs transformers ({error}): pip install 'bloom[parity]'") from None
+        raise ValueError(f"bloom parity needs transformers ({error}): pip install -e '.[parity]'") from None
     return bloom_reference.run_parity(args, PARITY_TOLERANCES)
 
 
@@ -327,7 +327,9 @@ def run_evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
 
         from bloom.evaluation import BloomLM
     except ImportError as error:
-        raise ValueError(f"bloom evaluate runs lm-evaluation-harness ({error}): pip install 'bloom[eval]'") from None
+        raise ValueError(
+            f"bloom evaluate runs lm-evaluation-harness ({error}): pip install -e '.[eval]'"
+        ) from None
     tasks = [task for task in args.tasks.split(",") if task]
     if not tasks:
         parser.error("--tasks names no task")

@@ -23,7 +23,7 @@ def _figure(figsize: tuple[float, float]):
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise ImportError("pictures need matplotlib: pip install 'bloom[viz]'") from None
+        raise ImportError("pictures need matplotlib: pip install -e '.[viz]'") from None
     return Figure(figsize=figsize, dpi=DPI)
 
 

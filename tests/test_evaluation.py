@@ -235,9 +235,11 @@ def test_evaluate_command_help_and_bad_tasks(task_folder, local_tasks_only, caps
         assert flag in printed
     # The task names are checked before the model is loaded: this folder does not exist.
     argv = ["evaluate", "--model", str(tmp_path / "nowhere"), "--tasks", "tiny_mc,tiny_nope"]
-    assert main([*argv, "--include-path", str(task_folder)]) == 1
-    assert capsys.readouterr().err == (
-        f"bloom: error: --tasks: tiny_nope: not a task of the harness nor in --include-path {task_folder} "
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--include-path", str(task_folder)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        f"bloom evaluate: error: --tasks: tiny_nope: not a task of the harness nor in --include-path {task_folder} "
         "(lm-eval ls tasks)\n"
     )
 
@@ -256,5 +258,7 @@ def test_evaluate_command_without_the_harness(tiny_model_folder, capsys, monkeyp
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
     monkeypatch.delitem(sys.modules, "bloom.evaluation")
-    assert main(["evaluate", "--model", str(tiny_model_folder), "--tasks", "tiny_mc"]) == 1
-    assert "pip install 'bloom[eval]'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--model", str(tiny_model_folder), "--tasks", "tiny_mc"])
+    assert exit_.value.code == 2
+    assert "pip install -e '.[eval]'" in capsys.readouterr().err
