@@ -1,4 +1,4 @@
-"""The `bloom` command line: generate, perplexity, inspect, parity, bench, download."""
+"""The `bloom` command line: generate, perplexity, activations, inspect, parity, bench, download."""
 
 import argparse
 import importlib.util
@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import bloom.activations
 import bloom.bench
 from bloom import viz
 from bloom.decoder import Decoder
@@ -114,6 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_.add_argument("--prompt", required=True)
     inspect_.add_argument("--out", type=Path, required=True, help="folder for the pictures (created if needed)")
     inspect_.set_defaults(run=run_inspect)
+
+    acts = commands.add_parser(
+        "activations",
+        help="write the activations of a long text at named points, for probes and sparse autoencoders",
+        description="Cut a UTF-8 text into consecutive windows of --context tokens (the last one shorter), run "
+        "them --batch-size at a time, and write every token's row at each --points name (bloom.probe names, "
+        "wildcards allowed: h.11, h.*.mlp.act, h.3.self_attention.context) into --out: one safetensors file per "
+        "point, the token ids, and index.json. Streams to disk; run the same command again to resume an "
+        "interrupted export. Read it back with bloom.activations.load(folder, point).",
+    )
+    add_model_arguments(acts)
+    acts.add_argument("--file", type=Path, required=True, help="the text")
+    acts.add_argument("--points", nargs="+", required=True, metavar="P", help="points to record, e.g. h.11 h.*.mlp.act")
+    acts.add_argument("--context", type=positive_int, default=CONTEXT, help=f"tokens per window (default {CONTEXT})")
+    acts.add_argument("--out", type=Path, required=True, help="folder for the export (new, empty, or one to resume)")
+    acts.add_argument(
+        "--batch-size", type=positive_int, default=BATCH_SIZE, help=f"windows per forward (default {BATCH_SIZE})"
+    )
+    acts.add_argument("--max-tokens", type=positive_int, help="export only the text's first K tokens")
+    acts.set_defaults(run=run_activations)
 
     parity = commands.add_parser(
         "parity",
@@ -247,6 +268,21 @@ def run_perplexity(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         progress=True,
     )  # fmt: skip
     print(f"perplexity {result.perplexity:.4f} | {result.n_scored} tokens scored in {result.n_windows} windows")
+    return 0
+
+
+def run_activations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        text = args.file.read_text(encoding="utf-8")
+    except OSError as error:
+        raise FileNotFoundError(f"--file {args.file}: {error.strerror}") from None
+    model, tokenizer, _ = load(parser, args)
+    token_ids = tokenizer.encode(text)[: args.max_tokens]
+    out = bloom.activations.export(
+        model, token_ids, args.points, args.out, context=args.context, batch_size=args.batch_size,
+        model_name=args.model, progress=True,
+    )  # fmt: skip
+    print(out)
     return 0
 
 
