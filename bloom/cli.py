@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 import bloom.activations
 import bloom.bench
-from bloom import viz
+from bloom import page, viz
 from bloom.decoder import Decoder
 from bloom.generate import check_sampling, generate
 from bloom.hub import resolve_folder
@@ -28,6 +28,7 @@ from bloom.tokenizer import CONFIG_FILES, TOKENIZER_FILE, BloomTokenizer, load_t
 MAX_NEW_TOKENS = 64
 CONTEXT, STRIDE, BATCH_SIZE = 1024, 512, 4
 PARITY_NEW_TOKENS = 20
+INSPECT_TOP_K = 5  # the logit lens guesses the page shows on hover
 # Largest difference allowed at any layer, relative to that tensor's scale: max |ours - theirs| / max |theirs|.
 # fp32: both follow the same operations (measured: bit-identical on CPU). Half precision: a few roundings may
 # land differently (unit roundoff: fp16 4.9e-4, bf16 3.9e-3).
@@ -108,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_ = commands.add_parser(
         "inspect",
         help="draw attention maps, ALiBi biases and a logit-lens grid for a prompt (needs matplotlib)",
-        description="Write PNGs for one prompt into --out: attention_hNN.png (every head of layer NN), alibi.png "
-        "(each head's ALiBi bias) and logit_lens.png (each layer's top next-token guess), and print their paths.",
+        description="Write, for one prompt, into --out: attention_layerNN.png (every head of layer NN), alibi.png "
+        "(each head's ALiBi bias), logit_lens.png (each layer's top next-token guess), and inspect.html, one "
+        "self-contained page where you pick a layer and a head and hover for exact values; print their paths. "
+        "Layers and heads are numbered from 0.",
     )
     add_model_arguments(inspect_)
     inspect_.add_argument("--prompt", required=True)
@@ -296,17 +299,18 @@ def run_inspect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     args.out.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode(), record(model, "h.*.self_attention.probs") as seen:
         model(ids)
+    attention = torch.stack([seen[f"h.{i}.self_attention.probs"][0] for i in range(len(model.h))])  # (L, nh, T, T)
     labels = [readable(tokenizer.decode([i])) for i in ids[0].tolist()]
     paths = [
-        viz.attention_heads(
-            seen[f"h.{i}.self_attention.probs"][0], labels, f"layer {i}", args.out / f"attention_h{i:02d}.png"
-        )
+        viz.save(viz.attention_heads(attention[i], labels, f"layer {i}"), args.out / f"attention_layer{i:02d}.png")
         for i in range(len(model.h))
     ]
-    paths.append(viz.alibi(model.config.n_head, len(labels), args.out / "alibi.png"))
-    probs, top_ids = logit_lens(model, ids, k=1)  # (n_layer + 1, 1, T, 1) each
-    top = [[readable(tokenizer.decode([i])) for i in row] for row in top_ids[:, 0, :, 0].tolist()]
-    paths.append(viz.logit_lens_grid(probs[:, 0, :, 0], top, labels, args.out / "logit_lens.png"))
+    paths.append(viz.save(viz.alibi(model.config.n_head, len(labels)), args.out / "alibi.png"))
+    probs, top_ids = logit_lens(model, ids, k=INSPECT_TOP_K)  # (n_layer + 1, 1, T, k) each
+    top = [[[readable(tokenizer.decode([i])) for i in guesses] for guesses in row] for row in top_ids[:, 0].tolist()]
+    first = [[guesses[0] for guesses in row] for row in top]
+    paths.append(viz.save(viz.logit_lens_grid(probs[:, 0, :, 0], first, labels), args.out / "logit_lens.png"))
+    paths.append(page.write(args.out / "inspect.html", args.prompt, labels, attention, probs[:, 0], top))
     for path in paths:
         print(path)
     return 0
