@@ -143,7 +143,7 @@ def logit_lens_grid(probs: torch.Tensor, top_tokens: list[list[str]], tokens: li
     the cells when the cells are wide enough (up to about 40 tokens)."""
     n_rows, T = probs.shape
     column = 0.9 if T <= 40 else max(0.12, 36 / T)  # inches
-    row = 0.3
+    row = max(0.3, 1.5 / n_rows)  # inches; at least 1.5 for the grid, so that the colour bar can be read
     room = _label_room(tokens)
     width = MARGIN + 0.6 + T * column + COLORBAR_IN + MARGIN
     height = MARGIN + room + n_rows * row + TITLE_IN
