@@ -168,7 +168,7 @@ def export(
                     data = rows.view(torch.int16) if dtype == torch.bfloat16 else rows  # numpy has no bf16
                     f = files[name]
                     f.seek(headers[name] + begin * widths[name] * dtype.itemsize)
-                    f.write(data.numpy().tobytes())
+                    f.write(data.contiguous().numpy())  # written from the tensor's memory, no copy
                     f.flush()
                     os.fsync(f.fileno())
                 index["tokens_done"] = end
