@@ -92,10 +92,19 @@ def _write_index(out: Path, index: dict) -> None:
     os.replace(partial, out / INDEX)  # atomic: a reader sees the old index or the new one
 
 
+def _read_index(folder: Path) -> dict:
+    try:
+        return json.loads((folder / INDEX).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder}: no {INDEX}, so not a folder written by bloom activations") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{folder / INDEX}: not JSON ({error})") from None
+
+
 def _start(out: Path, settings: dict, widths: dict[str, int], token_ids: torch.Tensor, dtype: torch.dtype) -> int:
     """Prepare `out` and return the number of tokens already written (0 for a new export)."""
     if (out / INDEX).is_file():
-        index = json.loads((out / INDEX).read_text())
+        index = _read_index(out)
         if index.get("settings") != settings:
             raise ValueError(f"{out} holds an export with other settings ({out / INDEX}); choose another --out")
         if index["tokens_done"] == settings["n_tokens"]:
@@ -131,8 +140,9 @@ def export(
 ) -> Path:
     """Write every token's activation row at each point into the folder `out`; returns `out`.
 
-    token_ids: the text's ids (N,). A folder holding a half-written export of the same settings (model_name,
-    token ids, points, context, dtype) is resumed; any other non-empty folder is refused.
+    token_ids: the text's ids (N,). model_name: what the index records as the model (the command passes
+    --model). A folder holding a half-written export of the same settings (model_name, token ids, points,
+    context, dtype) is resumed, whatever the batch size; any other non-empty folder is refused.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be 1 or more, got {batch_size}")
@@ -148,7 +158,7 @@ def export(
     settings = _settings(model_name, token_ids, names, context, dtype)
     done = _start(out, settings, widths, token_ids, dtype)
     headers = {name: len(_header(name, dtype, (len(token_ids), widths[name]))) for name in names}
-    index = json.loads((out / INDEX).read_text())
+    index = _read_index(out)
 
     todo = [w for w in windows(len(token_ids), context) if w[0] >= done]
     with ExitStack() as stack:
@@ -190,10 +200,7 @@ def _map(path: Path) -> torch.Tensor:
 def load(folder: Path, point: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens (N,) int64, activations (N, D)) of one point of a finished export, memory-mapped, in text order."""
     folder = Path(folder)
-    try:
-        index = json.loads((folder / INDEX).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{folder}: no {INDEX}, so not a folder written by bloom activations") from None
+    index = _read_index(folder)
     n_tokens = index["settings"]["n_tokens"]
     if index["tokens_done"] != n_tokens:
         raise ValueError(f"{folder}: the export stopped at token {index['tokens_done']} of {n_tokens}; "
