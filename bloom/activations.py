@@ -192,7 +192,8 @@ def _map(path: Path) -> torch.Tensor:
     with open(path, "rb") as f:
         length = int.from_bytes(f.read(8), "little")
         (entry,) = (v for k, v in json.loads(f.read(length)).items() if k != "__metadata__")
-    array = np.memmap(path, dtype=NUMPY_DTYPES[entry["dtype"]], mode="c", offset=8 + length, shape=tuple(entry["shape"]))
+    shape, dtype = tuple(entry["shape"]), NUMPY_DTYPES[entry["dtype"]]
+    array = np.memmap(path, dtype=dtype, mode="c", offset=8 + length, shape=shape)
     tensor = torch.from_numpy(array)
     return tensor.view(torch.bfloat16) if entry["dtype"] == "BF16" else tensor
 

@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cut a UTF-8 text into consecutive windows of --context tokens (the last one shorter), run "
         "them --batch-size at a time, and write every token's row at each --points name (bloom.probe names, "
         "wildcards allowed: h.11, h.*.mlp.act, h.3.self_attention.context) into --out: one safetensors file per "
-        "point (rows in the model's --dtype), the token ids, and index.json. Streams to disk; run the same command again to resume an "
-        "interrupted export. Read it back with bloom.activations.load(folder, point).",
+        "point (rows in the model's --dtype), the token ids, and index.json. Streams to disk; run the same "
+        "command again to resume an interrupted export. Read it back with bloom.activations.load(folder, point).",
     )
     add_model_arguments(acts)
     acts.add_argument("--file", type=Path, required=True, help="the text")

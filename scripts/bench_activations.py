@@ -69,16 +69,18 @@ def main() -> int:
     results = []
     for scale in args.scales:
         argv = [sys.executable, __file__, "--worker", "--shape", args.shape, "--tokens", str(args.tokens * scale),
-                "--points", *args.points, "--context", str(args.context), "--batch-size", str(args.batch_size)]  # fmt: skip
+                "--points", *args.points, "--context", str(args.context),
+                "--batch-size", str(args.batch_size)]  # fmt: skip
         r = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
         results.append(r)
         print(f"| {scale}x | {r['tokens']} | {r['tokens'] / r['seconds']:.0f} | {r['written_mb']:.0f} | "
               f"{r['before_mb']:.0f} | {r['peak_mb']:.0f} |")  # fmt: skip
     if len(results) > 1:
         first, last = results[0], results[-1]
-        print(f"corpus x{last['tokens'] / first['tokens']:.0f}, written x{last['written_mb'] / first['written_mb']:.1f}: "
-              f"peak RSS x{last['peak_mb'] / first['peak_mb']:.3f}, added by the export "
-              f"{first['peak_mb'] - first['before_mb']:.0f} -> {last['peak_mb'] - last['before_mb']:.0f} MB")  # fmt: skip
+        corpus, written = last["tokens"] / first["tokens"], last["written_mb"] / first["written_mb"]
+        added = [r["peak_mb"] - r["before_mb"] for r in (first, last)]
+        print(f"corpus x{corpus:.0f}, written x{written:.1f}: peak RSS x{last['peak_mb'] / first['peak_mb']:.3f}, "
+              f"added by the export {added[0]:.0f} -> {added[1]:.0f} MB")  # fmt: skip
     return 0
 
 

@@ -65,7 +65,8 @@ class Browser:
             details = params["exceptionDetails"]
             self.errors.append(details.get("exception", {}).get("description") or details.get("text", "exception"))
         elif method == "Runtime.consoleAPICalled" and params["type"] in ("error", "assert"):
-            self.errors.append("console.error: " + " ".join(str(a.get("value", a.get("description"))) for a in params["args"]))
+            words = (str(a.get("value", a.get("description"))) for a in params["args"])
+            self.errors.append("console.error: " + " ".join(words))
         elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
             self.errors.append(f"{params['entry']['source']}: {params['entry']['text']}")
 

@@ -46,7 +46,8 @@ def inspected(tmp_path_factory):
     probs, top_ids = logit_lens(model, ids, k=3)
     labels = [f"t{i}" for i in range(T - 2)] + ["</script>", "<b>é"]  # markup in a token must stay text
     top = [[[f"id{i}" for i in guesses] for guesses in row] for row in top_ids[:, 0].tolist()]
-    path = page.write(tmp_path_factory.mktemp("page") / "inspect.html", "a <prompt>", labels, attention, probs[:, 0], top)
+    path = tmp_path_factory.mktemp("page") / "inspect.html"
+    page.write(path, "a <prompt>", labels, attention, probs[:, 0], top)
     return path, attention, probs[:, 0], top
 
 

@@ -80,7 +80,8 @@ def check_no_overlaps(fig, renderer) -> None:
         texts += [ax.title, ax.xaxis.label, ax.yaxis.label]
         for axis in (ax.xaxis, ax.yaxis):  # the labels of ticks inside the axis's range: the ones drawn
             low, high = sorted(axis.get_view_interval())
-            texts += [t for t, at in zip(axis.get_ticklabels(), axis.get_majorticklocs()) if low <= at <= high]
+            ticks = zip(axis.get_ticklabels(), axis.get_majorticklocs(), strict=True)
+            texts += [t for t, at in ticks if low <= at <= high]
     boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts if t.get_visible() and t.get_text()]
     canvas = fig.bbox
     for text, box in boxes:
