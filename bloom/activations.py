@@ -134,7 +134,7 @@ def export(
     out: Path,
     *,
     context: int,
-    batch_size: int = 8,
+    batch_size: int = 4,
     model_name: str = "",
     progress: bool = False,
 ) -> Path:
@@ -174,11 +174,11 @@ def export(
                     model.hidden(ids)
                 begin, end = batch[0][0], batch[-1][1]
                 for name in names:
-                    rows = _rows(name, seen[name]).cpu()  # (B·T, D), tokens begin..end in order
+                    rows = _rows(name, seen[name]).cpu().contiguous()  # (B·T, D), tokens begin..end in order
                     data = rows.view(torch.int16) if dtype == torch.bfloat16 else rows  # numpy has no bf16
                     f = files[name]
                     f.seek(headers[name] + begin * widths[name] * dtype.itemsize)
-                    f.write(data.contiguous().numpy())  # written from the tensor's memory, no copy
+                    f.write(data.numpy())  # written from the tensor's memory, no copy
                     f.flush()
                     os.fsync(f.fileno())
                 index["tokens_done"] = end
