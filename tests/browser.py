@@ -86,6 +86,14 @@ class Browser:
     def hover(self, x: float, y: float) -> None:
         self.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
 
+    def click(self, selector: str) -> None:
+        """Press and release the mouse on the middle of the element the CSS selector names."""
+        box = self.evaluate(f"(({{x, y, width, height}}) => ({{x, y, width, height}}))"
+                            f"(document.querySelector({selector!r}).getBoundingClientRect())")  # fmt: skip
+        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
     def screenshot(self) -> bytes:
         return base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
 

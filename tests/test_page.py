@@ -99,6 +99,24 @@ def test_hovering_shows_the_recorded_probability_and_transformers_alibi_bias(bro
     assert browser.errors == []
 
 
+def test_the_buttons_and_menus_switch_what_is_shown(browser, inspected):
+    path, *_ = inspected
+    browser.open(path)
+    caption = "document.getElementById('caption').textContent"
+    assert browser.evaluate(caption).startswith("Layer 0, head 0 (both counted from 0)")
+    browser.evaluate("const h = document.getElementById('head'); h.value = '6'; h.dispatchEvent(new Event('change'))")
+    browser.evaluate("const l = document.getElementById('layer'); l.value = '2'; l.dispatchEvent(new Event('change'))")
+    assert browser.evaluate(caption).startswith("Layer 2, head 6 ")
+    browser.click("button[data-view=alibi]")
+    assert browser.evaluate(caption).startswith("ALiBi bias of head 6 ")
+    browser.click("button[data-view=lens]")
+    assert browser.evaluate(caption).startswith("Logit lens")
+    assert browser.evaluate("document.getElementById('layer').disabled")
+    browser.click("button[data-view=attention]")
+    assert browser.evaluate(caption).startswith("Layer 2, head 6 ")
+    assert browser.errors == []
+
+
 @pytest.mark.parametrize(
     "broken, message",
     [("noSuchFunction();", "noSuchFunction is not defined"), ("show(", "SyntaxError"), ("console.error('x');", "x")],
