@@ -1,4 +1,4 @@
-"""The `bloom` command line: generate, perplexity, inspect, parity, bench, download, evaluate."""
+"""The `bloom` command line: generate, perplexity, activations, inspect, parity, bench, download, evaluate."""
 
 import argparse
 import importlib.util
@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import bloom.activations
 import bloom.bench
-from bloom import viz
+from bloom import page, viz
 from bloom.arguments import (
     USER_ERRORS,
     CommandParser,
@@ -40,6 +41,7 @@ from bloom.tokenizer import CONFIG_FILES, TOKENIZER_FILE, BloomTokenizer, load_t
 MAX_NEW_TOKENS = 64
 CONTEXT, STRIDE, BATCH_SIZE = 1024, 512, 4
 PARITY_NEW_TOKENS = 20
+INSPECT_TOP_K = 5  # the logit lens guesses the page shows on hover
 # Largest difference allowed at any layer, relative to that tensor's scale: max |ours - theirs| / max |theirs|.
 # fp32: both follow the same operations (measured: bit-identical on CPU). Half precision: a few roundings may
 # land differently (unit roundoff: fp16 4.9e-4, bf16 3.9e-3).
@@ -126,13 +128,35 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_ = commands.add_parser(
         "inspect",
         help="draw attention maps, ALiBi biases and a logit-lens grid for a prompt (needs matplotlib)",
-        description="Write PNGs for one prompt into --out: attention_hNN.png (every head of layer NN), alibi.png "
-        "(each head's ALiBi bias) and logit_lens.png (each layer's top next-token guess), and print their paths.",
+        description="Write, for one prompt, into --out: attention_layerNN.png (every head of layer NN), alibi.png "
+        "(each head's ALiBi bias), logit_lens.png (each layer's top next-token guess), and inspect.html, one "
+        "self-contained page where you pick a layer and a head and hover for exact values; print their paths. "
+        "Layers and heads are numbered from 0.",
     )
     add_model_arguments(inspect_)
     inspect_.add_argument("--prompt", required=True)
     inspect_.add_argument("--out", type=Path, required=True, help="folder for the pictures (created if needed)")
     inspect_.set_defaults(run=run_inspect)
+
+    acts = commands.add_parser(
+        "activations",
+        help="write the activations of a long text at named points, for probes and sparse autoencoders",
+        description="Cut a UTF-8 text into consecutive windows of --context tokens (the last one shorter), run "
+        "them --batch-size at a time, and write every token's row at each --points name (bloom.probe names, "
+        "wildcards allowed: h.11, h.*.mlp.act, h.3.self_attention.context) into --out: one safetensors file per "
+        "point (rows in the model's --dtype), the token ids, and index.json. Streams to disk; run the same "
+        "command again to resume an interrupted export. Read it back with bloom.activations.load(folder, point).",
+    )
+    add_model_arguments(acts)
+    acts.add_argument("--file", type=Path, required=True, help="the text")
+    acts.add_argument("--points", nargs="+", required=True, metavar="P", help="points to record, e.g. h.11 h.*.mlp.act")
+    acts.add_argument("--context", type=positive_int, default=CONTEXT, help=f"tokens per window (default {CONTEXT})")
+    acts.add_argument("--out", type=Path, required=True, help="folder for the export (new, empty, or one to resume)")
+    acts.add_argument(
+        "--batch-size", type=positive_int, default=BATCH_SIZE, help=f"windows per forward (default {BATCH_SIZE})"
+    )
+    acts.add_argument("--max-tokens", type=positive_int, help="export only the text's first K tokens")
+    acts.set_defaults(run=run_activations)
 
     parity = commands.add_parser(
         "parity",
@@ -279,6 +303,19 @@ def run_perplexity(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return 0
 
 
+def run_activations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    text = read_text(args.file, "--file")
+    output_folder(args.out, "--out")
+    model, tokenizer, _ = load(parser, args)
+    token_ids = tokenizer.encode(text)[: args.max_tokens]
+    out = bloom.activations.export(
+        model, token_ids, args.points, args.out, context=args.context, batch_size=args.batch_size,
+        model_name=args.model, progress=True,
+    )  # fmt: skip
+    print(out)
+    return 0
+
+
 def run_inspect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if importlib.util.find_spec("matplotlib") is None:
         raise ValueError("bloom inspect draws with matplotlib: pip install -e '.[viz]'")
@@ -288,17 +325,18 @@ def run_inspect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     ids = torch.tensor([tokenizer.encode(args.prompt)], device=args.device)  # (1, T)
     with torch.inference_mode(), record(model, "h.*.self_attention.probs") as seen:
         model(ids)
+    attention = torch.stack([seen[f"h.{i}.self_attention.probs"][0] for i in range(len(model.h))])  # (L, nh, T, T)
     labels = [readable(tokenizer.decode([i])) for i in ids[0].tolist()]
     paths = [
-        viz.attention_heads(
-            seen[f"h.{i}.self_attention.probs"][0], labels, f"layer {i}", args.out / f"attention_h{i:02d}.png"
-        )
+        viz.save(viz.attention_heads(attention[i], labels, f"layer {i}"), args.out / f"attention_layer{i:02d}.png")
         for i in range(len(model.h))
     ]
-    paths.append(viz.alibi(model.config.n_head, len(labels), args.out / "alibi.png"))
-    probs, top_ids = logit_lens(model, ids, k=1)  # (n_layer + 1, 1, T, 1) each
-    top = [[readable(tokenizer.decode([i])) for i in row] for row in top_ids[:, 0, :, 0].tolist()]
-    paths.append(viz.logit_lens_grid(probs[:, 0, :, 0], top, labels, args.out / "logit_lens.png"))
+    paths.append(viz.save(viz.alibi(model.config.n_head, len(labels)), args.out / "alibi.png"))
+    probs, top_ids = logit_lens(model, ids, k=INSPECT_TOP_K)  # (n_layer + 1, 1, T, k) each
+    top = [[[readable(tokenizer.decode([i])) for i in guesses] for guesses in row] for row in top_ids[:, 0].tolist()]
+    first = [[guesses[0] for guesses in row] for row in top]
+    paths.append(viz.save(viz.logit_lens_grid(probs[:, 0, :, 0], first, labels), args.out / "logit_lens.png"))
+    paths.append(page.write(args.out / "inspect.html", args.prompt, labels, attention, probs[:, 0], top))
     for path in paths:
         print(path)
     return 0

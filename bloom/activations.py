@@ -1,0 +1,211 @@
+"""Activations of a long text, written to disk as they are computed: `export` and `load`.
+
+The text's tokens are cut into consecutive windows of `context` tokens (the last one shorter), each token
+in exactly one window, and the windows run `batch_size` at a time. For every named point (`bloom.probe`
+names: "h.11", "h.*.mlp.act", "h.3.self_attention.context") each token gets one row: points of shape
+(B, T, D) give their D features, per-head points (B, nh, T, hd) their heads side by side (nh·hd features,
+head 0 first). Attention probabilities are refused: their width depends on the window.
+
+The folder holds one safetensors file per point, a file of the token ids, and `index.json`:
+
+    index.json           settings, shapes, and how many tokens are written ("tokens_done")
+    tokens.safetensors   "tokens": (N,) int64, the text's token ids in order
+    h.11.safetensors     "h.11": (N, D) in the model's dtype, row i is token i
+
+Each point's file is laid out in full before the first batch (its header states (N, D)); every batch then
+writes its rows in place, so memory holds one batch, never the corpus, and `load` maps the finished file
+without copying it. index.json is rewritten after each batch's rows are on disk: an interrupted export
+resumes where it stopped when run again with the same settings, and anything else in the folder is refused.
+"""
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import torch
+from huggingface_hub.utils import tqdm
+
+from bloom.model import Bloom
+from bloom.probe import find, record
+
+INDEX = "index.json"
+TOKENS = "tokens"
+PER_HEAD = ("q", "k", "v", "context")  # (B, nh, T, hd) points, exported with their heads side by side
+# safetensors' dtype names, and the numpy dtype that maps each one's bytes (bf16 through its 16 raw bits).
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64}
+
+
+def windows(n_tokens: int, context: int) -> list[tuple[int, int]]:
+    """(begin, end) of consecutive windows of `context` tokens covering [0, n_tokens); the last may be shorter."""
+    if context < 1:
+        raise ValueError(f"context must be 1 or more, got {context}")
+    return [(begin, min(begin + context, n_tokens)) for begin in range(0, n_tokens, context)]
+
+
+def point_names(model: Bloom, patterns: Sequence[str]) -> list[str]:
+    """The points the patterns name, in the model's order; attention probabilities and scores are refused."""
+    wanted = {name for pattern in patterns for name in find(model, pattern)}
+    names = [name for name, _ in model.named_modules() if name in wanted]
+    for name in names:
+        if name.endswith(("self_attention.probs", "self_attention.scores")):
+            raise ValueError(f"point {name}: attention over keys is (B, nh, T, S), not one row per token")
+    return names
+
+
+def _rows(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A recorded tensor as one row per token: (B, T, D) -> (B·T, D); (B, nh, T, hd) -> (B·T, nh·hd)."""
+    if tensor.ndim == 4 and name.rsplit(".", 1)[-1] in PER_HEAD:
+        tensor = tensor.transpose(1, 2).flatten(2)  # (B, T, nh·hd)
+    if tensor.ndim != 3:
+        raise ValueError(f"point {name}: shape {tuple(tensor.shape)}, expected (batch, tokens, features)")
+    return tensor.flatten(0, 1)  # (B·T, D)
+
+
+def _header(key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
+    """A safetensors header for one tensor (8-byte length, then JSON padded to a multiple of 8)."""
+    size = int(np.prod(shape)) * dtype.itemsize
+    entry = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [0, size]}
+    text = json.dumps({key: entry}).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def _settings(model_name: str, token_ids: torch.Tensor, points: list[str], context: int, dtype: torch.dtype) -> dict:
+    return {
+        "model": model_name,
+        "tokens_sha256": hashlib.sha256(token_ids.numpy().tobytes()).hexdigest(),
+        "n_tokens": len(token_ids),
+        "points": points,
+        "context": context,
+        "dtype": SAFETENSORS_DTYPES[dtype],
+    }
+
+
+def _write_index(out: Path, index: dict) -> None:
+    partial = out / (INDEX + ".partial")
+    partial.write_text(json.dumps(index, indent=2))
+    os.replace(partial, out / INDEX)  # atomic: a reader sees the old index or the new one
+
+
+def _read_index(folder: Path) -> dict:
+    try:
+        return json.loads((folder / INDEX).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder}: no {INDEX}, so not a folder written by bloom activations") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{folder / INDEX}: not JSON ({error})") from None
+
+
+def _start(out: Path, settings: dict, widths: dict[str, int], token_ids: torch.Tensor, dtype: torch.dtype) -> int:
+    """Prepare `out` and return the number of tokens already written (0 for a new export)."""
+    if (out / INDEX).is_file():
+        index = _read_index(out)
+        if index.get("settings") != settings:
+            raise ValueError(f"{out} holds an export with other settings ({out / INDEX}); choose another --out")
+        if index["tokens_done"] == settings["n_tokens"]:
+            raise ValueError(f"{out} already holds this export, complete; delete it to write it again")
+        return index["tokens_done"]
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty and holds no {INDEX}: choose an empty or new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{TOKENS}.safetensors", "wb") as f:
+        f.write(_header(TOKENS, torch.int64, (len(token_ids),)))
+        f.write(token_ids.numpy().tobytes())
+    for name, width in widths.items():
+        header = _header(name, dtype, (len(token_ids), width))
+        with open(out / f"{name}.safetensors", "wb") as f:
+            f.write(header)
+            f.truncate(len(header) + len(token_ids) * width * dtype.itemsize)  # sparse until written
+    files = {name: f"{name}.safetensors" for name in [TOKENS, *widths]}
+    _write_index(out, {"settings": settings, "widths": widths, "files": files, "tokens_done": 0})
+    return 0
+
+
+@torch.inference_mode()
+def export(
+    model: Bloom,
+    token_ids: Sequence[int] | torch.Tensor,
+    points: Sequence[str],
+    out: Path,
+    *,
+    context: int,
+    batch_size: int = 4,
+    model_name: str = "",
+    progress: bool = False,
+) -> Path:
+    """Write every token's activation row at each point into the folder `out`; returns `out`.
+
+    token_ids: the text's ids (N,). model_name: what the index records as the model (the command passes
+    --model). A folder holding a half-written export of the same settings (model_name, token ids, points,
+    context, dtype) is resumed, whatever the batch size; any other non-empty folder is refused.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be 1 or more, got {batch_size}")
+    token_ids = torch.as_tensor(token_ids, dtype=torch.int64).flatten()
+    if len(token_ids) == 0:
+        raise ValueError("there are no tokens to export")
+    out = Path(out)
+    names = point_names(model, points)
+    device, dtype = model.word_embeddings.weight.device, model.word_embeddings.weight.dtype
+    with record(model, *names) as seen:  # one token, to learn each point's width before writing anything
+        model.hidden(token_ids[:1, None].to(device))
+    widths = {name: _rows(name, seen[name]).shape[1] for name in names}
+    settings = _settings(model_name, token_ids, names, context, dtype)
+    done = _start(out, settings, widths, token_ids, dtype)
+    headers = {name: len(_header(name, dtype, (len(token_ids), widths[name]))) for name in names}
+    index = _read_index(out)
+
+    todo = [w for w in windows(len(token_ids), context) if w[0] >= done]
+    with ExitStack() as stack:
+        files = {name: stack.enter_context(open(out / f"{name}.safetensors", "r+b")) for name in names}
+        with tqdm(total=len(token_ids), initial=done, desc="Exporting", unit="token", unit_scale=True,
+                  disable=not progress) as bar:  # fmt: skip
+            while todo:
+                length = todo[0][1] - todo[0][0]  # windows of one length per batch: no padding
+                batch = [w for w in todo[:batch_size] if w[1] - w[0] == length]
+                todo = todo[len(batch) :]
+                ids = torch.stack([token_ids[begin:end] for begin, end in batch]).to(device)  # (B, T)
+                with record(model, *names) as seen:
+                    model.hidden(ids)
+                begin, end = batch[0][0], batch[-1][1]
+                for name in names:
+                    rows = _rows(name, seen[name]).cpu().contiguous()  # (B·T, D), tokens begin..end in order
+                    data = rows.view(torch.int16) if dtype == torch.bfloat16 else rows  # numpy has no bf16
+                    f = files[name]
+                    f.seek(headers[name] + begin * widths[name] * dtype.itemsize)
+                    f.write(data.numpy())  # written from the tensor's memory, no copy
+                    f.flush()
+                    os.fsync(f.fileno())
+                index["tokens_done"] = end
+                _write_index(out, index)  # only after the rows are on disk
+                bar.update(end - begin)
+    return out
+
+
+def _map(path: Path) -> torch.Tensor:
+    """The single tensor of a safetensors file, memory-mapped (copy on write: edits never reach the file)."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        (entry,) = (v for k, v in json.loads(f.read(length)).items() if k != "__metadata__")
+    shape, dtype = tuple(entry["shape"]), NUMPY_DTYPES[entry["dtype"]]
+    array = np.memmap(path, dtype=dtype, mode="c", offset=8 + length, shape=shape)
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if entry["dtype"] == "BF16" else tensor
+
+
+def load(folder: Path, point: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (N,) int64, activations (N, D)) of one point of a finished export, memory-mapped, in text order."""
+    folder = Path(folder)
+    index = _read_index(folder)
+    n_tokens = index["settings"]["n_tokens"]
+    if index["tokens_done"] != n_tokens:
+        raise ValueError(f"{folder}: the export stopped at token {index['tokens_done']} of {n_tokens}; "
+                         "run the same bloom activations command again to finish it")  # fmt: skip
+    if point not in index["widths"]:
+        raise KeyError(f"{folder} has no point {point!r}; it has: {', '.join(index['widths'])}")
+    return _map(folder / index["files"][TOKENS]), _map(folder / index["files"][point])

@@ -1,0 +1,118 @@
+"""`bloom activations`: exported rows against `record` on each window alone and transformers' hidden states."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import BloomForCausalLM
+
+from bloom import load_pretrained, load_tokenizer
+from bloom.activations import export, load, windows
+from bloom.cli import main
+from bloom.probe import patch, record
+
+POINTS = ["word_embeddings_layernorm", "h.*", "h.1.mlp.act", "h.0.self_attention.context", "ln_f"]
+NAMES = ["word_embeddings_layernorm", "h.0", "h.0.self_attention.context", "h.1", "h.1.mlp.act", "ln_f"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_folder):
+    return load_pretrained(tiny_model_folder)
+
+
+@pytest.fixture(scope="module")
+def token_ids():
+    return torch.randint(4, 700, (45,), generator=torch.Generator().manual_seed(1))
+
+
+def test_windows_cover_the_text_once_in_order():
+    assert windows(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert windows(8, 4) == [(0, 4), (4, 8)]
+
+
+def test_rows_equal_record_and_transformers_for_every_window(model, token_ids, tiny_model_folder, tmp_path):
+    out = export(model, token_ids, POINTS, tmp_path / "acts", context=8, batch_size=2)  # 5 windows of 8, one of 5
+    hf = BloomForCausalLM.from_pretrained(tiny_model_folder).eval()
+    for begin, end in windows(len(token_ids), 8):
+        ids = token_ids[None, begin:end]  # (1, T)
+        with torch.no_grad(), record(model, *POINTS) as seen:
+            model(ids)
+            hidden = hf(ids, output_hidden_states=True).hidden_states  # n_layer + 1 of (1, T, C); last after ln_f
+        context = seen["h.0.self_attention.context"][0].transpose(0, 1).reshape(end - begin, -1)  # (T, nh·hd)
+        expected = {name: seen[name][0] for name in NAMES} | {"h.0.self_attention.context": context}
+        theirs = {"word_embeddings_layernorm": hidden[0], "h.0": hidden[1], "ln_f": hidden[2]}
+        for name in NAMES:
+            tokens, rows = load(out, name)
+            assert torch.equal(tokens, token_ids)
+            torch.testing.assert_close(rows[begin:end], expected[name], rtol=0, atol=1e-5, msg=name)
+            if name in theirs:
+                torch.testing.assert_close(rows[begin:end], theirs[name][0], rtol=0, atol=1e-5, msg=name)
+
+
+def test_files_are_safetensors_and_load_maps_them(model, token_ids, tmp_path):
+    out = export(model, token_ids, ["h.1"], tmp_path / "acts", context=16)
+    tokens, rows = load(out, "h.1")
+    assert rows.shape == (45, 48) and rows.dtype == torch.float32
+    with safe_open(out / "h.1.safetensors", "pt") as f:
+        assert torch.equal(f.get_tensor("h.1"), rows)
+    with safe_open(out / "tokens.safetensors", "pt") as f:
+        assert torch.equal(f.get_tensor("tokens"), tokens)
+    rows[0] = 0  # copy on write: the file keeps its values
+    assert not torch.equal(load(out, "h.1")[1][0], rows[0])
+
+
+def test_bf16_rows_equal_bf16_record(tiny_model_folder, token_ids, tmp_path):
+    model = load_pretrained(tiny_model_folder, dtype=torch.bfloat16)
+    out = export(model, token_ids, ["h.1"], tmp_path / "acts", context=45)
+    with torch.no_grad(), record(model, "h.1") as seen:
+        model(token_ids[None])
+    assert torch.equal(load(out, "h.1")[1], seen["h.1"][0])
+
+
+def test_an_interrupted_export_resumes_and_other_folders_are_refused(model, token_ids, tmp_path):
+    calls = []
+
+    def fail_on_third_batch(x):
+        calls.append(1)
+        if len(calls) == 4:  # the first call measures the widths; then one per batch
+            raise KeyboardInterrupt
+        return x
+
+    out = tmp_path / "acts"
+    with pytest.raises(KeyboardInterrupt), patch(model, {"h.0": fail_on_third_batch}):
+        export(model, token_ids, ["h.1"], out, context=8, batch_size=2)
+    with pytest.raises(ValueError, match="stopped at token 32 of 45"):
+        load(out, "h.1")
+    export(model, token_ids, ["h.1"], out, context=8, batch_size=2)
+    fresh = export(model, token_ids, ["h.1"], tmp_path / "fresh", context=8, batch_size=2)
+    assert torch.equal(load(out, "h.1")[1], load(fresh, "h.1")[1])
+
+    with pytest.raises(ValueError, match="already holds this export, complete"):
+        export(model, token_ids, ["h.1"], out, context=8)
+    with pytest.raises(ValueError, match="other settings"):
+        export(model, token_ids, ["h.1"], out, context=4)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not empty"):
+        export(model, token_ids, ["h.1"], tmp_path / "other", context=8)
+    with pytest.raises(ValueError, match="h.0.self_attention.probs: attention over keys"):
+        export(model, token_ids, ["h.0.self_attention.probs"], tmp_path / "probs", context=8)
+    with pytest.raises(ValueError, match="h.7"):
+        export(model, token_ids, ["h.7"], tmp_path / "none", context=8)
+    with pytest.raises(KeyError, match="no point 'h.0'"):
+        load(out, "h.0")
+
+
+def test_command_exports_the_text_in_token_order(tiny_model_folder, tmp_path, capsys):
+    text = "Le petit prince habitait une planète à peine plus grande que lui. " * 6
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+    out = tmp_path / "acts"
+    argv = ["activations", "--model", str(tiny_model_folder), "--file", str(tmp_path / "text.txt"),
+            "--points", "h.1", "h.*.mlp.act", "--context", "16", "--batch-size", "3", "--out", str(out)]  # fmt: skip
+    assert main([*argv, "--max-tokens", "50"]) == 0
+    expected = load_tokenizer(tiny_model_folder).encode(text)[:50]
+    tokens, rows = load(out, "h.0.mlp.act")
+    assert tokens.tolist() == expected and rows.shape == (50, 4 * 48)
+    with pytest.raises(SystemExit) as exit_:  # other settings (all the tokens): refused, naming the folder
+        main(argv)
+    assert exit_.value.code == 2
+    assert f"bloom activations: error: {out}" in capsys.readouterr().err
