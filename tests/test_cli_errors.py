@@ -340,6 +340,10 @@ BAD = {  # fragments that each make a command line wrong
               ["--shape", "bloom-9b"], ["--model", "m", "--shape", "bloom-560m"], ["--device", "tpu"],
               ["--prompt-len", "x"]],
     "download": [["--revison", "x"], ["extra"], ["--model", "m"]],
+    "activations": [["--file", "{latin1}"], ["--file", "{dir}"], ["--file", "{missing}"], ["--out", "{a_file}"],
+                    ["--context", "0"], ["--batch-size", "0"], ["--max-tokens", "-1"], ["--pionts", "h.0"]],
+    "evaluate": [["--batch-size", "0"], ["--num-fewshot", "-1"], ["--limit", "x"], ["--taks", "x"],
+                 ["--device", "tpu"], ["--dtype", "fp8"], ["--quantize", "int4"], ["-x"], ["--", "extra"]],
 }  # fmt: skip
 VALID = {  # the rest of each command line
     "generate": ["--model", "{model}", "--prompt", "x"],
@@ -348,6 +352,8 @@ VALID = {  # the rest of each command line
     "parity": ["--model", "{model}"],
     "bench": ["--shape", "bloom-560m"],
     "download": ["bigscience/bloom-560m"],
+    "activations": ["--model", "{model}", "--file", "{text}", "--points", "h.0", "--out", "{out}"],
+    "evaluate": ["--model", "{model}", "--tasks", "x"],  # bad values only: a task name is looked up in the harness
 }
 
 
@@ -367,7 +373,7 @@ def test_fuzz_bad_command_lines(cli, no_weights, tiny_model_folder, bad_files, m
     rng = random.Random(0)
     for _ in range(400):
         command = rng.choice(list(VALID))
-        pool = BAD[command] + ([] if command in ("bench", "download") else BAD["common"])
+        pool = BAD[command] + ([] if command in ("bench", "download", "evaluate") else BAD["common"])
         parts = [VALID[command], *rng.sample(pool, rng.randint(1, 3))]  # a later flag overrides an earlier one
         argv = [arg.format(**paths) for part in parts for arg in part]
         code, _, err = cli(command, *argv)
