@@ -161,7 +161,7 @@ class Decoder:
             try:
                 cache = KVCache(self.model.config, B, capacity, weight.dtype, device, self.n_head)
             except torch.OutOfMemoryError as error:
-                raise MemoryError(f"a KV cache of {capacity} slots for {B} rows could not be allocated: {error}") from None
+                raise MemoryError(f"a KV cache of {capacity} slots for {B} rows: {error}") from None
             if self._graphed:  # unguarded: another cache re-records the graph, no recompile
                 for tensor in cache.tensors():
                     torch._dynamo.mark_static_address(tensor, guard=False)

@@ -201,7 +201,7 @@ def generate_steps(
     elif decoder.batch_size != B or (decoder.max_len is not None and decoder.max_len < T + max_new_tokens):
         raise ValueError(
             f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) need a decoder of batch {B} and at "
-            f"least {T + max_new_tokens} slots; this decoder has batch {decoder.batch_size} and max_len {decoder.max_len}"
+            f"least {T + max_new_tokens} slots; this one has batch {decoder.batch_size} and max_len {decoder.max_len}"
         )
     decoder.check()
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)

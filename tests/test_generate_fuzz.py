@@ -33,7 +33,8 @@ def padded_batches(draw, max_rows: int = 4, max_len: int = 10) -> tuple[torch.Te
     ids = torch.full((len(lengths), T), PAD)
     mask = torch.zeros(len(lengths), T, dtype=torch.long)
     for row, length in enumerate(lengths):
-        ids[row, T - length :] = torch.tensor(draw(st.lists(st.integers(4, VOCAB - 1), min_size=length, max_size=length)))
+        tokens = draw(st.lists(st.integers(4, VOCAB - 1), min_size=length, max_size=length))
+        ids[row, T - length :] = torch.tensor(tokens)
         mask[row, T - length :] = 1
     return ids, mask
 
@@ -73,8 +74,8 @@ def test_sampled_tokens_lie_in_the_top_k_and_top_p_sets(models, batch, new, temp
     least likely token kept."""
     hf, ours = models
     ids, mask = batch
-    out = generate(ours, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[], do_sample=True,
-                   temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty, seed=seed)  # fmt: skip
+    sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
+    out = generate(ours, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[], seed=seed, **sampling)
     B, T = ids.shape
     assert out.shape == (B, T + new) and ((out >= 0) & (out < VOCAB)).all()
     full_mask = torch.cat([mask, torch.ones(B, new, dtype=torch.long)], dim=1)
@@ -123,8 +124,14 @@ def test_a_bad_value_anywhere_is_refused_with_its_place(models, batch, data):
 @settings(max_examples=40, deadline=None, derandomize=True, database=None)
 @given(
     name=st.sampled_from(["eos_token_id", "pad_token_id"]),
-    value=st.integers(max_value=-1) | st.integers(min_value=VOCAB) | st.booleans() | st.floats() | st.text(max_size=3)
-    | st.lists(st.integers(max_value=-1) | st.integers(min_value=VOCAB), min_size=1, max_size=3),
+    value=st.one_of(
+        st.integers(max_value=-1),
+        st.integers(min_value=VOCAB),
+        st.booleans(),
+        st.floats(),
+        st.text(max_size=3),
+        st.lists(st.integers(max_value=-1) | st.integers(min_value=VOCAB), min_size=1, max_size=3),
+    ),
 )
 def test_an_eos_or_pad_that_is_not_an_id_is_refused_by_name(models, name, value):
     _, ours = models
