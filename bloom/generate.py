@@ -114,10 +114,9 @@ def generate(
     decoder: the decode step and KV cache to use (batch size B): pass a `Decoder(model, B, compile=True)` to
         decode with a compiled step, and reuse it across calls (one call at a time). An eager one is made otherwise.
 
-    Bad arguments raise ValueError naming the argument, before any work. A
-    MemoryError says what could not fit (the prompt's attention, or the KV cache as it grows) and how much
-    memory is available; raised while generating, its `sequences` attribute holds the prompt and every token
-    chosen so far, (B, T + n).
+    Bad arguments raise ValueError naming the argument, before any work. A MemoryError says what could not
+    fit (the prompt's attention, or the KV cache as it grows) and how much memory is available; its
+    `sequences` attribute holds the prompt and every token chosen until then, (B, T + n).
     """
     columns, alive = [], []  # (B,) per step; whether any row was still going at that step
     steps = generate_steps(
@@ -196,6 +195,8 @@ def generate_steps(
     check_prompt_fits(model, B, T)
     if decoder is None:
         decoder = Decoder(model, B, T + max_new_tokens)
+    elif not isinstance(decoder, Decoder):
+        raise ValueError(f"decoder must be a bloom.decoder.Decoder, got {type(decoder).__name__}")
     elif decoder.model is not model:
         raise ValueError("this decoder was made for another model")
     elif decoder.batch_size != B or (decoder.max_len is not None and decoder.max_len < T + max_new_tokens):
@@ -244,9 +245,10 @@ def check_prompt_fits(model: Bloom, batch_size: int, prompt_len: int) -> None:
 
     The prefill attends from every prompt token to every other, one layer at a time: the scores (B, nh, T, T)
     and the masked scores in the model dtype, their float32 softmax and its copy in the model dtype, beside the
-    (B, 1, T, T) additive mask and its boolean. Quadratic in T: about 1.3 GB per row for a 2,048-token prompt of
-    bloom-560m in fp32, 240 GB for 16k tokens of the 176B model. Until attention is computed in chunks, this
-    is what bounds the prompt length (the KV cache itself is linear, and checked as it grows).
+    (B, 1, T, T) additive mask and its boolean (measured: 707 MB added for a 3,000-token prompt of a 6-head fp32
+    model, estimated 693 MB). Quadratic in T: 0.83 GB per row for a 2,048-token prompt of bloom-560m in fp32,
+    300 GB for 16k tokens of the 176B model on one process. Until attention is computed in chunks, this is
+    what bounds the prompt length (the KV cache itself is linear, and checked as it grows).
     """
     weight = model.word_embeddings.weight
     n_head, itemsize = model.h[0].self_attention.n_head, weight.dtype.itemsize
@@ -339,7 +341,7 @@ def check_sampling(
         raise ValueError(f"top_k must be an integer, got {top_k!r}")
     low, high = PENALTY_RANGE
     if not low <= penalty <= high:
-        raise ValueError(f"repetition_penalty must be a number in [{low:g}, {high:g}], got {penalty}")
+        raise ValueError(f"repetition_penalty must be a finite number > 0, within [{low:g}, {high:g}], got {penalty}")
     if not do_sample:
         if temperature != 1.0 or top_k is not None or top_p is not None:
             raise ValueError("temperature, top_k and top_p only apply when sampling: pass do_sample=True")
