@@ -33,9 +33,9 @@ class Decoder:
     slots written so far. Each step attends over the current cache only, never more than twice the slots in
     use (or MIN_CAPACITY). Before a cache is allocated its size is compared with the memory the device has
     available (bloom.memory), and a MemoryError gives both instead of an allocator failure.
-    The caches are kept, one per length, and reused by later calls of the same lengths: they are few (a
-    doubling sequence, so they add up to less than twice the largest one) and their addresses stay the same,
-    which a CUDA graph needs to be replayed rather than recorded again. Drop the decoder to free them.
+    The decoder keeps the cache it uses for the next call (drop the decoder to free it). A CUDA-graph decoder
+    keeps every cache it has grown through, one per length, because a graph replays only on the addresses it
+    was recorded with: they are few, and add up to less than twice the largest.
 
     One generation at a time: `claimed()` is held by `generate` for the whole call (by a `stream` until it
     ends), and a second call on the same decoder meanwhile, from another thread or by interleaving two
@@ -127,7 +127,7 @@ class Decoder:
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run the prompt (B, T) into a cache with room for one more token; logits of its last position, (B, 1, V)."""
         T = input_ids.shape[1]
-        self._prompt_mask, self.length = attention_mask, 0
+        self._prompt_mask, self.length, self.cache = attention_mask, 0, None  # the last call's cache: not needed
         self._use(self.capacity_for(T + 1))
         logits = self.model(input_ids, attention_mask, self.cache, last_only=True)
         self.slot = torch.tensor([T], device=input_ids.device)
@@ -153,6 +153,8 @@ class Decoder:
     def _use(self, capacity: int) -> None:
         """Move on to the cache of `capacity` slots (allocated if this decoder has none yet), with what is written."""
         cache = self.caches.get(capacity)
+        if not self._graphed:  # only a CUDA graph needs the smaller caches again: free them
+            self.caches = {}
         if cache is None:
             weight = self.model.word_embeddings.weight
             B, device = self.batch_size, weight.device

@@ -213,7 +213,7 @@ def test_the_cache_grows_with_the_sequence_and_steps_attend_over_it_only(models)
 
 
 def test_a_compiled_decoder_grows_too(models):
-    """A compiled step across four cache lengths: the eager tokens, with at most two compilations."""
+    """A compiled step across four cache lengths (64 to 512 slots): the eager tokens, with at most two compilations."""
     from torch._dynamo.utils import counters
 
     _, ours = models
@@ -223,7 +223,7 @@ def test_a_compiled_decoder_grows_too(models):
     counters.clear()
     compiled = generate(ours, ids, attention_mask=mask, max_new_tokens=300, eos_token_id=[], decoder=decoder)
     assert torch.equal(compiled, eager)
-    assert sorted(decoder.caches) == [64, 128, 256, 512]
+    assert list(decoder.caches) == [512] and decoder.cache.max_len == 512  # the smaller ones were freed
     assert counters["stats"]["unique_graphs"] <= 2  # the first length, then one with dynamic shapes
 
 
