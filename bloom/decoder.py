@@ -56,9 +56,10 @@ class Decoder:
     """
 
     def __init__(self, model: Bloom, batch_size: int, max_len: int | None = None, *, compile: bool = False) -> None:
-        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not is_positive_integer(batch_size):
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if max_len is not None and not is_positive_integer(max_len):
+            raise ValueError(f"max_len must be an integer >= 1 or None, got {max_len!r}")
         weight = model.word_embeddings.weight
         self.model, self.batch_size, self.max_len = model, batch_size, max_len
         self.n_head = model.h[0].self_attention.n_head  # the heads of this process
@@ -174,3 +175,7 @@ class Decoder:
         prompt_mask = self._prompt_mask
         self.mask = torch.ones(self.batch_size, capacity, dtype=torch.long, device=prompt_mask.device)
         self.mask[:, : prompt_mask.shape[1]] = prompt_mask  # every slot after the prompt holds a real token
+
+
+def is_positive_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
