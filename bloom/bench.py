@@ -95,7 +95,7 @@ def ours_worker(args: argparse.Namespace) -> dict:
     def run(model: Bloom, ids: torch.Tensor, n: int) -> torch.Tensor:
         if model not in decoders:  # one decoder (and compiled step) for all the runs
             decoders[model] = Decoder(model, args.batch_size, args.prompt_len + args.new_tokens, compile=args.compile)
-        return generate(model, ids, max_new_tokens=n, eos_token_id=-1, decoder=decoders[model])
+        return generate(model, ids, max_new_tokens=n, eos_token_id=[], decoder=decoders[model])
 
     quantize = "int8" if args.worker == "ours-int8" else None
     return measure(lambda: load_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=quantize),

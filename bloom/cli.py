@@ -190,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(evaluate)
     evaluate.add_argument("--tasks", required=True, help="comma-separated task names, e.g. lambada_openai,piqa")
-    evaluate.add_argument("--num-fewshot", type=non_negative_int, help="examples in each prompt (default: each task's own)")
+    evaluate.add_argument(
+        "--num-fewshot", type=non_negative_int, help="examples in each prompt (default: each task's own)"
+    )
     evaluate.add_argument(
         "--limit",
         type=float,

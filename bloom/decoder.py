@@ -1,41 +1,75 @@
-"""The one-token decode step of generation, over a preallocated KV cache: eager, or compiled for speed."""
+"""The one-token decode step of generation and the KV cache it writes into, which grows with the sequence:
+eager, or compiled for speed."""
 
+import threading
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch._inductor.config as inductor_config
 
 from bloom.kv_cache import KVCache
+from bloom.memory import check_fits
 from bloom.model import Bloom
+
+MIN_CAPACITY = 64  # slots of the smallest cache
 
 # model -> the in-place versions (Tensor._version) of its weights when inductor's freezing copied them
 _FROZEN_VERSIONS: "weakref.WeakKeyDictionary[Bloom, list[int]]" = weakref.WeakKeyDictionary()
 
 
 class Decoder:
-    """A model's KV cache for `batch_size` rows of up to `max_len` tokens, and its decode step.
+    """A model's KV cache for `batch_size` rows, grown as the sequences grow, and its decode step.
 
-    `step(tokens (B,), mask (B, max_len), slot (1,)) -> logits (B, 1, V)` feeds one token per row into the
-    cache at `slot`. With `compile=True` the step is compiled once, as one graph (fullgraph), and reused by
-    every `generate` call and by every later Decoder of this model (a new batch size or length compiles once
-    more, with dynamic shapes):
+    `prefill(input_ids (B, T), attention_mask (B, T))` runs the prompt into a cache and returns the logits of
+    its last position, (B, 1, V); each `step(tokens (B,))` then feeds one token per row into the next slot and
+    returns the logits after it. `max_len` bounds the slots (prompt + new tokens) the decoder may ever hold;
+    None leaves the bound to the device's memory.
+
+    Memory and time follow the tokens actually generated, not `max_new_tokens`. The cache is allocated when
+    it is needed, at a power of two of slots (at least MIN_CAPACITY, at most max_len) that holds the prompt
+    and one more token; when the sequence fills it, the decoder moves on to one twice as long and copies the
+    slots written so far. Each step attends over the current cache only, never more than twice the slots in
+    use (or MIN_CAPACITY). Before a cache is allocated its size is compared with the memory the device has
+    available (bloom.memory), and a MemoryError gives both instead of an allocator failure.
+    The decoder keeps the cache it uses for the next call (drop the decoder to free it). A CUDA-graph decoder
+    keeps every cache it has grown through, one per length, because a graph replays only on the addresses it
+    was recorded with: they are few, and add up to less than twice the largest.
+
+    One generation at a time: `claimed()` is held by `generate` for the whole call (by a `stream` until it
+    ends), and a second call on the same decoder meanwhile, from another thread or by interleaving two
+    streams, is refused with a RuntimeError, because both would write into the same cache. Give each
+    concurrent generation its own Decoder.
+
+    With `compile=True` the step is compiled once, as one graph (fullgraph), and reused by every `generate`
+    call and by every later Decoder of this model. Every cache length is one more shape: the second compiles
+    again with dynamic shapes, which then serve all others (this is what keeps growth cheap to compile):
     - on the CPU with inductor's freezing, which folds the weights into the compiled code as constants and
       lays them out for the CPU's matmul kernels (bf16 decode of bloom-560m on 2 cores: 15 -> 30 tokens/s).
       The compiled code holds a copy of the weights: `check` compiles again after they are edited in place;
     - on CUDA as a CUDA graph (mode "reduce-overhead"), which removes the launch overhead of ~20 kernels per
-      block. The cache's tensors are marked as static addresses, so the graph writes into them in place
-      instead of copying them in (a graph may only mutate such inputs); the logits a step returns live in the
-      graph's memory and are overwritten by the next step.
-    The cache belongs to the decoder, so its steps always write into the same tensors (a CUDA graph is recorded
-    again for another decoder's cache). A compiled step does not run forward hooks, so probing (bloom.probe)
-    needs an eager decoder.
+      block. The caches' tensors are marked as static addresses, so the graph writes into them in place
+      instead of copying them in (a graph may only mutate such inputs); a graph is recorded once per cache.
+      The logits a step returns live in the graph's memory and are overwritten by the next step.
+    A compiled step does not run forward hooks, so probing (bloom.probe) needs an eager decoder.
     """
 
-    def __init__(self, model: Bloom, batch_size: int, max_len: int, *, compile: bool = False) -> None:
+    def __init__(self, model: Bloom, batch_size: int, max_len: int | None = None, *, compile: bool = False) -> None:
+        if not is_positive_integer(batch_size):
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if max_len is not None and not is_positive_integer(max_len):
+            raise ValueError(f"max_len must be an integer >= 1 or None, got {max_len!r}")
         weight = model.word_embeddings.weight
         self.model, self.batch_size, self.max_len = model, batch_size, max_len
-        n_head = model.h[0].self_attention.n_head  # the heads of this process
-        self.cache = KVCache(model.config, batch_size, max_len, weight.dtype, weight.device, n_head)
+        self.n_head = model.h[0].self_attention.n_head  # the heads of this process
+        self.caches: dict[int, KVCache] = {}  # by length in slots
+        self.cache: KVCache | None = None  # the one in use
+        self.length = 0  # slots written in it
+        self.mask: torch.Tensor | None = None  # (B, cache.max_len): the prompt's mask, then 1 for every new token
+        self.slot: torch.Tensor | None = None  # (1,): where the next token goes, advanced in place
+        self._prompt_mask: torch.Tensor | None = None  # (B, T)
+        self._in_use = threading.Lock()
 
         def step(tokens: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor, cache: KVCache) -> torch.Tensor:
             return model(tokens[:, None], mask, cache, slot)  # the cache as an argument: measured faster
@@ -43,14 +77,31 @@ class Decoder:
         if not compile:
             self._step = step
         elif weight.device.type == "cuda":
-            for tensor in self.cache.tensors():  # unguarded: another Decoder's cache re-records the graph, no recompile
-                torch._dynamo.mark_static_address(tensor, guard=False)
             self._step = torch.compile(step, fullgraph=True, mode="reduce-overhead")
         else:
             self._step = torch.compile(step, fullgraph=True)
         self.compiled = compile
         self._freeze = compile and weight.device.type == "cpu"
         self._graphed = compile and weight.device.type == "cuda"
+
+    @contextmanager
+    def claimed(self) -> Iterator[None]:
+        """Hold the decoder for one generation; refuse it to anyone else until then."""
+        if not self._in_use.acquire(blocking=False):
+            raise RuntimeError(
+                "this Decoder is already generating (in another thread, or in a stream that has not ended): "
+                "it serves one generation at a time, because both would write into its one KV cache; give each "
+                "concurrent generation its own Decoder"
+            )
+        try:
+            yield
+        finally:
+            self._in_use.release()
+
+    def capacity_for(self, n_slots: int) -> int:
+        """The length of the cache that holds n_slots: a power of two, at least MIN_CAPACITY, at most max_len."""
+        capacity = max(MIN_CAPACITY, 1 << (n_slots - 1).bit_length())
+        return capacity if self.max_len is None else min(capacity, self.max_len)
 
     def check(self) -> None:
         """Before each generate() call: make sure the compiled step still computes what the model would.
@@ -74,10 +125,57 @@ class Decoder:
                 torch.compiler.reset()
                 _FROZEN_VERSIONS[self.model] = versions
 
-    def step(self, tokens: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run the prompt (B, T) into a cache with room for one more token; logits of its last position, (B, 1, V)."""
+        T = input_ids.shape[1]
+        self._prompt_mask, self.length, self.cache = attention_mask, 0, None  # the last call's cache: not needed
+        self._use(self.capacity_for(T + 1))
+        logits = self.model(input_ids, attention_mask, self.cache, last_only=True)
+        self.slot = torch.tensor([T], device=input_ids.device)
+        self.length = T
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (B,) into the next slot; the logits after it, (B, 1, V)."""
+        if self.length == self.cache.max_len:
+            if self.max_len is not None and self.length == self.max_len:
+                raise ValueError(f"this decoder holds at most max_len={self.max_len} slots, and they are full")
+            self._use(self.capacity_for(self.length + 1))
         # inductor reads `freezing` from its global config when it compiles (the first call);
         # torch.compile(options={"freezing": True}) does not reach it
         if self._graphed:  # the previous step's outputs are no longer needed: the graph may reuse their memory
             torch.compiler.cudagraph_mark_step_begin()
         with inductor_config.patch(freezing=self._freeze):
-            return self._step(tokens, mask, slot, self.cache)
+            logits = self._step(tokens, self.mask, self.slot, self.cache)
+        self.slot += 1
+        self.length += 1
+        return logits
+
+    def _use(self, capacity: int) -> None:
+        """Move on to the cache of `capacity` slots (allocated if this decoder has none yet), with what is written."""
+        cache = self.caches.get(capacity)
+        if not self._graphed:  # only a CUDA graph needs the smaller caches again: free them
+            self.caches = {}
+        if cache is None:
+            weight = self.model.word_embeddings.weight
+            B, device = self.batch_size, weight.device
+            needed = KVCache.nbytes(self.model.config, B, capacity, weight.dtype, self.n_head)
+            check_fits(f"a KV cache of {capacity} slots for {B} rows ({self.length} slots written)", needed, device)
+            try:
+                cache = KVCache(self.model.config, B, capacity, weight.dtype, device, self.n_head)
+            except torch.OutOfMemoryError as error:
+                raise MemoryError(f"a KV cache of {capacity} slots for {B} rows: {error}") from None
+            if self._graphed:  # unguarded: another cache re-records the graph, no recompile
+                for tensor in cache.tensors():
+                    torch._dynamo.mark_static_address(tensor, guard=False)
+            self.caches[capacity] = cache
+        if self.length:
+            cache.copy_from(self.cache, self.length)
+        self.cache = cache
+        prompt_mask = self._prompt_mask
+        self.mask = torch.ones(self.batch_size, capacity, dtype=torch.long, device=prompt_mask.device)
+        self.mask[:, : prompt_mask.shape[1]] = prompt_mask  # every slot after the prompt holds a real token
+
+
+def is_positive_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -3,26 +3,52 @@
 Arguments follow transformers' `generate()` in name and meaning, with one difference: transformers
 samples with top_k=50 unless told otherwise; here nothing is filtered unless asked (top_k=None).
 The logits of each step go through, in transformers' order: repetition penalty, temperature, top-k,
-top-p; then argmax (greedy) or a draw (sampling). No step waits on the host: whether every row has
-finished is checked every `EOS_CHECK_EVERY` steps (every step when streaming), and the columns generated
-after the last row finished are dropped at the end.
+top-p; then argmax (greedy) or a draw (sampling). The penalty and the temperature are applied in float64
+after subtracting each row's maximum, so that no setting overflows: a temperature near 0 gives the greedy
+choice (ties shared evenly), never a float32 infinity. No step waits on the host: the arguments and the
+prompt are checked once per call, whether every row has finished is checked every `EOS_CHECK_EVERY` steps
+(every step when streaming), and the columns generated after the last row finished are dropped at the end.
+
+Memory follows the tokens generated, not `max_new_tokens` (bloom.decoder.Decoder grows the KV cache by
+doubling), so a large `max_new_tokens` costs nothing until it is used. Prompts longer than BLOOM's 2,048
+training positions run: ALiBi has no position table to run out of and extrapolates, but whether the text stays
+good that far is the user's question. The prefill's attention takes memory quadratic in the prompt length;
+`check_prompt_fits` refuses a prompt whose scores cannot fit before they are allocated.
 """
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 
 import torch
 
 from bloom.decoder import Decoder
+from bloom.memory import check_fits
 from bloom.model import Bloom
 
 EOS_CHECK_EVERY = 16
+PENALTY_RANGE = (1e-100, 1e100)  # float64 holds every float32 logit penalized by these, with no overflow or underflow
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """(B, V) logits, (B, V) bool: divide positive logits of seen tokens by `penalty`, multiply negative ones."""
+    """(B, V) logits, (B, V) bool: divide positive logits of seen tokens by `penalty`, multiply negative ones.
+
+    Computed in float64, which holds the result for every float32 logit and a penalty in PENALTY_RANGE.
+    """
+    logits = logits.double()
     penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalized, logits)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, V) logits -> (logits - row maximum) / temperature, in float32, for any temperature > 0.
+
+    Subtracting the maximum first (softmax does not change) leaves values <= 0 that cannot overflow: the
+    most likely token stays at 0 and the others may only underflow to -inf (probability 0), so a temperature
+    near 0 gives the greedy choice, ties shared evenly.
+    """
+    logits = logits.double()
+    return ((logits - logits.max(dim=-1, keepdim=True).values) / temperature).float()
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -62,7 +88,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     repetition_penalty: float = 1.0,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | torch.Tensor | None = None,
     pad_token_id: int | None = None,
     seed: int | None = None,
     streamer: Callable[[torch.Tensor], None] | None = None,
@@ -70,35 +96,51 @@ def generate(
 ) -> torch.Tensor:
     """Continue each prompt of a left-padded batch; returns the prompt plus the new tokens, (B, T + new).
 
-    input_ids, attention_mask: (B, T); the mask is 1 on real tokens, 0 on the left padding. Without a
-        mask, positions equal to pad_token_id are taken as padding (as transformers does) when the pad id
-        differs from the EOS id.
-    max_new_tokens: at most this many new tokens; fewer when every row has produced EOS.
+    input_ids, attention_mask: (B, T) token ids of the model's vocabulary; the mask is 1 on real tokens, 0 on
+        the left padding. Without a mask, positions equal to pad_token_id are taken as padding (as transformers
+        does) when the pad id is not an EOS id.
+    max_new_tokens: at most this many new tokens; fewer when every row has produced EOS. Memory and time
+        follow the tokens generated, so a bound far above what EOS leaves costs nothing.
     do_sample: draw from the distribution; otherwise take the most likely token (greedy).
     temperature, top_k, top_p: reshape the distribution before drawing (sampling only). No top-k is
-        applied unless given (transformers would default to 50).
-    repetition_penalty: > 1 makes tokens already in the row (prompt or generated) less likely.
-    eos_token_id, pad_token_id: default to the model config's. A row that produced EOS gets pad after it.
+        applied unless given (transformers would default to 50). Any temperature > 0 works; near 0 it is greedy.
+    repetition_penalty: > 1 makes tokens already in the row (prompt or generated) less likely; within PENALTY_RANGE.
+    eos_token_id: an id, or several (a list, tuple or 1-D tensor: a row stops at any of them, as in
+        transformers); an empty list never stops. pad_token_id: an id. Both default to the model config's;
+        pad then defaults to the (first) EOS id. A row that produced EOS gets pad after it.
     seed: makes sampling reproducible; otherwise torch's global generator is used.
     streamer: called with each step's new tokens, (B,), as soon as they are chosen. With a streamer, EOS is
         checked at every step; under tensor parallelism give every process one, or none, so that all stop together.
-    decoder: the decode step and KV cache to use (batch size B, at least T + max_new_tokens slots): pass a
-        `Decoder(model, B, max_len, compile=True)` to decode with a compiled step, and reuse it across calls.
-        An eager one of exactly T + max_new_tokens slots is made otherwise.
+    decoder: the decode step and KV cache to use (batch size B): pass a `Decoder(model, B, compile=True)` to
+        decode with a compiled step, and reuse it across calls (one call at a time). An eager one is made otherwise.
+
+    Bad arguments raise ValueError naming the argument, before any work. A MemoryError says what could not
+    fit (the prompt's attention, or the KV cache as it grows) and how much memory is available; its
+    `sequences` attribute holds the prompt and every token chosen until then, (B, T + n).
     """
+    columns, alive = [], []  # (B,) per step; whether any row was still going at that step
     steps = generate_steps(
         model, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, decoder=decoder,
     )  # fmt: skip
-    columns, alive = [], []  # (B,) per step; whether any row was still going at that step
-    for step, (tokens, finished_before) in enumerate(steps):
-        columns.append(tokens)
-        alive.append(~finished_before.all())
-        if streamer is not None:
-            streamer(tokens)
-        if (streamer is not None or (step + 1) % EOS_CHECK_EVERY == 0) and bool(finished_before.all()):
-            break
+    try:
+        with closing(steps):  # hands the decoder back at once, even after a break
+            for step, (tokens, finished_before) in enumerate(steps):
+                columns.append(tokens)
+                alive.append(~finished_before.all())
+                if streamer is not None:
+                    streamer(tokens)
+                if (streamer is not None or (step + 1) % EOS_CHECK_EVERY == 0) and bool(finished_before.all()):
+                    break
+    except MemoryError as error:
+        error.sequences = join_columns(input_ids, columns, alive)
+        raise
+    return join_columns(input_ids, columns, alive)
+
+
+def join_columns(input_ids: torch.Tensor, columns: list[torch.Tensor], alive: list[torch.Tensor]) -> torch.Tensor:
+    """The prompt (B, T) and the new columns, without those after every row had finished: (B, T + n)."""
     if not columns:
         return input_ids
     n_used = int(torch.stack(alive).nonzero().max()) + 1  # the one host sync: drop all-finished columns
@@ -117,7 +159,7 @@ def generate_steps(
     top_k: int | None,
     top_p: float | None,
     repetition_penalty: float,
-    eos_token_id: int | None,
+    eos_token_id: int | Sequence[int] | torch.Tensor | None,
     pad_token_id: int | None,
     seed: int | None,
     decoder: Decoder | None,
@@ -125,85 +167,181 @@ def generate_steps(
     """Yield, for each new position, the chosen tokens (B,) and whether each row had finished before it.
 
     Arguments as in `generate`. Rows that finished get pad_token_id. Stops after max_new_tokens; the
-    caller decides when to stop earlier (a host sync).
+    caller decides when to stop earlier (a host sync). Holds the decoder until it ends or is closed.
     """
     check_sampling(do_sample, temperature, top_k, top_p, repetition_penalty, max_new_tokens)
-    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be (batch, tokens) with at least one token, got {tuple(input_ids.shape)}")
+    if seed is not None and (not is_integer(seed) or not 0 <= seed < 2**64):
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    vocab_size = model.config.vocab_size
+    if eos_token_id is None:
+        eos_ids = check_eos_ids("the model config's eos_token_id", model.config.eos_token_id, vocab_size)
+    else:
+        eos_ids = check_eos_ids("eos_token_id", eos_token_id, vocab_size)
+    if pad_token_id is not None:
+        check_token_id("pad_token_id", pad_token_id, vocab_size)
+    elif model.config.pad_token_id is not None:
+        pad_token_id = model.config.pad_token_id
+        check_token_id("the model config's pad_token_id", pad_token_id, vocab_size)
+    elif eos_ids:
+        pad_token_id = eos_ids[0]
+    if attention_mask is None and isinstance(input_ids, torch.Tensor):
+        infer = pad_token_id is not None and pad_token_id not in eos_ids
+        attention_mask = (input_ids != pad_token_id).long() if infer else torch.ones_like(input_ids)
+    check_prompt(input_ids, attention_mask, vocab_size)
+    if max_new_tokens == 0:
+        return
     B, T = input_ids.shape
     device = input_ids.device
-    eos_token_id = model.config.eos_token_id if eos_token_id is None else eos_token_id
-    pad_token_id = model.config.pad_token_id if pad_token_id is None else pad_token_id
-    if pad_token_id is None:
-        pad_token_id = eos_token_id
-    if attention_mask is None:
-        infer = pad_token_id is not None and pad_token_id != eos_token_id
-        attention_mask = (input_ids != pad_token_id).long() if infer else torch.ones_like(input_ids)
+    check_prompt_fits(model, B, T)
+    if decoder is None:
+        decoder = Decoder(model, B, T + max_new_tokens)
+    elif not isinstance(decoder, Decoder):
+        raise ValueError(f"decoder must be a bloom.decoder.Decoder, got {type(decoder).__name__}")
+    elif decoder.model is not model:
+        raise ValueError("this decoder was made for another model")
+    elif decoder.batch_size != B or (decoder.max_len is not None and decoder.max_len < T + max_new_tokens):
+        raise ValueError(
+            f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) need a decoder of batch {B} and at "
+            f"least {T + max_new_tokens} slots; this one has batch {decoder.batch_size} and max_len {decoder.max_len}"
+        )
+    decoder.check()
+    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)  # (n_eos,)
+    seen = None  # (B, V): the tokens in each row, kept only for a repetition penalty
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(B, vocab_size, dtype=torch.int32, device=device)
+        seen = seen.scatter_add_(1, input_ids.long(), attention_mask.to(torch.int32)) > 0
+    rows = torch.arange(B, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+
+    with decoder.claimed():
+        logits = decoder.prefill(input_ids, attention_mask.long())  # (B, 1, V)
+        for step in range(max_new_tokens):
+            scores = logits[:, -1].float()  # (B, V)
+            if seen is not None:
+                scores = apply_repetition_penalty(scores, seen, repetition_penalty)  # float64
+            if do_sample:
+                scores = apply_temperature(scores, temperature)
+                if top_k is not None:
+                    scores = top_k_filter(scores, top_k)
+                if top_p is not None and top_p < 1.0:
+                    scores = top_p_filter(scores, top_p)
+                tokens = sample(torch.softmax(scores, dim=-1), generator)
+            else:
+                tokens = torch.argmax(scores, dim=-1)
+            if eos_ids:  # (otherwise no row ever finishes)
+                tokens = torch.where(finished, pad_token_id, tokens)  # (B,)
+            yield tokens, finished.clone()
+            if eos_ids:
+                finished |= torch.isin(tokens, eos)
+            if seen is not None:
+                seen[rows, tokens] = True
+            if step + 1 < max_new_tokens:
+                logits = decoder.step(tokens)  # (B, 1, V)
+
+
+def check_prompt_fits(model: Bloom, batch_size: int, prompt_len: int) -> None:
+    """Refuse, before the prefill allocates them, attention scores of the prompt that cannot fit in memory.
+
+    The prefill attends from every prompt token to every other, one layer at a time: the scores (B, nh, T, T)
+    and the masked scores in the model dtype, their float32 softmax and its copy in the model dtype, beside the
+    (B, 1, T, T) additive mask and its boolean (measured: 707 MB added for a 3,000-token prompt of a 6-head fp32
+    model, estimated 693 MB). Quadratic in T: 0.83 GB per row for a 2,048-token prompt of bloom-560m in fp32,
+    300 GB for 16k tokens of the 176B model on one process. Until attention is computed in chunks, this is
+    what bounds the prompt length (the KV cache itself is linear, and checked as it grows).
+    """
+    weight = model.word_embeddings.weight
+    n_head, itemsize = model.h[0].self_attention.n_head, weight.dtype.itemsize
+    per_score = 2 * itemsize + 4 + (0 if weight.dtype == torch.float32 else itemsize)
+    needed = batch_size * prompt_len**2 * (n_head * per_score + itemsize + 1)
+    check_fits(
+        f"the attention over a prompt of {prompt_len} tokens (batch {batch_size}, {n_head} heads: "
+        f"{batch_size}x{n_head}x{prompt_len}x{prompt_len} scores per layer)",
+        needed,
+        weight.device,
+    )
+
+
+def check_token_id(name: str, value: object, vocab_size: int) -> None:
+    """Raise unless `value` is an int token id of a vocabulary of `vocab_size` rows."""
+    if not is_integer(value):
+        raise ValueError(f"{name} must be an integer token id, got {value!r} ({type(value).__name__})")
+    if not 0 <= value < vocab_size:
+        raise ValueError(f"{name} {value} is not a token id: the model's vocabulary has ids 0..{vocab_size - 1}")
+
+
+def check_eos_ids(name: str, eos_token_id: object, vocab_size: int) -> tuple[int, ...]:
+    """eos_token_id as given (None, an id, a list, tuple or 1-D tensor of ids) -> a tuple of ids, checked."""
+    if eos_token_id is None:
+        return ()
+    if isinstance(eos_token_id, torch.Tensor):
+        if eos_token_id.ndim > 1 or eos_token_id.is_floating_point() or eos_token_id.dtype == torch.bool:
+            raise ValueError(f"{name} as a tensor must hold integer ids in at most 1 dimension, got {eos_token_id}")
+        eos_token_id = eos_token_id.tolist()
+    if not isinstance(eos_token_id, list | tuple):
+        check_token_id(name, eos_token_id, vocab_size)
+        return (eos_token_id,)
+    for i, value in enumerate(eos_token_id):
+        check_token_id(f"{name}[{i}]", value, vocab_size)
+    return tuple(eos_token_id)
+
+
+def check_prompt(input_ids: object, attention_mask: object, vocab_size: int) -> None:
+    """Raise, naming the argument and the row, on input_ids or a mask that generate cannot take.
+
+    One host sync for all the value checks (ids in the vocabulary, a mask of 0 and 1, no row ending in padding).
+    """
+    for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(tensor).__name__}")
+    if input_ids.ndim != 2 or 0 in input_ids.shape:
+        raise ValueError(f"input_ids must be (batch, tokens) with at least one token, got {tuple(input_ids.shape)}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
-    if not attention_mask[:, -1].all():  # one host sync per call
+    if attention_mask.device != input_ids.device:
+        raise ValueError(f"attention_mask is on {attention_mask.device}, input_ids on {input_ids.device}")
+    not_binary = (attention_mask != 0) & (attention_mask != 1)  # (B, T)
+    lowest, highest, n_not_binary, n_ending_in_pad = torch.stack(
+        [input_ids.min().long(), input_ids.max().long(), not_binary.sum(), (attention_mask[:, -1] == 0).sum()]
+    ).tolist()  # the one host sync
+    if lowest < 0 or highest >= vocab_size:
+        bad = (input_ids < 0) | (input_ids >= vocab_size)
+        row, column = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"input_ids[{row}, {column}] = {int(input_ids[row, column])} is not a token id: the model's vocabulary "
+            f"has ids 0..{vocab_size - 1}"
+        )
+    if n_not_binary:
+        row, column = (int(i) for i in not_binary.nonzero()[0])
+        raise ValueError(
+            f"attention_mask must hold only 0 (padding) and 1 (tokens); attention_mask[{row}, {column}] = "
+            f"{attention_mask[row, column].item()}"
+        )
+    if n_ending_in_pad:
         row = int((attention_mask[:, -1] == 0).nonzero()[0])
         raise ValueError(
             f"row {row} of the batch ends in padding: pad prompts on the left, and give each at least one token"
         )
-    if max_new_tokens == 0:
-        return
-    if decoder is None:
-        decoder = Decoder(model, B, T + max_new_tokens)
-    elif decoder.model is not model:
-        raise ValueError("this decoder was made for another model")
-    elif decoder.batch_size != B or decoder.max_len < T + max_new_tokens:
-        raise ValueError(
-            f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) need a cache of batch {B} and at "
-            f"least {T + max_new_tokens} slots; this decoder has batch {decoder.batch_size} and {decoder.max_len}"
-        )
-    decoder.check()
-    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
-
-    # Every slot after the prompt will hold a real token; causality hides the ones not yet written.
-    mask = torch.ones(B, decoder.max_len, dtype=torch.long, device=device)  # (B, S_max)
-    mask[:, :T] = attention_mask
-    seen = None  # (B, V): the tokens in each row, kept only for a repetition penalty
-    if repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.int32, device=device)
-        seen = seen.scatter_add_(1, input_ids, attention_mask.to(torch.int32)) > 0
-    rows = torch.arange(B, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-
-    logits = model(input_ids, attention_mask, decoder.cache, last_only=True)  # prefill: (B, 1, V)
-    slot = torch.tensor([T], device=device)  # where the next token goes; advanced in place
-    for step in range(max_new_tokens):
-        scores = logits[:, -1].float()  # (B, V)
-        if seen is not None:
-            scores = apply_repetition_penalty(scores, seen, repetition_penalty)
-        if do_sample:
-            scores = scores / temperature
-            if top_k is not None:
-                scores = top_k_filter(scores, top_k)
-            if top_p is not None and top_p < 1.0:
-                scores = top_p_filter(scores, top_p)
-            tokens = sample(torch.softmax(scores, dim=-1), generator)
-        else:
-            tokens = torch.argmax(scores, dim=-1)
-        tokens = torch.where(finished, pad_token_id, tokens)  # (B,)
-        yield tokens, finished.clone()
-        if eos_token_id is not None:
-            finished |= tokens == eos_token_id
-        if seen is not None:
-            seen[rows, tokens] = True
-        if step + 1 < max_new_tokens:
-            logits = decoder.step(tokens, mask, slot)  # (B, 1, V)
-            slot += 1
 
 
 def check_sampling(
     do_sample: bool, temperature: float, top_k: int | None, top_p: float | None, penalty: float, max_new_tokens: int
 ) -> None:
-    """Raise ValueError on sampling arguments that `generate` cannot honour."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    """Raise ValueError, naming the argument, on sampling arguments that `generate` cannot honour."""
+    if not is_integer(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if not 0 < penalty < math.inf:
-        raise ValueError(f"repetition_penalty must be a finite number > 0, got {penalty}")
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
+    for name, value in (("repetition_penalty", penalty), ("temperature", temperature), ("top_p", top_p)):
+        if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+    if top_k is not None and not is_integer(top_k):
+        raise ValueError(f"top_k must be an integer, got {top_k!r}")
+    low, high = PENALTY_RANGE
+    if not low <= penalty <= high:
+        raise ValueError(f"repetition_penalty must be a finite number > 0, within [{low:g}, {high:g}], got {penalty}")
     if not do_sample:
         if temperature != 1.0 or top_k is not None or top_p is not None:
             raise ValueError("temperature, top_k and top_p only apply when sampling: pass do_sample=True")
@@ -214,3 +352,8 @@ def check_sampling(
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def is_integer(value: object) -> bool:
+    """An int, and not a bool (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)

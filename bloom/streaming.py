@@ -7,6 +7,7 @@ character, so every piece it gives out is final and the pieces join up to exactl
 
 import inspect
 from collections.abc import Iterator
+from contextlib import closing
 
 import torch
 
@@ -49,7 +50,8 @@ def stream(
     """Generate from one prompt and yield the new text piece by piece, stopping at EOS.
 
     Takes `generate`'s keyword arguments (do_sample, temperature, top_k, top_p, repetition_penalty,
-    eos_token_id, seed, ...); the EOS token itself is not part of the text.
+    eos_token_id, seed, ...); the EOS token itself is not part of the text. A `decoder` passed in is held
+    until the stream ends (is exhausted, closed or dropped): a second stream on it meanwhile is refused.
     """
     device = model.word_embeddings.weight.device
     input_ids = torch.tensor([tokenizer.encode(prompt)], device=device)
@@ -60,10 +62,11 @@ def stream(
     if arguments.arguments.pop("streamer") is not None:
         raise TypeError("stream() is itself the streamer; do not pass streamer=")
     text = TextStream(tokenizer)
-    for tokens, finished_before in generate_steps(**arguments.arguments):
-        if finished_before[0]:
-            break
-        if piece := text.push(int(tokens[0])):
-            yield piece
+    with closing(generate_steps(**arguments.arguments)) as steps:  # hands a decoder back as soon as this ends
+        for tokens, finished_before in steps:
+            if finished_before[0]:
+                break
+            if piece := text.push(int(tokens[0])):
+                yield piece
     if rest := text.flush():
         yield rest

@@ -61,7 +61,7 @@ def eos_model_folder(tmp_path_factory):
     tokenizer = load_tokenizer(folder)
     eos, ids = tokenizer.eos_token_id, torch.tensor([tokenizer.encode(EOS_PROMPT)])
     hf = random_hf_bloom(vocab_size=704, hidden_size=48, n_head=6, n_layer=2)
-    third = int(generate(load_pretrained(save_transformers(hf, folder)), ids, max_new_tokens=3, eos_token_id=-1)[0, -1])
+    third = int(generate(load_pretrained(save_transformers(hf, folder)), ids, max_new_tokens=3, eos_token_id=[])[0, -1])
     with torch.no_grad():
         embedding = hf.transformer.word_embeddings.weight
         embedding[[third, eos]] = embedding[[eos, third]]

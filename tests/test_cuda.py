@@ -39,7 +39,7 @@ def test_cuda_graph_decoder_gives_the_eager_tokens(folder, quantize):
     # the second call replays the recorded graph; the other decoder's cache is at other addresses (a re-record)
     for decoder, (lengths, new) in zip(decoders * 2, [([9, 4, 6], 20), ([12, 12, 2], 30)] * 2, strict=True):
         ids, mask = (t.cuda() for t in left_padded(lengths))
-        eager = generate(model, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=-1)
-        graphed = generate(model, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=-1, decoder=decoder)
+        eager = generate(model, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[])
+        graphed = generate(model, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[], decoder=decoder)
         assert torch.equal(graphed, eager)
     assert not counters["inductor"]["cudagraph_skips"]  # the step really ran as a CUDA graph

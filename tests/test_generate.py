@@ -1,11 +1,15 @@
-"""The KV-cached sampler: greedy parity with transformers, cache correctness, sampling definitions, EOS."""
+"""The KV-cached sampler: greedy parity with transformers, cache correctness, sampling definitions, EOS,
+memory that follows the tokens generated, arguments checked and named, one generation per decoder."""
+
+import threading
 
 import pytest
 import torch
 from tiny_checkpoint import left_padded, random_hf_bloom, save_transformers
 
+import bloom.memory
 from bloom import load_pretrained
-from bloom.decoder import Decoder
+from bloom.decoder import MIN_CAPACITY, Decoder
 from bloom.generate import apply_repetition_penalty, generate, sample, top_k_filter, top_p_filter
 from bloom.kv_cache import KVCache
 
@@ -28,7 +32,7 @@ def test_greedy_tokens_equal_transformers(models, lengths):
     hf, ours = models
     ids, mask = left_padded(lengths)
     expected = hf_generate(hf, ids, mask, max_new_tokens=24, eos_token_id=None)
-    got = generate(ours, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=-1)
+    got = generate(ours, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[])
     assert len(set(got[0, -24:].tolist())) > 3  # the tiny model does not just repeat one token
     assert torch.equal(got, expected)
 
@@ -37,14 +41,14 @@ def test_greedy_with_repetition_penalty_equals_transformers(models):
     hf, ours = models
     ids, _ = left_padded([10, 10])  # no padding: transformers would also penalise the pad token
     expected = hf_generate(hf, ids, None, max_new_tokens=20, eos_token_id=None, repetition_penalty=1.8)
-    got = generate(ours, ids, max_new_tokens=20, eos_token_id=-1, repetition_penalty=1.8)
+    got = generate(ours, ids, max_new_tokens=20, eos_token_id=[], repetition_penalty=1.8)
     assert torch.equal(got, expected)
 
 
 def test_eos_stops_rows_and_pads_the_rest_like_transformers(models):
     hf, ours = models
     ids, mask = left_padded([7, 12, 4])
-    free_run = generate(ours, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=-1)
+    free_run = generate(ours, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[])
     eos = int(free_run[1, 12 + 3])  # the 4th token of row 1 plays EOS
     expected = hf_generate(hf, ids, mask, max_new_tokens=20, eos_token_id=eos)
     got = generate(ours, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=eos)
@@ -58,7 +62,7 @@ def test_eos_stops_rows_and_pads_the_rest_like_transformers(models):
 def test_generation_stops_once_every_row_has_finished(models):
     _, ours = models
     ids = torch.randint(4, 320, (1, 6))
-    first = int(generate(ours, ids, max_new_tokens=1, eos_token_id=-1)[0, -1])
+    first = int(generate(ours, ids, max_new_tokens=1, eos_token_id=[])[0, -1])
     assert generate(ours, ids, max_new_tokens=50, eos_token_id=first).shape == (1, 7)
 
 
@@ -86,23 +90,23 @@ def test_cached_decode_logits_equal_a_full_forward_at_every_step(models):
 def test_padded_batch_rows_equal_each_prompt_alone(models):
     _, ours = models
     ids, mask = left_padded([12, 3, 8])
-    batch = generate(ours, ids, attention_mask=mask, max_new_tokens=15, eos_token_id=-1)
+    batch = generate(ours, ids, attention_mask=mask, max_new_tokens=15, eos_token_id=[])
     for row in range(3):
-        alone = generate(ours, ids[row : row + 1, mask[row].bool()], max_new_tokens=15, eos_token_id=-1)
+        alone = generate(ours, ids[row : row + 1, mask[row].bool()], max_new_tokens=15, eos_token_id=[])
         assert torch.equal(batch[row, -15:], alone[0, -15:])
 
 
 def test_mask_is_inferred_from_the_pad_token_like_transformers(models):
     _, ours = models
     ids, mask = left_padded([10, 4])
-    explicit = generate(ours, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=-1)
-    assert torch.equal(generate(ours, ids, max_new_tokens=8, eos_token_id=-1, pad_token_id=PAD), explicit)
+    explicit = generate(ours, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(generate(ours, ids, max_new_tokens=8, eos_token_id=[], pad_token_id=PAD), explicit)
 
 
 def test_same_seed_same_samples_other_seed_other_samples(models):
     _, ours = models
     ids, mask = left_padded([8, 5])
-    kwargs = dict(attention_mask=mask, max_new_tokens=30, eos_token_id=-1, do_sample=True, temperature=1.5)
+    kwargs = dict(attention_mask=mask, max_new_tokens=30, eos_token_id=[], do_sample=True, temperature=1.5)
     first = generate(ours, ids, seed=1, **kwargs)
     assert torch.equal(first, generate(ours, ids, seed=1, **kwargs))
     assert not torch.equal(first, generate(ours, ids, seed=2, **kwargs))
@@ -112,9 +116,9 @@ def test_a_decoder_is_reused_across_calls(models):
     _, ours = models
     ids, mask = left_padded([6, 3])
     decoder = Decoder(ours, 2, 40)
-    fresh = generate(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=-1)
+    fresh = generate(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
     for _ in range(2):
-        reused = generate(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=-1, decoder=decoder)
+        reused = generate(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[], decoder=decoder)
         assert torch.equal(reused, fresh)
 
 
@@ -124,8 +128,8 @@ def test_compiled_decoder_gives_the_eager_tokens(models):
     decoder = Decoder(ours, 3, 48, compile=True)
     for lengths, new in (([9, 4, 6], 20), ([12, 12, 2], 30)):
         ids, mask = left_padded(lengths)
-        eager = generate(ours, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=-1)
-        compiled = generate(ours, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=-1, decoder=decoder)
+        eager = generate(ours, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[])
+        compiled = generate(ours, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[], decoder=decoder)
         assert torch.equal(compiled, eager)
 
 
@@ -135,9 +139,9 @@ def test_many_compiled_decoders(models):
     shapes = [(3, 48)] * (torch._dynamo.config.recompile_limit + 1) + [(2, 40), (1, 36), (2, 44)]
     for batch, max_len in shapes:
         ids, mask = left_padded([7, 3, 5][:batch])
-        eager = generate(ours, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=-1)
+        eager = generate(ours, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[])
         decoder = Decoder(ours, batch, max_len, compile=True)
-        compiled = generate(ours, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=-1, decoder=decoder)
+        compiled = generate(ours, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[], decoder=decoder)
         assert torch.equal(compiled, eager)
 
 
@@ -150,8 +154,8 @@ def test_compiled_decoder_follows_weight_edits_and_refuses_hooks(tmp_path):
     ids, mask = left_padded([7, 4])
     eager = []
     for _ in range(2):
-        eager.append(generate(model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=-1))
-        compiled = generate(model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=-1, decoder=decoder)
+        eager.append(generate(model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[]))
+        compiled = generate(model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[], decoder=decoder)
         assert torch.equal(compiled, eager[-1])
         with torch.no_grad():
             model.h[0].mlp.dense_4h_to_h.weight.mul_(-3)
@@ -161,9 +165,9 @@ def test_compiled_decoder_follows_weight_edits_and_refuses_hooks(tmp_path):
     assert not seen
     with torch.inference_mode():  # weights made here keep no version count; the check must still let them through
         model = load_pretrained(tmp_path)
-    eager = generate(model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=-1)
+    eager = generate(model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[])
     compiled = generate(
-        model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=-1, decoder=Decoder(model, 2, 30, compile=True)
+        model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[], decoder=Decoder(model, 2, 30, compile=True)
     )
     assert torch.equal(compiled, eager)
 
@@ -172,8 +176,171 @@ def test_streamer_sees_every_new_column(models):
     _, ours = models
     ids, mask = left_padded([5, 7])
     columns = []
-    out = generate(ours, ids, attention_mask=mask, max_new_tokens=9, eos_token_id=-1, streamer=columns.append)
+    out = generate(ours, ids, attention_mask=mask, max_new_tokens=9, eos_token_id=[], streamer=columns.append)
     assert torch.equal(torch.stack(columns, dim=1), out[:, 7:])
+
+
+# Memory and time follow the tokens generated, not max_new_tokens.
+
+
+def test_a_huge_max_new_tokens_costs_nothing_when_eos_comes_early(models):
+    """10**9 new tokens would need a 1 TB cache if it were allocated up front (for this tiny model)."""
+    _, ours = models
+    ids = torch.randint(4, 320, (2, 6))
+    first = generate(ours, ids, max_new_tokens=1, eos_token_id=[])[:, -1].tolist()
+    out = generate(ours, ids, max_new_tokens=10**9, eos_token_id=first)
+    assert out.shape == (2, 7)
+
+
+def test_the_cache_grows_with_the_sequence_and_steps_attend_over_it_only(models):
+    """Across growths (64 -> 128 -> 159 slots) the tokens stay transformers' own, and no step attends over more
+    than twice the slots in use (the first ones over 64, not over the prompt + max_new_tokens)."""
+    hf, ours = models
+    ids, mask = left_padded([9, 4, 6])
+    new = 150
+    widths = []  # keys each forward pass attends over
+    hook = ours.h[0].self_attention.register_forward_pre_hook(lambda m, args: widths.append(args[2].shape[-1]))
+    try:
+        got = generate(ours, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[])
+    finally:
+        hook.remove()
+    assert torch.equal(got, hf_generate(hf, ids, mask, max_new_tokens=new, eos_token_id=None))
+    T = ids.shape[1]
+    steps = widths[1:]  # after the prefill, which attends over the prompt
+    assert len(steps) == new - 1 and steps[0] == MIN_CAPACITY
+    for written, width in enumerate(steps, start=T + 1):
+        assert written <= width <= max(MIN_CAPACITY, 2 * written)
+
+
+def test_a_compiled_decoder_grows_too(models):
+    """A compiled step across four cache lengths (64 to 512 slots): the eager tokens, with at most two compilations."""
+    from torch._dynamo.utils import counters
+
+    _, ours = models
+    ids, mask = left_padded([5, 3])
+    decoder = Decoder(ours, 2, compile=True)
+    eager = generate(ours, ids, attention_mask=mask, max_new_tokens=300, eos_token_id=[])
+    counters.clear()
+    compiled = generate(ours, ids, attention_mask=mask, max_new_tokens=300, eos_token_id=[], decoder=decoder)
+    assert torch.equal(compiled, eager)
+    assert list(decoder.caches) == [512] and decoder.cache.max_len == 512  # the smaller ones were freed
+    assert counters["stats"]["unique_graphs"] <= 2  # the first length, then one with dynamic shapes
+
+
+def test_a_growth_that_cannot_fit_is_refused_and_keeps_the_tokens(models, monkeypatch):
+    """With room for the 64-slot cache but not the 128-slot one: a MemoryError with both figures, and the tokens
+    chosen so far, which are the unconstrained generation's."""
+    _, ours = models
+    ids, mask = left_padded([9, 4, 6])
+    free_run = generate(ours, ids, attention_mask=mask, max_new_tokens=200, eos_token_id=[])
+    B = ids.shape[0]
+    first = KVCache.nbytes(ours.config, B, 64, torch.float32, ours.config.n_head)
+    monkeypatch.setattr(bloom.memory, "available_memory", lambda device: first + 1000)
+    message = r"KV cache of 128 slots for 3 rows \(64 slots written\) needs .* GB, but .* GB is available on cpu"
+    with pytest.raises(MemoryError, match=message) as error:
+        generate(ours, ids, attention_mask=mask, max_new_tokens=200, eos_token_id=[])
+    kept = error.value.sequences
+    assert kept.shape == (B, 64 + 1)  # the token for slot 64 was chosen, then the cache was full
+    assert torch.equal(kept, free_run[:, : 64 + 1])
+
+
+def test_a_prompt_whose_attention_cannot_fit_is_refused_before_allocating(models):
+    """A million-token prompt: its (1, 6, 10**6, 10**6) attention scores would take terabytes."""
+    _, ours = models
+    ids = torch.randint(4, 320, (1, 10**6))
+    with pytest.raises(MemoryError, match=r"the attention over a prompt of 1000000 tokens .* needs .* GB, but"):
+        generate(ours, ids, max_new_tokens=5)
+
+
+# Sampling settings at their limits: the limit's answer, never a float overflow.
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324])
+def test_a_temperature_near_zero_samples_the_greedy_tokens(models, temperature):
+    """float32 overflowed to inf / NaN here and sampled token 0 forever."""
+    hf, ours = models
+    ids, mask = left_padded([8, 5])
+    greedy = hf_generate(hf, ids, mask, max_new_tokens=20, eos_token_id=None)
+    for extra in ({}, {"top_k": 5}, {"top_p": 0.9}):
+        sampled = generate(ours, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[], do_sample=True,
+                           temperature=temperature, seed=0, **extra)  # fmt: skip
+        assert torch.equal(sampled, greedy)
+
+
+def test_a_tiny_repetition_penalty_gives_its_limit(models):
+    """A penalty of 1e-40 overflowed float32 (every seen positive logit became inf, so the lowest id won). Its
+    greedy tokens are those of any penalty small enough to rank seen tokens above all others but large enough
+    not to overflow: transformers' at 1e-20."""
+    hf, ours = models
+    ids, _ = left_padded([10, 10])
+    expected = hf_generate(hf, ids, None, max_new_tokens=20, eos_token_id=None, repetition_penalty=1e-20)
+    got = generate(ours, ids, max_new_tokens=20, eos_token_id=[], repetition_penalty=1e-40)
+    assert torch.equal(got, expected)
+
+
+# EOS as a list of ids, as transformers takes it.
+
+
+def test_a_list_of_eos_ids_stops_each_row_at_any_of_them_like_transformers(models):
+    hf, ours = models
+    ids, mask = left_padded([7, 12, 4])
+    free_run = generate(ours, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[])
+    eos = [int(free_run[0, 12 + 2]), int(free_run[1, 12 + 5])]  # two rows' tokens play EOS
+    expected = hf_generate(hf, ids, mask, max_new_tokens=20, eos_token_id=eos)
+    assert (expected[:, 12:] == PAD).any()  # they did stop rows
+    for spelling in (eos, tuple(eos), torch.tensor(eos)):
+        assert torch.equal(generate(ours, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=spelling), expected)
+    assert generate(ours, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[]).shape == (3, 32)
+
+
+# One generation per decoder at a time.
+
+
+def test_a_decoder_shared_by_two_threads_serves_one_and_refuses_the_other(models):
+    """Both would write into the one cache: the second call is refused while the first is running, the first
+    gives the tokens it gives alone, and the decoder serves again once it is free."""
+    _, ours = models
+    ids, mask = left_padded([6, 3])
+    other_ids, other_mask = left_padded([4, 5])
+    alone = generate(ours, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
+    decoder = Decoder(ours, 2)
+    started, resume, result = threading.Event(), threading.Event(), {}
+
+    def pause_after_the_first_token(tokens):
+        if not started.is_set():
+            started.set()
+            resume.wait(timeout=60)
+
+    def first_call():
+        result["tokens"] = generate(ours, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[],
+                                    decoder=decoder, streamer=pause_after_the_first_token)  # fmt: skip
+
+    thread = threading.Thread(target=first_call)
+    thread.start()
+    try:
+        assert started.wait(timeout=60)
+        with pytest.raises(RuntimeError, match="this Decoder is already generating .* give each concurrent"):
+            generate(ours, other_ids, attention_mask=other_mask, max_new_tokens=12, eos_token_id=[], decoder=decoder)
+    finally:
+        resume.set()
+        thread.join()
+    assert torch.equal(result["tokens"], alone)
+    again = generate(ours, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], decoder=decoder)
+    assert torch.equal(again, alone)
+
+
+def test_a_decoder_is_free_again_after_a_failed_call(models):
+    _, ours = models
+    decoder = Decoder(ours, 1)
+    with pytest.raises(ValueError, match="input_ids"):
+        generate(ours, torch.tensor([[5, 999]]), max_new_tokens=3, decoder=decoder)
+    with pytest.raises(RuntimeError, match="streamer failed"):
+        generate(ours, torch.tensor([[5, 9]]), max_new_tokens=3, decoder=decoder,
+                 streamer=lambda tokens: (_ for _ in ()).throw(RuntimeError("streamer failed")))  # fmt: skip
+    assert generate(ours, torch.tensor([[5, 9]]), max_new_tokens=3, eos_token_id=[], decoder=decoder).shape == (1, 5)
+
+
+# Bad arguments: refused, naming the argument, before any work.
 
 
 @pytest.mark.parametrize(
@@ -187,14 +354,38 @@ def test_streamer_sees_every_new_column(models):
         (dict(top_k=5), "do_sample=True"),
         (dict(max_new_tokens=-1), "max_new_tokens"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
-        (dict(repetition_penalty=float("nan")), "repetition_penalty must be a finite number"),
+        (dict(repetition_penalty=float("nan")), r"repetition_penalty must be a finite number > 0, .*got nan"),
         (dict(do_sample=True, temperature=float("nan")), "temperature must be a finite number"),
         (dict(do_sample=True, temperature=float("inf")), "temperature must be a finite number"),
         (dict(attention_mask=torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]])), "row 1 of the batch ends in padding"),
         (dict(attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])), "row 1 of the batch ends in padding"),
         (dict(decoder="small"), "at least 14 slots"),
         (dict(decoder="other model"), "another model"),
+        (dict(decoder=object()), "decoder must be a bloom.decoder.Decoder, got object"),
         (dict(attention_mask=torch.ones(1, 3, dtype=torch.long)), "attention_mask"),
+        (dict(repetition_penalty=1e-101), r"repetition_penalty .* within \[1e-100, 1e\+100\], got 1e-101"),
+        (dict(repetition_penalty="2"), "repetition_penalty must be a number, got '2'"),
+        (dict(do_sample=True, top_k=2.5), "top_k must be an integer, got 2.5"),
+        (dict(max_new_tokens=True), "max_new_tokens must be an integer"),
+        (dict(do_sample=1), "do_sample must be True or False"),
+        (dict(do_sample=True, seed=2**70), "seed must be an integer in"),
+        (dict(eos_token_id=-1), "eos_token_id -1 is not a token id: the model's vocabulary has ids 0..319"),
+        (dict(eos_token_id=320), "eos_token_id 320 is not a token id"),
+        (dict(eos_token_id=True), "eos_token_id must be an integer token id, got True"),
+        (dict(eos_token_id=2.0), "eos_token_id must be an integer token id, got 2.0"),
+        (dict(eos_token_id="2"), "eos_token_id must be an integer token id, got '2'"),
+        (dict(eos_token_id=[2, "3"]), r"eos_token_id\[1\] must be an integer token id"),
+        (dict(eos_token_id=[2, 999]), r"eos_token_id\[1\] 999 is not a token id"),
+        (dict(eos_token_id=torch.tensor([2.0])), "eos_token_id as a tensor must hold integer ids"),
+        (dict(pad_token_id=-3), "pad_token_id -3 is not a token id"),
+        (dict(pad_token_id=1000), "pad_token_id 1000 is not a token id"),
+        (dict(input_ids=torch.tensor([[5, 6, 7], [8, -1, 9]])), r"input_ids\[1, 1\] = -1 is not a token id"),
+        (dict(input_ids=torch.tensor([[5, 6, 320], [8, 7, 9]])), r"input_ids\[0, 2\] = 320 is not a token id"),
+        (dict(input_ids=torch.tensor([[5.0, 6.0]])), "input_ids must hold integer token ids, got torch.float32"),
+        (dict(input_ids=[[5, 6]]), "input_ids must be a tensor, got list"),
+        (dict(attention_mask=torch.tensor([[1, 1, 1, 1], [0, 2, 1, 1]])), r"only 0 \(padding\) and 1 .*\[1, 1\] = 2"),
+        (dict(attention_mask=torch.tensor([[1, 1, 1, 1], [0, 0.5, 1, 1]])), r"attention_mask\[1, 1\] = 0.5"),
+        (dict(attention_mask=torch.tensor([[1, 1, 1, 1], [-1, 1, 1, 1]])), r"attention_mask\[1, 0\] = -1"),
     ],
 )
 def test_bad_arguments(models, kwargs, message, tmp_path):
@@ -206,7 +397,7 @@ def test_bad_arguments(models, kwargs, message, tmp_path):
         kwargs["decoder"] = Decoder(load_pretrained(save_transformers(random_hf_bloom(), tmp_path)), 2, 40)
     kwargs.setdefault("max_new_tokens", 10)
     with pytest.raises(ValueError, match=message):
-        generate(ours, ids, **kwargs)
+        generate(ours, kwargs.pop("input_ids", ids), **kwargs)
 
 
 # The logits processors, on hand-made logits, against their definitions.

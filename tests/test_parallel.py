@@ -37,7 +37,7 @@ def test_two_processes_equal_one(sharded_checkpoint, tmp_path):
             expected = whole(ids, mask)
         real = mask.bool()
         torch.testing.assert_close(got["logits"][real], expected[real], rtol=0, atol=1e-5)
-        assert torch.equal(got["tokens"], generate(whole, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=-1))
+        assert torch.equal(got["tokens"], generate(whole, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=[]))
         # each process holds (and so read) only its slice: half the heads, half the MLP
         shapes = {name: shape for name, (shape, _) in got["tensors"].items()}
         assert shapes["h.0.self_attention.query_key_value.weight"] == (72, 48)  # 3 heads of 3 x 8 rows

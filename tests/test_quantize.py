@@ -76,8 +76,8 @@ def test_int8_halves_memory_and_stays_within_the_bound(tmp_path, seed):
 
     # Greedy: mostly the same first token, and always where bf16's top-2 margin exceeds twice the largest
     # change int8 made to any logit at that position (there the bound guarantees the same argmax).
-    first_new = generate(int8, ids, max_new_tokens=1, eos_token_id=-1)[:, -1]
-    expected = generate(bf16, ids, max_new_tokens=1, eos_token_id=-1)[:, -1]
+    first_new = generate(int8, ids, max_new_tokens=1, eos_token_id=[])[:, -1]
+    expected = generate(bf16, ids, max_new_tokens=1, eos_token_id=[])[:, -1]
     assert (first_new == expected).float().mean() >= AGREEMENT_BOUND
     top2 = reference[:, -1].topk(2).values
     sure = (top2[:, 0] - top2[:, 1]) > 2 * (quantized[:, -1] - reference[:, -1]).abs().amax(dim=-1)

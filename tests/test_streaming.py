@@ -64,3 +64,25 @@ def test_stream_refuses_a_streamer_and_unknown_arguments(tiny_model_folder, toke
         list(stream(model, tokenizer, "hi", max_new_tokens=2, streamer=print))
     with pytest.raises(TypeError):
         list(stream(model, tokenizer, "hi", max_new_tokens=2, top_q=0.5))
+
+
+def test_two_interleaved_streams_on_one_decoder(tiny_model_folder, tokenizer):
+    """Both streams would write into the decoder's one cache: the second is refused while the first is open,
+    the first still yields the text it yields alone, and a stream closed early hands the decoder back."""
+    from bloom.decoder import Decoder
+
+    model = load_pretrained(tiny_model_folder)
+    decoder = Decoder(model, 1)
+    kwargs = dict(max_new_tokens=20, eos_token_id=[])
+    alone = list(stream(model, tokenizer, "Le café", **kwargs))
+    first = stream(model, tokenizer, "Le café", decoder=decoder, **kwargs)
+    pieces = [next(first)]
+    second = stream(model, tokenizer, "Un 🦄", decoder=decoder, **kwargs)
+    with pytest.raises(RuntimeError, match="this Decoder is already generating"):
+        next(second)
+    pieces += list(first)
+    assert pieces == alone
+    early = stream(model, tokenizer, "Un 🦄", decoder=decoder, **kwargs)
+    next(early)
+    early.close()
+    assert list(stream(model, tokenizer, "Le café", decoder=decoder, **kwargs)) == alone

@@ -26,15 +26,15 @@ mask[1, :4] = 0
 mask[2, :9] = 0
 with torch.no_grad():
     logits = model(ids, mask)
-tokens = generate(model, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=-1)
+tokens = generate(model, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=[])
 torch.manual_seed(dist.get_rank())  # processes whose own random draws differ
 seed = shared_seed()
-sampled = generate(model, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=-1, do_sample=True, seed=seed)
+sampled = generate(model, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=[], do_sample=True, seed=seed)
 result = {"ids": ids, "mask": mask, "logits": logits, "tokens": tokens, "seed": seed, "sampled": sampled,
           "tensors": {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}}  # fmt: skip
 if quantize:
     decoder = Decoder(model, 3, 27, compile=True)
-    result["tokens_compiled"] = generate(model, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=-1,
+    result["tokens_compiled"] = generate(model, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=[],
                                          decoder=decoder)  # fmt: skip
 torch.save(result, out / f"rank{dist.get_rank()}.pt")
 dist.destroy_process_group()
