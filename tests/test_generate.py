@@ -204,7 +204,7 @@ def test_the_cache_grows_with_the_sequence_and_steps_attend_over_it_only(models)
         got = generate(ours, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[])
     finally:
         hook.remove()
-    assert torch.equal(got, hf_generate(hf, ids, mask, max_new_tokens=new, eos_token_id=None))
+    assert torch.equal(got, hf_generate(hf, ids, mask, max_new_tokens=new, eos_token_id=[]))
     T = ids.shape[1]
     steps = widths[1:]  # after the prefill, which attends over the prompt
     assert len(steps) == new - 1 and steps[0] == MIN_CAPACITY
