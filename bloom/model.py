@@ -68,6 +68,27 @@ def causal_mask(attention_mask: torch.Tensor, slots: torch.Tensor, dtype: torch.
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
+class CausalMask:
+    """The additive mask of one forward pass, from the (B, S) mask and the (T,) query slots, built when asked:
+    whole, (B, 1, T, S), once for all the layers; or for a few query rows at a time, so that a long input
+    never holds a (T, S) tensor."""
+
+    def __init__(self, attention_mask: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> None:
+        self.attention_mask, self.slots, self.dtype = attention_mask, slots, dtype
+        self._whole: torch.Tensor | None = None
+
+    def whole(self) -> torch.Tensor:
+        if self._whole is None:
+            self._whole = causal_mask(self.attention_mask, self.slots, self.dtype)  # (B, 1, T, S)
+        return self._whole
+
+    def rows(self, start: int, end: int) -> torch.Tensor:
+        """The mask of queries start..end-1 over the keys they can see: the slots up to the last one's,
+        (B, 1, end - start, S') with S' = slots[end - 1] + 1 (later keys are masked for all of them)."""
+        keys = int(self.slots[end - 1]) + 1
+        return causal_mask(self.attention_mask[:, :keys], self.slots[start:end], self.dtype)
+
+
 def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
     """tanh-approximate GeLU, with BLOOM's constant (float32 √(2/π)) and operation order.
 
@@ -75,6 +96,11 @@ def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
     transformers, which matters for half-precision parity.
     """
     return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1.0 + 0.044715 * x * x)))
+
+
+# Bytes of float32 attention scores, (B, nh, T, S), computed at once. Beyond it, attention takes a chunk of queries
+# at a time, so that memory grows linearly with T. 2**28 keeps bloom-560m whole up to 2048 tokens at batch 1.
+SCORES_BUDGET = 2**28
 
 
 class Tap(nn.Identity):
@@ -95,7 +121,7 @@ class Attention(nn.Module):
         self.q, self.k, self.v, self.probs, self.context = (Tap() for _ in range(5))
 
     def forward(
-        self, x: torch.Tensor, alibi: torch.Tensor, mask: torch.Tensor, kv: LayerKV | None, slots: torch.Tensor
+        self, x: torch.Tensor, alibi: torch.Tensor, mask: CausalMask, kv: LayerKV | None, slots: torch.Tensor
     ) -> torch.Tensor:
         B, T, _ = x.shape
         alibi = alibi[:, self.head_offset : self.head_offset + self.n_head]  # (B, nh, 1, S): this module's heads
@@ -105,8 +131,22 @@ class Attention(nn.Module):
         q, k, v = self.q(q), self.k(k), self.v(v)
         if kv is not None:
             cached_k, cached_v = kv.update(slots, k, v)  # 2 x (B, nh, S_max, hd)
-            if mask.shape[-1] == cached_k.shape[2]:  # decoding: attend over the whole cache, unwritten slots masked
-                k, v = cached_k, cached_v  # (a prefill attends over its own T tokens only)
+            if mask.attention_mask.shape[-1] == cached_k.shape[2]:  # decoding: attend over the whole cache,
+                k, v = cached_k, cached_v  # unwritten slots masked (a prefill attends over its own T tokens only)
+        n_chunks = math.ceil(B * self.n_head * T * k.shape[2] * 4 / SCORES_BUDGET)  # float32 scores per chunk
+        if n_chunks <= 1 or self.probed():  # all queries at once: the reference, op for op as transformers
+            y = self.attend(q, k, v, alibi, mask.whole())  # (B, nh, T, hd)
+        else:  # long inputs: memory linear in T, values equal within float32 rounding
+            y = self.attend_in_chunks(q, k, v, alibi, mask, n_chunks)
+        y = self.context(y)  # each head's output: (B, nh, T, hd)
+        return self.dense(y.transpose(1, 2).reshape(B, T, -1))  # heads concatenated, (B, T, nh·hd) -> (B, T, C)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """softmax(alibi + q·kᵀ/√hd + mask) · v: queries (B, nh, T, hd), keys and values (B, nh, S, hd),
+        alibi (B, nh, 1, S), mask (B, 1, T, S) -> (B, nh, T, hd)."""
+        B, _, T, _ = q.shape
         S = k.shape[2]
         scores = torch.baddbmm(  # alibi + (q · kᵀ) / √hd
             alibi.expand(B, self.n_head, 1, S).reshape(B * self.n_head, 1, S),  # (B·nh, 1, S)
@@ -115,8 +155,24 @@ class Attention(nn.Module):
             alpha=1.0 / math.sqrt(self.head_dim),
         ).view(B, self.n_head, T, S)
         probs = self.probs(F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype))  # (B, nh, T, S)
-        y = self.context(probs @ v)  # each head's output: (B, nh, T, hd)
-        return self.dense(y.transpose(1, 2).reshape(B, T, -1))  # heads concatenated, (B, T, nh·hd) -> (B, T, C)
+        return probs @ v
+
+    def attend_in_chunks(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi: torch.Tensor, mask: CausalMask, n_chunks: int
+    ) -> torch.Tensor:
+        """`attend`, n_chunks slices of the queries at a time, each against the keys it can see; same shapes."""
+        T = q.shape[2]
+        rows = math.ceil(T / n_chunks)  # even chunks: no 1-row remainder, which BLAS would compute differently
+        y = []
+        for a in range(0, T, rows):
+            chunk_mask = mask.rows(a, min(a + rows, T))  # (B, 1, rows, S')
+            S = chunk_mask.shape[-1]
+            y.append(self.attend(q[:, :, a : a + rows], k[:, :, :S], v[:, :, :S], alibi[..., :S], chunk_mask))
+        return torch.cat(y, dim=2)  # (B, nh, T, hd)
+
+    def probed(self) -> bool:
+        """Whether a hook watches the (B, nh, T, S) taps, which then see the whole tensor, however long T."""
+        return any(tap._forward_hooks or tap._forward_pre_hooks for tap in (self.probs,))
 
 
 class MLP(nn.Module):
@@ -139,7 +195,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, alibi: torch.Tensor, mask: torch.Tensor, kv: LayerKV | None, slots: torch.Tensor
+        self, x: torch.Tensor, alibi: torch.Tensor, mask: CausalMask, kv: LayerKV | None, slots: torch.Tensor
     ) -> torch.Tensor:
         x = x + self.self_attention(self.input_layernorm(x), alibi, mask, kv, slots)  # pre-LN residual adds
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -202,7 +258,7 @@ class Bloom(nn.Module):
             raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, expected (batch, keys) = {(B, S)}")
         dtype = self.word_embeddings.weight.dtype
         alibi = alibi_bias(attention_mask, alibi_slopes(self.config.n_head, input_ids.device), dtype)  # (B, nh, 1, S)
-        mask = causal_mask(attention_mask, slots, dtype)  # (B, 1, T, S)
+        mask = CausalMask(attention_mask, slots, dtype)  # (B, 1, T, S), built when a layer needs it
 
         x = self.word_embeddings_layernorm(self.word_embeddings(input_ids))  # (B, T, C)
         for i, block in enumerate(self.h):
