@@ -73,7 +73,7 @@ def run_parity(args: argparse.Namespace, tolerances: dict[torch.dtype, float]) -
     model = load_pretrained(
         args.model, dtype=args.dtype, device=args.device, revision=args.revision, quantize=args.quantize
     )
-    dtype = model.word_embeddings.weight.dtype
+    dtype = model.ln_f.weight.dtype
     reference = args.reference or args.model
     hf = BloomForCausalLM.from_pretrained(reference, dtype=dtype, revision=args.revision).to(args.device).eval()
     tokenizer = load_tokenizer(args.model, revision=args.revision)

@@ -32,7 +32,7 @@ class Decoder:
     """
 
     def __init__(self, model: Bloom, batch_size: int, max_len: int, *, compile: bool = False) -> None:
-        weight = model.word_embeddings.weight
+        weight = model.ln_f.weight  # the model's dtype and device (the embedding may be int8)
         self.model, self.batch_size, self.max_len = model, batch_size, max_len
         n_head = model.h[0].self_attention.n_head  # the heads of this process
         self.cache = KVCache(model.config, batch_size, max_len, weight.dtype, weight.device, n_head)

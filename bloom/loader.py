@@ -31,7 +31,7 @@ from bloom.config import BloomConfig
 from bloom.hub import resolve_folder
 from bloom.model import Bloom
 from bloom.parallel import split_heads
-from bloom.quantize import Int8Linear, quantize_int8, quantize_rows
+from bloom.quantize import Int8Embedding, Int8Linear, quantize_int8, quantize_rows
 
 PREFIX = "transformer."
 LM_HEAD = "lm_head.weight"
@@ -77,9 +77,9 @@ def load_pretrained(
     allow_pickle: also accept `pytorch_model*.bin` files, read with torch.load(weights_only=True). Off by
         default: safetensors files never run code, pickles might.
     progress: show a progress bar over the tensors while they are read.
-    quantize: "int8" stores the blocks' linear weights as int8 with a scale per output channel
-        (`bloom.quantize`): half their bf16 bytes. Each weight is quantized as soon as it is read, so the
-        unquantized weights are never all in memory at once.
+    quantize: "int8" stores the word embedding (also the LM head) and the blocks' linear weights as int8
+        with a scale per row (`bloom.quantize`): half their bf16 bytes. Each weight is quantized as soon as
+        it is read, so the unquantized weights are never all in memory at once.
     tensor_parallel: split every block's heads and MLP over the processes of the initialised
         torch.distributed group (`bloom.parallel`); each process reads only its slices of the files.
     """
@@ -110,7 +110,8 @@ def load_pretrained(
             parts = split_heads(model, dist.get_rank(), dist.get_world_size())
     if quantize == "int8":
         quantize_int8(model)  # on meta: the int8 layers, empty
-    int8_weights = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Int8Linear)}
+    int8_modules = (Int8Linear, Int8Embedding)
+    int8_weights = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, int8_modules)}
     with ExitStack() as stack:
         readers = [stack.enter_context(_open(path)) for path in files]
         sources = _check_keys(readers, expected)  # model key -> (reader, stored key)

@@ -111,6 +111,13 @@ class Tap(nn.Identity):
     """
 
 
+class TiedEmbedding(nn.Embedding):
+    """The word embedding, (B, T) ids -> (B, T, C), which is also the LM head: `unembed`, (B, T, C) -> (B, T, V)."""
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class Attention(nn.Module):
     def __init__(self, config: BloomConfig) -> None:
         super().__init__()
@@ -209,7 +216,7 @@ class Bloom(nn.Module):
         embedding = torch.empty(config.vocab_size, config.hidden_size)  # (V, C); no padding_idx: pad is trained
         if not embedding.is_meta:  # on the meta device (loading) a random init means nothing and costs a second
             nn.init.normal_(embedding)
-        self.word_embeddings = nn.Embedding.from_pretrained(embedding, freeze=False)
+        self.word_embeddings = TiedEmbedding.from_pretrained(embedding, freeze=False)
         self.word_embeddings_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
@@ -236,7 +243,7 @@ class Bloom(nn.Module):
         x = self.hidden(input_ids, attention_mask, cache, slots)  # (B, T, C)
         if last_only:
             x = x[:, -1:]  # skips a (T, C) x (C, 250880) product over the prompt when only the next token matters
-        return F.linear(x, self.word_embeddings.weight)  # the LM head is the embedding: (B, T, V)
+        return self.word_embeddings.unembed(x)  # the LM head is the embedding: (B, T, V)
 
     def hidden(
         self,
@@ -256,7 +263,7 @@ class Bloom(nn.Module):
             attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
         if attention_mask.shape != (B, S):
             raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, expected (batch, keys) = {(B, S)}")
-        dtype = self.word_embeddings.weight.dtype
+        dtype = self.ln_f.weight.dtype  # the model's (the embedding may be int8, bloom.quantize)
         alibi = alibi_bias(attention_mask, alibi_slopes(self.config.n_head, input_ids.device), dtype)  # (B, nh, 1, S)
         mask = CausalMask(attention_mask, slots, dtype)  # (B, 1, T, S), built when a layer needs it
 
