@@ -103,7 +103,9 @@ def measure(
         "decode_gb_s": steps_per_s * weight_gb,  # every step reads every weight once
         "bandwidth_gb_s": bandwidth_gb_s,
         "bandwidth_used": steps_per_s * weight_gb / bandwidth_gb_s,
-        "decode_tok_s_reps": [(args.new_tokens - 1) * args.batch_size / (t - p) for p, t in zip(prefill, total)],
+        "decode_tok_s_reps": [
+            (args.new_tokens - 1) * args.batch_size / (t - p) for p, t in zip(prefill, total, strict=True)
+        ],
         "tokens": tokens[:, args.prompt_len :].tolist(),
     }
 
