@@ -218,7 +218,7 @@ class _SafetensorsReader:
             return self._handle.get_tensor(key)
         out = torch.empty(self._shape(key, part), dtype=dtype, device=device)
         for rows, chunk in self.row_chunks(key, dtype, device, part):
-            out[rows] = chunk
+            out[rows] = chunk  # converted to `dtype` as it is copied: one pass over the chunk
         return out
 
     def read_int8(
@@ -230,15 +230,15 @@ class _SafetensorsReader:
         q = torch.empty(shape, dtype=torch.int8, device=device)
         scale = torch.empty(shape[0], dtype=dtype, device=device)
         for rows, chunk in self.row_chunks(key, dtype, device, part):
-            q[rows], scale[rows] = quantize_rows(chunk)  # one scale per row: chunks of rows quantize alike
+            q[rows], scale[rows] = quantize_rows(chunk.to(dtype))  # one scale per row: chunks quantize alike
         return q, scale
 
     def row_chunks(
         self, key: str, dtype: torch.dtype, device: torch.device, part: tuple[int, int, int] | None = None
     ) -> Iterator[tuple[slice, torch.Tensor]]:
-        """(rows, chunk): the tensor or its slice `part`, a READ_CHUNK_BYTES chunk of rows at a time, in `dtype`
-        on `device`. Each chunk is read through its own short-lived mapping of the file, so the file's pages
-        never pile up next to the copies."""
+        """(rows, chunk): the tensor or its slice `part`, a READ_CHUNK_BYTES chunk (of rows in `dtype`) at a
+        time, on `device` in the stored dtype, for the caller to convert as it copies. Each chunk is read through
+        its own short-lived mapping of the file, so the file's pages never pile up next to the copies."""
         shape = self._shape(key, part)
         rows, columns = slice(0, shape[0]), slice(None)
         if part is not None:
@@ -252,7 +252,7 @@ class _SafetensorsReader:
             with safe_open(self.path, framework="pt") as handle:
                 stored = handle.get_slice(key)
                 chunk = stored[start:stop] if len(shape) == 1 else stored[start:stop, columns]
-            yield slice(start - rows.start, stop - rows.start), chunk.to(device=device, dtype=dtype)
+            yield slice(start - rows.start, stop - rows.start), chunk.to(device=device)
 
     def _shape(self, key: str, part: tuple[int, int, int] | None) -> list[int]:
         """The stored shape, or the shape of slice `part` = (dim, index, count)."""
