@@ -169,7 +169,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """`attend`, n_chunks slices of the queries at a time, each against the keys it can see; same shapes."""
         T = q.shape[2]
-        rows = math.ceil(T / n_chunks)  # even chunks: no 1-row remainder, which BLAS would compute differently
+        rows = math.ceil(T / n_chunks)  # chunks of about equal size
         y = []
         for a in range(0, T, rows):
             chunk_mask = mask.rows(a, min(a + rows, T))  # (B, 1, rows, S')
