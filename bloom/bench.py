@@ -30,12 +30,29 @@ from bloom.model import Bloom
 
 IMPLEMENTATIONS = ("ours", "ours-int8", "transformers")
 PROG = "bloom bench"
+SPREAD_WARNING = 0.10  # (max - min) / median of the repeated decode speeds beyond which the table warns
 
 
 def rss_gb() -> float:
     """Current resident memory of this process."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 1e9
+
+
+def memory_bandwidth_gb_s(device: torch.device, gigabytes: float = 0.5, reps: int = 5) -> float:
+    """The bytes per second this process reads from memory: a plain sum() over a tensor far larger than the
+    caches, the best of `reps` (a decode step at full speed reads its weights as fast)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    x = torch.ones(int(gigabytes * 1e9) // 4, device=device)  # float32
+    x.sum()
+    best = float("inf")
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        x.sum()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / 1e9 / best
 
 
 def measure(
@@ -77,6 +94,7 @@ def measure(
             times.append(time.perf_counter() - start)
     prefill_s, total_s = statistics.median(prefill), statistics.median(total)
     steps_per_s = (args.new_tokens - 1) / (total_s - prefill_s)  # decode steps after the prefill's token
+    bandwidth_gb_s = memory_bandwidth_gb_s(device)
     return {
         "load_s": load_s,
         "warmup_s": warmup_s,
@@ -85,6 +103,11 @@ def measure(
         "prefill_ms": prefill_s * 1e3,
         "decode_tok_s": steps_per_s * args.batch_size,
         "decode_gb_s": steps_per_s * weight_gb,  # every step reads every weight once
+        "bandwidth_gb_s": bandwidth_gb_s,
+        "bandwidth_used": steps_per_s * weight_gb / bandwidth_gb_s,
+        "decode_tok_s_reps": [
+            (args.new_tokens - 1) * args.batch_size / (t - p) for p, t in zip(prefill, total, strict=True)
+        ],
         "tokens": tokens[:, args.prompt_len :].tolist(),
     }
 
@@ -142,7 +165,8 @@ def run_worker(impl: str, args: argparse.Namespace) -> dict:
 def table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
     columns = [("load s", "load_s", ".2f"), ("warm-up s", "warmup_s", ".1f"), ("peak mem GB", "memory_gb", ".2f"),
                ("prefill ms", "prefill_ms", ".1f"), ("decode tok/s", "decode_tok_s", ".1f"),
-               ("decode GB/s", "decode_gb_s", ".1f")]  # fmt: skip
+               ("decode GB/s", "decode_gb_s", ".1f"), ("memory GB/s", "bandwidth_gb_s", ".1f"),
+               ("of memory GB/s", "bandwidth_used", ".0%")]  # fmt: skip
     medians = {
         impl: {key: statistics.median(r[key] for r in runs) for _, key, _ in columns} for impl, runs in results.items()
     }
@@ -164,10 +188,28 @@ def table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
             top, bottom = medians[numerator], medians[denominator]
             ratios = " | ".join(f"{top[key] / bottom[key]:.2f}x" for _, key, _ in columns)
             lines.append(f"| {numerator} / {denominator} | {ratios} |")
+    lines += ["", "decode GB/s: the weights' bytes x decode steps per second; memory GB/s: a sum() over 0.5 GB "
+              "in the same process (the machine's bandwidth)"]  # fmt: skip
+    lines += spread_warnings(results)
     if "transformers" in results:
         same = all(r["tokens"] == results["ours"][0]["tokens"] for r in results["transformers"])
         lines += ["", f"generated tokens identical (ours, transformers): {'yes' if same else 'no'}"]
     return "\n".join(lines)
+
+
+def spread_warnings(results: dict[str, list[dict]]) -> list[str]:
+    """A line for each implementation whose repeated decode speeds (every rep of every process) spread too far."""
+    warnings = []
+    for impl, runs in results.items():
+        speeds = [speed for r in runs for speed in r["decode_tok_s_reps"]]
+        spread = (max(speeds) - min(speeds)) / statistics.median(speeds)
+        if len(speeds) > 1 and spread > SPREAD_WARNING:
+            warnings.append(
+                f"warning: {impl}'s {len(speeds)} decode speeds spread {spread:.0%} of their median "
+                f"({min(speeds):.1f}-{max(speeds):.1f} tok/s): too wide to trust; use more --runs and --reps, "
+                "or a quieter machine"
+            )
+    return warnings
 
 
 def main(argv: list[str] | None = None) -> int:

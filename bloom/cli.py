@@ -218,7 +218,11 @@ def add_model_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--revision", help="branch, tag or commit of a hub repo")
     command.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the checkpoint's stored dtype")
     command.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    command.add_argument("--quantize", choices=["int8"], help="int8 weights for the blocks' linear layers")
+    command.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="int8 weights for the embedding (also the LM head) and the blocks' linear layers",
+    )
 
 
 def load(

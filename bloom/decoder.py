@@ -60,7 +60,7 @@ class Decoder:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if max_len is not None and not is_positive_integer(max_len):
             raise ValueError(f"max_len must be an integer >= 1 or None, got {max_len!r}")
-        weight = model.word_embeddings.weight
+        weight = model.ln_f.weight  # the model's dtype and device (the embedding may be int8)
         self.model, self.batch_size, self.max_len = model, batch_size, max_len
         self.n_head = model.h[0].self_attention.n_head  # the heads of this process
         self.caches: dict[int, KVCache] = {}  # by length in slots

@@ -1,7 +1,6 @@
 """The logit lens: read the residual stream after every block as if it were the last one."""
 
 import torch
-import torch.nn.functional as F
 
 from bloom.model import Bloom
 from bloom.probe import record
@@ -21,6 +20,6 @@ def logit_lens(
     streams = [seen["word_embeddings_layernorm"]] + [seen[f"h.{i}"] for i in range(len(model.h))]
     top = []
     for x in streams:  # one layer at a time: (B, T, V) logits per layer, not (n_layer + 1, B, T, V)
-        logits = F.linear(model.ln_f(x), model.word_embeddings.weight)  # (B, T, V)
+        logits = model.word_embeddings.unembed(model.ln_f(x))  # (B, T, V)
         top.append(torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1))
     return torch.stack([t.values for t in top]), torch.stack([t.indices for t in top])

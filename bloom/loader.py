@@ -34,7 +34,7 @@ from bloom.config import BloomConfig, read_json
 from bloom.hub import resolve_folder
 from bloom.model import Bloom
 from bloom.parallel import split_heads
-from bloom.quantize import Int8Linear, quantize_int8, quantize_rows
+from bloom.quantize import Int8Embedding, Int8Linear, quantize_int8, quantize_rows
 
 PREFIX = "transformer."
 LM_HEAD = "lm_head.weight"
@@ -81,9 +81,9 @@ def load_pretrained(
     allow_pickle: also accept `pytorch_model*.bin` files, read with torch.load(weights_only=True). Off by
         default: safetensors files never run code, pickles might.
     progress: show a progress bar over the tensors while they are read.
-    quantize: "int8" stores the blocks' linear weights as int8 with a scale per output channel
-        (`bloom.quantize`): half their bf16 bytes. Each weight is quantized as soon as it is read, so the
-        unquantized weights are never all in memory at once.
+    quantize: "int8" stores the word embedding (also the LM head) and the blocks' linear weights as int8
+        with a scale per row (`bloom.quantize`): half their bf16 bytes. Each weight is quantized as soon as
+        it is read, so the unquantized weights are never all in memory at once.
     tensor_parallel: split every block's heads and MLP over the processes of the initialised
         torch.distributed group (`bloom.parallel`); each process reads only its slices of the files.
     """
@@ -116,7 +116,8 @@ def load_pretrained(
                 parts = split_heads(model, dist.get_rank(), dist.get_world_size())
         if quantize == "int8":
             quantize_int8(model)  # on meta: the int8 layers, empty
-        int8_weights = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Int8Linear)}
+        int8_modules = (Int8Linear, Int8Embedding)
+        int8_weights = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, int8_modules)}
         sources = _check_keys(readers, expected)  # model key -> (reader, stored key)
         embedding_reader, embedding_key = sources["word_embeddings.weight"]
         target_dtype = target_dtype or embedding_reader.dtype(embedding_key)
@@ -229,7 +230,7 @@ class _SafetensorsReader:
             return self._handle.get_tensor(key)
         out = torch.empty(self._shape(key, part), dtype=dtype, device=device)
         for rows, chunk in self.row_chunks(key, dtype, device, part):
-            out[rows] = chunk
+            out[rows] = chunk  # converted to `dtype` as it is copied: one pass over the chunk
         return out
 
     def read_int8(
@@ -241,15 +242,15 @@ class _SafetensorsReader:
         q = torch.empty(shape, dtype=torch.int8, device=device)
         scale = torch.empty(shape[0], dtype=dtype, device=device)
         for rows, chunk in self.row_chunks(key, dtype, device, part):
-            q[rows], scale[rows] = quantize_rows(chunk)  # one scale per row: chunks of rows quantize alike
+            q[rows], scale[rows] = quantize_rows(chunk.to(dtype))  # one scale per row: chunks quantize alike
         return q, scale
 
     def row_chunks(
         self, key: str, dtype: torch.dtype, device: torch.device, part: tuple[int, int, int] | None = None
     ) -> Iterator[tuple[slice, torch.Tensor]]:
-        """(rows, chunk): the tensor or its slice `part`, a READ_CHUNK_BYTES chunk of rows at a time, in `dtype`
-        on `device`. Each chunk is read through its own short-lived mapping of the file, so the file's pages
-        never pile up next to the copies."""
+        """(rows, chunk): the tensor or its slice `part`, a READ_CHUNK_BYTES chunk (of rows in `dtype`) at a
+        time, on `device` in the stored dtype, for the caller to convert as it copies. Each chunk is read through
+        its own short-lived mapping of the file, so the file's pages never pile up next to the copies."""
         shape = self._shape(key, part)
         rows, columns = slice(0, shape[0]), slice(None)
         if part is not None:
@@ -263,7 +264,7 @@ class _SafetensorsReader:
             with safe_open(self.path, framework="pt") as handle:
                 stored = handle.get_slice(key)
                 chunk = stored[start:stop] if len(shape) == 1 else stored[start:stop, columns]
-            yield slice(start - rows.start, stop - rows.start), chunk.to(device=device, dtype=dtype)
+            yield slice(start - rows.start, stop - rows.start), chunk.to(device=device)
 
     def _shape(self, key: str, part: tuple[int, int, int] | None) -> list[int]:
         """The stored shape, or the shape of slice `part` = (dim, index, count)."""

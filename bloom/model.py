@@ -68,6 +68,27 @@ def causal_mask(attention_mask: torch.Tensor, slots: torch.Tensor, dtype: torch.
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
+class CausalMask:
+    """The additive mask of one forward pass, from the (B, S) mask and the (T,) query slots, built when asked:
+    whole, (B, 1, T, S), once for all the layers; or for a few query rows at a time, so that a long input
+    never holds a (T, S) tensor."""
+
+    def __init__(self, attention_mask: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> None:
+        self.attention_mask, self.slots, self.dtype = attention_mask, slots, dtype
+        self._whole: torch.Tensor | None = None
+
+    def whole(self) -> torch.Tensor:
+        if self._whole is None:
+            self._whole = causal_mask(self.attention_mask, self.slots, self.dtype)  # (B, 1, T, S)
+        return self._whole
+
+    def rows(self, start: int, end: int) -> torch.Tensor:
+        """The mask of queries start..end-1 over the keys they can see: the slots up to the last one's,
+        (B, 1, end - start, S') with S' = slots[end - 1] + 1 (later keys are masked for all of them)."""
+        keys = int(self.slots[end - 1]) + 1
+        return causal_mask(self.attention_mask[:, :keys], self.slots[start:end], self.dtype)
+
+
 def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
     """tanh-approximate GeLU, with BLOOM's constant (float32 √(2/π)) and operation order.
 
@@ -77,12 +98,24 @@ def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1.0 + 0.044715 * x * x)))
 
 
+# Bytes of float32 attention scores, (B, nh, T, S), computed at once. Beyond it, attention takes a chunk of queries
+# at a time, so that memory grows linearly with T. 2**28 keeps bloom-560m whole up to 2048 tokens at batch 1.
+SCORES_BUDGET = 2**28
+
+
 class Tap(nn.Identity):
     """A named point in the forward pass (`h.3.self_attention.probs`) that returns its input unchanged.
 
     It exists so that `bloom.probe` can record or replace the tensor there with a forward hook; with no hook
     registered it costs one module call.
     """
+
+
+class TiedEmbedding(nn.Embedding):
+    """The word embedding, (B, T) ids -> (B, T, C), which is also the LM head: `unembed`, (B, T, C) -> (B, T, V)."""
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
 
 
 class Attention(nn.Module):
@@ -95,7 +128,7 @@ class Attention(nn.Module):
         self.q, self.k, self.v, self.scores, self.probs, self.context = (Tap() for _ in range(6))
 
     def forward(
-        self, x: torch.Tensor, alibi: torch.Tensor, mask: torch.Tensor, kv: LayerKV | None, slots: torch.Tensor
+        self, x: torch.Tensor, alibi: torch.Tensor, mask: CausalMask, kv: LayerKV | None, slots: torch.Tensor
     ) -> torch.Tensor:
         B, T, _ = x.shape
         alibi = alibi[:, self.head_offset : self.head_offset + self.n_head]  # (B, nh, 1, S): this module's heads
@@ -105,8 +138,22 @@ class Attention(nn.Module):
         q, k, v = self.q(q), self.k(k), self.v(v)
         if kv is not None:
             cached_k, cached_v = kv.update(slots, k, v)  # 2 x (B, nh, S_max, hd)
-            if mask.shape[-1] == cached_k.shape[2]:  # decoding: attend over the whole cache, unwritten slots masked
-                k, v = cached_k, cached_v  # (a prefill attends over its own T tokens only)
+            if mask.attention_mask.shape[-1] == cached_k.shape[2]:  # decoding: attend over the whole cache,
+                k, v = cached_k, cached_v  # unwritten slots masked (a prefill attends over its own T tokens only)
+        n_chunks = math.ceil(B * self.n_head * T * k.shape[2] * 4 / SCORES_BUDGET)  # float32 scores per chunk
+        if n_chunks <= 1 or self.probed():  # all queries at once: the reference, op for op as transformers
+            y = self.attend(q, k, v, alibi, mask.whole())  # (B, nh, T, hd)
+        else:  # long inputs: memory linear in T, values equal within float32 rounding
+            y = self.attend_in_chunks(q, k, v, alibi, mask, n_chunks)
+        y = self.context(y)  # each head's output: (B, nh, T, hd)
+        return self.dense(y.transpose(1, 2).reshape(B, T, -1))  # heads concatenated, (B, T, nh·hd) -> (B, T, C)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """softmax(alibi + q·kᵀ/√hd + mask) · v: queries (B, nh, T, hd), keys and values (B, nh, S, hd),
+        alibi (B, nh, 1, S), mask (B, 1, T, S) -> (B, nh, T, hd)."""
+        B, _, T, _ = q.shape
         S = k.shape[2]
         scores = torch.baddbmm(  # alibi + (q · kᵀ) / √hd, without the mask (added below)
             alibi.expand(B, self.n_head, 1, S).reshape(B * self.n_head, 1, S),  # (B·nh, 1, S)
@@ -116,8 +163,24 @@ class Attention(nn.Module):
         ).view(B, self.n_head, T, S)
         scores = self.scores(scores)  # (B, nh, T, S)
         probs = self.probs(F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype))  # (B, nh, T, S)
-        y = self.context(probs @ v)  # each head's output: (B, nh, T, hd)
-        return self.dense(y.transpose(1, 2).reshape(B, T, -1))  # heads concatenated, (B, T, nh·hd) -> (B, T, C)
+        return probs @ v
+
+    def attend_in_chunks(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi: torch.Tensor, mask: CausalMask, n_chunks: int
+    ) -> torch.Tensor:
+        """`attend`, n_chunks slices of the queries at a time, each against the keys it can see; same shapes."""
+        T = q.shape[2]
+        rows = math.ceil(T / n_chunks)  # chunks of about equal size
+        y = []
+        for a in range(0, T, rows):
+            chunk_mask = mask.rows(a, min(a + rows, T))  # (B, 1, rows, S')
+            S = chunk_mask.shape[-1]
+            y.append(self.attend(q[:, :, a : a + rows], k[:, :, :S], v[:, :, :S], alibi[..., :S], chunk_mask))
+        return torch.cat(y, dim=2)  # (B, nh, T, hd)
+
+    def probed(self) -> bool:
+        """Whether a hook watches the (B, nh, T, S) taps, which then see the whole tensor, however long T."""
+        return any(tap._forward_hooks or tap._forward_pre_hooks for tap in (self.scores, self.probs))
 
 
 class MLP(nn.Module):
@@ -141,7 +204,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, alibi: torch.Tensor, mask: torch.Tensor, kv: LayerKV | None, slots: torch.Tensor
+        self, x: torch.Tensor, alibi: torch.Tensor, mask: CausalMask, kv: LayerKV | None, slots: torch.Tensor
     ) -> torch.Tensor:
         x = self.resid_mid(x + self.self_attention(self.input_layernorm(x), alibi, mask, kv, slots))  # pre-LN adds
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -155,7 +218,7 @@ class Bloom(nn.Module):
         embedding = torch.empty(config.vocab_size, config.hidden_size)  # (V, C); no padding_idx: pad is trained
         if not embedding.is_meta:  # on the meta device (loading) a random init means nothing and costs a second
             nn.init.normal_(embedding)
-        self.word_embeddings = nn.Embedding.from_pretrained(embedding, freeze=False)
+        self.word_embeddings = TiedEmbedding.from_pretrained(embedding, freeze=False)
         self.word_embeddings_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
@@ -182,7 +245,7 @@ class Bloom(nn.Module):
         x = self.hidden(input_ids, attention_mask, cache, slots)  # (B, T, C)
         if last_only:
             x = x[:, -1:]  # skips a (T, C) x (C, 250880) product over the prompt when only the next token matters
-        return F.linear(x, self.word_embeddings.weight)  # the LM head is the embedding: (B, T, V)
+        return self.word_embeddings.unembed(x)  # the LM head is the embedding: (B, T, V)
 
     def hidden(
         self,
@@ -202,9 +265,9 @@ class Bloom(nn.Module):
             attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
         if attention_mask.shape != (B, S):
             raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, expected (batch, keys) = {(B, S)}")
-        dtype = self.word_embeddings.weight.dtype
+        dtype = self.ln_f.weight.dtype  # the model's (the embedding may be int8, bloom.quantize)
         alibi = alibi_bias(attention_mask, alibi_slopes(self.config.n_head, input_ids.device), dtype)  # (B, nh, 1, S)
-        mask = causal_mask(attention_mask, slots, dtype)  # (B, 1, T, S)
+        mask = CausalMask(attention_mask, slots, dtype)  # (B, 1, T, S), built when a layer needs it
 
         x = self.word_embeddings_layernorm(self.word_embeddings(input_ids))  # (B, T, C)
         for i, block in enumerate(self.h):

@@ -85,6 +85,6 @@ def _nll_sum(model: Bloom, hidden: torch.Tensor, targets: torch.Tensor) -> float
     """Summed -log p(target) for (n, C) hidden states, in float32 logits, a chunk of positions at a time."""
     total = 0.0
     for i in range(0, len(targets), LOGITS_CHUNK):
-        logits = F.linear(hidden[i : i + LOGITS_CHUNK], model.word_embeddings.weight).float()  # (chunk, V)
+        logits = model.word_embeddings.unembed(hidden[i : i + LOGITS_CHUNK]).float()  # (chunk, V)
         total += F.cross_entropy(logits, targets[i : i + LOGITS_CHUNK], reduction="sum").item()
     return total

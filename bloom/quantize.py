@@ -1,9 +1,11 @@
-"""Weight-only int8 for the blocks' linear layers: half the bytes of bf16, activations untouched.
+"""Weight-only int8 for the blocks' linear layers and the word embedding: half the bytes of bf16, activations
+untouched.
 
 Each output channel (row) of a weight gets its own scale: w ≈ q · scale with q = round(w / scale) in
 [-127, 127] and scale = max |row| / 127. The product is computed as (x · qᵀ) · scale, which equals
 x · (q · scale)ᵀ, so the int8 matrix is only ever converted to the activation dtype, never rescaled.
-The embedding (which is also the LM head) stays in the model's dtype.
+The embedding's rows are a token's vector and, in the LM head, that token's output channel: one scale per
+row serves both, the lookup (q[id] · scale[id]) and the head (x · qᵀ) · scale.
 
 Under tensor parallelism the row-parallel layers are quantized too: each process scales its own partial
 product (its columns of the weight, with its own scales) before the all_reduce sums them.
@@ -87,12 +89,36 @@ class Int8RowParallelLinear(Int8Linear):
         return y + self.bias
 
 
+class Int8Embedding(nn.Module):
+    """`bloom.model.TiedEmbedding` with int8 rows: lookup (B, T) -> (B, T, C) and unembed (B, T, C) -> (B, T, V)."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)  # (V, C) int8
+        self.register_buffer("scale", scale)  # (V,) in the model's dtype
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, {self.weight.shape[1]}, int8"
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Module) -> "Int8Embedding":
+        return cls(*quantize_rows(embedding.weight.detach()))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].to(self.scale.dtype) * self.scale[ids, None]  # (B, T, C): q · scale, rounded once
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_matmul(x, self.weight, self.scale)  # (B, T, V)
+
+
 def quantize_int8(model: Bloom) -> Bloom:
-    """Replace, in place, every linear layer of the blocks by its int8 version; returns the model.
+    """Replace, in place, the word embedding and every linear layer of the blocks by their int8 versions;
+    returns the model.
 
     On a meta-device model this only builds the int8 layers, to be filled by `load_state_dict`
     (which is how `load_pretrained(..., quantize="int8")` quantizes each weight as it reads it).
     """
+    model.word_embeddings = Int8Embedding.from_embedding(model.word_embeddings)
     for block in model.h:
         for parent in (block.self_attention, block.mlp):
             for name, child in list(parent.named_children()):

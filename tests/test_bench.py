@@ -6,6 +6,8 @@ Only that the measurement runs end to end and reports what it claims is tested h
 import subprocess
 import sys
 
+from bloom.bench import spread_warnings
+
 
 def test_bench_prints_the_side_by_side_table(tiny_model_folder):
     lengths = ["--prompt-len", "8", "--new-tokens", "4", "--reps", "1", "--runs", "1"]
@@ -15,7 +17,8 @@ def test_bench_prints_the_side_by_side_table(tiny_model_folder):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("| ")}
     assert set(rows) == {"", "ours", "ours-int8", "transformers", "ours / transformers", "ours-int8 / ours"}
-    assert all(len(line.split("|")) == 9 for line in rows.values())  # name and 6 figures per row
+    assert all(len(line.split("|")) == 11 for line in rows.values())  # name and 8 figures per row
+    assert "memory GB/s | of memory GB/s |" in rows[""]  # the machine's bandwidth, measured in each worker
     assert "fp32 | batch 1 | prompt 8 | 4 new tokens | ours eager" in result.stdout
     assert "generated tokens identical (ours, transformers): yes" in result.stdout  # fp32 greedy: bit parity
 
@@ -24,3 +27,10 @@ def test_bench_needs_exactly_one_of_model_and_shape(tiny_model_folder):
     for args in ([], ["--model", str(tiny_model_folder), "--shape", "bloom-560m"]):
         result = subprocess.run([sys.executable, "-m", "bloom", "bench", *args], capture_output=True, text=True)
         assert result.returncode == 2 and "exactly one of --model and --shape" in result.stderr
+
+
+def test_a_wide_spread_of_repeated_runs_is_flagged():
+    steady = [{"decode_tok_s_reps": [20.0, 20.5]}, {"decode_tok_s_reps": [19.8, 20.2]}]
+    noisy = [{"decode_tok_s_reps": [20.0, 11.0]}, {"decode_tok_s_reps": [19.0]}]
+    warnings = spread_warnings({"ours": steady, "transformers": noisy})
+    assert len(warnings) == 1 and warnings[0].startswith("warning: transformers's 3 decode speeds spread 47%")

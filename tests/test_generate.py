@@ -244,11 +244,13 @@ def test_a_growth_that_cannot_fit_is_refused_and_keeps_the_tokens(models, monkey
     assert torch.equal(kept, free_run[:, : 64 + 1])
 
 
-def test_a_prompt_whose_attention_cannot_fit_is_refused_before_allocating(models):
-    """A million-token prompt: its (1, 6, 10**6, 10**6) attention scores would take terabytes."""
+def test_a_prompt_whose_attention_cannot_fit_is_refused_before_allocating(models, monkeypatch):
+    """A 4,000-token prompt with 50 MB left: its attention, even in query chunks (2 of 2,000 rows: the whole
+    (1, 6, 4000, 4000) float32 scores exceed SCORES_BUDGET), needs more, and nothing is allocated."""
     _, ours = models
-    ids = torch.randint(4, 320, (1, 10**6))
-    with pytest.raises(MemoryError, match=r"the attention over a prompt of 1000000 tokens .* needs .* GB, but"):
+    ids = torch.randint(4, 320, (1, 4000))
+    monkeypatch.setattr(bloom.memory, "available_memory", lambda device: 50 * 10**6)
+    with pytest.raises(MemoryError, match=r"the attention over a prompt of 4000 tokens .*1x6x2000x4000 .* needs"):
         generate(ours, ids, max_new_tokens=5)
 
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.bloom import modeling_bloom as hf_bloom
 
-from bloom import Bloom, BloomConfig
+import bloom.model
+from bloom import Bloom, BloomConfig, generate
 from bloom.model import alibi_bias, alibi_slopes, bloom_gelu, causal_mask
 
 
@@ -134,3 +135,35 @@ def test_parameter_count_formula():
 def test_mask_of_the_wrong_shape_is_refused():
     with pytest.raises(ValueError, match=r"attention_mask is \(1, 4\), expected \(batch, keys\) = \(1, 5\)"):
         tiny_model()(torch.randint(4, 100, (1, 5)), torch.ones(1, 4, dtype=torch.long))
+
+
+def test_long_inputs_attend_in_chunks_with_the_values_of_the_whole(monkeypatch):
+    """A scores budget of a few query rows forces the chunked path on a short, left-padded batch."""
+    model = tiny_model(n_head=6, hidden_size=48)
+    ids = torch.randint(4, 100, (2, 37))
+    mask = torch.ones_like(ids)
+    mask[0, :11] = 0
+    with torch.no_grad():
+        whole = model(ids, mask)
+        monkeypatch.setattr(bloom.model, "SCORES_BUDGET", 2 * 6 * 5 * 37 * 4)  # 5 query rows of float32 scores
+        chunked = model(ids, mask)
+    torch.testing.assert_close(chunked[0, 11:], whole[0, 11:], rtol=0, atol=1e-5)  # padding positions mean nothing
+    torch.testing.assert_close(chunked[1], whole[1], rtol=0, atol=1e-5)
+
+
+def test_chunked_prefill_generates_the_tokens_of_the_whole(monkeypatch):
+    model = tiny_model()
+    ids = torch.randint(4, 100, (1, 40))
+    whole = generate(model, ids, max_new_tokens=12, eos_token_id=-1)
+    monkeypatch.setattr(bloom.model, "SCORES_BUDGET", 8 * 3 * 40 * 4)  # prefill in 3-row chunks; decode steps whole
+    assert torch.equal(generate(model, ids, max_new_tokens=12, eos_token_id=-1), whole)
+
+
+def test_a_hook_on_the_probabilities_sees_them_whole_however_long_the_input(monkeypatch):
+    model = tiny_model()
+    monkeypatch.setattr(bloom.model, "SCORES_BUDGET", 64)
+    seen = []
+    model.h[1].self_attention.probs.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        model(torch.randint(4, 100, (1, 30)))
+    assert seen == [(1, 8, 30, 30)]

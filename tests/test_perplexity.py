@@ -6,6 +6,7 @@ import pytest
 import torch
 from tiny_checkpoint import random_hf_bloom, save_transformers
 
+import bloom.model
 from bloom import load_pretrained
 from bloom.perplexity import perplexity, sliding_windows
 
@@ -60,3 +61,15 @@ def test_perplexity_equals_transformers(tmp_path, context, stride, batch_size):
     assert got.n_scored == n_scored
     assert math.isclose(got.perplexity, expected, rel_tol=1e-4)
     assert math.isclose(got.perplexity, math.exp(got.nll), rel_tol=1e-12)
+
+
+def test_long_windows_equal_transformers(tmp_path):
+    """4,096-token windows: our attention runs in query chunks (its float32 scores exceed the budget)."""
+    hf = random_hf_bloom(hidden_size=48, n_head=6, n_layer=2)
+    ours = load_pretrained(save_transformers(hf, tmp_path))
+    assert 6 * 4096 * 4096 * 4 > bloom.model.SCORES_BUDGET
+    ids = torch.randint(4, 320, (1, 4096 + 50))
+    expected, n_scored = transformers_perplexity(hf, ids, 4096, 4096)
+    got = perplexity(ours, ids[0].tolist(), context=4096, stride=4096, batch_size=1)
+    assert got.n_scored == n_scored
+    assert math.isclose(got.perplexity, expected, rel_tol=1e-6)

@@ -6,18 +6,22 @@ from tiny_checkpoint import random_hf_bloom, save_bigscience, save_transformers
 
 import bloom.loader
 from bloom import generate, load_pretrained
-from bloom.quantize import Int8Linear, int8_matmul, quantize_int8, quantize_rows
+from bloom.model import TiedEmbedding
+from bloom.quantize import Int8Embedding, Int8Linear, int8_matmul, quantize_int8, quantize_rows
 
-# Bounds measured on these tiny checkpoints (seeds 0-5, 32 prompts of 16 tokens), with headroom:
-# - RMS(int8 - bf16) / RMS(bf16) logits: 2.5-3.4%           -> bound 5%
-# - max |int8 - fp32| / max |bf16 - fp32| (bf16's own error): 1.7-2.9x -> bound 4x
-# - first greedy token equal to bf16's: 87.5-97% of prompts -> bound 80%
+# Bounds measured on these tiny checkpoints (seeds 0-5, 32 prompts of 16 tokens), with headroom, the embedding
+# (also the LM head) and the blocks' linear layers in int8:
+# - RMS(int8 - bf16) / RMS(bf16) logits: 2.9-4.0%           -> bound 5%
+# - max |int8 - fp32| / max |bf16 - fp32| (bf16's own error): 1.7-2.3x -> bound 4x
+# - first greedy token equal to bf16's: 90.6-93.8% of prompts -> bound 80%
 RMS_BOUND, ERROR_RATIO_BOUND, AGREEMENT_BOUND = 0.05, 4.0, 0.8
 
 
-def linear_bytes(model) -> int:
+def quantized_bytes(model) -> int:
+    """Bytes of the embedding and of the blocks' linear layers (weights, scales, biases)."""
     tensors = [*model.named_parameters(), *model.named_buffers()]
-    return sum(t.numel() * t.element_size() for n, t in tensors if ".self_attention." in n or ".mlp." in n)
+    quantized = (".self_attention.", ".mlp.", "word_embeddings.")
+    return sum(t.numel() * t.element_size() for n, t in tensors if any(part in n for part in quantized))
 
 
 def test_int8_linear_is_the_dequantized_product():
@@ -64,8 +68,9 @@ def test_int8_halves_memory_and_stays_within_the_bound(tmp_path, seed):
     torch.manual_seed(seed)
     bf16 = load_pretrained(folder, dtype="bf16")
     int8 = load_pretrained(folder, dtype="bf16", quantize="int8")
-    assert linear_bytes(int8) / linear_bytes(bf16) < 0.52  # int8 weights plus a bf16 scale per row, and biases
+    assert quantized_bytes(int8) / quantized_bytes(bf16) < 0.52  # int8 weights plus a bf16 scale per row, and biases
     assert all(isinstance(block.mlp.dense_h_to_4h, Int8Linear) for block in int8.h)
+    assert isinstance(int8.word_embeddings, Int8Embedding)
 
     ids = torch.randint(4, 320, (32, 16))
     with torch.no_grad():
@@ -94,11 +99,26 @@ def test_quantizing_while_loading_equals_quantizing_the_loaded_model(tmp_path, m
     assert loaded["h.1.mlp.dense_4h_to_h.weight"].dtype == torch.int8
 
 
-def test_quantizing_leaves_embedding_and_norms_alone(tmp_path):
+def test_quantizing_leaves_norms_alone(tmp_path):
     folder = save_transformers(random_hf_bloom(hidden_size=64, n_head=8, n_layer=2), tmp_path)
     model = quantize_int8(load_pretrained(folder, dtype="bf16"))
-    assert model.word_embeddings.weight.dtype == torch.bfloat16
-    assert model.h[0].input_layernorm.weight.dtype == torch.bfloat16
+    assert model.word_embeddings.weight.dtype == torch.int8
+    assert model.h[0].input_layernorm.weight.dtype == model.ln_f.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_embedding_looks_up_and_unembeds_with_the_dequantized_rows(dtype):
+    embedding = TiedEmbedding.from_pretrained(torch.randn(300, 64).to(dtype))
+    q = Int8Embedding.from_embedding(embedding)
+    dequantized = q.weight.to(dtype) * q.scale[:, None]  # (V, C), each row rounded once
+    ids = torch.randint(0, 300, (2, 7))
+    assert torch.equal(q(ids), dequantized[ids])
+    error = q.weight.double() * q.scale.double()[:, None] - embedding.weight.double()
+    assert (error.abs() <= q.scale.double()[:, None] * 0.501).all()  # half a step, as for the linear layers
+    x = torch.randn(2, 1, 64).to(dtype)  # a decode step: bf16 takes the CPU's int8 kernel
+    exact = x.double() @ dequantized.double().T
+    tolerance = 2**-7 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(q.unembed(x).double(), exact, rtol=tolerance, atol=tolerance * exact.abs().max())
 
 
 def test_unknown_scheme(tmp_path):

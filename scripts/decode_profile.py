@@ -1,0 +1,65 @@
+"""Where an eager decode step's time goes: torch.profiler over decode steps of a random model of a preset's shape.
+
+    python scripts/decode_profile.py                          # bloom-560m, bf16, batch 1, 128-token prompt
+    python scripts/decode_profile.py --dtype fp32 --quantize int8 --threads 1
+
+Prints the operators by their own CPU time, and the step time next to what reading the weights once at the
+bandwidth of a plain sum() (measured here) would take.
+"""
+
+import argparse
+import time
+
+import torch
+
+from bloom import Bloom, BloomConfig
+from bloom.bench import memory_bandwidth_gb_s
+from bloom.decoder import Decoder
+from bloom.loader import DTYPES
+from bloom.quantize import quantize_int8
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="bloom-560m", help="a preset name (default bloom-560m)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="default bf16")
+    parser.add_argument("--quantize", choices=["int8"], help="int8 weights (bloom.quantize)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--prompt-len", type=int, default=128, help="default 128")
+    parser.add_argument("--steps", type=int, default=8, help="profiled decode steps (default 8)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with torch.device("meta"):
+        model = Bloom(BloomConfig.from_name(args.shape)).to(DTYPES[args.dtype])
+    model = model.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.02)
+    if args.quantize:
+        quantize_int8(model)
+    weight_gb = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 1e9
+
+    max_len = args.prompt_len + args.steps + 4
+    decoder = Decoder(model, 1, max_len)
+    mask = torch.ones(1, max_len, dtype=torch.long)
+    token, slot = torch.tensor([5]), torch.tensor([args.prompt_len])
+    with torch.inference_mode():
+        model(torch.randint(4, 250000, (1, args.prompt_len)), mask[:, : args.prompt_len], decoder.cache)
+        for _ in range(3):  # warm-up
+            decoder.step(token, mask, slot)
+        start = time.perf_counter()
+        with torch.profiler.profile() as profile:
+            for _ in range(args.steps):
+                decoder.step(token, mask, slot)
+        step_s = (time.perf_counter() - start) / args.steps
+    print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    bandwidth = memory_bandwidth_gb_s(torch.device("cpu"))
+    print(f"{args.shape} {args.dtype}{' int8' if args.quantize else ''}, {torch.get_num_threads()} threads: "
+          f"{step_s * 1e3:.1f} ms a step (profiled); reading the {weight_gb:.2f} GB of weights at the "
+          f"{bandwidth:.1f} GB/s of a sum() would take {weight_gb / bandwidth * 1e3:.1f} ms")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
