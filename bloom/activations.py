@@ -151,7 +151,7 @@ def export(
         raise ValueError("there are no tokens to export")
     out = Path(out)
     names = point_names(model, points)
-    device, dtype = model.word_embeddings.weight.device, model.word_embeddings.weight.dtype
+    device, dtype = model.ln_f.weight.device, model.ln_f.weight.dtype  # (the embedding may be int8)
     with record(model, *names) as seen:  # one token, to learn each point's width before writing anything
         model.hidden(token_ids[:1, None].to(device))
     widths = {name: _rows(name, seen[name]).shape[1] for name in names}

@@ -53,7 +53,7 @@ def direct_logit_attribution(
     ln_f = model.ln_f
     residual = residual.float()
     std = torch.sqrt(residual.var(dim=-1, unbiased=False, keepdim=True) + ln_f.eps)  # (B, T, 1), as ln_f computes it
-    unembed = model.word_embeddings.weight[tokens].float()  # (B, T, C): the LM head's rows of the tokens
+    unembed = model.word_embeddings(tokens).float()  # (B, T, C): the LM head's rows of the tokens (tied)
     direction = ln_f.weight.float() * unembed / std  # (B, T, C)
     parts = parts.float()
     centred = parts - parts.mean(dim=-1, keepdim=True)  # (K, B, T, C)

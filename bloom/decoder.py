@@ -157,7 +157,7 @@ class Decoder:
         if not self._graphed:  # only a CUDA graph needs the smaller caches again: free them
             self.caches = {}
         if cache is None:
-            weight = self.model.word_embeddings.weight
+            weight = self.model.ln_f.weight  # the model's dtype (the embedding may be int8)
             B, device = self.batch_size, weight.device
             needed = KVCache.nbytes(self.model.config, B, capacity, weight.dtype, self.n_head)
             check_fits(f"a KV cache of {capacity} slots for {B} rows ({self.length} slots written)", needed, device)

@@ -269,7 +269,7 @@ class BloomLM(TemplateLM):
         targets = torch.tensor(continuation, device=hidden.device)  # (n,)
         logprob, greedy = 0.0, True
         for i in range(0, len(continuation), LOGITS_CHUNK):
-            logits = F.linear(hidden[i : i + LOGITS_CHUNK], self.model.word_embeddings.weight).float()  # (chunk, V)
+            logits = self.model.word_embeddings.unembed(hidden[i : i + LOGITS_CHUNK]).float()  # (chunk, V)
             chunk_targets = targets[i : i + LOGITS_CHUNK]
             logprobs = F.log_softmax(logits, dim=-1).gather(-1, chunk_targets[:, None])  # (chunk, 1)
             logprob += float(logprobs.sum())

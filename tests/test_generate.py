@@ -199,7 +199,8 @@ def test_the_cache_grows_with_the_sequence_and_steps_attend_over_it_only(models)
     ids, mask = left_padded([9, 4, 6])
     new = 150
     widths = []  # keys each forward pass attends over
-    hook = ours.h[0].self_attention.register_forward_pre_hook(lambda m, args: widths.append(args[2].shape[-1]))
+    keys = lambda module, args: widths.append(args[2].attention_mask.shape[-1])  # noqa: E731  args[2]: the mask
+    hook = ours.h[0].self_attention.register_forward_pre_hook(keys)
     try:
         got = generate(ours, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[])
     finally:

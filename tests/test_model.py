@@ -154,9 +154,9 @@ def test_long_inputs_attend_in_chunks_with_the_values_of_the_whole(monkeypatch):
 def test_chunked_prefill_generates_the_tokens_of_the_whole(monkeypatch):
     model = tiny_model()
     ids = torch.randint(4, 100, (1, 40))
-    whole = generate(model, ids, max_new_tokens=12, eos_token_id=-1)
+    whole = generate(model, ids, max_new_tokens=12, eos_token_id=[])
     monkeypatch.setattr(bloom.model, "SCORES_BUDGET", 8 * 3 * 40 * 4)  # prefill in 3-row chunks; decode steps whole
-    assert torch.equal(generate(model, ids, max_new_tokens=12, eos_token_id=-1), whole)
+    assert torch.equal(generate(model, ids, max_new_tokens=12, eos_token_id=[]), whole)
 
 
 def test_a_hook_on_the_probabilities_sees_them_whole_however_long_the_input(monkeypatch):
