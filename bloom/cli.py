@@ -242,6 +242,7 @@ def load(
         args.model, dtype=dtype, device=args.device, revision=args.revision, progress=is_main(),
         quantize=args.quantize, tensor_parallel=tp > 1,
     )  # fmt: skip
+    tokenizer.check_fits(model.config.vocab_size)
     return model, tokenizer, time.perf_counter() - start
 
 

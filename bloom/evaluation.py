@@ -80,6 +80,7 @@ class BloomLM(TemplateLM):
             self.model = load_pretrained(pretrained, dtype=dtype, device=device)
             tokenizer = pretrained if tokenizer is None else tokenizer
         self.tokenizer = tokenizer if isinstance(tokenizer, BloomTokenizer) else load_tokenizer(tokenizer)
+        self.tokenizer.check_fits(self.model.config.vocab_size)
         if self.tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token, which the harness needs (to end generations)")
         self._device = self.model.word_embeddings.weight.device

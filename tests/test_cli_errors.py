@@ -98,6 +98,17 @@ def test_a_checkpoint_without_a_tokenizer_is_refused_before_its_weights(cli, no_
     assert_user_error(cli("generate", "--model", folder, "--prompt", "x"), "generate", str(folder), "tokenizer.json")
 
 
+def test_a_tokenizer_with_more_ids_than_the_embedding_is_refused(cli, tmp_path):
+    from tiny_checkpoint import random_hf_bloom, save_transformers
+    from tiny_tokenizer import build_tiny_tokenizer
+
+    folder = tmp_path / "small_embedding"
+    build_tiny_tokenizer(folder)
+    save_transformers(random_hf_bloom(vocab_size=64, hidden_size=48, n_head=6, n_layer=1), folder)
+    result = cli("generate", "--model", folder, "--prompt", "x")
+    assert_user_error(result, "generate", "the model's embedding has only 64 rows", "vocab_size")
+
+
 @pytest.mark.parametrize(
     "args,names",
     [
