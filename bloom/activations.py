@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from huggingface_hub.utils import tqdm
 
+from bloom.memory import check_attention_fits
 from bloom.model import Bloom
 from bloom.probe import find, record
 
@@ -151,6 +152,8 @@ def export(
         raise ValueError("there are no tokens to export")
     out = Path(out)
     names = point_names(model, points)
+    n_windows = -(-len(token_ids) // context)
+    check_attention_fits(model, min(batch_size, n_windows), min(context, len(token_ids)))
     device, dtype = model.ln_f.weight.device, model.ln_f.weight.dtype  # (the embedding may be int8)
     with record(model, *names) as seen:  # one token, to learn each point's width before writing anything
         model.hidden(token_ids[:1, None].to(device))

@@ -18,7 +18,7 @@ import torch
 
 # Raised for what the user typed or pointed at: reported as `bloom CMD: error: ...`, exit status 2, no
 # traceback. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, OSError)
+USER_ERRORS = (ValueError, OSError, MemoryError)  # MemoryError: our estimates, before allocating
 
 
 class CommandParser(argparse.ArgumentParser):

@@ -31,6 +31,7 @@ from bloom.generate import check_sampling, generate
 from bloom.hub import resolve_folder
 from bloom.lens import logit_lens
 from bloom.loader import DTYPES, checkpoint_patterns, is_complete, load_pretrained
+from bloom.memory import check_attention_fits
 from bloom.model import Bloom
 from bloom.parallel import join_process_group, shared_seed
 from bloom.perplexity import perplexity
@@ -119,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(ppl)
     ppl.add_argument("--file", type=Path, required=True, help="the text to score")
     ppl.add_argument("--context", type=positive_int, default=CONTEXT, help=f"tokens per window (default {CONTEXT})")
-    ppl.add_argument("--stride", type=int, default=STRIDE, help=f"tokens between window starts (default {STRIDE})")
+    ppl.add_argument(
+        "--stride", type=int, help=f"tokens between window starts (default: half of --context, so {STRIDE} by default)"
+    )
     ppl.add_argument(
         "--batch-size", type=positive_int, default=BATCH_SIZE, help=f"windows per forward (default {BATCH_SIZE})"
     )
@@ -261,6 +264,7 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         sampling["seed"] = shared_seed()
 
     input_ids, attention_mask = (t.to(args.device) for t in tokenizer.batch_encode(prompts))
+    check_attention_fits(model, *input_ids.shape)  # before the prompt is echoed
     streamer = StdoutStream(tokenizer, prompts[0], show=is_main()) if len(prompts) == 1 else None
     B, T = input_ids.shape
     decoder = Decoder(model, B, T + args.max_new_tokens, compile=args.compile)
@@ -295,6 +299,8 @@ def is_main() -> bool:
 
 def run_perplexity(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     text = read_text(args.file, "--file")
+    if args.stride is None:
+        args.stride = max(1, args.context // 2)
     if not 0 < args.stride <= args.context:
         parser.error(f"--stride must be between 1 and --context ({args.context}), got {args.stride}")
     tokenizer = load_tokenizer(args.model, revision=args.revision)

@@ -13,8 +13,8 @@ Memory follows the tokens generated, not `max_new_tokens` (bloom.decoder.Decoder
 doubling), so a large `max_new_tokens` costs nothing until it is used. Prompts longer than BLOOM's 2,048
 training positions run: ALiBi has no position table to run out of and extrapolates, but whether the text stays
 good that far is the user's question. The prefill's attention takes memory linear in the prompt length
-beyond bloom.model.SCORES_BUDGET (queries in chunks); `check_prompt_fits` refuses a prompt whose attention
-tensors cannot fit before they are allocated.
+beyond bloom.model.SCORES_BUDGET (queries in chunks); `bloom.memory.check_attention_fits` refuses a prompt
+whose attention tensors cannot fit before they are allocated.
 """
 
 import math
@@ -24,8 +24,8 @@ from contextlib import closing
 import torch
 
 from bloom.decoder import Decoder
-from bloom.memory import check_fits
-from bloom.model import SCORES_BUDGET, Bloom
+from bloom.memory import check_attention_fits
+from bloom.model import Bloom
 
 EOS_CHECK_EVERY = 16
 PENALTY_RANGE = (1e-100, 1e100)  # float64 holds every float32 logit penalized by these, with no overflow or underflow
@@ -193,7 +193,7 @@ def generate_steps(
         return
     B, T = input_ids.shape
     device = input_ids.device
-    check_prompt_fits(model, B, T)
+    check_attention_fits(model, B, T)
     if decoder is None:
         decoder = Decoder(model, B, T + max_new_tokens)
     elif not isinstance(decoder, Decoder):
@@ -239,32 +239,6 @@ def generate_steps(
                 seen[rows, tokens] = True
             if step + 1 < max_new_tokens:
                 logits = decoder.step(tokens)  # (B, 1, V)
-
-
-def check_prompt_fits(model: Bloom, batch_size: int, prompt_len: int) -> None:
-    """Refuse, before the prefill allocates them, attention tensors of the prompt that cannot fit in memory.
-
-    The prefill attends from every prompt token to every other, one layer at a time, `rows` queries at once:
-    the scores (B, nh, rows, T) and the masked scores in the model dtype, their float32 softmax and its copy in
-    the model dtype, beside the (B, 1, rows, T) additive mask and its boolean (measured: 707 MB added for a
-    3,000-token prompt of a 6-head fp32 model, estimated 693 MB). rows = T while the float32 scores fit in
-    bloom.model.SCORES_BUDGET or a probe watches them; beyond it attention takes chunks of queries that fit in
-    it (bloom.model.Attention), so that memory grows linearly with T. The KV cache is checked as it grows.
-    """
-    weight = model.ln_f.weight  # the model's dtype and device (the embedding may be int8)
-    attention = model.h[0].self_attention
-    n_head, itemsize = attention.n_head, weight.dtype.itemsize
-    n_chunks = math.ceil(batch_size * n_head * prompt_len**2 * 4 / SCORES_BUDGET)  # as Attention.forward splits
-    probed = any(block.self_attention.probed() for block in model.h)
-    rows = prompt_len if probed else math.ceil(prompt_len / n_chunks)
-    per_score = 2 * itemsize + 4 + (0 if weight.dtype == torch.float32 else itemsize)
-    needed = batch_size * rows * prompt_len * (n_head * per_score + itemsize + 1)
-    check_fits(
-        f"the attention over a prompt of {prompt_len} tokens (batch {batch_size}, {n_head} heads: "
-        f"{batch_size}x{n_head}x{rows}x{prompt_len} scores at once)",
-        needed,
-        weight.device,
-    )
 
 
 def check_token_id(name: str, value: object, vocab_size: int) -> None:

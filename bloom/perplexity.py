@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub.utils import tqdm
 
+from bloom.memory import check_attention_fits
 from bloom.model import Bloom
 
 LOGITS_CHUNK = 256  # positions whose (chunk, V) logits are materialised at once
@@ -58,6 +59,7 @@ def perplexity(
     if batch_size < 1:
         raise ValueError(f"batch_size must be 1 or more, got {batch_size}")
     windows = sliding_windows(len(token_ids), context, stride)
+    check_attention_fits(model, min(batch_size, len(windows)), max(w.end - w.begin for w in windows))
     device = model.word_embeddings.weight.device
     tokens = torch.tensor(token_ids, device=device)
     nll, n_scored = 0.0, 0

@@ -98,6 +98,20 @@ def test_a_checkpoint_without_a_tokenizer_is_refused_before_its_weights(cli, no_
     assert_user_error(cli("generate", "--model", folder, "--prompt", "x"), "generate", str(folder), "tokenizer.json")
 
 
+@pytest.mark.parametrize("command", ["generate", "perplexity"])
+def test_attention_that_cannot_fit_is_one_line_before_any_output(cli, tiny_model_folder, tmp_path, monkeypatch, command):
+    """Our memory estimate refuses the prompt (or window) before the prefill, and before the prompt is echoed."""
+    import bloom.memory
+
+    monkeypatch.setattr(bloom.memory, "available_memory", lambda device: 1000)
+    text = tmp_path / "text.txt"
+    text.write_text("Le petit prince habitait une planète à peine plus grande que lui. " * 4)
+    source = ["--prompt", text.read_text()] if command == "generate" else ["--file", text, "--context", "32"]
+    code, out, err = cli(command, "--model", tiny_model_folder, *source)
+    assert_user_error((code, out, err), command, "the attention over a prompt of", "GB is available on cpu")
+    assert out == ""
+
+
 def test_a_tokenizer_with_more_ids_than_the_embedding_is_refused(cli, tmp_path):
     from tiny_checkpoint import random_hf_bloom, save_transformers
     from tiny_tokenizer import build_tiny_tokenizer
