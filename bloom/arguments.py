@@ -8,6 +8,7 @@ rewrites one into the other, and a subcommand calls the library's own checks ins
 
 import argparse
 import difflib
+import os
 import re
 import sys
 import tempfile
@@ -198,13 +199,25 @@ def check_prompts(prompts: list[str], flag: str = "--prompt") -> list[str]:
 def read_text(path: Path, flag: str) -> str:
     """The UTF-8 text of the file given with `flag`."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write, is not text
     except UnicodeDecodeError as error:
         raise ValueError(
             f"{flag} {path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start})"
         ) from None
     except OSError as error:
         raise OSError(f"{flag} {path}: {error.strerror or error}") from None
+
+
+def output_file(path: Path, flag: str) -> Path:
+    """Check, before any slow work, that the file given with `flag` can be written (its folder exists and is
+    writable, and it is not itself a folder)."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path}: a folder, not a file")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: no folder {path.parent}")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(f"{flag} {path}: cannot write there")
+    return path
 
 
 def output_folder(path: Path, flag: str) -> Path:

@@ -21,6 +21,7 @@ from bloom.arguments import (
     device,
     fail,
     non_negative_int,
+    output_file,
     output_folder,
     positive_int,
     read_text,
@@ -384,8 +385,12 @@ def run_evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     tasks = [task for task in args.tasks.split(",") if task]
     if not tasks:
         parser.error("--tasks names no task")
-    if args.limit is not None and args.limit <= 0:
-        parser.error(f"--limit must be more than 0, got {args.limit:g}")
+    if args.limit is not None and not (0 < args.limit < 1 or args.limit == int(args.limit) >= 1):
+        parser.error(f"--limit must be a whole number of documents or a fraction below 1, got {args.limit:g}")
+    if args.include_path is not None and not args.include_path.is_dir():
+        raise FileNotFoundError(f"--include-path {args.include_path}: no such folder")
+    if args.output is not None:
+        output_file(args.output, "--output")
     task_manager = lm_eval.tasks.TaskManager(include_path=None if args.include_path is None else str(args.include_path))
     unknown = [task for task in tasks if task not in task_manager.all_tasks and not Path(task).is_file()]
     if unknown:  # before spending time on loading

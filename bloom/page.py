@@ -57,6 +57,9 @@ def write(
     }
     # Inside <script>, "</script>" in a token would end the element: JSON may spell "<" as \u003c instead.
     text = json.dumps(data, ensure_ascii=False).replace("<", "\\u003c")
-    page = TEMPLATE.read_text(encoding="utf-8").replace("__TITLE__", html.escape(prompt[:60]))
-    path.write_text(page.replace("__DATA__", text), encoding="utf-8")
+    # Each placeholder once, the data first: then the first __TITLE__ is still the template's <title>, even
+    # when the data's tokens spell it, and a title spelling __DATA__ is never filled with the data.
+    page = TEMPLATE.read_text(encoding="utf-8").replace("__DATA__", text, 1)
+    page = page.replace("__TITLE__", html.escape(prompt[:60]), 1)
+    path.write_text(page, encoding="utf-8")
     return path

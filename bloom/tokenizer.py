@@ -63,6 +63,8 @@ class BloomTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, with whatever the post-processor adds (nothing, for BLOOM)."""
+        if not isinstance(text, str):
+            raise ValueError(f"encode takes a string, got {type(text).__name__} (batch_encode takes a list)")
         return self.tokenizer.encode(text).ids
 
     def decode(self, ids: Sequence[int] | torch.Tensor, *, skip_special_tokens: bool = False) -> str:
@@ -78,6 +80,8 @@ class BloomTokenizer:
 
         The mask is 1 on real tokens and 0 on padding; T is the longest encoding.
         """
+        if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
+            raise ValueError(f"batch_encode takes a list of strings, got {type(texts).__name__}")
         if not texts:
             raise ValueError("batch_encode needs at least one text")
         if self.pad_token_id is None:

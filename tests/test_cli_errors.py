@@ -99,7 +99,7 @@ def test_a_checkpoint_without_a_tokenizer_is_refused_before_its_weights(cli, no_
 
 
 @pytest.mark.parametrize("command", ["generate", "perplexity"])
-def test_attention_that_cannot_fit_is_one_line_before_any_output(cli, tiny_model_folder, tmp_path, monkeypatch, command):
+def test_attention_that_cannot_fit_is_refused_before_any_output(command, cli, tiny_model_folder, tmp_path, monkeypatch):
     """Our memory estimate refuses the prompt (or window) before the prefill, and before the prompt is echoed."""
     import bloom.memory
 
@@ -110,6 +110,16 @@ def test_attention_that_cannot_fit_is_one_line_before_any_output(cli, tiny_model
     code, out, err = cli(command, "--model", tiny_model_folder, *source)
     assert_user_error((code, out, err), command, "the attention over a prompt of", "GB is available on cpu")
     assert out == ""
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(cli, tiny_model_folder, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Bonjour\nHello\n", encoding="utf-8-sig")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("Bonjour\nHello\n", encoding="utf-8")
+    options = ("--model", tiny_model_folder, "--max-new-tokens", "3")
+    with_bom, without = (cli("generate", *options, "--prompt-file", path) for path in (prompts, plain))
+    assert with_bom[0] == 0 and with_bom[:2] == without[:2]  # exit status and the generated text
 
 
 def test_a_tokenizer_with_more_ids_than_the_embedding_is_refused(cli, tmp_path):

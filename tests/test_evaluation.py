@@ -244,6 +244,26 @@ def test_evaluate_command_help_and_bad_tasks(task_folder, local_tasks_only, caps
     )
 
 
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--output", "{tmp}/no/such/results.json"], "--output {tmp}/no/such/results.json: no folder {tmp}/no/such"),
+        (["--output", "{tmp}"], "--output {tmp}: a folder, not a file"),
+        (["--include-path", "{tmp}/nowhere"], "--include-path {tmp}/nowhere: no such folder"),
+        (["--limit", "1.5"], "--limit must be a whole number of documents or a fraction below 1, got 1.5"),
+    ],
+)
+def test_evaluate_command_checks_its_files_before_the_run(local_tasks_only, capsys, tmp_path, extra, message):
+    from bloom.cli import main
+
+    extra = [arg.format(tmp=tmp_path) for arg in extra]
+    argv = ["evaluate", "--model", str(tmp_path / "nowhere"), "--tasks", "tiny_mc", *extra]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.endswith(f"bloom evaluate: error: {message.format(tmp=tmp_path)}\n")
+
+
 def test_evaluate_command_with_int8_weights(tiny_model_folder, task_folder, local_tasks_only, capsys):
     from bloom.cli import main
 

@@ -128,3 +128,20 @@ def test_a_script_error_in_the_page_is_caught(browser, inspected, tmp_path, brok
     (tmp_path / "broken.html").write_text(path.read_text(encoding="utf-8").replace(start, start + broken))
     browser.open(tmp_path / "broken.html")
     assert any(message in error for error in browser.errors), browser.errors
+
+
+def test_placeholders_in_the_prompt_and_tokens_stay_text(tmp_path):
+    """The template is filled once per placeholder: a prompt or token spelling __DATA__ or __TITLE__ is text."""
+    import json
+    import re
+
+    from bloom import page
+
+    tokens = ["__TITLE__", "__DATA__"]
+    attention = torch.softmax(torch.randn(1, 2, 2, 2), dim=-1)  # (n_layer, nh, T, T)
+    path = page.write(tmp_path / "p.html", "x __DATA__ y __TITLE__", tokens, attention, torch.rand(2, 2, 1),
+                      [[["a"], ["b"]], [["c"], ["d"]]])  # fmt: skip
+    text = path.read_text(encoding="utf-8")
+    assert re.search(r"<title>bloom inspect: x __DATA__ y __TITLE__</title>", text)
+    data = re.search(r'<script type="application/json" id="data">(.*?)</script>', text, re.S).group(1)
+    assert json.loads(data)["tokens"] == tokens
