@@ -31,11 +31,10 @@ from huggingface_hub.utils import tqdm
 
 from bloom.memory import check_attention_fits
 from bloom.model import Bloom
-from bloom.probe import find, record
+from bloom.probe import find_all, is_per_head, record
 
 INDEX = "index.json"
 TOKENS = "tokens"
-PER_HEAD = ("q", "k", "v", "context")  # (B, nh, T, hd) points, exported with their heads side by side
 # safetensors' dtype names, and the numpy dtype that maps each one's bytes (bf16 through its 16 raw bits).
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
 NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64}
@@ -50,8 +49,7 @@ def windows(n_tokens: int, context: int) -> list[tuple[int, int]]:
 
 def point_names(model: Bloom, patterns: Sequence[str]) -> list[str]:
     """The points the patterns name, in the model's order; attention probabilities and scores are refused."""
-    wanted = {name for pattern in patterns for name in find(model, pattern)}
-    names = [name for name, _ in model.named_modules() if name in wanted]
+    names = find_all(model, patterns)
     for name in names:
         if name.endswith(("self_attention.probs", "self_attention.scores")):
             raise ValueError(f"point {name}: attention over keys is (B, nh, T, S), not one row per token")
@@ -60,7 +58,7 @@ def point_names(model: Bloom, patterns: Sequence[str]) -> list[str]:
 
 def _rows(name: str, tensor: torch.Tensor) -> torch.Tensor:
     """A recorded tensor as one row per token: (B, T, D) -> (B·T, D); (B, nh, T, hd) -> (B·T, nh·hd)."""
-    if tensor.ndim == 4 and name.rsplit(".", 1)[-1] in PER_HEAD:
+    if tensor.ndim == 4 and is_per_head(name):
         tensor = tensor.transpose(1, 2).flatten(2)  # (B, T, nh·hd)
     if tensor.ndim != 3:
         raise ValueError(f"point {name}: shape {tuple(tensor.shape)}, expected (batch, tokens, features)")

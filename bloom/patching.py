@@ -23,9 +23,7 @@ import torch
 from huggingface_hub.utils import tqdm
 
 from bloom.model import Bloom
-from bloom.probe import find, patch, record
-
-HEAD_POINTS = ("q", "k", "v", "scores", "probs", "context")  # self_attention's points shaped (B, nh, T, ...)
+from bloom.probe import find_all, is_per_head, patch, record
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
@@ -108,11 +106,8 @@ def _check(
             "prompt of the same length, (1, T)"
         )
     patterns = [points] if isinstance(points, str) else points
-    matched = {name for pattern in patterns for name in find(model, pattern)}
-    names = [name for name, _ in model.named_modules() if name in matched]
-    heads = [
-        name.rpartition(".")[0].endswith("self_attention") and name.rpartition(".")[2] in HEAD_POINTS for name in names
-    ]
+    names = find_all(model, patterns)
+    heads = [is_per_head(name) for name in names]
     if any(heads) and not all(heads):
         per_head = [n for n, h in zip(names, heads, strict=True) if h][:2]
         whole = [n for n, h in zip(names, heads, strict=True) if not h][:2]

@@ -64,6 +64,26 @@ def find(model: nn.Module, pattern: str) -> dict[str, nn.Module]:
     return found
 
 
+def find_all(model: nn.Module, patterns: list[str] | tuple[str, ...]) -> list[str]:
+    """The names of the submodules matching any of `patterns`, each once, in the model's order."""
+    matched = {name for pattern in patterns for name in find(model, pattern)}
+    return [name for name, _ in model.named_modules() if name in matched]
+
+
+def is_per_head(name: str) -> bool:
+    """Whether the point holds a tensor with a head axis, (B, nh, T, ...): self_attention's q, k, v, scores,
+    probs and context."""
+    parent, _, leaf = name.rpartition(".")
+    return parent.endswith("self_attention") and leaf in ("q", "k", "v", "scores", "probs", "context")
+
+
+def refuse_int8(model: nn.Module, what: str) -> None:
+    """Raise for a model loaded with quantize="int8": its int8 weights are no float matrices to view or
+    differentiate through."""
+    if any(tensor.dtype == torch.int8 for tensor in model.buffers()):
+        raise ValueError(f"{what} needs float weights, and this model's are int8: load it without quantize='int8'")
+
+
 @contextmanager
 def record(
     model: nn.Module, *patterns: str, grad: bool = False, every_call: bool = False
@@ -74,10 +94,12 @@ def record(
         one's `.grad` holds the gradient with respect to it. When the model's parameters do not require
         gradients (`model.requires_grad_(False)`), the first recorded tensor becomes a leaf that does, and
         everything after it is tracked; the values are unchanged. Needs autograd on (not under no_grad or
-        inference_mode). Without grad the tensors are detached.
+        inference_mode), and float weights: int8 layers (quantize="int8") have no backward.
     every_call: each entry is the list of the module's outputs, one per call, in order (`generate`: the
         prefill, then each decode step), instead of the output of the last call.
     """
+    if grad:
+        refuse_int8(model, "record(grad=True)")
     seen: dict[str, torch.Tensor | list[torch.Tensor]] = {}
     modules = {name: module for pattern in patterns for name, module in find(model, pattern).items()}
 

@@ -17,6 +17,7 @@ The circuits of a head are products of two of these ((C, C) each: computed, not 
 import torch
 
 from bloom.model import Bloom
+from bloom.probe import refuse_int8
 
 
 def head_weights(model: Bloom, layer: int) -> dict[str, torch.Tensor]:
@@ -27,6 +28,7 @@ def head_weights(model: Bloom, layer: int) -> dict[str, torch.Tensor]:
     """
     if not 0 <= layer < len(model.h):
         raise ValueError(f"head_weights: layer {layer} does not exist; the model has layers 0..{len(model.h) - 1}")
+    refuse_int8(model, "head_weights")
     attention = model.h[layer].self_attention
     nh, hd = attention.n_head, attention.head_dim
     qkv_weight = attention.query_key_value.weight.view(nh, 3, hd, -1)  # (nh, q|k|v, hd, C)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_checkpoint import left_padded, random_hf_bloom, save_transformers
 
-from bloom import generate, load_pretrained
+from bloom import Bloom, BloomConfig, generate, load_pretrained
 from bloom.attribution import direct_logit_attribution, residual_components
 from bloom.patching import activation_patching, attribution_patching
 from bloom.probe import record
@@ -361,3 +361,21 @@ def test_recording_across_generate_concatenates_to_a_full_forward(models):
         torch.testing.assert_close(
             at_real(recorded, full_mask), at_real(value, full_mask), rtol=1e-5, atol=1e-5, msg=name
         )
+
+
+def test_research_tools_refuse_int8_weights_by_name(tmp_path):
+    """int8 layers hold no float matrices to view and have no backward: each tool says so instead of returning
+    the raw int8 values or failing inside autograd."""
+    from bloom.quantize import quantize_int8
+
+    model = quantize_int8(Bloom(BloomConfig(vocab_size=64, hidden_size=64, n_layer=1, n_head=2)).to(torch.bfloat16))
+    ids = torch.randint(0, 64, (1, 5))
+    message = r"needs float weights, and this model's are int8"
+    with pytest.raises(ValueError, match="head_weights " + message):
+        head_weights(model, 0)
+    with pytest.raises(ValueError, match=message):
+        residual_components(model, ids)
+    with pytest.raises(ValueError, match=r"record\(grad=True\) " + message):
+        attribution_patching(model, ids, ids, lambda logits: logits[:, -1, 0], "h.*")
+    with pytest.raises(ValueError, match=message), record(model, "h.0", grad=True):
+        pass
