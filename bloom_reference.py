@@ -88,10 +88,8 @@ def run_parity(args: argparse.Namespace, tolerances: dict[torch.dtype, float]) -
     reference = args.reference or args.model
     hf_folder = reference_folder(args)  # the arguments and files are checked before any weight is read
     tokenizer = load_tokenizer(args.model, revision=args.revision)
-    model = load_pretrained(
-        args.model, dtype=args.dtype, device=args.device, revision=args.revision, quantize=args.quantize
-    )
-    dtype = model.ln_f.weight.dtype  # the embedding may be int8
+    model = load_pretrained(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
+    dtype = model.ln_f.weight.dtype
     hf = BloomForCausalLM.from_pretrained(hf_folder, dtype=dtype, local_files_only=True).to(args.device).eval()
     ids, mask = (t.to(args.device) for t in tokenizer.batch_encode(prompts))
     tolerance = tolerances[dtype]

@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=PARITY_DESCRIPTION,
     )
-    add_model_arguments(parity)
+    add_model_arguments(parity, quantize=False)  # int8 is no reimplementation of transformers' numbers
     parity.add_argument("--reference", help="the checkpoint transformers loads (default: --model)")
     parity.add_argument("--prompt", action="append", help="a prompt; repeat for several (default: three built in)")
     parity.add_argument(
@@ -217,16 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_model_arguments(command: argparse.ArgumentParser) -> None:
+def add_model_arguments(command: argparse.ArgumentParser, *, quantize: bool = True) -> None:
+    """--model, --revision, --dtype, --device; and --quantize unless the command compares exact numbers."""
     command.add_argument("--model", required=True, help="checkpoint folder or hub repo id, e.g. bigscience/bloomz-560m")
     command.add_argument("--revision", help="branch, tag or commit of a hub repo")
     command.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the checkpoint's stored dtype")
     command.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    command.add_argument(
-        "--quantize",
-        choices=["int8"],
-        help="int8 weights for the embedding (also the LM head) and the blocks' linear layers",
-    )
+    if quantize:
+        command.add_argument(
+            "--quantize",
+            choices=["int8"],
+            help="int8 weights for the embedding (also the LM head) and the blocks' linear layers",
+        )
 
 
 def load(
