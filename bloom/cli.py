@@ -43,6 +43,7 @@ from bloom.tokenizer import CONFIG_FILES, TOKENIZER_FILE, BloomTokenizer, load_t
 MAX_NEW_TOKENS = 64
 CONTEXT, STRIDE, BATCH_SIZE = 1024, 512, 4
 PARITY_NEW_TOKENS = 20
+PAGE_WARNING_MB = 200  # inspect.html beyond this: say that a browser may not open it
 INSPECT_TOP_K = 5  # the logit lens guesses the page shows on hover
 # Largest difference allowed at any layer, relative to that tensor's scale: max |ours - theirs| / max |theirs|.
 # fp32: both follow the same operations (measured: bit-identical on CPU). Half precision: a few roundings may
@@ -355,6 +356,10 @@ def run_inspect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     paths.append(page.write(args.out / "inspect.html", args.prompt, labels, attention, probs[:, 0], top))
     for path in paths:
         print(path)
+    megabytes = paths[-1].stat().st_size / 1e6
+    if megabytes > PAGE_WARNING_MB:  # every head of every layer is in the page
+        print(f"warning: {paths[-1]} is {megabytes:.0f} MB, more than a browser tab may open; a shorter "
+              "--prompt makes it smaller (the size grows with layers x heads x tokens²)", file=sys.stderr)  # fmt: skip
     return 0
 
 
