@@ -131,7 +131,8 @@ def alibi(n_head: int, n_tokens: int):
         ax.set_title(f"head {head}: slope {slopes[head]:.4g}", fontsize=7, pad=3)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(image, cax=bar, label="bias, relative form: -slope × (query - key) (the model adds slope × key; equal after softmax)")
+    label = "bias, relative form: -slope × (query - key)\n(the model adds slope × key; equal after softmax)"
+    fig.colorbar(image, cax=bar, label=label)
     fig.suptitle(f"ALiBi bias, {n_head} heads (from 0), {n_tokens} tokens; queries down, keys across, "
                  "white: masked", y=1 - MARGIN / fig.get_figheight())  # fmt: skip
     return fig
