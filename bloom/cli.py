@@ -31,7 +31,7 @@ from bloom.decoder import Decoder
 from bloom.generate import check_sampling, generate
 from bloom.hub import resolve_folder
 from bloom.lens import logit_lens
-from bloom.loader import DTYPES, checkpoint_patterns, is_complete, load_pretrained
+from bloom.loader import DTYPES, checkpoint_patterns, is_complete, load_config, load_pretrained
 from bloom.memory import check_attention_fits
 from bloom.model import Bloom
 from bloom.parallel import join_process_group, shared_seed
@@ -322,6 +322,8 @@ def run_perplexity(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 def run_activations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     text = read_text(args.file, "--file")
+    with torch.device("meta"):  # the point names depend on the layer count: checked before the weights are read
+        bloom.activations.point_names(Bloom(load_config(args.model, revision=args.revision)), args.points)
     output_folder(args.out, "--out")
     model, tokenizer, _ = load(parser, args)
     token_ids = tokenizer.encode(text)[: args.max_tokens]

@@ -90,16 +90,7 @@ def load_pretrained(
     target_dtype = None if dtype is None else parse_dtype(dtype)
     if quantize not in (None, "int8"):
         raise ValueError(f"unknown quantize={quantize!r}; the one scheme is 'int8'")
-    folder = resolve_folder(
-        path_or_repo_id,
-        patterns=checkpoint_patterns(allow_pickle),
-        is_complete=lambda f: is_complete(f, allow_pickle),
-        revision=revision,
-        cache_dir=cache_dir,
-    )
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder}: no config.json")
+    folder, config_path = _checkpoint(path_or_repo_id, revision, cache_dir, allow_pickle)
     config = BloomConfig.from_json(config_path)
     files = weight_files(folder, allow_pickle)
     with ExitStack() as stack:
@@ -132,6 +123,35 @@ def load_pretrained(
                 state[name] = reader.read(key, target_dtype, device, parts.get(name))
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
+
+
+def load_config(
+    path_or_repo_id: str | Path,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    allow_pickle: bool = False,
+) -> BloomConfig:
+    """The checkpoint's config.json, from the folder or repo `load_pretrained` would read (nothing else is read),
+    so that what depends on the model's shape can be checked before its weights are loaded."""
+    return BloomConfig.from_json(_checkpoint(path_or_repo_id, revision, cache_dir, allow_pickle)[1])
+
+
+def _checkpoint(
+    path_or_repo_id: str | Path, revision: str | None, cache_dir: str | Path | None, allow_pickle: bool
+) -> tuple[Path, Path]:
+    """The local folder of a checkpoint (fetched if it is a repo id not in the cache) and its config.json."""
+    folder = resolve_folder(
+        path_or_repo_id,
+        patterns=checkpoint_patterns(allow_pickle),
+        is_complete=lambda f: is_complete(f, allow_pickle),
+        revision=revision,
+        cache_dir=cache_dir,
+    )
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json")
+    return folder, config_path
 
 
 def _release_freed_heap() -> None:

@@ -112,6 +112,19 @@ def test_attention_that_cannot_fit_is_refused_before_any_output(command, cli, ti
     assert out == ""
 
 
+@pytest.mark.parametrize(
+    "point,names",
+    [("h.9", ["no module of the model is named like 'h.9'"]), ("h.1.self_attention.probs", ["not one row per token"])],
+)
+def test_activation_points_are_checked_before_the_weights(cli, no_weights, tiny_model_folder, tmp_path, point, names):
+    (tmp_path / "text.txt").write_text("some text")
+    out = tmp_path / "acts"
+    result = cli("activations", "--model", tiny_model_folder, "--file", tmp_path / "text.txt", "--points", point,
+                 "--out", out)  # fmt: skip
+    assert_user_error(result, "activations", point, *names)
+    assert not out.exists()  # nothing left behind
+
+
 def test_a_byte_order_mark_is_not_part_of_the_first_prompt(cli, tiny_model_folder, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Bonjour\nHello\n", encoding="utf-8-sig")
@@ -376,7 +389,8 @@ BAD = {  # fragments that each make a command line wrong
               ["--prompt-len", "x"]],
     "download": [["--revison", "x"], ["extra"], ["--model", "m"]],
     "activations": [["--file", "{latin1}"], ["--file", "{dir}"], ["--file", "{missing}"], ["--out", "{a_file}"],
-                    ["--context", "0"], ["--batch-size", "0"], ["--max-tokens", "-1"], ["--pionts", "h.0"]],
+                    ["--context", "0"], ["--batch-size", "0"], ["--max-tokens", "-1"], ["--pionts", "h.0"],
+                    ["--points", "h.9"], ["--points", "h.0.self_attention.probs"], ["--points", "bogus"]],
     "evaluate": [["--batch-size", "0"], ["--num-fewshot", "-1"], ["--limit", "x"], ["--taks", "x"],
                  ["--device", "tpu"], ["--dtype", "fp8"], ["--quantize", "int4"], ["-x"], ["--", "extra"]],
 }  # fmt: skip
