@@ -273,11 +273,16 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     B, T = input_ids.shape
     decoder = Decoder(model, B, T + args.max_new_tokens, compile=args.compile)
     start = time.perf_counter()
-    output = generate(
-        model, input_ids, attention_mask=attention_mask, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, streamer=streamer, decoder=decoder,
-        **sampling,
-    )  # fmt: skip
+    try:
+        output = generate(
+            model, input_ids, attention_mask=attention_mask, max_new_tokens=args.max_new_tokens,
+            do_sample=args.do_sample, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            streamer=streamer, decoder=decoder, **sampling,
+        )  # fmt: skip
+    except MemoryError as error:  # the KV cache could not grow: print what was generated, then the error
+        if streamer is None and is_main() and getattr(error, "sequences", None) is not None:
+            print_rows(tokenizer, prompts, error.sequences[:, input_ids.shape[1] :])
+        raise
     seconds = time.perf_counter() - start
     new_tokens = output[:, input_ids.shape[1] :]
     if not is_main():  # under tensor parallelism every process holds the same tokens; one prints them
@@ -285,8 +290,7 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     if streamer is not None:
         streamer.finish()
     else:
-        for prompt, row in zip(prompts, new_tokens, strict=True):
-            print(prompt + tokenizer.decode(row.tolist(), skip_special_tokens=True))
+        print_rows(tokenizer, prompts, new_tokens)
     n_new = count_new_tokens(new_tokens, tokenizer.eos_token_id)
     print(
         f"load {load_seconds:.2f} s | prompt {int(attention_mask.sum())} tokens | new {n_new} tokens | "
@@ -294,6 +298,12 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         file=sys.stderr,
     )
     return 0
+
+
+def print_rows(tokenizer: BloomTokenizer, prompts: list[str], new_tokens: torch.Tensor) -> None:
+    """Each prompt followed by its new tokens (B, N), one per line."""
+    for prompt, row in zip(prompts, new_tokens, strict=True):
+        print(prompt + tokenizer.decode(row.tolist(), skip_special_tokens=True))
 
 
 def is_main() -> bool:

@@ -135,6 +135,23 @@ def test_a_byte_order_mark_is_not_part_of_the_first_prompt(cli, tiny_model_folde
     assert with_bom[0] == 0 and with_bom[:2] == without[:2]  # exit status and the generated text
 
 
+def test_a_batch_whose_cache_cannot_grow_prints_what_it_generated(cli, tiny_model_folder, monkeypatch):
+    """Room for the 64-slot KV cache, not the 128-slot one: each prompt's text so far, then one error line."""
+    import bloom.memory
+    from bloom.config import BloomConfig
+    from bloom.kv_cache import KVCache
+
+    config = BloomConfig.from_json(tiny_model_folder / "config.json")
+    room = KVCache.nbytes(config, 2, 64, torch.float32, config.n_head) + 1000
+    monkeypatch.setattr(bloom.memory, "available_memory", lambda device: room)
+    code, out, err = cli("generate", "--model", tiny_model_folder, "--prompt", "Bonjour", "--prompt", "Hello world",
+                         "--max-new-tokens", "200", "--dtype", "fp32")  # fmt: skip
+    assert_user_error((code, out, err), "generate", "KV cache of 128 slots for 2 rows (64 slots written)")
+    lines = out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("Bonjour") and lines[1].startswith("Hello world")
+    assert all(len(line) > len(prompt) for line, prompt in zip(lines, ["Bonjour", "Hello world"], strict=True))
+
+
 def test_a_tokenizer_with_more_ids_than_the_embedding_is_refused(cli, tmp_path):
     from tiny_checkpoint import random_hf_bloom, save_transformers
     from tiny_tokenizer import build_tiny_tokenizer
