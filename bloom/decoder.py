@@ -56,9 +56,9 @@ class Decoder:
     """
 
     def __init__(self, model: Bloom, batch_size: int, max_len: int | None = None, *, compile: bool = False) -> None:
-        if not is_positive_integer(batch_size):
+        if not (is_integer(batch_size) and batch_size >= 1):
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if max_len is not None and not is_positive_integer(max_len):
+        if max_len is not None and not (is_integer(max_len) and max_len >= 1):
             raise ValueError(f"max_len must be an integer >= 1 or None, got {max_len!r}")
         weight = model.ln_f.weight  # the model's dtype and device (the embedding may be int8)
         self.model, self.batch_size, self.max_len = model, batch_size, max_len
@@ -177,5 +177,6 @@ class Decoder:
         self.mask[:, : prompt_mask.shape[1]] = prompt_mask  # every slot after the prompt holds a real token
 
 
-def is_positive_integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+def is_integer(value: object) -> bool:
+    """An int, and not a bool (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -29,6 +29,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from bloom.decoder import is_integer
 from bloom.generate import generate_steps
 from bloom.loader import load_pretrained
 from bloom.model import Bloom
@@ -63,9 +64,9 @@ class BloomLM(TemplateLM):
         max_length: int = MAX_LENGTH,
     ) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not (is_integer(batch_size) and batch_size >= 1):
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        if not (is_integer(max_length) and max_length >= 2):
             raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
         if isinstance(pretrained, Bloom):
             if tokenizer is None:

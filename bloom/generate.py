@@ -23,7 +23,7 @@ from contextlib import closing
 
 import torch
 
-from bloom.decoder import Decoder
+from bloom.decoder import Decoder, is_integer
 from bloom.memory import check_attention_fits
 from bloom.model import Bloom
 
@@ -331,8 +331,3 @@ def check_sampling(
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-
-
-def is_integer(value: object) -> bool:
-    """An int, and not a bool (which Python counts as one)."""
-    return isinstance(value, int) and not isinstance(value, bool)

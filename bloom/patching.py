@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from huggingface_hub.utils import tqdm
 
+from bloom.decoder import is_integer
 from bloom.model import Bloom
 from bloom.probe import find_all, is_per_head, patch, record
 
@@ -43,7 +44,7 @@ def activation_patching(
     ceil(P·[nh·]T / batch_size) forward passes of `batch_size` rows; memory grows with batch_size·T·V for the
     logits. A progress bar shows on stderr when the sweep takes more than 2 seconds.
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not (is_integer(batch_size) and batch_size >= 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     names, per_head, T = _check(model, clean_ids, corrupt_ids, points)
     with torch.no_grad(), record(model, *names) as clean:
