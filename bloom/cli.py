@@ -232,9 +232,7 @@ def add_model_arguments(command: argparse.ArgumentParser, *, quantize: bool = Tr
         )
 
 
-def load(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, tokenizer: BloomTokenizer | None = None
-) -> tuple[Bloom, BloomTokenizer, float]:
+def load(args: argparse.Namespace, tokenizer: BloomTokenizer | None = None) -> tuple[Bloom, BloomTokenizer, float]:
     """The model and tokenizer the arguments name (the tokenizer unless given), and the seconds it took.
 
     The tokenizer comes first: it is small, and a checkpoint without one fails before its weights are read.
@@ -263,7 +261,7 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     settings = DEFAULTS | sampling  # refuse bad arguments before spending time on loading
     check_sampling(args.do_sample, settings["temperature"], settings["top_k"], settings["top_p"],
                    settings["repetition_penalty"], args.max_new_tokens)  # fmt: skip
-    model, tokenizer, load_seconds = load(parser, args)
+    model, tokenizer, load_seconds = load(args)
     if args.tp > 1 and args.do_sample and args.seed is None:
         sampling["seed"] = shared_seed()
 
@@ -321,7 +319,7 @@ def run_perplexity(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     token_ids = tokenizer.encode(text)
     if len(token_ids) < 2:  # found before the weights are read
         raise ValueError(f"--file {args.file}: {len(token_ids)} token(s); perplexity needs at least 2")
-    model, _, _ = load(parser, args, tokenizer)
+    model, _, _ = load(args, tokenizer)
     result = perplexity(
         model, token_ids, context=args.context, stride=args.stride, batch_size=args.batch_size,
         progress=True,
@@ -335,7 +333,7 @@ def run_activations(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     with torch.device("meta"):  # the point names depend on the layer count: checked before the weights are read
         bloom.activations.point_names(Bloom(load_config(args.model, revision=args.revision)), args.points)
     output_folder(args.out, "--out")
-    model, tokenizer, _ = load(parser, args)
+    model, tokenizer, _ = load(args)
     token_ids = tokenizer.encode(text)[: args.max_tokens]
     out = bloom.activations.export(
         model, token_ids, args.points, args.out, context=args.context, batch_size=args.batch_size,
@@ -350,7 +348,7 @@ def run_inspect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         raise ValueError("bloom inspect draws with matplotlib: pip install -e '.[viz]'")
     check_prompts([args.prompt])
     output_folder(args.out, "--out")
-    model, tokenizer, _ = load(parser, args)
+    model, tokenizer, _ = load(args)
     ids = torch.tensor([tokenizer.encode(args.prompt)], device=args.device)  # (1, T)
     with torch.inference_mode(), record(model, "h.*.self_attention.probs") as seen:
         model(ids)
@@ -415,7 +413,7 @@ def run_evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     if unknown:  # before spending time on loading
         where = "" if args.include_path is None else f" nor in --include-path {args.include_path}"
         raise ValueError(f"--tasks: {', '.join(unknown)}: not a task of the harness{where} (lm-eval ls tasks)")
-    model, tokenizer, _ = load(parser, args)
+    model, tokenizer, _ = load(args)
     lm = BloomLM(model, tokenizer=tokenizer, device=args.device, batch_size=args.batch_size)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit  # below 1: a fraction
     results = lm_eval.simple_evaluate(
