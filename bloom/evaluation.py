@@ -33,7 +33,7 @@ from bloom.decoder import is_integer
 from bloom.generate import generate_steps
 from bloom.loader import load_pretrained
 from bloom.model import Bloom
-from bloom.tokenizer import BloomTokenizer, load_tokenizer
+from bloom.tokenizer import BloomTokenizer, left_pad, load_tokenizer
 
 MAX_LENGTH = 2048  # tokens per forward pass: BLOOM's training context, and the harness's default
 MAX_GEN_TOKS = 256  # new tokens when a task does not say (HFLM's default)
@@ -256,13 +256,8 @@ class BloomLM(TemplateLM):
 
     def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token id lists -> left-padded ids and attention mask, (B, T) each, on the model's device."""
-        T = max(len(row) for row in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
-        ids = torch.full((len(rows), T), pad, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
-        for b, row in enumerate(rows):
-            ids[b, T - len(row) :] = torch.tensor(row, dtype=torch.long)
-            mask[b, T - len(row) :] = 1
+        ids, mask = left_pad(rows, pad)
         return ids.to(self.device), mask.to(self.device)
 
     @torch.inference_mode()

@@ -86,15 +86,22 @@ class BloomTokenizer:
             raise ValueError("batch_encode needs at least one text")
         if self.pad_token_id is None:
             raise ValueError("batch_encode needs a pad token, and this tokenizer has none")
-        rows = [encoding.ids for encoding in self.tokenizer.encode_batch(texts)]
-        T = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), T), self.pad_token_id, dtype=torch.int64)  # (B, T)
-        attention_mask = torch.zeros((len(rows), T), dtype=torch.int64)  # (B, T)
-        for b, row in enumerate(rows):
-            if row:  # an empty text stays all padding
-                input_ids[b, -len(row) :] = torch.tensor(row, dtype=torch.int64)
-                attention_mask[b, -len(row) :] = 1
-        return input_ids, attention_mask
+        return left_pad([encoding.ids for encoding in self.tokenizer.encode_batch(texts)], self.pad_token_id)
+
+
+def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids -> left-padded `input_ids` and `attention_mask`, both (B, T) int64, T the longest row.
+
+    The mask is 1 on real tokens and 0 on padding; an empty row stays all padding.
+    """
+    T = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), T), pad_token_id, dtype=torch.int64)  # (B, T)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.int64)  # (B, T)
+    for b, row in enumerate(rows):
+        if row:
+            input_ids[b, -len(row) :] = torch.tensor(row, dtype=torch.int64)
+            attention_mask[b, -len(row) :] = 1
+    return input_ids, attention_mask
 
 
 def load_tokenizer(
