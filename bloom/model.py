@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bloom import matvec
 from bloom.config import BloomConfig
 from bloom.kv_cache import KVCache, LayerKV
 
@@ -111,10 +112,21 @@ class Tap(nn.Identity):
     """
 
 
+class Linear(nn.Linear):
+    """nn.Linear, whose products of a decode step (bloom.matvec.decoding) go to bloom.matvec's kernels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if matvec.applies(x, self.weight):
+            return matvec.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 class TiedEmbedding(nn.Embedding):
     """The word embedding, (B, T) ids -> (B, T, C), which is also the LM head: `unembed`, (B, T, C) -> (B, T, V)."""
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        if matvec.applies(x, self.weight):
+            return matvec.linear(x, self.weight)
         return F.linear(x, self.weight)
 
 
@@ -123,8 +135,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.head_offset = 0  # this module's first head; not 0 when heads are split over processes (bloom.parallel)
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
         self.q, self.k, self.v, self.scores, self.probs, self.context = (Tap() for _ in range(6))
 
     def forward(
@@ -186,8 +198,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: BloomConfig) -> None:
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, 4 * config.hidden_size)
-        self.dense_4h_to_h = nn.Linear(4 * config.hidden_size, config.hidden_size)
+        self.dense_h_to_4h = Linear(config.hidden_size, 4 * config.hidden_size)
+        self.dense_4h_to_h = Linear(4 * config.hidden_size, config.hidden_size)
         self.act = Tap()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from bloom.model import Bloom
+from bloom.model import Bloom, Linear
 
 # model key suffix -> the dimension along which it is split (0: output rows, 1: input columns)
 SPLIT_DIM = {
@@ -61,9 +61,9 @@ def split_heads(model: Bloom, rank: int, world_size: int) -> dict[str, tuple[int
     for block in model.h:
         attention, mlp = block.self_attention, block.mlp
         attention.n_head, attention.head_offset = n_head, rank * n_head
-        attention.query_key_value = nn.Linear(C, 3 * n_head * config.head_dim)
+        attention.query_key_value = Linear(C, 3 * n_head * config.head_dim)
         attention.dense = RowParallelLinear(n_head * config.head_dim, C)
-        mlp.dense_h_to_4h = nn.Linear(C, 4 * C // world_size)
+        mlp.dense_h_to_4h = Linear(C, 4 * C // world_size)
         mlp.dense_4h_to_h = RowParallelLinear(4 * C // world_size, C)
     return {
         name: (dim, rank, world_size)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from bloom import matvec
 from bloom.model import Bloom
 from bloom.parallel import RowParallelLinear
 
@@ -76,6 +77,8 @@ class Int8Linear(nn.Module):
         return cls(*quantize_rows(linear.weight.detach()), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if matvec.applies(x, self.weight):  # a decode step's product
+            return matvec.int8_linear(x, self.weight, self.scale, self.bias)
         y = int8_matmul(x, self.weight, self.scale)  # (..., out)
         return y if self.bias is None else y + self.bias
 
@@ -108,6 +111,8 @@ class Int8Embedding(nn.Module):
         return self.weight[ids].to(self.scale.dtype) * self.scale[ids, None]  # (B, T, C): q · scale, rounded once
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        if matvec.applies(x, self.weight):  # a decode step's product
+            return matvec.int8_linear(x, self.weight, self.scale)
         return int8_matmul(x, self.weight, self.scale)  # (B, T, V)
 
 

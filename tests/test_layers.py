@@ -7,7 +7,7 @@ from pathlib import Path
 import bloom
 
 LAYERS = {
-    "core": ["config", "model", "kv_cache", "memory"],
+    "core": ["config", "matvec", "model", "kv_cache", "memory"],
     "scale": ["quantize", "parallel"],
     "checkpoints": ["loader", "hub", "tokenizer"],
     "generation": ["decoder", "generate", "streaming"],

@@ -1,0 +1,153 @@
+"""The decode step's matrix-vector products on the CPU: bloom/matvec.c, compiled on first use, called by ctypes.
+
+A decode step reads every weight once for one token per sequence; its speed is the speed at which the weights
+stream from memory. torch's matmul reads them at ~60% of the machine's bandwidth for so few rows, the kernels
+of matvec.c at ~95% (`python scripts/bench_matvec.py`). They compute the same products in float32 with another
+order of additions, so their results differ from F.linear's by float32 rounding: they are used only inside
+`decoding()`, which generation enters (bloom.decoder), and a plain forward pass stays op for op transformers'.
+
+The library is built once per machine and source, with the system's C compiler (`cc`, or $CC) for this CPU
+(-march=native), into ~/.cache/bloom (or $XDG_CACHE_HOME/bloom), and takes about a second. Without a compiler,
+or on another OS, a warning says so once and the products stay torch's.
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("matvec.c")
+MAX_ROWS = 16  # rows of x the kernels take (MAX_ROWS in matvec.c); a prefill's products stay torch's
+_KERNEL_DTYPES = {torch.bfloat16: "linear_bf16", torch.float32: "linear_f32"}
+
+_state = threading.local()  # .decoding: whether this thread is inside decoding()
+_library: ctypes.CDLL | None = None
+_tried = False
+_build_lock = threading.Lock()
+
+
+@contextmanager
+def decoding() -> Iterator[None]:
+    """Within it, this thread's linear layers and LM head send products of at most MAX_ROWS rows to the kernels."""
+    before = getattr(_state, "decoding", False)
+    _state.decoding = True
+    try:
+        yield
+    finally:
+        _state.decoding = before
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` (or `int8_linear`, for an int8 weight) computes x · weightᵀ here."""
+    if not getattr(_state, "decoding", False) or x.device.type != "cpu" or x.numel() // x.shape[-1] > MAX_ROWS:
+        return False
+    if weight.dtype != x.dtype and not (weight.dtype == torch.int8 and x.dtype == torch.bfloat16):
+        return False
+    if x.dtype not in _KERNEL_DTYPES or not weight.is_contiguous() or weight.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False  # autograd needs torch's op
+    return library() is not None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for (..., K) x and a (N, K) weight of x's dtype, bf16 or fp32, and an (N,) bias -> (..., N)."""
+    rows, K, N = x.numel() // x.shape[-1], x.shape[-1], weight.shape[0]
+    x = x.contiguous()
+    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
+    getattr(library(), _KERNEL_DTYPES[x.dtype])(
+        x.data_ptr(), weight.data_ptr(), _pointer(bias, x.dtype), y.data_ptr(), rows, N, K
+    )
+    return y
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(x · weightᵀ) · scale + bias for bf16 x (..., K), an int8 (N, K) weight and bf16 (N,) scale and bias."""
+    rows, K, N = x.numel() // x.shape[-1], x.shape[-1], weight.shape[0]
+    x = x.contiguous()
+    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
+    library().linear_int8(
+        x.data_ptr(), weight.data_ptr(), _pointer(scale, x.dtype), _pointer(bias, x.dtype), y.data_ptr(), rows, N, K
+    )
+    return y
+
+
+def _pointer(t: torch.Tensor | None, dtype: torch.dtype) -> int | None:
+    if t is None:
+        return None
+    if t.dtype != dtype or not t.is_contiguous():
+        raise ValueError(f"a {tuple(t.shape)} {t.dtype} vector where the kernel reads a contiguous {dtype} one")
+    return t.data_ptr()
+
+
+def library() -> ctypes.CDLL | None:
+    """The kernels for this machine, built on the first call; None (after one warning) where they cannot be."""
+    global _library, _tried
+    if not _tried:
+        with _build_lock:
+            if not _tried:
+                try:
+                    _library = load(build())
+                except (OSError, RuntimeError) as error:
+                    warnings.warn(f"bloom: the CPU decode kernels are unavailable ({error}); decoding uses torch's matmul")
+                _tried = True
+    return _library
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """Open a built library and declare its functions' arguments."""
+    lib = ctypes.CDLL(str(path))
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    for name in _KERNEL_DTYPES.values():  # x, W, b, y, M, N, K
+        getattr(lib, name).argtypes = [pointer] * 4 + [size] * 3
+    lib.linear_int8.argtypes = [pointer] * 5 + [size] * 3  # x, W, scale, b, y, M, N, K
+    for name in (*_KERNEL_DTYPES.values(), "linear_int8"):
+        getattr(lib, name).restype = None
+    return lib
+
+
+def build(march: str = "native", folder: Path | None = None) -> Path:
+    """Compile matvec.c for `march` into `folder` (default: the cache), unless it is there already; its path.
+
+    The file name holds a hash of the source, the flags and the CPU's feature list, so that an edit or another
+    machine sharing the home folder builds its own.
+    """
+    if sys.platform != "linux":
+        raise RuntimeError(f"built only on Linux, not {sys.platform}")
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C compiler '{compiler}' on PATH (install gcc, or set CC)")
+    flags = ["-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC"]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_features().encode()).hexdigest()[:16]
+    folder = folder or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bloom"
+    path = folder / f"matvec-{platform.machine()}-{key}.so"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"bloom: compiling the CPU decode kernels into {path} (once per machine)", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:  # built aside, then renamed: no half-written library
+        built = Path(scratch) / path.name
+        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {done.stderr.strip()[-500:]}")
+        os.replace(built, path)
+    return path
+
+
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""

@@ -1,0 +1,130 @@
+"""bloom.matvec: the decode step's products, compiled from matvec.c, against float64 and torch's own ops."""
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_checkpoint import left_padded, random_hf_bloom, save_transformers
+
+from bloom import generate, load_pretrained, matvec
+from bloom.decoder import Decoder
+from bloom.model import Linear
+from bloom.quantize import quantize_rows
+
+BUILDS = ["native", "x86-64-v2"]  # this CPU's vector code (AVX-512 BF16 here), and the portable loops
+
+
+@pytest.fixture(params=BUILDS)
+def build(request, tmp_path_factory, monkeypatch):
+    """The library compiled for one target, put where `matvec.library()` returns it."""
+    if request.param != "native" and os.uname().machine != "x86_64":
+        pytest.skip("the portable build is compiled for x86-64")
+    monkeypatch.setattr(matvec, "_library", matvec.load(matvec.build(request.param, tmp_path_factory.mktemp("lib"))))
+    monkeypatch.setattr(matvec, "_tried", True)
+    return request.param
+
+
+def ulp(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of `dtype` values around y."""
+    return y.abs().clamp(min=torch.finfo(dtype).tiny) * torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 16])
+@pytest.mark.parametrize("features", [7, 64, 100, 1024])  # tails of every width the vector loops take
+def test_products_equal_float64_within_float32_summation(build, dtype, rows, features):
+    x, weight, bias = torch.randn(rows, features), torch.randn(37, features), torch.randn(37)
+    x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    exact = F.linear(x.double(), weight.double(), bias.double())  # (rows, 37)
+    y = matvec.linear(x, weight, bias)
+    assert y.shape == (rows, 37) and y.dtype == dtype
+    sum_error = features * torch.finfo(torch.float32).eps * (x.double().abs() @ weight.double().abs().T)
+    assert ((y.double() - exact).abs() <= sum_error + ulp(exact, dtype)).all()  # float32 sums, rounded once
+
+
+@pytest.mark.parametrize("rows", [1, 4, 11, 16])
+@pytest.mark.parametrize("features", [33, 256])
+def test_int8_products_equal_the_dequantized_product(build, rows, features):
+    q, scale = quantize_rows(torch.randn(50, features).bfloat16())
+    x, bias = torch.randn(rows, features).bfloat16(), torch.randn(50).bfloat16()
+    exact = (x.double() @ q.double().T) * scale.double() + bias.double()
+    y = matvec.int8_linear(x, q, scale, bias)
+    sum_error = features * torch.finfo(torch.float32).eps * (x.double().abs() @ q.double().abs().T) * scale.double()
+    assert ((y.double() - exact).abs() <= 2 * sum_error + ulp(exact, torch.bfloat16)).all()
+    assert torch.equal(matvec.int8_linear(x, q, scale), matvec.int8_linear(x, q, scale, torch.zeros(50).bfloat16()))
+
+
+def test_layers_use_the_kernels_only_while_decoding_and_without_autograd():
+    linear = Linear(64, 48)
+    x = torch.randn(2, 1, 64)
+    with torch.no_grad():
+        outside = linear(x)
+        with matvec.decoding():
+            inside = linear(x)
+            x_many = torch.randn(matvec.MAX_ROWS + 1, 64)
+            many_rows = linear(x_many)
+    assert torch.equal(outside, F.linear(x, linear.weight, linear.bias))  # torch's op, bit for bit
+    assert torch.equal(inside, matvec.linear(x, linear.weight, linear.bias)) and not torch.equal(inside, outside)
+    assert torch.equal(many_rows, F.linear(x_many, linear.weight, linear.bias))  # a prefill's rows: torch's op
+    with matvec.decoding():
+        y = linear(x)  # grad enabled, weight requires grad: torch's op, so that gradients flow
+    y.sum().backward()
+    assert linear.weight.grad is not None and torch.equal(y, outside)
+
+
+def test_decoding_is_per_thread():
+    seen = []
+    with matvec.decoding():
+        worker = threading.Thread(target=lambda: seen.append(matvec.applies(torch.randn(1, 8), torch.randn(4, 8))))
+        worker.start()
+        worker.join()
+        assert matvec.applies(torch.randn(1, 8), torch.randn(4, 8))
+    assert seen == [False] and not matvec.applies(torch.randn(1, 8), torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("dtype, quantize", [("fp32", None), ("bf16", None), ("bf16", "int8")])
+def test_generation_with_the_kernels_gives_torchs_greedy_tokens(tmp_path, dtype, quantize):
+    folder = save_transformers(random_hf_bloom(hidden_size=160, n_head=5, n_layer=3, vocab_size=1000), tmp_path)
+    model = load_pretrained(folder, dtype=dtype, quantize=quantize)
+    ids, mask = left_padded([9, 4, 7], vocab_size=1000)
+    tokens = {
+        kernels: generate(model, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[], decoder=Decoder(model, 3, matvec_kernels=kernels))
+        for kernels in (True, False)
+    }
+    assert torch.equal(tokens[True], tokens[False])
+
+
+def test_each_step_s_logits_equal_torchs_within_float32_rounding(tmp_path):
+    model = load_pretrained(save_transformers(random_hf_bloom(hidden_size=96, n_head=4, n_layer=2), tmp_path))
+    ids, mask = left_padded([6, 3])
+    fast, eager = Decoder(model, 2), Decoder(model, 2, matvec_kernels=False)
+    with torch.inference_mode():
+        logits = [fast.prefill(ids, mask), eager.prefill(ids, mask)]
+        torch.testing.assert_close(*logits, rtol=1e-5, atol=1e-5)
+        for _ in range(5):
+            token = logits[1][:, -1].argmax(-1)
+            logits = [fast.step(token), eager.step(token)]
+            torch.testing.assert_close(*logits, rtol=1e-5, atol=1e-5)
+            assert not torch.equal(*logits)  # the kernels did run
+
+
+def test_the_library_is_built_once_and_a_missing_compiler_falls_back_to_torch(tmp_path):
+    code = (
+        "import warnings, torch; warnings.simplefilter('always')\n"
+        "from bloom import matvec\n"
+        "with matvec.decoding(): print(matvec.applies(torch.randn(1, 8), torch.randn(4, 8)))\n"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True) for _ in range(2)]
+    assert [run.stdout for run in runs] == ["True\n", "True\n"]
+    assert "compiling the CPU decode kernels" in runs[0].stderr and runs[1].stderr == ""  # the second finds it
+    assert len(list((tmp_path / "bloom").glob("matvec-*.so"))) == 1
+    missing = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "CC": "no-such-cc", "XDG_CACHE_HOME": str(tmp_path / "other")},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert missing.stdout == "False\n" and "no C compiler 'no-such-cc'" in missing.stderr
