@@ -396,9 +396,7 @@ def run_evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
 
         from bloom.evaluation import BloomLM
     except ImportError as error:
-        raise ValueError(
-            f"bloom evaluate runs lm-evaluation-harness ({error}): pip install -e '.[eval]'"
-        ) from None
+        raise ValueError(f"bloom evaluate runs lm-evaluation-harness ({error}): pip install -e '.[eval]'") from None
     tasks = [task for task in args.tasks.split(",") if task]
     if not tasks:
         parser.error("--tasks names no task")

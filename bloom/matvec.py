@@ -72,7 +72,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y
 
 
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def int8_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """(x · weightᵀ) · scale + bias for bf16 x (..., K), an int8 (N, K) weight and bf16 (N,) scale and bias."""
     rows, K, N = x.numel() // x.shape[-1], x.shape[-1], weight.shape[0]
     x = x.contiguous()
@@ -100,7 +102,10 @@ def library() -> ctypes.CDLL | None:
                 try:
                     _library = load(build())
                 except (OSError, RuntimeError) as error:
-                    warnings.warn(f"bloom: the CPU decode kernels are unavailable ({error}); decoding uses torch's matmul")
+                    warnings.warn(
+                        f"bloom: the CPU decode kernels are unavailable ({error}); decoding uses torch's matmul",
+                        stacklevel=2,
+                    )
                 _tried = True
     return _library
 

@@ -92,7 +92,14 @@ def test_generation_with_the_kernels_gives_torchs_greedy_tokens(tmp_path, dtype,
     model = load_pretrained(folder, dtype=dtype, quantize=quantize)
     ids, mask = left_padded([9, 4, 7], vocab_size=1000)
     tokens = {
-        kernels: generate(model, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[], decoder=Decoder(model, 3, matvec_kernels=kernels))
+        kernels: generate(
+            model,
+            ids,
+            attention_mask=mask,
+            max_new_tokens=24,
+            eos_token_id=[],
+            decoder=Decoder(model, 3, matvec_kernels=kernels),
+        )
         for kernels in (True, False)
     }
     assert torch.equal(tokens[True], tokens[False])
