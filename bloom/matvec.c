@@ -23,8 +23,6 @@
 #define HAVE_AVX512 1
 #endif
 
-#define MAX_ROWS 16 /* rows of x handled with one read of W; the Python side uses torch beyond */
-
 static inline float bf16_to_float(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
     float f;
@@ -40,193 +38,136 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even, NaN st
     return (uint16_t)(bits >> 16);
 }
 
-/* The rows of x in blocks the kernels are specialised for: 1, 2, 4, 8 or 16 rows, the last ones repeating
- * row M-1 when M is not one of them (computed, never written). */
-static int block_rows(int64_t m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : m <= 8 ? 8 : 16; }
-
-/* The block of rows n_begin..n_end-1 of W that this thread computes. */
-#define THREAD_ROWS(N, n_begin, n_end)                                    \
-    int threads_ = omp_get_num_threads(), thread_ = omp_get_thread_num(); \
-    int64_t n_begin = (N) * thread_ / threads_, n_end = (N) * (thread_ + 1) / threads_;
-
 #include <omp.h>
 
 #ifdef HAVE_AVX512
 
-/* dots[m] = x[m] · w for the MB rows of x and one row w of K bf16 values. Up to 16 float32 accumulators:
- * with few rows of x, several per row over consecutive 32-value chunks (U of them), so that the loop is
- * never waiting on one accumulator. */
-static inline __attribute__((always_inline)) void dot_bf16(const uint16_t *const *x, const uint16_t *w, int64_t K,
-                                                           float *dots, const int MB) {
-    const int U = MB == 1 ? 4 : MB == 2 ? 2 : 1; /* chunks in flight per row of x */
-    __m512 acc[16];
-    for (int a = 0; a < U * MB; a++) acc[a] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 * U <= K; k += 32 * U)
-        for (int u = 0; u < U; u++) {
-            __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k + 32 * u);
-            for (int m = 0; m < MB; m++)
-                acc[u * MB + m] = _mm512_dpbf16_ps(acc[u * MB + m], wv, (__m512bh)_mm512_loadu_si512(x[m] + k + 32 * u));
-        }
-    for (; k < K; k += 32) { /* the last K % (32·U) values; a masked load reads zeros past K */
-        __mmask32 valid = K - k >= 32 ? 0xffffffffu : (1u << (K - k)) - 1;
-        __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(valid, w + k);
-        for (int m = 0; m < MB; m++)
-            acc[m] = _mm512_dpbf16_ps(acc[m], wv, (__m512bh)_mm512_maskz_loadu_epi16(valid, x[m] + k));
-    }
-    for (int m = 0; m < MB; m++) {
-        __m512 sum = acc[m];
-        for (int u = 1; u < U; u++) sum = _mm512_add_ps(sum, acc[u * MB + m]);
-        dots[m] = _mm512_reduce_add_ps(sum);
-    }
-}
+/* The vector steps each type needs: load `width` values of W or x (zeros past a mask), multiply-add them. */
+static inline __m512bh load_bf16(const uint16_t *p, __mmask32 valid) { return (__m512bh)_mm512_maskz_loadu_epi16(valid, p); }
 
-/* The same for a row of K int8 values: each 32 of them become bf16 (exact: |q| <= 127 has 8 significant bits). */
-static inline __attribute__((always_inline)) __m512bh int8_to_bf16(const int8_t *q, __mmask32 valid) {
+static inline __m512bh load_int8_as_bf16(const int8_t *q, __mmask32 valid) { /* exact: |q| <= 127 fits 8 bits */
     __m256i bytes = _mm256_maskz_loadu_epi8(valid, q);
     __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(bytes)));
     __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(bytes, 1)));
     return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
-static inline __attribute__((always_inline)) void dot_int8(const uint16_t *const *x, const int8_t *w, int64_t K,
-                                                           float *dots, const int MB) {
-    const int U = MB == 1 ? 4 : MB == 2 ? 2 : 1;
-    __m512 acc[16];
-    for (int a = 0; a < U * MB; a++) acc[a] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 * U <= K; k += 32 * U)
-        for (int u = 0; u < U; u++) {
-            __m512bh wv = int8_to_bf16(w + k + 32 * u, 0xffffffffu);
-            for (int m = 0; m < MB; m++)
-                acc[u * MB + m] = _mm512_dpbf16_ps(acc[u * MB + m], wv, (__m512bh)_mm512_loadu_si512(x[m] + k + 32 * u));
-        }
-    for (; k < K; k += 32) {
-        __mmask32 valid = K - k >= 32 ? 0xffffffffu : (1u << (K - k)) - 1;
-        __m512bh wv = int8_to_bf16(w + k, valid);
-        for (int m = 0; m < MB; m++)
-            acc[m] = _mm512_dpbf16_ps(acc[m], wv, (__m512bh)_mm512_maskz_loadu_epi16(valid, x[m] + k));
-    }
-    for (int m = 0; m < MB; m++) {
-        __m512 sum = acc[m];
-        for (int u = 1; u < U; u++) sum = _mm512_add_ps(sum, acc[u * MB + m]);
-        dots[m] = _mm512_reduce_add_ps(sum);
-    }
-}
+static inline __m512 load_f32(const float *p, __mmask16 valid) { return _mm512_maskz_loadu_ps(valid, p); }
+static inline __m512 mac_bf16(__m512 acc, __m512bh w, __m512bh x) { return _mm512_dpbf16_ps(acc, w, x); }
+static inline __m512 mac_f32(__m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
 
-static inline __attribute__((always_inline)) void dot_f32(const float *const *x, const float *w, int64_t K,
-                                                          float *dots, const int MB) {
-    const int U = MB == 1 ? 4 : MB == 2 ? 2 : 1;
-    __m512 acc[16];
-    for (int a = 0; a < U * MB; a++) acc[a] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 * U <= K; k += 16 * U)
-        for (int u = 0; u < U; u++) {
-            __m512 wv = _mm512_loadu_ps(w + k + 16 * u);
-            for (int m = 0; m < MB; m++)
-                acc[u * MB + m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x[m] + k + 16 * u), acc[u * MB + m]);
-        }
-    for (; k < K; k += 16) {
-        __mmask16 valid = K - k >= 16 ? 0xffff : (1u << (K - k)) - 1;
-        __m512 wv = _mm512_maskz_loadu_ps(valid, w + k);
-        for (int m = 0; m < MB; m++) acc[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(valid, x[m] + k), acc[m]);
+/* TILE(NAME, ...) defines NAME(x, w, K, dots, R, XB, U): dots[r·XB + m] = x[m] · W[r] for R consecutive rows of W
+ * (K values apart) and XB rows of x, in R·XB·U <= 16 float32 accumulators. Each chunk of x is loaded once for the
+ * R rows of W and each chunk of W once for the XB rows of x; U > 1 keeps U chunks of a lone row in flight.
+ * Called with constant R, XB, U, so that the compiler unrolls the loops and keeps the accumulators in registers. */
+#define TILE(NAME, WT, XT, VW, VX, WIDTH, MASK, LOAD_W, LOAD_X, MAC)                                           \
+    static inline __attribute__((always_inline)) void NAME(const XT *const *x, const WT *w, int64_t K, float *dots, \
+                                                           const int R, const int XB, const int U) {           \
+        __m512 acc[16];                                                                                       \
+        for (int a = 0; a < R * XB * U; a++) acc[a] = _mm512_setzero_ps();                                    \
+        int64_t k = 0;                                                                                        \
+        for (; k + WIDTH * U <= K; k += WIDTH * U) /* whole chunks */                                        \
+            for (int u = 0; u < U; u++) {                                                                     \
+                VX xv[4];                                                                                     \
+                for (int m = 0; m < XB; m++) xv[m] = LOAD_X(x[m] + k + WIDTH * u, (MASK)-1);                  \
+                for (int r = 0; r < R; r++) {                                                                 \
+                    VW wv = LOAD_W(w + r * K + k + WIDTH * u, (MASK)-1);                                      \
+                    for (int m = 0; m < XB; m++)                                                              \
+                        acc[(u * R + r) * XB + m] = MAC(acc[(u * R + r) * XB + m], wv, xv[m]);                \
+                }                                                                                             \
+            }                                                                                                 \
+        for (; k < K; k += WIDTH) { /* the rest, a chunk at a time; the masked loads read zeros past K */     \
+            MASK valid = K - k >= WIDTH ? (MASK)-1 : (MASK)((1ull << (K - k)) - 1);                           \
+            VX xv[4];                                                                                         \
+            for (int m = 0; m < XB; m++) xv[m] = LOAD_X(x[m] + k, valid);                                     \
+            for (int r = 0; r < R; r++) {                                                                     \
+                VW wv = LOAD_W(w + r * K + k, valid);                                                         \
+                for (int m = 0; m < XB; m++) acc[r * XB + m] = MAC(acc[r * XB + m], wv, xv[m]);               \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int a = 0; a < R * XB; a++) {                                                                    \
+            __m512 sum = acc[a];                                                                              \
+            for (int u = 1; u < U; u++) sum = _mm512_add_ps(sum, acc[u * R * XB + a]);                       \
+            dots[a] = _mm512_reduce_add_ps(sum);                                                              \
+        }                                                                                                     \
     }
-    for (int m = 0; m < MB; m++) {
-        __m512 sum = acc[m];
-        for (int u = 1; u < U; u++) sum = _mm512_add_ps(sum, acc[u * MB + m]);
-        dots[m] = _mm512_reduce_add_ps(sum);
-    }
-}
 
-#else /* portable: one row of x at a time, loops the compiler vectorizes */
+TILE(tile_bf16, uint16_t, uint16_t, __m512bh, __m512bh, 32, __mmask32, load_bf16, load_bf16, mac_bf16)
+TILE(tile_int8, int8_t, uint16_t, __m512bh, __m512bh, 32, __mmask32, load_int8_as_bf16, load_bf16, mac_bf16)
+TILE(tile_f32, float, float, __m512, __m512, 16, __mmask16, load_f32, load_f32, mac_f32)
 
-static inline void dot_bf16(const uint16_t *const *x, const uint16_t *w, int64_t K, float *dots, const int MB) {
-    for (int m = 0; m < MB; m++) {
-        float sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t k = 0; k < K; k++) sum += bf16_to_float(w[k]) * bf16_to_float(x[m][k]);
-        dots[m] = sum;
-    }
-}
+#else /* portable: the same tiles as plain loops, which the compiler vectorizes */
 
-static inline void dot_int8(const uint16_t *const *x, const int8_t *w, int64_t K, float *dots, const int MB) {
-    for (int m = 0; m < MB; m++) {
-        float sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t k = 0; k < K; k++) sum += (float)w[k] * bf16_to_float(x[m][k]);
-        dots[m] = sum;
+#define TILE(NAME, WT, XT, TO_FLOAT_W, TO_FLOAT_X)                                                              \
+    static inline void NAME(const XT *const *x, const WT *w, int64_t K, float *dots, const int R, const int XB, \
+                            const int U) {                                                                    \
+        (void)U;                                                                                              \
+        for (int r = 0; r < R; r++)                                                                           \
+            for (int m = 0; m < XB; m++) {                                                                    \
+                const WT *wr = w + r * K;                                                                     \
+                const XT *xm = x[m];                                                                          \
+                float sum = 0;                                                                                \
+                _Pragma("omp simd reduction(+ : sum)") for (int64_t k = 0; k < K; k++) sum +=                 \
+                    TO_FLOAT_W(wr[k]) * TO_FLOAT_X(xm[k]);                                                    \
+                dots[r * XB + m] = sum;                                                                       \
+            }                                                                                                 \
     }
-}
 
-static inline void dot_f32(const float *const *x, const float *w, int64_t K, float *dots, const int MB) {
-    for (int m = 0; m < MB; m++) {
-        float sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t k = 0; k < K; k++) sum += w[k] * x[m][k];
-        dots[m] = sum;
-    }
-}
+#define AS_FLOAT(v) ((float)(v))
+TILE(tile_bf16, uint16_t, uint16_t, bf16_to_float, bf16_to_float)
+TILE(tile_int8, int8_t, uint16_t, AS_FLOAT, bf16_to_float)
+TILE(tile_f32, float, float, AS_FLOAT, AS_FLOAT)
 
 #endif
 
-/* Each kernel: the rows of x as pointers (repeating the last one up to the block size), then one pass over the
- * rows of W, calling its dot function with the block size as a constant so that the compiler specialises it. */
-#define ROWS_OF_X(T, x, M, K)                                             \
-    const int MB = block_rows(M);                                         \
-    const T *rows[MAX_ROWS];                                              \
-    for (int m = 0; m < MB; m++) rows[m] = (x) + (m < (M) ? m : (M) - 1) * (K);
-
-#define FOR_BLOCK(DOT, w_row, K, dots)                 \
-    switch (MB) {                                      \
-        case 1: DOT(rows, w_row, K, dots, 1); break;   \
-        case 2: DOT(rows, w_row, K, dots, 2); break;   \
-        case 4: DOT(rows, w_row, K, dots, 4); break;   \
-        case 8: DOT(rows, w_row, K, dots, 8); break;   \
-        default: DOT(rows, w_row, K, dots, 16); break; \
+/* LINEAR(TILE_FN, XT, WT, OUT) is the body of a kernel: this thread's block of rows of W, against the rows of x in
+ * blocks of up to 4 (the last block repeating its last row: computed, never written), through TILE_FN with constant
+ * sizes; OUT(m, n, dot) stores y[m, n]. Up to 4 rows of x read W a row at a time, which streams fastest (one row
+ * of x keeps four chunks in flight, two rows two). More rows are limited by the multiply-adds, not the memory:
+ * tiles of 4 rows of W by 4 of x then load each chunk for four products. */
+#define LINEAR(TILE_FN, XT, WT, OUT)                                                                           \
+    _Pragma("omp parallel") {                                                                                 \
+        int threads = omp_get_num_threads(), thread = omp_get_thread_num();                                   \
+        int64_t groups = (N + 3) / 4;                                                                         \
+        int64_t n_begin = 4 * (groups * thread / threads), n_end = 4 * (groups * (thread + 1) / threads);     \
+        if (n_end > N) n_end = N;                                                                             \
+        const int XB = M == 1 ? 1 : M == 2 ? 2 : 4;                                                           \
+        float dots[16];                                                                                       \
+        for (int64_t n = n_begin; n < n_end;) {                                                               \
+            int R = M > 4 && n_end - n >= 4 ? 4 : 1;                                                          \
+            for (int64_t m0 = 0; m0 < M; m0 += XB) {                                                          \
+                const XT *rows[4];                                                                            \
+                for (int m = 0; m < XB; m++) rows[m] = x + (m0 + m < M ? m0 + m : M - 1) * K;                 \
+                const WT *w_rows = w + n * K;                                                                 \
+                if (XB == 1) TILE_FN(rows, w_rows, K, dots, 1, 1, 4);                                         \
+                else if (XB == 2) TILE_FN(rows, w_rows, K, dots, 1, 2, 2);                                    \
+                else if (R == 1) TILE_FN(rows, w_rows, K, dots, 1, 4, 1);                                     \
+                else TILE_FN(rows, w_rows, K, dots, 4, 4, 1);                                                 \
+                for (int r = 0; r < R; r++)                                                                   \
+                    for (int m = 0; m < XB && m0 + m < M; m++) OUT(m0 + m, n + r, dots[r * XB + m]);          \
+            }                                                                                                 \
+            n += R;                                                                                           \
+        }                                                                                                     \
     }
 
 /* bf16 x, W, b (or NULL) -> bf16 y */
 void linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16_t *y, int64_t M, int64_t N, int64_t K) {
-    ROWS_OF_X(uint16_t, x, M, K)
-#pragma omp parallel
-    {
-        THREAD_ROWS(N, n_begin, n_end)
-        float dots[MAX_ROWS];
-        for (int64_t n = n_begin; n < n_end; n++) {
-            FOR_BLOCK(dot_bf16, w + n * K, K, dots)
-            float bias = b ? bf16_to_float(b[n]) : 0.0f;
-            for (int64_t m = 0; m < M; m++) y[m * N + n] = float_to_bf16(dots[m] + bias);
-        }
-    }
+#define OUT(m, n, dot) y[(m) * N + (n)] = float_to_bf16((dot) + (b ? bf16_to_float(b[n]) : 0.0f))
+    LINEAR(tile_bf16, uint16_t, uint16_t, OUT)
+#undef OUT
 }
 
 /* bf16 x, int8 W with a bf16 scale per row, bf16 b (or NULL) -> bf16 y = (x · Wᵀ) · scale + b */
 void linear_int8(const uint16_t *x, const int8_t *w, const uint16_t *scale, const uint16_t *b, uint16_t *y, int64_t M,
                  int64_t N, int64_t K) {
-    ROWS_OF_X(uint16_t, x, M, K)
-#pragma omp parallel
-    {
-        THREAD_ROWS(N, n_begin, n_end)
-        float dots[MAX_ROWS];
-        for (int64_t n = n_begin; n < n_end; n++) {
-            FOR_BLOCK(dot_int8, w + n * K, K, dots)
-            float s = bf16_to_float(scale[n]), bias = b ? bf16_to_float(b[n]) : 0.0f;
-            for (int64_t m = 0; m < M; m++) y[m * N + n] = float_to_bf16(dots[m] * s + bias);
-        }
-    }
+#define OUT(m, n, dot) y[(m) * N + (n)] = float_to_bf16((dot) * bf16_to_float(scale[n]) + (b ? bf16_to_float(b[n]) : 0.0f))
+    LINEAR(tile_int8, uint16_t, int8_t, OUT)
+#undef OUT
 }
 
 /* fp32 x, W, b (or NULL) -> fp32 y */
 void linear_f32(const float *x, const float *w, const float *b, float *y, int64_t M, int64_t N, int64_t K) {
-    ROWS_OF_X(float, x, M, K)
-#pragma omp parallel
-    {
-        THREAD_ROWS(N, n_begin, n_end)
-        float dots[MAX_ROWS];
-        for (int64_t n = n_begin; n < n_end; n++) {
-            FOR_BLOCK(dot_f32, w + n * K, K, dots)
-            float bias = b ? b[n] : 0.0f;
-            for (int64_t m = 0; m < M; m++) y[m * N + n] = dots[m] + bias;
-        }
-    }
+#define OUT(m, n, dot) y[(m) * N + (n)] = (dot) + (b ? b[n] : 0.0f)
+    LINEAR(tile_f32, float, float, OUT)
+#undef OUT
 }

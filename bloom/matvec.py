@@ -28,7 +28,11 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("matvec.c")
-MAX_ROWS = 16  # rows of x the kernels take (MAX_ROWS in matvec.c); a prefill's products stay torch's
+# Rows of x up to which the kernels are faster than torch's ops, by weight dtype (scripts/bench_matvec.py on a
+# 2-core AVX-512 BF16 machine: bf16 1.6x at 1-2 rows, 1.4x at 4; int8 1.3x at 1-2; fp32 2.2-4.5x up to 16). With
+# more rows the bf16 and int8 products are limited by the CPU's multiply-adds, not by memory, and torch's kernels
+# are as fast. A prefill's products stay torch's.
+MAX_ROWS = {torch.bfloat16: 4, torch.int8: 2, torch.float32: 16}
 _KERNEL_DTYPES = {torch.bfloat16: "linear_bf16", torch.float32: "linear_f32"}
 
 _state = threading.local()  # .decoding: whether this thread is inside decoding()
@@ -39,7 +43,7 @@ _build_lock = threading.Lock()
 
 @contextmanager
 def decoding() -> Iterator[None]:
-    """Within it, this thread's linear layers and LM head send products of at most MAX_ROWS rows to the kernels."""
+    """Within it, this thread's linear layers and LM head send products of few rows (MAX_ROWS) to the kernels."""
     before = getattr(_state, "decoding", False)
     _state.decoding = True
     try:
@@ -50,11 +54,13 @@ def decoding() -> Iterator[None]:
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear` (or `int8_linear`, for an int8 weight) computes x · weightᵀ here."""
-    if not getattr(_state, "decoding", False) or x.device.type != "cpu" or x.numel() // x.shape[-1] > MAX_ROWS:
+    if not getattr(_state, "decoding", False) or x.device.type != "cpu" or weight.dtype not in MAX_ROWS:
+        return False
+    if x.numel() // x.shape[-1] > MAX_ROWS[weight.dtype]:
         return False
     if weight.dtype != x.dtype and not (weight.dtype == torch.int8 and x.dtype == torch.bfloat16):
         return False
-    if x.dtype not in _KERNEL_DTYPES or not weight.is_contiguous() or weight.device.type != "cpu":
+    if not weight.is_contiguous() or weight.device.type != "cpu":
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False  # autograd needs torch's op

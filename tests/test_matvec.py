@@ -65,7 +65,7 @@ def test_layers_use_the_kernels_only_while_decoding_and_without_autograd():
         outside = linear(x)
         with matvec.decoding():
             inside = linear(x)
-            x_many = torch.randn(matvec.MAX_ROWS + 1, 64)
+            x_many = torch.randn(matvec.MAX_ROWS[torch.float32] + 1, 64)
             many_rows = linear(x_many)
     assert torch.equal(outside, F.linear(x, linear.weight, linear.bias))  # torch's op, bit for bit
     assert torch.equal(inside, matvec.linear(x, linear.weight, linear.bias)) and not torch.equal(inside, outside)
