@@ -41,23 +41,24 @@ def main() -> None:
         quantize_int8(model)
     weight_gb = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 1e9
 
-    max_len = args.prompt_len + args.steps + 4
-    decoder = Decoder(model, 1, max_len)
-    mask = torch.ones(1, max_len, dtype=torch.long)
-    token, slot = torch.tensor([5]), torch.tensor([args.prompt_len])
+    decoder = Decoder(model, 1)
+    prompt = torch.randint(4, 250000, (1, args.prompt_len))
+    token = torch.tensor([5])
     with torch.inference_mode():
-        model(torch.randint(4, 250000, (1, args.prompt_len)), mask[:, : args.prompt_len], decoder.cache)
+        decoder.prefill(prompt, torch.ones_like(prompt))
         for _ in range(3):  # warm-up
-            decoder.step(token, mask, slot)
+            decoder.step(token)
         start = time.perf_counter()
+        for _ in range(args.steps):
+            decoder.step(token)
+        step_s = (time.perf_counter() - start) / args.steps
         with torch.profiler.profile() as profile:
             for _ in range(args.steps):
-                decoder.step(token, mask, slot)
-        step_s = (time.perf_counter() - start) / args.steps
+                decoder.step(token)
     print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     bandwidth = memory_bandwidth_gb_s(torch.device("cpu"))
     print(f"{args.shape} {args.dtype}{' int8' if args.quantize else ''}, {torch.get_num_threads()} threads: "
-          f"{step_s * 1e3:.1f} ms a step (profiled); reading the {weight_gb:.2f} GB of weights at the "
+          f"{step_s * 1e3:.1f} ms a step (not profiled); reading the {weight_gb:.2f} GB of weights at the "
           f"{bandwidth:.1f} GB/s of a sum() would take {weight_gb / bandwidth * 1e3:.1f} ms")  # fmt: skip
 
 
