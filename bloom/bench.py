@@ -173,8 +173,9 @@ def table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
     device = (
         torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     )
+    dtype = args.dtype + (f" (stored {args.stored_dtype})" if args.stored_dtype else "")
     lines = [
-        f"{device} | torch {torch.__version__} | {args.dtype} | batch {args.batch_size} | prompt {args.prompt_len} | "
+        f"{device} | torch {torch.__version__} | {dtype} | batch {args.batch_size} | prompt {args.prompt_len} | "
         f"{args.new_tokens} new tokens | ours {'compiled' if args.compile else 'eager'} | "
         f"median of {args.runs} process(es) x {args.reps} rep(s) | {args.model}",
         "",
@@ -229,9 +230,12 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if (args.model is None) == (args.shape is None):
         parser.error("give exactly one of --model and --shape")
     if args.model is None:
-        folder = Path(args.build_dir or tempfile.gettempdir()) / f"bloom-bench-{args.shape}-{args.dtype}"
+        stored = args.stored_dtype or args.dtype
+        folder = Path(args.build_dir or tempfile.gettempdir()) / f"bloom-bench-{args.shape}-{stored}"
         print(f"building a random {args.shape} checkpoint in {folder} ...", file=sys.stderr)
-        args.model = build_random_checkpoint(args.shape, DTYPES[args.dtype], folder)
+        args.model = build_random_checkpoint(args.shape, DTYPES[stored], folder)
+    elif args.stored_dtype:
+        parser.error("--stored-dtype is the dtype of a --shape checkpoint; a --model's is its own")
     implementations = ["ours", "ours-int8"] if args.quantize else ["ours"]
     if importlib.util.find_spec("transformers") is not None:
         implementations.append("transformers")
@@ -265,6 +269,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         "(bloom-560m, bloom-7b1, ...) to build with random weights")  # fmt: skip
     parser.add_argument("--build-dir", help="where --shape checkpoints are built and kept (default: the temp dir)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16", help="default bf16")
+    parser.add_argument("--stored-dtype", choices=["fp32", "bf16", "fp16"], help="the dtype the --shape checkpoint "
+                        "is stored in, which both load into --dtype (default: --dtype)")  # fmt: skip
     parser.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="default 1")
     parser.add_argument("--prompt-len", type=positive_int, default=128, help="default 128")

@@ -15,7 +15,9 @@
  * products use vdpbf16ps, the fp32 ones AVX-512 FMAs; elsewhere plain loops that the compiler vectorizes.
  * Built against the OpenMP runtime torch has loaded (same soname), it shares torch's threads.
  */
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -171,3 +173,89 @@ void linear_f32(const float *x, const float *w, const float *b, float *y, int64_
     LINEAR(tile_f32, float, float, OUT)
 #undef OUT
 }
+
+/* score[s] = exp(score[s] - max) for the n scores; returns their sum. */
+#ifdef HAVE_AVX512
+static float exp_and_sum(float *score, int64_t n, float max) {
+    /* exp(x) = 2^j · exp(r), j = round(x / ln 2), |r| <= ln 2 / 2, exp(r) by its Taylor series to r^7 (relative
+     * error < 1e-8, below float32's half ulp). x below -104 gives 0, as expf does. */
+    const float taylor[8] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t s = 0; s < n; s += 16) {
+        __mmask16 valid = n - s >= 16 ? 0xffff : (__mmask16)((1u << (n - s)) - 1);
+        __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, score + s), _mm512_set1_ps(max)),
+                                 _mm512_set1_ps(-104.0f));
+        __m512 j = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 r = _mm512_fnmadd_ps(j, _mm512_set1_ps(0.693145751953125f), x); /* ln 2 in two parts */
+        r = _mm512_fnmadd_ps(j, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+        __m512 p = _mm512_set1_ps(taylor[0]);
+        for (int i = 1; i < 8; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(taylor[i]));
+        __m512 e = _mm512_scalef_ps(p, j);
+        _mm512_mask_storeu_ps(score + s, valid, e);
+        total = _mm512_add_ps(total, _mm512_maskz_mov_ps(valid, e));
+    }
+    return _mm512_reduce_add_ps(total);
+}
+#else
+static float exp_and_sum(float *score, int64_t n, float max) {
+    float total = 0;
+    for (int64_t s = 0; s < n; s++) total += score[s] = expf(score[s] - max);
+    return total;
+}
+#endif
+
+/* One query per row of the batch against its keys and values: a decode step's attention, as Attention.attend
+ * computes it in the model's dtype T. For each of the BH (row, head) pairs, over the S key slots:
+ *     score[s] = T(T(alibi[s] + alpha · q·k[s]) + mask[s])        baddbmm's rounding, then the mask's
+ *     p = T(softmax(score)), in float32                           masked slots (mask < 0) get exactly 0
+ *     y = T(Σ p[s] · v[s]), in float32
+ * q and y (BH, hd); k and v (BH, S, hd); alibi (BH, S); mask (BH / heads, S), shared by a row's heads. The q·k
+ * products are the tiles above (four slots at a time); exp is computed here, not as torch does, so a probability
+ * can differ from torch's in its last bit. Returns 1 when the scores' memory cannot be allocated. */
+#define ATTEND(NAME, T, TILE_FN, TO_FLOAT, ROUND, FROM_FLOAT)                                                     \
+    int NAME(const T *q, const T *k, const T *v, const T *alibi, const T *mask, T *y, int64_t BH, int64_t heads,   \
+             int64_t S, int64_t hd, float alpha) {                                                                \
+        int failed = 0;                                                                                           \
+        _Pragma("omp parallel") {                                                                                 \
+            float *score = malloc(S * sizeof(float)), *acc = malloc(hd * sizeof(float));                          \
+            if (!score || !acc) {                                                                                 \
+                _Pragma("omp atomic write") failed = 1;                                                           \
+            } else {                                                                                              \
+                _Pragma("omp for schedule(static)") for (int64_t i = 0; i < BH; i++) {                           \
+                    const T *qi[1] = {q + i * hd}, *ki = k + i * S * hd, *vi = v + i * S * hd;                    \
+                    const T *ai = alibi + i * S, *mi = mask + (i / heads) * S;                                    \
+                    float dots[4], max = -INFINITY;                                                               \
+                    for (int64_t s = 0; s < S; s += 4) {                                                          \
+                        int R = S - s >= 4 ? 4 : 1;                                                               \
+                        if (R == 4) TILE_FN(qi, ki + s * hd, hd, dots, 4, 1, 1);                                  \
+                        else TILE_FN(qi, ki + s * hd, hd, dots, 1, 1, 1);                                         \
+                        for (int r = 0; r < R; r++) {                                                             \
+                            float x = ROUND(ROUND(TO_FLOAT(ai[s + r]) + alpha * dots[r]) + TO_FLOAT(mi[s + r]));   \
+                            score[s + r] = x;                                                                     \
+                            if (x > max) max = x;                                                                 \
+                        }                                                                                         \
+                        s -= 4 - R;                                                                               \
+                    }                                                                                             \
+                    float total = exp_and_sum(score, S, max);                                                     \
+                    for (int64_t d = 0; d < hd; d++) acc[d] = 0;                                                  \
+                    for (int64_t s = 0; s < S; s++) {                                                             \
+                        float p = ROUND(score[s] / total);                                                        \
+                        if (p == 0) continue;                                                                     \
+                        const T *vs = vi + s * hd;                                                                \
+                        _Pragma("omp simd") for (int64_t d = 0; d < hd; d++) acc[d] += p * TO_FLOAT(vs[d]);       \
+                    }                                                                                             \
+                    for (int64_t d = 0; d < hd; d++) y[i * hd + d] = FROM_FLOAT(acc[d]);                          \
+                }                                                                                                 \
+            }                                                                                                     \
+            free(score);                                                                                          \
+            free(acc);                                                                                            \
+        }                                                                                                         \
+        return failed;                                                                                            \
+    }
+
+static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+static inline float same_float(float f) { return f; }
+
+ATTEND(attend_bf16, uint16_t, tile_bf16, bf16_to_float, round_bf16, float_to_bf16)
+ATTEND(attend_f32, float, tile_f32, same_float, same_float, same_float)

@@ -34,6 +34,7 @@ SOURCE = Path(__file__).with_name("matvec.c")
 # are as fast. A prefill's products stay torch's.
 MAX_ROWS = {torch.bfloat16: 4, torch.int8: 2, torch.float32: 16}
 _KERNEL_DTYPES = {torch.bfloat16: "linear_bf16", torch.float32: "linear_f32"}
+_ATTEND_DTYPES = {torch.bfloat16: "attend_bf16", torch.float32: "attend_f32"}
 
 _state = threading.local()  # .decoding: whether this thread is inside decoding()
 _library: ctypes.CDLL | None = None
@@ -91,6 +92,36 @@ def int8_linear(
     return y
 
 
+def attends(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether `attend` computes this attention here: one query per row (B, nh, 1, hd), keys (B, nh, S, hd)."""
+    if not getattr(_state, "decoding", False) or q.device.type != "cpu" or q.dtype not in _ATTEND_DTYPES:
+        return False
+    if q.shape[2] != 1 or k.dtype != q.dtype or not k.is_contiguous():
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return False
+    return library() is not None
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi: torch.Tensor, mask: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """softmax(alibi + alpha · q·kᵀ + mask) · v with `Attention.attend`'s roundings, for one query per row:
+    q (B, nh, 1, hd), k and v (B, nh, S, hd) contiguous, alibi (B, nh, 1, S), mask (B, 1, 1, S) -> (B, nh, 1, hd)."""
+    B, nh, _, hd = q.shape
+    S = k.shape[2]
+    q, v = q.contiguous(), v.contiguous()
+    alibi = alibi.expand(B, nh, 1, S).contiguous()
+    mask = mask.expand(B, 1, 1, S).contiguous()
+    y = torch.empty_like(q)  # (B, nh, 1, hd)
+    failed = getattr(library(), _ATTEND_DTYPES[q.dtype])(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), alibi.data_ptr(), mask.data_ptr(), y.data_ptr(), B * nh, nh, S, hd, alpha
+    )
+    if failed:
+        raise MemoryError(f"attention over {S} slots: the kernel could not allocate its {S} float32 scores")
+    return y
+
+
 def _pointer(t: torch.Tensor | None, dtype: torch.dtype) -> int | None:
     if t is None:
         return None
@@ -125,6 +156,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.linear_int8.argtypes = [pointer] * 5 + [size] * 3  # x, W, scale, b, y, M, N, K
     for name in (*_KERNEL_DTYPES.values(), "linear_int8"):
         getattr(lib, name).restype = None
+    for name in _ATTEND_DTYPES.values():  # q, k, v, alibi, mask, y, BH, heads, S, hd, alpha -> 1 if out of memory
+        getattr(lib, name).argtypes = [pointer] * 6 + [size] * 4 + [ctypes.c_float]
+        getattr(lib, name).restype = ctypes.c_int
     return lib
 
 

@@ -153,7 +153,9 @@ class Attention(nn.Module):
             if mask.attention_mask.shape[-1] == cached_k.shape[2]:  # decoding: attend over the whole cache,
                 k, v = cached_k, cached_v  # unwritten slots masked (a prefill attends over its own T tokens only)
         n_chunks = math.ceil(B * self.n_head * T * k.shape[2] * 4 / SCORES_BUDGET)  # float32 scores per chunk
-        if n_chunks <= 1 or self.probed():  # all queries at once: the reference, op for op as transformers
+        if matvec.attends(q, k) and not self.probed():  # a decode step's one query per row, in bloom.matvec
+            y = matvec.attend(q, k, v, alibi, mask.whole(), 1.0 / math.sqrt(self.head_dim))
+        elif n_chunks <= 1 or self.probed():  # all queries at once: the reference, op for op as transformers
             y = self.attend(q, k, v, alibi, mask.whole())  # (B, nh, T, hd)
         else:  # long inputs: memory linear in T, values equal within float32 rounding
             y = self.attend_in_chunks(q, k, v, alibi, mask, n_chunks)

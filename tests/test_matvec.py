@@ -12,7 +12,8 @@ from tiny_checkpoint import left_padded, random_hf_bloom, save_transformers
 
 from bloom import generate, load_pretrained, matvec
 from bloom.decoder import Decoder
-from bloom.model import Linear
+from bloom.config import BloomConfig
+from bloom.model import Attention, CausalMask, Linear, alibi_bias, alibi_slopes
 from bloom.quantize import quantize_rows
 
 BUILDS = ["native", "x86-64-v2"]  # this CPU's vector code (AVX-512 BF16 here), and the portable loops
@@ -56,6 +57,23 @@ def test_int8_products_equal_the_dequantized_product(build, rows, features):
     sum_error = features * torch.finfo(torch.float32).eps * (x.double().abs() @ q.double().abs().T) * scale.double()
     assert ((y.double() - exact).abs() <= 2 * sum_error + ulp(exact, torch.bfloat16)).all()
     assert torch.equal(matvec.int8_linear(x, q, scale), matvec.int8_linear(x, q, scale, torch.zeros(50).bfloat16()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n_head, head_dim, slots", [(5, 16, 7), (16, 64, 300), (3, 40, 1)])
+def test_one_query_attention_equals_the_reference_attend(build, dtype, n_head, head_dim, slots):
+    attention = Attention(BloomConfig(hidden_size=n_head * head_dim, n_layer=1, n_head=n_head, vocab_size=8))
+    q = torch.randn(2, n_head, 1, head_dim).to(dtype)
+    k, v = torch.randn(2, n_head, slots, head_dim).to(dtype), torch.randn(2, n_head, slots, head_dim).to(dtype)
+    attention_mask = torch.ones(2, slots, dtype=torch.long)
+    attention_mask[1, : slots // 3] = 0  # a left-padded row
+    alibi = alibi_bias(attention_mask, alibi_slopes(n_head), dtype)  # (B, nh, 1, S)
+    mask = CausalMask(attention_mask, torch.tensor([slots - 1]), dtype).whole()  # (B, 1, 1, S)
+    reference = attention.attend(q, k, v, alibi, mask)
+    y = matvec.attend(q, k, v, alibi, mask, 1 / head_dim**0.5)
+    assert y.shape == reference.shape and y.dtype == dtype
+    # the same roundings; float32 sums in another order, and exp's last bit
+    torch.testing.assert_close(y, reference, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-5)
 
 
 def test_layers_use_the_kernels_only_while_decoding_and_without_autograd():

@@ -358,8 +358,9 @@ def test_recording_across_generate_concatenates_to_a_full_forward(models):
         recorded = torch.cat(calls, dim=2 if ".self_attention." in name else 1)  # along T
         recorded = recorded[..., :T] if name.endswith(".probs") else recorded
         value, _ = hf_view(name, kept)
+        # decode steps go through bloom.matvec's kernels: float32 sums in another order than transformers'
         torch.testing.assert_close(
-            at_real(recorded, full_mask), at_real(value, full_mask), rtol=1e-5, atol=1e-5, msg=name
+            at_real(recorded, full_mask), at_real(value, full_mask), rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}"
         )
 
 
