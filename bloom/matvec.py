@@ -114,9 +114,8 @@ def attend(
     alibi = alibi.expand(B, nh, 1, S).contiguous()
     mask = mask.expand(B, 1, 1, S).contiguous()
     y = torch.empty_like(q)  # (B, nh, 1, hd)
-    failed = getattr(library(), _ATTEND_DTYPES[q.dtype])(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), alibi.data_ptr(), mask.data_ptr(), y.data_ptr(), B * nh, nh, S, hd, alpha
-    )
+    pointers = [t.data_ptr() for t in (q, k, v, alibi, mask, y)]
+    failed = getattr(library(), _ATTEND_DTYPES[q.dtype])(*pointers, B * nh, nh, S, hd, alpha)
     if failed:
         raise MemoryError(f"attention over {S} slots: the kernel could not allocate its {S} float32 scores")
     return y

@@ -10,6 +10,7 @@ weights read per second by each, the ratio, and the share of the machine's bandw
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,11 @@ def weights(dtype: torch.dtype) -> list[torch.Tensor]:
     return [torch.randn(shape, dtype=dtype) for shape in [*shapes, (VOCAB, HIDDEN)]]
 
 
+def products(function, x: dict[int, torch.Tensor], weights: list[tuple]) -> Callable[[], list[torch.Tensor]]:
+    """A run of `function(x, *weight)` over every weight, x picked by the weight's input features."""
+    return lambda: [function(x[weight[0].shape[1]], *weight) for weight in weights]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32", "int8"], choices=["bf16", "fp32", "int8"])
@@ -59,11 +65,11 @@ def main() -> None:
         for rows in args.rows:
             x = {k: torch.randn(rows, k, dtype=x_dtype) for k in (HIDDEN, 4 * HIDDEN)}  # by input features
             if name == "int8":
-                ours = lambda: [matvec.int8_linear(x[q.shape[1]], q, s) for q, s in quantized]  # noqa: E731
-                theirs = lambda: [int8_matmul(x[q.shape[1]], q, s) for q, s in quantized]  # noqa: E731
+                ours = products(matvec.int8_linear, x, quantized)
+                theirs = products(int8_matmul, x, quantized)
             else:
-                ours = lambda: [matvec.linear(x[w.shape[1]], w) for w in dense]  # noqa: E731
-                theirs = lambda: [F.linear(x[w.shape[1]], w) for w in dense]  # noqa: E731
+                ours = products(matvec.linear, x, [(w,) for w in dense])
+                theirs = products(F.linear, x, [(w,) for w in dense])
             t_ours, t_theirs = median_seconds(ours, args.reps), median_seconds(theirs, args.reps)
             print(f"| {name} | {rows} | {nbytes / t_theirs / 1e9:.1f} | {nbytes / t_ours / 1e9:.1f} | "
                   f"{t_theirs / t_ours:.2f}x | {nbytes / t_ours / 1e9 / bandwidth:.0%} |")  # fmt: skip

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from tiny_checkpoint import left_padded, random_hf_bloom, save_transformers
 
 from bloom import generate, load_pretrained, matvec
-from bloom.decoder import Decoder
 from bloom.config import BloomConfig
+from bloom.decoder import Decoder
 from bloom.model import Attention, CausalMask, Linear, alibi_bias, alibi_slopes
 from bloom.quantize import quantize_rows
 

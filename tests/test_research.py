@@ -359,9 +359,8 @@ def test_recording_across_generate_concatenates_to_a_full_forward(models):
         recorded = recorded[..., :T] if name.endswith(".probs") else recorded
         value, _ = hf_view(name, kept)
         # decode steps go through bloom.matvec's kernels: float32 sums in another order than transformers'
-        torch.testing.assert_close(
-            at_real(recorded, full_mask), at_real(value, full_mask), rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}"
-        )
+        actual, expected = at_real(recorded, full_mask), at_real(value, full_mask)
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_research_tools_refuse_int8_weights_by_name(tmp_path):
