@@ -269,8 +269,10 @@ class _SafetensorsReader:
         self, key: str, dtype: torch.dtype, device: torch.device, part: tuple[int, int, int] | None = None
     ) -> Iterator[tuple[slice, torch.Tensor]]:
         """(rows, chunk): the tensor or its slice `part`, a READ_CHUNK_BYTES chunk (of rows in `dtype`) at a
-        time, on `device` in the stored dtype, for the caller to convert as it copies. Each chunk is read through
-        its own short-lived mapping of the file, so the file's pages never pile up next to the copies."""
+        time, on `device` in the stored dtype, for the caller to convert as it copies. On the CPU a chunk is a view
+        of its own short-lived mapping of the file, so the caller converts straight from the file's pages (one pass,
+        no copy in between) and the pages are unmapped when the chunk is dropped: they never pile up next to the
+        copies."""
         shape = self._shape(key, part)
         rows, columns = slice(0, shape[0]), slice(None)
         if part is not None:
@@ -282,8 +284,8 @@ class _SafetensorsReader:
         for start in range(rows.start, rows.stop, rows_per_chunk):
             stop = min(start + rows_per_chunk, rows.stop)
             with safe_open(self.path, framework="pt") as handle:
-                stored = handle.get_slice(key)
-                chunk = stored[start:stop] if len(shape) == 1 else stored[start:stop, columns]
+                mapped = handle.get_tensor(key)  # a view of a new mapping of the file: nothing read yet
+            chunk = mapped[start:stop] if len(shape) == 1 else mapped[start:stop, columns]
             yield slice(start - rows.start, stop - rows.start), chunk.to(device=device)
 
     def _shape(self, key: str, part: tuple[int, int, int] | None) -> list[int]:
