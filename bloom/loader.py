@@ -43,7 +43,7 @@ DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16,
 }  # fmt: skip
-READ_CHUNK_BYTES = 64 * 2**20  # converted or moved a chunk at a time
+READ_CHUNK_BYTES = 16 * 2**20  # converted or moved a chunk at a time
 _LIBC = ctypes.CDLL(None)  # this process's C library
 _BLOCK_KEY = re.compile(r"h\.([0-9]+)\.")  # a block's tensor: h.3.mlp.dense_4h_to_h.weight
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

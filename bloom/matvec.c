@@ -174,24 +174,27 @@ void linear_f32(const float *x, const float *w, const float *b, float *y, int64_
 #undef OUT
 }
 
-/* score[s] = exp(score[s] - max) for the n scores; returns their sum. */
 #ifdef HAVE_AVX512
-static float exp_and_sum(float *score, int64_t n, float max) {
-    /* exp(x) = 2^j · exp(r), j = round(x / ln 2), |r| <= ln 2 / 2, exp(r) by its Taylor series to r^7 (relative
-     * error < 1e-8, below float32's half ulp). x below -104 gives 0, as expf does. */
+/* exp(x) = 2^j · exp(r), j = round(x / ln 2), |r| <= ln 2 / 2, exp(r) by its Taylor series to r^7 (relative error
+ * < 1e-8, below float32's half ulp). x below -104 gives 0, as expf does; above 88.7, infinity. */
+static inline __m512 exp512(__m512 x) {
     const float taylor[8] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    __m512 j = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(j, _mm512_set1_ps(0.693145751953125f), x); /* ln 2 in two parts */
+    r = _mm512_fnmadd_ps(j, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+    __m512 p = _mm512_set1_ps(taylor[0]);
+    for (int i = 1; i < 8; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(taylor[i]));
+    return _mm512_scalef_ps(p, j);
+}
+
+/* score[s] = exp(score[s] - max) for the n scores; returns their sum. */
+static float exp_and_sum(float *score, int64_t n, float max) {
     __m512 total = _mm512_setzero_ps();
     for (int64_t s = 0; s < n; s += 16) {
         __mmask16 valid = n - s >= 16 ? 0xffff : (__mmask16)((1u << (n - s)) - 1);
-        __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, score + s), _mm512_set1_ps(max)),
-                                 _mm512_set1_ps(-104.0f));
-        __m512 j = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m512 r = _mm512_fnmadd_ps(j, _mm512_set1_ps(0.693145751953125f), x); /* ln 2 in two parts */
-        r = _mm512_fnmadd_ps(j, _mm512_set1_ps(1.42860682030941723212e-6f), r);
-        __m512 p = _mm512_set1_ps(taylor[0]);
-        for (int i = 1; i < 8; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(taylor[i]));
-        __m512 e = _mm512_scalef_ps(p, j);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, score + s), _mm512_set1_ps(max)));
         _mm512_mask_storeu_ps(score + s, valid, e);
         total = _mm512_add_ps(total, _mm512_maskz_mov_ps(valid, e));
     }
@@ -204,6 +207,68 @@ static float exp_and_sum(float *score, int64_t n, float max) {
     return total;
 }
 #endif
+
+/* bloom_gelu (bloom/model.py), x · 0.5 · (1 + tanh(0.79788456 · x · (1 + 0.044715 · x · x))), one operation at a
+ * time in float32, each result rounded by ROUND to the model's dtype as torch rounds each op's output. */
+#define GELU_STEPS(x, ROUND, TANH)                                                                  \
+    ROUND(ROUND((x) * 0.5f) *                                                                       \
+          ROUND(1.0f + ROUND(TANH(ROUND(ROUND(0.79788456f * (x)) *                                  \
+                                         ROUND(1.0f + ROUND(ROUND(0.044715f * (x)) * (x))))))))
+
+#ifdef HAVE_AVX512
+/* tanh(u) = 1 - 2 / (exp(2u) + 1): its absolute error (~1e-7) is what matters here, where 1 is added to it */
+static inline __m512 tanh512(__m512 u) {
+    __m512 e = exp512(_mm512_add_ps(u, u));
+    __m512 one = _mm512_set1_ps(1.0f);
+    return _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, one)));
+}
+
+static inline __m512 round512_bf16(__m512 v) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); }
+
+/* GELU_STEPS on 16 values; bf16: round each step to bf16 (a constant, so that the compiler drops the other case) */
+static inline __attribute__((always_inline)) __m512 gelu512(__m512 x, const int bf16) {
+#define R(v) (bf16 ? round512_bf16(v) : (v))
+#define MUL(a, v) _mm512_mul_ps(_mm512_set1_ps(a), v)
+#define ONE_PLUS(v) _mm512_add_ps(_mm512_set1_ps(1.0f), v)
+    __m512 inner = R(ONE_PLUS(R(_mm512_mul_ps(R(MUL(0.044715f, x)), x))));
+    inner = R(_mm512_mul_ps(R(MUL(0.79788456f, x)), inner));
+    return R(_mm512_mul_ps(R(MUL(0.5f, x)), R(ONE_PLUS(R(tanh512(inner))))));
+#undef R
+#undef MUL
+#undef ONE_PLUS
+}
+
+void gelu_bf16(const uint16_t *x, uint16_t *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 valid = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 v = _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(valid, x + i));
+        _mm256_mask_storeu_epi16(y + i, valid, (__m256i)_mm512_cvtneps_pbh(gelu512(v, 1)));
+    }
+}
+
+void gelu_f32(const float *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 valid = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(y + i, valid, gelu512(_mm512_maskz_loadu_ps(valid, x + i), 0));
+    }
+}
+#else
+static inline float round_bf16_scalar(float f) { return bf16_to_float(float_to_bf16(f)); }
+static inline float same_float_scalar(float f) { return f; }
+
+void gelu_bf16(const uint16_t *x, uint16_t *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        float v = bf16_to_float(x[i]);
+        y[i] = float_to_bf16(GELU_STEPS(v, round_bf16_scalar, tanhf));
+    }
+}
+
+void gelu_f32(const float *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = GELU_STEPS(x[i], same_float_scalar, tanhf);
+}
+#endif
+
+static inline float same_float(float f) { return f; }
 
 /* One query per row of the batch against its keys and values: a decode step's attention, as Attention.attend
  * computes it in the model's dtype T. For each of the BH (row, head) pairs, over the S key slots:
@@ -255,7 +320,6 @@ static float exp_and_sum(float *score, int64_t n, float max) {
     }
 
 static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
-static inline float same_float(float f) { return f; }
 
 ATTEND(attend_bf16, uint16_t, tile_bf16, bf16_to_float, round_bf16, float_to_bf16)
 ATTEND(attend_f32, float, tile_f32, same_float, same_float, same_float)

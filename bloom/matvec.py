@@ -35,6 +35,7 @@ SOURCE = Path(__file__).with_name("matvec.c")
 MAX_ROWS = {torch.bfloat16: 4, torch.int8: 2, torch.float32: 16}
 _KERNEL_DTYPES = {torch.bfloat16: "linear_bf16", torch.float32: "linear_f32"}
 _ATTEND_DTYPES = {torch.bfloat16: "attend_bf16", torch.float32: "attend_f32"}
+_GELU_DTYPES = {torch.bfloat16: "gelu_bf16", torch.float32: "gelu_f32"}
 
 _state = threading.local()  # .decoding: whether this thread is inside decoding()
 _library: ctypes.CDLL | None = None
@@ -121,6 +122,23 @@ def attend(
     return y
 
 
+def gelu_applies(x: torch.Tensor) -> bool:
+    """Whether `gelu` computes bloom_gelu(x) here: a decode step's few rows."""
+    if not getattr(_state, "decoding", False) or x.device.type != "cpu" or x.dtype not in _GELU_DTYPES:
+        return False
+    if x.numel() // x.shape[-1] > MAX_ROWS[torch.float32] or (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    return library() is not None
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """bloom.model.bloom_gelu in one pass, each of its operations rounded to x's dtype as torch rounds them."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    getattr(library(), _GELU_DTYPES[x.dtype])(x.data_ptr(), y.data_ptr(), x.numel())
+    return y
+
+
 def _pointer(t: torch.Tensor | None, dtype: torch.dtype) -> int | None:
     if t is None:
         return None
@@ -155,6 +173,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.linear_int8.argtypes = [pointer] * 5 + [size] * 3  # x, W, scale, b, y, M, N, K
     for name in (*_KERNEL_DTYPES.values(), "linear_int8"):
         getattr(lib, name).restype = None
+    for name in _GELU_DTYPES.values():  # x, y, n
+        getattr(lib, name).argtypes = [pointer, pointer, size]
+        getattr(lib, name).restype = None
     for name in _ATTEND_DTYPES.values():  # q, k, v, alibi, mask, y, BH, heads, S, hd, alpha -> 1 if out of memory
         getattr(lib, name).argtypes = [pointer] * 6 + [size] * 4 + [ctypes.c_float]
         getattr(lib, name).restype = ctypes.c_int
@@ -172,7 +193,7 @@ def build(march: str = "native", folder: Path | None = None) -> Path:
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler '{compiler}' on PATH (install gcc, or set CC)")
-    flags = ["-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC"]
+    flags = ["-O3", f"-march={march}", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]  # no fused a·b+c
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_features().encode()).hexdigest()[:16]
     folder = folder or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bloom"
     path = folder / f"matvec-{platform.machine()}-{key}.so"

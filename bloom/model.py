@@ -94,8 +94,10 @@ def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
     """tanh-approximate GeLU, with BLOOM's constant (float32 √(2/π)) and operation order.
 
     Equal to F.gelu(x, approximate="tanh") within 5e-7 in fp32, but evaluated step by step in fp16/bf16 like
-    transformers, which matters for half-precision parity.
+    transformers, which matters for half-precision parity. A decode step's few rows take bloom.matvec's one pass.
     """
+    if matvec.gelu_applies(x):
+        return matvec.gelu(x)
     return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1.0 + 0.044715 * x * x)))
 
 

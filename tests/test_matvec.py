@@ -13,7 +13,7 @@ from tiny_checkpoint import left_padded, random_hf_bloom, save_transformers
 from bloom import generate, load_pretrained, matvec
 from bloom.config import BloomConfig
 from bloom.decoder import Decoder
-from bloom.model import Attention, CausalMask, Linear, alibi_bias, alibi_slopes
+from bloom.model import Attention, CausalMask, Linear, alibi_bias, alibi_slopes, bloom_gelu
 from bloom.quantize import quantize_rows
 
 BUILDS = ["native", "x86-64-v2"]  # this CPU's vector code (AVX-512 BF16 here), and the portable loops
@@ -153,3 +153,15 @@ def test_the_library_is_built_once_and_a_missing_compiler_falls_back_to_torch(tm
         capture_output=True, text=True,
     )  # fmt: skip
     assert missing.stdout == "False\n" and "no C compiler 'no-such-cc'" in missing.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gelu_rounds_each_operation_like_bloom_gelu(build, dtype):
+    x = torch.cat([torch.randn(4000) * 3, torch.tensor([0.0, -0.0, 1e-20, -30.0, 30.0, 200.0, -200.0])]).to(dtype)
+    reference = bloom_gelu(x)  # outside decoding(): torch's ops
+    y = matvec.gelu(x)
+    if dtype == torch.bfloat16:  # the same bf16 value but where tanh's last float32 bit decides a rounding
+        assert (y != reference).float().mean() < 0.01
+        torch.testing.assert_close(y, reference, rtol=8e-3, atol=1e-6)
+    else:  # 1 + tanh(u) is within ~1e-7 of torch's: relative to GeLU's tiny negative values, not to 1
+        torch.testing.assert_close(y, reference, rtol=1e-6, atol=1e-6)
