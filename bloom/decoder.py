@@ -47,7 +47,8 @@ class Decoder:
     call and by every later Decoder of this model. Every cache length is one more shape: the second compiles
     again with dynamic shapes, which then serve all others (this is what keeps growth cheap to compile):
     - on the CPU with inductor's freezing, which folds the weights into the compiled code as constants and
-      lays them out for the CPU's matmul kernels (bf16 decode of bloom-560m on 2 cores: 15 -> 30 tokens/s).
+      lays them out for the CPU's matmul kernels (bf16 decode of bloom-560m on 2 cores, measured before the
+      matvec kernels: 15 -> 30 tokens/s; the eager step with them is as fast).
       The compiled code holds a copy of the weights: `check` compiles again after they are edited in place;
     - on CUDA as a CUDA graph (mode "reduce-overhead"), which removes the launch overhead of ~20 kernels per
       block. The caches' tensors are marked as static addresses, so the graph writes into them in place
@@ -55,10 +56,11 @@ class Decoder:
       The logits a step returns live in the graph's memory and are overwritten by the next step.
     A compiled step does not run forward hooks, so probing (bloom.probe) needs an eager decoder.
 
-    An eager decoder sends the products of at most 16 rows, every product of a step and the LM head of a
-    prefill, to bloom.matvec's kernels on the CPU (`matvec_kernels`, default True): they read the weights
-    at nearly the machine's bandwidth, ~1.7x faster than torch's matmul in bf16, and differ from it by
-    float32 rounding. matvec_kernels=False keeps torch's ops: each step's logits are then transformers' own.
+    On the CPU an eager decoder sends a step's products of few rows (bloom.matvec.MAX_ROWS: up to 4 in bf16,
+    16 in fp32), the LM head of a prefill, the one-query attention and the GeLU to bloom.matvec's kernels
+    (`matvec_kernels`, default True): they read the weights at nearly the machine's bandwidth, 1.6-2x faster
+    than torch's matmul in bf16, and differ from torch by float32 rounding. matvec_kernels=False keeps
+    torch's ops: each step's logits are then transformers' own.
     """
 
     def __init__(

@@ -29,6 +29,12 @@ def test_bench_needs_exactly_one_of_model_and_shape(tiny_model_folder):
         assert result.returncode == 2 and "exactly one of --model and --shape" in result.stderr
 
 
+def test_a_stored_dtype_is_only_for_a_built_checkpoint(tiny_model_folder):
+    command = ["bench", "--model", str(tiny_model_folder), "--stored-dtype", "fp16"]
+    result = subprocess.run([sys.executable, "-m", "bloom", *command], capture_output=True, text=True)
+    assert result.returncode == 2 and "--stored-dtype is the dtype of a --shape checkpoint" in result.stderr
+
+
 def test_a_wide_spread_of_repeated_runs_is_flagged():
     steady = [{"decode_tok_s_reps": [20.0, 20.5]}, {"decode_tok_s_reps": [19.8, 20.2]}]
     noisy = [{"decode_tok_s_reps": [20.0, 11.0]}, {"decode_tok_s_reps": [19.0]}]
