@@ -154,7 +154,7 @@ def library() -> ctypes.CDLL | None:
         with _build_lock:
             if not _tried:
                 try:
-                    _library = load(build())
+                    _library = load_or_rebuild(build())
                 except (OSError, RuntimeError) as error:
                     warnings.warn(
                         f"bloom: the CPU decode kernels are unavailable ({error}); decoding uses torch's matmul",
@@ -162,6 +162,15 @@ def library() -> ctypes.CDLL | None:
                     )
                 _tried = True
     return _library
+
+
+def load_or_rebuild(path: Path) -> ctypes.CDLL:
+    """`load` a built library; if the file in the cache is damaged (cannot be loaded), build it again once."""
+    try:
+        return load(path)
+    except OSError:
+        path.unlink(missing_ok=True)
+        return load(build())
 
 
 def load(path: Path) -> ctypes.CDLL:

@@ -137,7 +137,7 @@ def test_each_step_s_logits_equal_torchs_within_float32_rounding(tmp_path):
             assert not torch.equal(*logits)  # the kernels did run
 
 
-def test_the_library_is_built_once_and_a_missing_compiler_falls_back_to_torch(tmp_path):
+def test_the_library_is_built_once_rebuilt_when_damaged_and_a_missing_compiler_falls_back_to_torch(tmp_path):
     code = (
         "import warnings, torch; warnings.simplefilter('always')\n"
         "from bloom import matvec\n"
@@ -147,7 +147,10 @@ def test_the_library_is_built_once_and_a_missing_compiler_falls_back_to_torch(tm
     runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True) for _ in range(2)]
     assert [run.stdout for run in runs] == ["True\n", "True\n"]
     assert "compiling the CPU decode kernels" in runs[0].stderr and runs[1].stderr == ""  # the second finds it
-    assert len(list((tmp_path / "bloom").glob("matvec-*.so"))) == 1
+    (library,) = (tmp_path / "bloom").glob("matvec-*.so")
+    library.write_bytes(b"not a shared library")  # damaged in the cache: built again
+    rebuilt = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert rebuilt.stdout == "True\n" and "compiling the CPU decode kernels" in rebuilt.stderr
     missing = subprocess.run(
         [sys.executable, "-c", code], env={**env, "CC": "no-such-cc", "XDG_CACHE_HOME": str(tmp_path / "other")},
         capture_output=True, text=True,
