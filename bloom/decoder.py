@@ -4,7 +4,7 @@ eager, or compiled for speed."""
 import threading
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 import torch._inductor.config as inductor_config
@@ -101,7 +101,7 @@ class Decoder:
         self._graphed = compile and weight.device.type == "cuda"
         self.matvec_kernels = matvec_kernels and not compile  # ctypes calls would break a compiled graph
 
-    def _products(self) -> contextmanager:
+    def _products(self) -> AbstractContextManager:
         """Where the model's products go during a prefill or step: bloom.matvec's kernels, or torch's ops."""
         return matvec.decoding() if self.matvec_kernels else nullcontext()
 

@@ -291,16 +291,15 @@ static inline float same_float(float f) { return f; }
                     const T *qi[1] = {q + i * hd}, *ki = k + i * S * hd, *vi = v + i * S * hd;                    \
                     const T *ai = alibi + i * S, *mi = mask + (i / heads) * S;                                    \
                     float dots[4], max = -INFINITY;                                                               \
-                    for (int64_t s = 0; s < S; s += 4) {                                                          \
+                    for (int64_t s = 0; s < S;) { /* four slots at a time, then the last ones one by one */       \
                         int R = S - s >= 4 ? 4 : 1;                                                               \
                         if (R == 4) TILE_FN(qi, ki + s * hd, hd, dots, 4, 1, 1);                                  \
                         else TILE_FN(qi, ki + s * hd, hd, dots, 1, 1, 1);                                         \
-                        for (int r = 0; r < R; r++) {                                                             \
-                            float x = ROUND(ROUND(TO_FLOAT(ai[s + r]) + alpha * dots[r]) + TO_FLOAT(mi[s + r]));   \
-                            score[s + r] = x;                                                                     \
+                        for (int r = 0; r < R; r++, s++) {                                                        \
+                            float x = ROUND(ROUND(TO_FLOAT(ai[s]) + alpha * dots[r]) + TO_FLOAT(mi[s]));           \
+                            score[s] = x;                                                                         \
                             if (x > max) max = x;                                                                 \
                         }                                                                                         \
-                        s -= 4 - R;                                                                               \
                     }                                                                                             \
                     float total = exp_and_sum(score, S, max);                                                     \
                     for (int64_t d = 0; d < hd; d++) acc[d] = 0;                                                  \

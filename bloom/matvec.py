@@ -1,15 +1,15 @@
-"""The decode step's matrix-vector products on the CPU: bloom/matvec.c, compiled on first use, called by ctypes.
+"""A decode step's work on the CPU in bloom/matvec.c, compiled on first use and called through ctypes: the
+matrix-vector products of the linear layers and the LM head, the one-query attention, the GeLU.
 
 A decode step reads every weight once for one token per sequence; its speed is the speed at which the weights
 stream from memory. torch's matmul reads them at ~60% of the machine's bandwidth for so few rows, the kernels
-of matvec.c at ~95% (`python scripts/bench_matvec.py`). They compute the same products in float32 with another
-order of additions, so their results differ from F.linear's by float32 rounding: they are used only inside
+of matvec.c at 80-95% (`python scripts/bench_matvec.py`). They compute the same products in float32 with another
+order of additions, so their results differ from torch's by float32 rounding: they are used only inside
 `decoding()`, which generation enters (bloom.decoder), and a plain forward pass stays op for op transformers'.
 
 The library is built once per machine and source, with the system's C compiler (`cc`, or $CC) for this CPU
 (-march=native), into ~/.cache/bloom (or $XDG_CACHE_HOME/bloom), and takes about a second. Without a compiler,
-or on another OS, a warning says so once and the products stay torch's.
-"""
+or on another OS, a warning says so once and the work stays torch's."""
 
 import ctypes
 import hashlib
@@ -45,7 +45,7 @@ _build_lock = threading.Lock()
 
 @contextmanager
 def decoding() -> Iterator[None]:
-    """Within it, this thread's linear layers and LM head send products of few rows (MAX_ROWS) to the kernels."""
+    """Within it, this thread's products of few rows (MAX_ROWS), one-query attention and GeLU go to the kernels."""
     before = getattr(_state, "decoding", False)
     _state.decoding = True
     try:
