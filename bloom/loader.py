@@ -261,7 +261,7 @@ class _SafetensorsReader:
         shape = self._shape(key, part)
         q = torch.empty(shape, dtype=torch.int8, device=device)
         scale = torch.empty(shape[0], dtype=dtype, device=device)
-        for rows, chunk in self.row_chunks(key, dtype, device, part):
+        for rows, chunk in self.row_chunks(key, torch.float32, device, part):  # sized by quantize_rows' float32 copy
             q[rows], scale[rows] = quantize_rows(chunk.to(dtype))  # one scale per row: chunks quantize alike
         return q, scale
 
