@@ -1,20 +1,20 @@
-/* y = x · Wᵀ (+ b) for a few rows of x: the matrix-vector products of a decode step, on the CPU.
+/* A decode step's work on the CPU: y = x · Wᵀ (+ b) for a few rows of x, one query's attention over a KV cache,
+ * and the GeLU, for bf16, fp16 and fp32 models and int8 weights.
  *
- * A decode step multiplies one token per sequence (M rows, M <= 16) by every weight matrix of the model, so
- * its time is the time it takes to read the weights from memory. torch's general matmul kernels reach about
- * 60% of the machine's bandwidth on these shapes; reading each weight row once, as one contiguous stream,
- * with the M dot products for it computed while the row is in the cache, reaches about 95%.
+ * A decode step multiplies one token per sequence (M rows, a few) by every weight matrix of the model, so its
+ * time is the time it takes to read the weights from memory. torch's general matmul kernels reach about 60% of
+ * the machine's bandwidth on these shapes; reading each weight row once, as one contiguous stream, with the M
+ * dot products for it computed while the row is in the cache, reaches 80-95%.
  *
  * Shapes: x (M, K) row-major, W (N, K) row-major (torch's Linear layout), b and scale (N,), y (M, N).
  * Every product is accumulated in float32 and rounded to the output dtype once, after the bias is added, as
- * torch's bf16 matmul does; the order of the additions differs from torch's, so results differ from F.linear
- * by float32 rounding (not bitwise).
+ * torch's half-precision matmul does; the order of the additions differs from torch's, so results differ from
+ * F.linear by float32 rounding (not bitwise).
  *
  * The rows of W are split over the OpenMP threads in contiguous blocks. This file is compiled on first use
  * by bloom/matvec.py, for the machine it runs on (-march=native): with AVX512-BF16 the bf16 and int8
- * products use vdpbf16ps, the fp32 ones AVX-512 FMAs; elsewhere plain loops that the compiler vectorizes.
- * Built against the OpenMP runtime torch has loaded (same soname), it shares torch's threads.
- */
+ * products use vdpbf16ps, the fp16 and fp32 ones AVX-512 FMAs; elsewhere plain loops that the compiler
+ * vectorizes. Built against the OpenMP runtime torch has loaded (same soname), it shares torch's threads. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -40,6 +40,21 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even, NaN st
     return (uint16_t)(bits >> 16);
 }
 
+/* fp16 <-> float32 through the compiler's _Float16 (F16C instructions where the CPU has them), rounding to
+ * nearest even as torch does. */
+static inline float f16_to_float(uint16_t h) {
+    _Float16 v;
+    memcpy(&v, &h, sizeof v);
+    return (float)v;
+}
+
+static inline uint16_t float_to_f16(float f) {
+    _Float16 v = (_Float16)f;
+    uint16_t h;
+    memcpy(&h, &v, sizeof h);
+    return h;
+}
+
 #include <omp.h>
 
 #ifdef HAVE_AVX512
@@ -55,6 +70,9 @@ static inline __m512bh load_int8_as_bf16(const int8_t *q, __mmask32 valid) { /* 
 }
 
 static inline __m512 load_f32(const float *p, __mmask16 valid) { return _mm512_maskz_loadu_ps(valid, p); }
+static inline __m512 load_f16(const uint16_t *p, __mmask16 valid) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, p));
+}
 static inline __m512 mac_bf16(__m512 acc, __m512bh w, __m512bh x) { return _mm512_dpbf16_ps(acc, w, x); }
 static inline __m512 mac_f32(__m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
 
@@ -97,6 +115,8 @@ static inline __m512 mac_f32(__m512 acc, __m512 w, __m512 x) { return _mm512_fma
 TILE(tile_bf16, uint16_t, uint16_t, __m512bh, __m512bh, 32, __mmask32, load_bf16, load_bf16, mac_bf16)
 TILE(tile_int8, int8_t, uint16_t, __m512bh, __m512bh, 32, __mmask32, load_int8_as_bf16, load_bf16, mac_bf16)
 TILE(tile_f32, float, float, __m512, __m512, 16, __mmask16, load_f32, load_f32, mac_f32)
+TILE(tile_f16, uint16_t, float, __m512, __m512, 16, __mmask16, load_f16, load_f32, mac_f32) /* x as float32 */
+TILE(tile_f16_f16, uint16_t, uint16_t, __m512, __m512, 16, __mmask16, load_f16, load_f16, mac_f32)
 
 #else /* portable: the same tiles as plain loops, which the compiler vectorizes */
 
@@ -119,6 +139,8 @@ TILE(tile_f32, float, float, __m512, __m512, 16, __mmask16, load_f32, load_f32, 
 TILE(tile_bf16, uint16_t, uint16_t, bf16_to_float, bf16_to_float)
 TILE(tile_int8, int8_t, uint16_t, AS_FLOAT, bf16_to_float)
 TILE(tile_f32, float, float, AS_FLOAT, AS_FLOAT)
+TILE(tile_f16, uint16_t, float, f16_to_float, AS_FLOAT)
+TILE(tile_f16_f16, uint16_t, uint16_t, f16_to_float, f16_to_float)
 
 #endif
 
@@ -164,6 +186,13 @@ void linear_int8(const uint16_t *x, const int8_t *w, const uint16_t *scale, cons
                  int64_t N, int64_t K) {
 #define OUT(m, n, dot) y[(m) * N + (n)] = float_to_bf16((dot) * bf16_to_float(scale[n]) + (b ? bf16_to_float(b[n]) : 0.0f))
     LINEAR(tile_int8, uint16_t, int8_t, OUT)
+#undef OUT
+}
+
+/* fp16 W and b (or NULL), x as float32 (the fp16 activations, converted once) -> fp16 y */
+void linear_f16(const float *x, const uint16_t *w, const uint16_t *b, uint16_t *y, int64_t M, int64_t N, int64_t K) {
+#define OUT(m, n, dot) y[(m) * N + (n)] = float_to_f16((dot) + (b ? f16_to_float(b[n]) : 0.0f))
+    LINEAR(tile_f16, float, uint16_t, OUT)
 #undef OUT
 }
 
@@ -224,10 +253,15 @@ static inline __m512 tanh512(__m512 u) {
 }
 
 static inline __m512 round512_bf16(__m512 v) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); }
+static inline __m512 round512_f16(__m512 v) {
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 
-/* GELU_STEPS on 16 values; bf16: round each step to bf16 (a constant, so that the compiler drops the other case) */
-static inline __attribute__((always_inline)) __m512 gelu512(__m512 x, const int bf16) {
-#define R(v) (bf16 ? round512_bf16(v) : (v))
+enum { AS_F32, AS_BF16, AS_F16 }; /* the dtype each step of gelu512 is rounded to */
+
+/* GELU_STEPS on 16 values, each step rounded to `dtype` (a constant, so that the compiler drops the other cases) */
+static inline __attribute__((always_inline)) __m512 gelu512(__m512 x, const int dtype) {
+#define R(v) (dtype == AS_BF16 ? round512_bf16(v) : dtype == AS_F16 ? round512_f16(v) : (v))
 #define MUL(a, v) _mm512_mul_ps(_mm512_set1_ps(a), v)
 #define ONE_PLUS(v) _mm512_add_ps(_mm512_set1_ps(1.0f), v)
     __m512 inner = R(ONE_PLUS(R(_mm512_mul_ps(R(MUL(0.044715f, x)), x))));
@@ -242,14 +276,22 @@ void gelu_bf16(const uint16_t *x, uint16_t *y, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) {
         __mmask16 valid = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
         __m512 v = _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(valid, x + i));
-        _mm256_mask_storeu_epi16(y + i, valid, (__m256i)_mm512_cvtneps_pbh(gelu512(v, 1)));
+        _mm256_mask_storeu_epi16(y + i, valid, (__m256i)_mm512_cvtneps_pbh(gelu512(v, AS_BF16)));
     }
 }
 
 void gelu_f32(const float *x, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) {
         __mmask16 valid = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
-        _mm512_mask_storeu_ps(y + i, valid, gelu512(_mm512_maskz_loadu_ps(valid, x + i), 0));
+        _mm512_mask_storeu_ps(y + i, valid, gelu512(_mm512_maskz_loadu_ps(valid, x + i), AS_F32));
+    }
+}
+
+void gelu_f16(const uint16_t *x, uint16_t *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 valid = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 v = gelu512(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, x + i)), AS_F16);
+        _mm256_mask_storeu_epi16(y + i, valid, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
 }
 #else
@@ -265,6 +307,15 @@ void gelu_bf16(const uint16_t *x, uint16_t *y, int64_t n) {
 
 void gelu_f32(const float *x, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] = GELU_STEPS(x[i], same_float_scalar, tanhf);
+}
+
+static inline float round_f16_scalar(float f) { return f16_to_float(float_to_f16(f)); }
+
+void gelu_f16(const uint16_t *x, uint16_t *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        float v = f16_to_float(x[i]);
+        y[i] = float_to_f16(GELU_STEPS(v, round_f16_scalar, tanhf));
+    }
 }
 #endif
 
@@ -319,6 +370,8 @@ static inline float same_float(float f) { return f; }
     }
 
 static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+static inline float round_f16(float f) { return f16_to_float(float_to_f16(f)); }
 
 ATTEND(attend_bf16, uint16_t, tile_bf16, bf16_to_float, round_bf16, float_to_bf16)
 ATTEND(attend_f32, float, tile_f32, same_float, same_float, same_float)
+ATTEND(attend_f16, uint16_t, tile_f16_f16, f16_to_float, round_f16, float_to_f16)

@@ -13,6 +13,7 @@ or on another OS, a warning says so once and the work stays torch's."""
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -29,13 +30,14 @@ import torch
 
 SOURCE = Path(__file__).with_name("matvec.c")
 # Rows of x up to which the kernels are faster than torch's ops, by weight dtype (scripts/bench_matvec.py on a
-# 2-core AVX-512 BF16 machine: bf16 1.6x at 1-2 rows, 1.4x at 4; int8 1.3x at 1-2; fp32 2.2-4.5x up to 16). With
-# more rows the bf16 and int8 products are limited by the CPU's multiply-adds, not by memory, and torch's kernels
-# are as fast. A prefill's products stay torch's.
-MAX_ROWS = {torch.bfloat16: 4, torch.int8: 2, torch.float32: 16}
-_KERNEL_DTYPES = {torch.bfloat16: "linear_bf16", torch.float32: "linear_f32"}
-_ATTEND_DTYPES = {torch.bfloat16: "attend_bf16", torch.float32: "attend_f32"}
-_GELU_DTYPES = {torch.bfloat16: "gelu_bf16", torch.float32: "gelu_f32"}
+# 2-core AVX-512 BF16 machine: bf16 1.6x at 1-2 rows, 1.4x at 4; int8 1.3x at 1-2; fp32 2.2-4.5x up to 16; fp16
+# 1.7-5x from 2 rows to 128, where torch's CPU kernel reads 0.4 GB/s, so a prefill's fp16 products come here too).
+# With more rows the bf16 and int8 products are limited by the CPU's multiply-adds, not by memory, and torch's
+# kernels are as fast; a prefill's products in those dtypes stay torch's.
+MAX_ROWS = {torch.bfloat16: 4, torch.int8: 2, torch.float16: math.inf, torch.float32: 16}
+_KERNEL_DTYPES = {torch.bfloat16: "linear_bf16", torch.float16: "linear_f16", torch.float32: "linear_f32"}
+_ATTEND_DTYPES = {torch.bfloat16: "attend_bf16", torch.float16: "attend_f16", torch.float32: "attend_f32"}
+_GELU_DTYPES = {torch.bfloat16: "gelu_bf16", torch.float16: "gelu_f16", torch.float32: "gelu_f32"}
 
 _state = threading.local()  # .decoding: whether this thread is inside decoding()
 _library: ctypes.CDLL | None = None
@@ -70,12 +72,12 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for (..., K) x and a (N, K) weight of x's dtype, bf16 or fp32, and an (N,) bias -> (..., N)."""
+    """F.linear for (..., K) x and a (N, K) weight of x's dtype, bf16, fp16 or fp32, and an (N,) bias -> (..., N)."""
     rows, K, N = x.numel() // x.shape[-1], x.shape[-1], weight.shape[0]
-    x = x.contiguous()
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
+    x_read = x.float() if x.dtype == torch.float16 else x.contiguous()  # the fp16 kernel reads x in float32
     getattr(library(), _KERNEL_DTYPES[x.dtype])(
-        x.data_ptr(), weight.data_ptr(), _pointer(bias, x.dtype), y.data_ptr(), rows, N, K
+        x_read.data_ptr(), weight.data_ptr(), _pointer(bias, x.dtype), y.data_ptr(), rows, N, K
     )
     return y
 

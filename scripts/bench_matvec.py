@@ -4,7 +4,7 @@ Weights of the bloom-560m shape (24 blocks' qkv, dense, h_to_4h, 4h_to_h, then t
 than the CPU's caches hold, as in a real decode step), multiplied by M rows of activations. Prints the bytes of
 weights read per second by each, the ratio, and the share of the machine's bandwidth (a sum() over 0.5 GB).
 
-    python scripts/bench_matvec.py                      # bf16, fp32 and int8; 1, 2, 4, 8, 16 rows
+    python scripts/bench_matvec.py                      # bf16, fp16, fp32 and int8; 1, 2, 4, 8, 16 rows
     python scripts/bench_matvec.py --dtypes bf16 --rows 1
 """
 
@@ -44,7 +44,8 @@ def products(function, x: dict[int, torch.Tensor], weights: list[tuple]) -> Call
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32", "int8"], choices=["bf16", "fp32", "int8"])
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16", "fp32", "int8"],
+                        choices=["bf16", "fp16", "fp32", "int8"])  # fmt: skip
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args()
@@ -59,7 +60,7 @@ def main() -> None:
             nbytes = sum(q.numel() + scale.numel() * scale.element_size() for q, scale in quantized)
             x_dtype = torch.bfloat16
         else:
-            x_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+            x_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
             dense = weights(x_dtype)
             nbytes = sum(w.numel() * w.element_size() for w in dense)
         for rows in args.rows:
