@@ -268,9 +268,9 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
 
     input_ids, attention_mask = (t.to(args.device) for t in tokenizer.batch_encode(prompts))
     check_attention_fits(model, *input_ids.shape)  # before the prompt is echoed
-    streamer = StdoutStream(tokenizer, prompts[0], show=is_main()) if len(prompts) == 1 else None
     B, T = input_ids.shape
-    decoder = Decoder(model, B, T + args.max_new_tokens, compile=args.compile)
+    decoder = Decoder(model, B, T + args.max_new_tokens, compile=args.compile)  # builds bloom.matvec's kernels once
+    streamer = StdoutStream(tokenizer, prompts[0], show=is_main()) if len(prompts) == 1 else None
     start = time.perf_counter()
     try:
         output = generate(

@@ -99,7 +99,10 @@ class Decoder:
         self.compiled = compile
         self._freeze = compile and weight.device.type == "cpu"
         self._graphed = compile and weight.device.type == "cuda"
-        self.matvec_kernels = matvec_kernels and not compile  # ctypes calls would break a compiled graph
+        # not under compile: ctypes calls would break its graph. The library is built here (the first time on
+        # this machine), before a caller starts printing or timing the generation.
+        on_cpu = weight.device.type == "cpu"
+        self.matvec_kernels = matvec_kernels and not compile and on_cpu and matvec.library() is not None
 
     def _products(self) -> AbstractContextManager:
         """Where the model's products go during a prefill or step: bloom.matvec's kernels, or torch's ops."""
