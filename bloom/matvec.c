@@ -70,6 +70,9 @@ static inline __m512bh load_int8_as_bf16(const int8_t *q, __mmask32 valid) { /* 
 }
 
 static inline __m512 load_f32(const float *p, __mmask16 valid) { return _mm512_maskz_loadu_ps(valid, p); }
+static inline __m512 load_int8_as_f32(const int8_t *q, __mmask16 valid) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(valid, q)));
+}
 static inline __m512 load_f16(const uint16_t *p, __mmask16 valid) {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, p));
 }
@@ -114,6 +117,7 @@ static inline __m512 mac_f32(__m512 acc, __m512 w, __m512 x) { return _mm512_fma
 
 TILE(tile_bf16, uint16_t, uint16_t, __m512bh, __m512bh, 32, __mmask32, load_bf16, load_bf16, mac_bf16)
 TILE(tile_int8, int8_t, uint16_t, __m512bh, __m512bh, 32, __mmask32, load_int8_as_bf16, load_bf16, mac_bf16)
+TILE(tile_int8_f32, int8_t, float, __m512, __m512, 16, __mmask16, load_int8_as_f32, load_f32, mac_f32) /* x float32 */
 TILE(tile_f32, float, float, __m512, __m512, 16, __mmask16, load_f32, load_f32, mac_f32)
 TILE(tile_f16, uint16_t, float, __m512, __m512, 16, __mmask16, load_f16, load_f32, mac_f32) /* x as float32 */
 TILE(tile_f16_f16, uint16_t, uint16_t, __m512, __m512, 16, __mmask16, load_f16, load_f16, mac_f32)
@@ -138,6 +142,7 @@ TILE(tile_f16_f16, uint16_t, uint16_t, __m512, __m512, 16, __mmask16, load_f16, 
 #define AS_FLOAT(v) ((float)(v))
 TILE(tile_bf16, uint16_t, uint16_t, bf16_to_float, bf16_to_float)
 TILE(tile_int8, int8_t, uint16_t, AS_FLOAT, bf16_to_float)
+TILE(tile_int8_f32, int8_t, float, AS_FLOAT, AS_FLOAT)
 TILE(tile_f32, float, float, AS_FLOAT, AS_FLOAT)
 TILE(tile_f16, uint16_t, float, f16_to_float, AS_FLOAT)
 TILE(tile_f16_f16, uint16_t, uint16_t, f16_to_float, f16_to_float)
@@ -181,11 +186,26 @@ void linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16
 #undef OUT
 }
 
-/* bf16 x, int8 W with a bf16 scale per row, bf16 b (or NULL) -> bf16 y = (x · Wᵀ) · scale + b */
-void linear_int8(const uint16_t *x, const int8_t *w, const uint16_t *scale, const uint16_t *b, uint16_t *y, int64_t M,
-                 int64_t N, int64_t K) {
+/* int8 W with a scale per row: y = (x · Wᵀ) · scale + b, in the activations' dtype. With bf16 x, scale, b (or NULL)
+ * and y; with fp16 ones, x read as float32 (converted once); with fp32 ones. */
+void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale, const uint16_t *b, uint16_t *y,
+                      int64_t M, int64_t N, int64_t K) {
 #define OUT(m, n, dot) y[(m) * N + (n)] = float_to_bf16((dot) * bf16_to_float(scale[n]) + (b ? bf16_to_float(b[n]) : 0.0f))
     LINEAR(tile_int8, uint16_t, int8_t, OUT)
+#undef OUT
+}
+
+void linear_int8_f16(const float *x, const int8_t *w, const uint16_t *scale, const uint16_t *b, uint16_t *y, int64_t M,
+                     int64_t N, int64_t K) {
+#define OUT(m, n, dot) y[(m) * N + (n)] = float_to_f16((dot) * f16_to_float(scale[n]) + (b ? f16_to_float(b[n]) : 0.0f))
+    LINEAR(tile_int8_f32, float, int8_t, OUT)
+#undef OUT
+}
+
+void linear_int8_f32(const float *x, const int8_t *w, const float *scale, const float *b, float *y, int64_t M, int64_t N,
+                     int64_t K) {
+#define OUT(m, n, dot) y[(m) * N + (n)] = (dot) * scale[n] + (b ? b[n] : 0.0f)
+    LINEAR(tile_int8_f32, float, int8_t, OUT)
 #undef OUT
 }
 

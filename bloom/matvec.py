@@ -29,13 +29,22 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("matvec.c")
-# Rows of x up to which the kernels are faster than torch's ops, by weight dtype (scripts/bench_matvec.py on a
-# 2-core AVX-512 BF16 machine: bf16 1.6x at 1-2 rows, 1.4x at 4; int8 1.3x at 1-2; fp32 2.2-4.5x up to 16; fp16
-# 1.7-5x from 2 rows to 128, where torch's CPU kernel reads 0.4 GB/s, so a prefill's fp16 products come here too).
-# With more rows the bf16 and int8 products are limited by the CPU's multiply-adds, not by memory, and torch's
-# kernels are as fast; a prefill's products in those dtypes stay torch's.
-MAX_ROWS = {torch.bfloat16: 4, torch.int8: 2, torch.float16: math.inf, torch.float32: 16}
+# Rows of x up to which the kernels are faster than torch's ops, by (weight dtype, activation dtype), measured
+# with scripts/bench_matvec.py on a 2-core AVX-512 BF16 machine: bf16 1.6x torch at 1-2 rows, 1.4x at 4; int8
+# with bf16 activations 1.3x at 1-2; fp32 2.2-4.5x up to 16. With more rows the bf16 and int8 products are
+# limited by the CPU's multiply-adds, not by memory, and torch's kernels are as fast: a prefill's products in
+# those dtypes stay torch's. torch's fp16 matmul reads 0.4 GB/s at a prefill's 128 rows (the kernels 2.1), and
+# int8 weights beside fp16 or fp32 activations are converted whole at every call there: always the kernels.
+MAX_ROWS = {
+    (torch.bfloat16, torch.bfloat16): 4,
+    (torch.float32, torch.float32): 16,
+    (torch.float16, torch.float16): math.inf,
+    (torch.int8, torch.bfloat16): 2,
+    (torch.int8, torch.float16): math.inf,
+    (torch.int8, torch.float32): math.inf,
+}
 _KERNEL_DTYPES = {torch.bfloat16: "linear_bf16", torch.float16: "linear_f16", torch.float32: "linear_f32"}
+_INT8_KERNELS = {torch.bfloat16: "linear_int8_bf16", torch.float16: "linear_int8_f16", torch.float32: "linear_int8_f32"}
 _ATTEND_DTYPES = {torch.bfloat16: "attend_bf16", torch.float16: "attend_f16", torch.float32: "attend_f32"}
 _GELU_DTYPES = {torch.bfloat16: "gelu_bf16", torch.float16: "gelu_f16", torch.float32: "gelu_f32"}
 
@@ -58,11 +67,9 @@ def decoding() -> Iterator[None]:
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear` (or `int8_linear`, for an int8 weight) computes x · weightᵀ here."""
-    if not getattr(_state, "decoding", False) or x.device.type != "cpu" or weight.dtype not in MAX_ROWS:
+    if not getattr(_state, "decoding", False) or x.device.type != "cpu":
         return False
-    if x.numel() // x.shape[-1] > MAX_ROWS[weight.dtype]:
-        return False
-    if weight.dtype != x.dtype and not (weight.dtype == torch.int8 and x.dtype == torch.bfloat16):
+    if x.numel() // x.shape[-1] > MAX_ROWS.get((weight.dtype, x.dtype), 0):  # 0: no kernel for these dtypes
         return False
     if not weight.is_contiguous() or weight.device.type != "cpu":
         return False
@@ -85,13 +92,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def int8_linear(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """(x · weightᵀ) · scale + bias for bf16 x (..., K), an int8 (N, K) weight and bf16 (N,) scale and bias."""
+    """(x · weightᵀ) · scale + bias for x (..., K) in bf16, fp16 or fp32, an int8 (N, K) weight, and (N,) scale
+    and bias in x's dtype."""
     rows, K, N = x.numel() // x.shape[-1], x.shape[-1], weight.shape[0]
-    x = x.contiguous()
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
-    library().linear_int8(
-        x.data_ptr(), weight.data_ptr(), _pointer(scale, x.dtype), _pointer(bias, x.dtype), y.data_ptr(), rows, N, K
-    )
+    x_read = x.float() if x.dtype == torch.float16 else x.contiguous()  # the fp16 kernel reads x in float32
+    pointers = [x_read.data_ptr(), weight.data_ptr(), _pointer(scale, x.dtype), _pointer(bias, x.dtype), y.data_ptr()]
+    getattr(library(), _INT8_KERNELS[x.dtype])(*pointers, rows, N, K)
     return y
 
 
@@ -128,7 +135,7 @@ def gelu_applies(x: torch.Tensor) -> bool:
     """Whether `gelu` computes bloom_gelu(x) here: a decode step's few rows."""
     if not getattr(_state, "decoding", False) or x.device.type != "cpu" or x.dtype not in _GELU_DTYPES:
         return False
-    if x.numel() // x.shape[-1] > MAX_ROWS[torch.float32] or (torch.is_grad_enabled() and x.requires_grad):
+    if x.numel() // x.shape[-1] > 16 or (torch.is_grad_enabled() and x.requires_grad):  # a prefill's: torch's
         return False
     return library() is not None
 
@@ -181,8 +188,9 @@ def load(path: Path) -> ctypes.CDLL:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for name in _KERNEL_DTYPES.values():  # x, W, b, y, M, N, K
         getattr(lib, name).argtypes = [pointer] * 4 + [size] * 3
-    lib.linear_int8.argtypes = [pointer] * 5 + [size] * 3  # x, W, scale, b, y, M, N, K
-    for name in (*_KERNEL_DTYPES.values(), "linear_int8"):
+    for name in _INT8_KERNELS.values():  # x, W, scale, b, y, M, N, K
+        getattr(lib, name).argtypes = [pointer] * 5 + [size] * 3
+    for name in (*_KERNEL_DTYPES.values(), *_INT8_KERNELS.values()):
         getattr(lib, name).restype = None
     for name in _GELU_DTYPES.values():  # x, y, n
         getattr(lib, name).argtypes = [pointer, pointer, size]

@@ -54,16 +54,18 @@ def test_products_equal_float64_within_float32_summation(build, dtype, rows, fea
     assert ((y.double() - exact).abs() <= sum_error + ulp(exact, dtype)).all()  # float32 sums, rounded once
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 4, 11, 16])
 @pytest.mark.parametrize("features", [33, 256])
-def test_int8_products_equal_the_dequantized_product(build, rows, features):
-    q, scale = quantize_rows(torch.randn(50, features).bfloat16())
-    x, bias = torch.randn(rows, features).bfloat16(), torch.randn(50).bfloat16()
+def test_int8_products_equal_the_dequantized_product(build, dtype, rows, features):
+    q, scale = quantize_rows(torch.randn(50, features).to(dtype))
+    x, bias = torch.randn(rows, features).to(dtype), torch.randn(50).to(dtype)
     exact = (x.double() @ q.double().T) * scale.double() + bias.double()
     y = matvec.int8_linear(x, q, scale, bias)
+    assert y.dtype == dtype
     sum_error = features * torch.finfo(torch.float32).eps * (x.double().abs() @ q.double().abs().T) * scale.double()
-    assert ((y.double() - exact).abs() <= 2 * sum_error + ulp(exact, torch.bfloat16)).all()
-    assert torch.equal(matvec.int8_linear(x, q, scale), matvec.int8_linear(x, q, scale, torch.zeros(50).bfloat16()))
+    assert ((y.double() - exact).abs() <= 2 * sum_error + ulp(exact, dtype)).all()
+    assert torch.equal(matvec.int8_linear(x, q, scale), matvec.int8_linear(x, q, scale, torch.zeros(50).to(dtype)))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -91,7 +93,7 @@ def test_layers_use_the_kernels_only_while_decoding_and_without_autograd():
         outside = linear(x)
         with matvec.decoding():
             inside = linear(x)
-            x_many = torch.randn(matvec.MAX_ROWS[torch.float32] + 1, 64)
+            x_many = torch.randn(matvec.MAX_ROWS[torch.float32, torch.float32] + 1, 64)
             many_rows = linear(x_many)
     assert torch.equal(outside, F.linear(x, linear.weight, linear.bias))  # torch's op, bit for bit
     assert torch.equal(inside, matvec.linear(x, linear.weight, linear.bias)) and not torch.equal(inside, outside)
@@ -112,7 +114,10 @@ def test_decoding_is_per_thread():
     assert seen == [False] and not matvec.applies(torch.randn(1, 8), torch.randn(4, 8))
 
 
-@pytest.mark.parametrize("dtype, quantize", [("fp32", None), ("bf16", None), ("fp16", None), ("bf16", "int8")])
+DTYPES_AND_QUANTIZE = [(dtype, quantize) for quantize in (None, "int8") for dtype in ("fp32", "bf16", "fp16")]
+
+
+@pytest.mark.parametrize("dtype, quantize", DTYPES_AND_QUANTIZE)
 def test_generation_with_the_kernels_gives_torchs_greedy_tokens(tmp_path, dtype, quantize):
     folder = save_transformers(random_hf_bloom(hidden_size=160, n_head=5, n_layer=3, vocab_size=1000), tmp_path)
     model = load_pretrained(folder, dtype=dtype, quantize=quantize)
