@@ -1,4 +1,5 @@
-"""bloom.matvec: the decode step's products, compiled from matvec.c, against float64 and torch's own ops."""
+"""bloom.matvec: a decode step's kernels (products, attention, GeLU), compiled from matvec.c, against float64,
+torch's own ops, and generation without them."""
 
 import os
 import subprocess
@@ -42,7 +43,7 @@ def ulp(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 16, 40])  # 40: an fp16 prefill's rows
 @pytest.mark.parametrize("features", [7, 64, 100, 1024])  # tails of every width the vector loops take
 def test_products_equal_float64_within_float32_summation(build, dtype, rows, features):
     x, weight, bias = torch.randn(rows, features), torch.randn(37, features), torch.randn(37)
