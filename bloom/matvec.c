@@ -259,6 +259,8 @@ static float exp_and_sum(float *score, int64_t n, float max) {
 
 /* bloom_gelu (bloom/model.py), x · 0.5 · (1 + tanh(0.79788456 · x · (1 + 0.044715 · x · x))), one operation at a
  * time in float32, each result rounded by ROUND to the model's dtype as torch rounds each op's output. */
+#define GELU_PARALLEL 65536 /* values from which the threads share a GeLU (a prefill's); a decode step's: one */
+
 #define GELU_STEPS(x, ROUND, TANH)                                                                  \
     ROUND(ROUND((x) * 0.5f) *                                                                       \
           ROUND(1.0f + ROUND(TANH(ROUND(ROUND(0.79788456f * (x)) *                                  \
@@ -293,6 +295,7 @@ static inline __attribute__((always_inline)) __m512 gelu512(__m512 x, const int 
 }
 
 void gelu_bf16(const uint16_t *x, uint16_t *y, int64_t n) {
+#pragma omp parallel for if (n >= GELU_PARALLEL)
     for (int64_t i = 0; i < n; i += 16) {
         __mmask16 valid = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
         __m512 v = _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(valid, x + i));
@@ -301,6 +304,7 @@ void gelu_bf16(const uint16_t *x, uint16_t *y, int64_t n) {
 }
 
 void gelu_f32(const float *x, float *y, int64_t n) {
+#pragma omp parallel for if (n >= GELU_PARALLEL)
     for (int64_t i = 0; i < n; i += 16) {
         __mmask16 valid = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
         _mm512_mask_storeu_ps(y + i, valid, gelu512(_mm512_maskz_loadu_ps(valid, x + i), AS_F32));
@@ -308,6 +312,7 @@ void gelu_f32(const float *x, float *y, int64_t n) {
 }
 
 void gelu_f16(const uint16_t *x, uint16_t *y, int64_t n) {
+#pragma omp parallel for if (n >= GELU_PARALLEL)
     for (int64_t i = 0; i < n; i += 16) {
         __mmask16 valid = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
         __m512 v = gelu512(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, x + i)), AS_F16);
@@ -319,6 +324,7 @@ static inline float round_bf16_scalar(float f) { return bf16_to_float(float_to_b
 static inline float same_float_scalar(float f) { return f; }
 
 void gelu_bf16(const uint16_t *x, uint16_t *y, int64_t n) {
+#pragma omp parallel for if (n >= GELU_PARALLEL)
     for (int64_t i = 0; i < n; i++) {
         float v = bf16_to_float(x[i]);
         y[i] = float_to_bf16(GELU_STEPS(v, round_bf16_scalar, tanhf));
@@ -326,12 +332,14 @@ void gelu_bf16(const uint16_t *x, uint16_t *y, int64_t n) {
 }
 
 void gelu_f32(const float *x, float *y, int64_t n) {
+#pragma omp parallel for if (n >= GELU_PARALLEL)
     for (int64_t i = 0; i < n; i++) y[i] = GELU_STEPS(x[i], same_float_scalar, tanhf);
 }
 
 static inline float round_f16_scalar(float f) { return f16_to_float(float_to_f16(f)); }
 
 void gelu_f16(const uint16_t *x, uint16_t *y, int64_t n) {
+#pragma omp parallel for if (n >= GELU_PARALLEL)
     for (int64_t i = 0; i < n; i++) {
         float v = f16_to_float(x[i]);
         y[i] = float_to_f16(GELU_STEPS(v, round_f16_scalar, tanhf));

@@ -173,8 +173,9 @@ def test_the_library_is_built_once_rebuilt_when_damaged_and_a_missing_compiler_f
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_gelu_rounds_each_operation_like_bloom_gelu(build, dtype):
-    x = torch.cat([torch.randn(4000) * 3, torch.tensor([0.0, -0.0, 1e-20, -30.0, 30.0, 200.0, -200.0])]).to(dtype)
+@pytest.mark.parametrize("size", [4000, 70000])  # a decode step's values, and a prefill's, which threads share
+def test_gelu_rounds_each_operation_like_bloom_gelu(build, dtype, size):
+    x = torch.cat([torch.randn(size) * 3, torch.tensor([0.0, -0.0, 1e-20, -30.0, 30.0, 200.0, -200.0])]).to(dtype)
     reference = bloom_gelu(x)  # outside decoding(): torch's ops
     y = matvec.gelu(x)
     if dtype != torch.float32:  # the same value but where tanh's last float32 bit decides a rounding
