@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from bloom.model import SCORES_BUDGET, Bloom
+from bloom.model import Bloom, query_chunks
 
 GB = 1e9
 
@@ -55,7 +55,7 @@ def check_attention_fits(model: Bloom, batch_size: int, prompt_len: int) -> None
     weight = model.ln_f.weight  # the model's dtype and device (the embedding may be int8)
     attention = model.h[0].self_attention
     n_head, itemsize = attention.n_head, weight.dtype.itemsize
-    n_chunks = math.ceil(batch_size * n_head * prompt_len**2 * 4 / SCORES_BUDGET)  # as Attention.forward splits
+    n_chunks = query_chunks(batch_size, n_head, prompt_len, prompt_len)  # as Attention.forward splits
     probed = any(block.self_attention.probed() for block in model.h)
     rows = prompt_len if probed else math.ceil(prompt_len / n_chunks)
     per_score = 2 * itemsize + 4 + (0 if weight.dtype == torch.float32 else itemsize)

@@ -106,6 +106,11 @@ def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
 SCORES_BUDGET = 2**28
 
 
+def query_chunks(batch: int, heads: int, queries: int, keys: int) -> int:
+    """The chunks of queries attention takes so that each one's float32 scores fit in SCORES_BUDGET (1: whole)."""
+    return math.ceil(batch * heads * queries * keys * 4 / SCORES_BUDGET)
+
+
 class Tap(nn.Identity):
     """A named point in the forward pass (`h.3.self_attention.probs`) that returns its input unchanged.
 
@@ -114,22 +119,25 @@ class Tap(nn.Identity):
     """
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; a generation's few rows (bloom.matvec.decoding) go to bloom.matvec's kernel instead."""
+    if matvec.applies(x, weight):
+        return matvec.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Linear):
-    """nn.Linear, whose products of a decode step (bloom.matvec.decoding) go to bloom.matvec's kernels."""
+    """nn.Linear through `linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if matvec.applies(x, self.weight):
-            return matvec.linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class TiedEmbedding(nn.Embedding):
     """The word embedding, (B, T) ids -> (B, T, C), which is also the LM head: `unembed`, (B, T, C) -> (B, T, V)."""
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
-        if matvec.applies(x, self.weight):
-            return matvec.linear(x, self.weight)
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
 
 
 class Attention(nn.Module):
@@ -154,10 +162,11 @@ class Attention(nn.Module):
             cached_k, cached_v = kv.update(slots, k, v)  # 2 x (B, nh, S_max, hd)
             if mask.attention_mask.shape[-1] == cached_k.shape[2]:  # decoding: attend over the whole cache,
                 k, v = cached_k, cached_v  # unwritten slots masked (a prefill attends over its own T tokens only)
-        n_chunks = math.ceil(B * self.n_head * T * k.shape[2] * 4 / SCORES_BUDGET)  # float32 scores per chunk
-        if matvec.attends(q, k) and not self.probed():  # a decode step's one query per row, in bloom.matvec
+        n_chunks = query_chunks(B, self.n_head, T, k.shape[2])
+        probed = self.probed()
+        if not probed and matvec.attends(q, k):  # a decode step's one query per row, in bloom.matvec
             y = matvec.attend(q, k, v, alibi, mask.whole(), 1.0 / math.sqrt(self.head_dim))
-        elif n_chunks <= 1 or self.probed():  # all queries at once: the reference, op for op as transformers
+        elif probed or n_chunks <= 1:  # all queries at once: the reference, op for op as transformers
             y = self.attend(q, k, v, alibi, mask.whole())  # (B, nh, T, hd)
         else:  # long inputs: memory linear in T, values equal within float32 rounding
             y = self.attend_in_chunks(q, k, v, alibi, mask, n_chunks)

@@ -42,12 +42,17 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(..., in) · ((out, in) int8 · (out,) scale)ᵀ -> (..., out), in x's dtype.
+def int8_matmul(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(..., in) · ((out, in) int8 · (out,) scale)ᵀ (+ bias) -> (..., out), in x's dtype.
 
     The CPU's int8 kernel and the conversion path round differently in bf16, so with int8 weights a row of a
     long or large batch can differ from the same prompt alone by bf16 rounding (not bitwise, as without int8).
+    A generation's few rows go to bloom.matvec's kernel instead.
     """
+    if matvec.applies(x, weight):
+        return matvec.int8_linear(x, weight, scale, bias)
     rows, features = x.numel() // x.shape[-1], x.shape[-1]
     if (
         x.device.type == "cpu"
@@ -56,8 +61,10 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
         and features % PACKED_KERNEL_FEATURE_MULTIPLE == 0
     ):
         y = torch._weight_int8pack_mm(x.reshape(rows, features).contiguous(), weight, scale)  # (rows, out)
-        return y.view(*x.shape[:-1], -1)
-    return F.linear(x, weight.to(x.dtype)) * scale
+        y = y.view(*x.shape[:-1], -1)
+    else:
+        y = F.linear(x, weight.to(x.dtype)) * scale
+    return y if bias is None else y + bias
 
 
 class Int8Linear(nn.Module):
@@ -77,10 +84,7 @@ class Int8Linear(nn.Module):
         return cls(*quantize_rows(linear.weight.detach()), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if matvec.applies(x, self.weight):  # a decode step's product
-            return matvec.int8_linear(x, self.weight, self.scale, self.bias)
-        y = int8_matmul(x, self.weight, self.scale)  # (..., out)
-        return y if self.bias is None else y + self.bias
+        return int8_matmul(x, self.weight, self.scale, self.bias)  # (..., out)
 
 
 class Int8RowParallelLinear(Int8Linear):
@@ -111,8 +115,6 @@ class Int8Embedding(nn.Module):
         return self.weight[ids].to(self.scale.dtype) * self.scale[ids, None]  # (B, T, C): q · scale, rounded once
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
-        if matvec.applies(x, self.weight):  # a decode step's product
-            return matvec.int8_linear(x, self.weight, self.scale)
         return int8_matmul(x, self.weight, self.scale)  # (B, T, V)
 
 
