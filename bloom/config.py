@@ -114,9 +114,14 @@ class BloomConfig:
 _FLAGS = {"apply_residual_connection_post_layernorm": False, "slow_but_exact": False, "tie_word_embeddings": True}
 
 
+def is_integer(value: object) -> bool:
+    """An int, and not a bool (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_size(key: str, value: Any, *, integer: bool) -> None:
     """A size must be a positive integer (not a bool, not 2.0); a rate a positive finite number."""
-    if integer and (type(value) is not int or value < 1):
+    if integer and (not is_integer(value) or value < 1):
         raise ValueError(f"{key} should be a positive integer, got {value!r:.60}")
     if not integer and (type(value) not in (int, float) or not 0 < value < math.inf):
         raise ValueError(f"{key} should be a positive finite number, got {value!r:.60}")
@@ -127,7 +132,7 @@ def _check_token_id(key: str, value: Any, vocab_size: int) -> None:
     list or tuple of such ids."""
 
     def is_id(one: Any) -> bool:
-        return type(one) is int and 0 <= one < vocab_size
+        return is_integer(one) and 0 <= one < vocab_size
 
     if value is None or is_id(value):
         return

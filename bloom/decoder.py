@@ -10,6 +10,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 from bloom import matvec
+from bloom.config import is_integer
 from bloom.kv_cache import KVCache
 from bloom.memory import check_fits
 from bloom.model import Bloom
@@ -200,8 +201,3 @@ class Decoder:
         prompt_mask = self._prompt_mask
         self.mask = torch.ones(self.batch_size, capacity, dtype=torch.long, device=prompt_mask.device)
         self.mask[:, : prompt_mask.shape[1]] = prompt_mask  # every slot after the prompt holds a real token
-
-
-def is_integer(value: object) -> bool:
-    """An int, and not a bool (which Python counts as one)."""
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -29,7 +29,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from bloom.decoder import is_integer
+from bloom.config import is_integer
 from bloom.generate import generate_steps
 from bloom.loader import load_pretrained
 from bloom.model import Bloom

@@ -23,7 +23,8 @@ from contextlib import closing
 
 import torch
 
-from bloom.decoder import Decoder, is_integer
+from bloom.config import is_integer
+from bloom.decoder import Decoder
 from bloom.memory import check_attention_fits
 from bloom.model import Bloom
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from huggingface_hub.utils import tqdm
 
-from bloom.decoder import is_integer
+from bloom.config import is_integer
 from bloom.model import Bloom
 from bloom.probe import find_all, is_per_head, patch, record
 
