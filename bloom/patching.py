@@ -63,10 +63,7 @@ def activation_patching(
             if len(mine):
                 edits[name] = _put(clean[name], mine - start, head[mine] if per_head else None, position[mine])
         with torch.no_grad(), patch(model, edits):
-            out = metric(model(corrupt_ids.expand(len(rows), T)))
-        if not isinstance(out, torch.Tensor) or out.shape != (len(rows),):
-            found = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"metric gave {found} for logits of {len(rows)} rows: it must return one value per row")
+            out = _checked(metric(model(corrupt_ids.expand(len(rows), T))), len(rows))
         values[rows] = out.float().cpu()
     return names, values.view(len(names), n_head, T) if per_head else values.view(len(names), T)
 
@@ -84,10 +81,7 @@ def attribution_patching(
     with torch.no_grad(), record(model, *names) as clean:
         model(clean_ids)
     with torch.enable_grad(), record(model, *names, grad=True) as corrupt:
-        out = metric(model(corrupt_ids))
-        if not isinstance(out, torch.Tensor) or out.shape != (1,):
-            found = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"metric gave {found} for logits of 1 row: it must return one value per row")
+        out = _checked(metric(model(corrupt_ids)), 1)
         grads = torch.autograd.grad(out.sum(), [corrupt[name] for name in names], allow_unused=True)
     estimates = []
     for name, grad in zip(names, grads, strict=True):
@@ -117,6 +111,15 @@ def _check(
             "sweep them in two calls"
         )
     return names, all(heads), clean_ids.shape[1]
+
+
+def _checked(out: object, rows: int) -> torch.Tensor:
+    """The metric's output for logits of `rows` rows, which must be one value per row."""
+    if not isinstance(out, torch.Tensor) or out.shape != (rows,):
+        found = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"metric gave {found} for logits of {rows} row{'s' if rows != 1 else ''}: it must return "
+                         "one value per row")  # fmt: skip
+    return out
 
 
 def _put(clean: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor | None, positions: torch.Tensor) -> Callable:
