@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from huggingface_hub.utils import tqdm
 
+from bloom.config import read_json
 from bloom.memory import check_attention_fits
 from bloom.model import Bloom
 from bloom.probe import find_all, is_per_head, record
@@ -92,12 +93,9 @@ def _write_index(out: Path, index: dict) -> None:
 
 
 def _read_index(folder: Path) -> dict:
-    try:
-        return json.loads((folder / INDEX).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{folder}: no {INDEX}, so not a folder written by bloom activations") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{folder / INDEX}: not JSON ({error})") from None
+    if not (folder / INDEX).is_file():
+        raise FileNotFoundError(f"{folder}: no {INDEX}, so not a folder written by bloom activations")
+    return read_json(folder / INDEX)
 
 
 def _start(out: Path, settings: dict, widths: dict[str, int], token_ids: torch.Tensor, dtype: torch.dtype) -> int:
