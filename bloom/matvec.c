@@ -55,6 +55,11 @@ static inline uint16_t float_to_f16(float f) {
     return h;
 }
 
+/* A float32 value rounded to bf16 or fp16 and back: what storing an op's result in that dtype does to it. */
+static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+static inline float round_f16(float f) { return f16_to_float(float_to_f16(f)); }
+static inline float same_float(float f) { return f; }
+
 #include <omp.h>
 
 #ifdef HAVE_AVX512
@@ -320,34 +325,27 @@ void gelu_f16(const uint16_t *x, uint16_t *y, int64_t n) {
     }
 }
 #else
-static inline float round_bf16_scalar(float f) { return bf16_to_float(float_to_bf16(f)); }
-static inline float same_float_scalar(float f) { return f; }
-
 void gelu_bf16(const uint16_t *x, uint16_t *y, int64_t n) {
 #pragma omp parallel for if (n >= GELU_PARALLEL)
     for (int64_t i = 0; i < n; i++) {
         float v = bf16_to_float(x[i]);
-        y[i] = float_to_bf16(GELU_STEPS(v, round_bf16_scalar, tanhf));
+        y[i] = float_to_bf16(GELU_STEPS(v, round_bf16, tanhf));
     }
 }
 
 void gelu_f32(const float *x, float *y, int64_t n) {
 #pragma omp parallel for if (n >= GELU_PARALLEL)
-    for (int64_t i = 0; i < n; i++) y[i] = GELU_STEPS(x[i], same_float_scalar, tanhf);
+    for (int64_t i = 0; i < n; i++) y[i] = GELU_STEPS(x[i], same_float, tanhf);
 }
-
-static inline float round_f16_scalar(float f) { return f16_to_float(float_to_f16(f)); }
 
 void gelu_f16(const uint16_t *x, uint16_t *y, int64_t n) {
 #pragma omp parallel for if (n >= GELU_PARALLEL)
     for (int64_t i = 0; i < n; i++) {
         float v = f16_to_float(x[i]);
-        y[i] = float_to_f16(GELU_STEPS(v, round_f16_scalar, tanhf));
+        y[i] = float_to_f16(GELU_STEPS(v, round_f16, tanhf));
     }
 }
 #endif
-
-static inline float same_float(float f) { return f; }
 
 /* One query per row of the batch against its keys and values: a decode step's attention, as Attention.attend
  * computes it in the model's dtype T. For each of the BH (row, head) pairs, over the S key slots:
@@ -397,8 +395,6 @@ static inline float same_float(float f) { return f; }
         return failed;                                                                                            \
     }
 
-static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
-static inline float round_f16(float f) { return f16_to_float(float_to_f16(f)); }
 
 ATTEND(attend_bf16, uint16_t, tile_bf16, bf16_to_float, round_bf16, float_to_bf16)
 ATTEND(attend_f32, float, tile_f32, same_float, same_float, same_float)
