@@ -8,6 +8,7 @@ Without transformers installed, only ours is measured.
 
 import argparse
 import importlib.util
+import itertools
 import json
 import resource
 import statistics
@@ -42,17 +43,29 @@ def rss_gb() -> float:
 def memory_bandwidth_gb_s(device: torch.device, gigabytes: float = 0.5, reps: int = 5) -> float:
     """The bytes per second this process reads from memory: a plain sum() over a tensor far larger than the
     caches, the best of `reps` (a decode step at full speed reads its weights as fast)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    x = torch.ones(int(gigabytes * 1e9) // 4, device=device)  # float32
-    x.sum()
-    best = float("inf")
-    for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        x.sum()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return x.numel() * 4 / 1e9 / best
+    return Bandwidth(device, gigabytes).measure(reps)
+
+
+class Bandwidth:
+    """A float32 tensor of `gigabytes`, far larger than the caches, whose sum() measures the memory bandwidth
+    again whenever asked: on a shared machine it moves (43-83 GB/s here, from one second to the next), so a
+    decode speed is compared with the bandwidth measured just before and after it."""
+
+    def __init__(self, device: torch.device, gigabytes: float = 0.5) -> None:
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.x = torch.ones(int(gigabytes * 1e9) // 4, device=device)
+        self.x.sum()  # touches every page once
+
+    def measure(self, reps: int = 5) -> float:
+        """GB/s read by the fastest of `reps` sums."""
+        best = float("inf")
+        for _ in range(reps):
+            self.sync()
+            start = time.perf_counter()
+            self.x.sum()
+            self.sync()
+            best = min(best, time.perf_counter() - start)
+        return self.x.numel() * 4 / 1e9 / best
 
 
 def measure(
@@ -84,7 +97,8 @@ def measure(
         memory_gb = torch.cuda.max_memory_allocated() / 1e9
     else:  # the process's peak RSS (kilobytes on Linux) less what it held before loading
         memory_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9 - before
-    prefill, total = [], []
+    bandwidth = Bandwidth(device)  # after the peak memory is taken: its 0.5 GB are not the model's
+    prefill, total, bandwidths = [], [], [bandwidth.measure()]
     for _ in range(args.reps):
         for n, times in ((1, prefill), (args.new_tokens, total)):
             sync()
@@ -92,22 +106,20 @@ def measure(
             tokens = run(model, ids, n)
             sync()
             times.append(time.perf_counter() - start)
-    prefill_s, total_s = statistics.median(prefill), statistics.median(total)
-    steps_per_s = (args.new_tokens - 1) / (total_s - prefill_s)  # decode steps after the prefill's token
-    bandwidth_gb_s = memory_bandwidth_gb_s(device)
+        bandwidths.append(bandwidth.measure())
+    steps_per_s = [(args.new_tokens - 1) / (t - p) for p, t in zip(prefill, total, strict=True)]  # after prefill's
+    around = [(first + second) / 2 for first, second in itertools.pairwise(bandwidths)]  # each rep's bandwidth
     return {
         "load_s": load_s,
         "warmup_s": warmup_s,
         "memory_gb": memory_gb,
         "weight_gb": weight_gb,
-        "prefill_ms": prefill_s * 1e3,
-        "decode_tok_s": steps_per_s * args.batch_size,
-        "decode_gb_s": steps_per_s * weight_gb,  # every step reads every weight once
-        "bandwidth_gb_s": bandwidth_gb_s,
-        "bandwidth_used": steps_per_s * weight_gb / bandwidth_gb_s,
-        "decode_tok_s_reps": [
-            (args.new_tokens - 1) * args.batch_size / (t - p) for p, t in zip(prefill, total, strict=True)
-        ],
+        "prefill_ms": statistics.median(prefill) * 1e3,
+        "decode_tok_s": statistics.median(steps_per_s) * args.batch_size,
+        "decode_gb_s": statistics.median(steps_per_s) * weight_gb,  # every step reads every weight once
+        "bandwidth_gb_s": statistics.median(around),
+        "bandwidth_used": statistics.median(s * weight_gb / gb_s for s, gb_s in zip(steps_per_s, around, strict=True)),
+        "decode_tok_s_reps": [s * args.batch_size for s in steps_per_s],
         "tokens": tokens[:, args.prompt_len :].tolist(),
     }
 
@@ -190,7 +202,8 @@ def table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
             ratios = " | ".join(f"{top[key] / bottom[key]:.2f}x" for _, key, _ in columns)
             lines.append(f"| {numerator} / {denominator} | {ratios} |")
     lines += ["", "decode GB/s: the weights' bytes x decode steps per second; memory GB/s: a sum() over 0.5 GB "
-              "in the same process (the machine's bandwidth)"]  # fmt: skip
+              "in the same process just before and after each timed decode (the machine's bandwidth then); "
+              "of memory GB/s: the median over the decodes of their share of it"]  # fmt: skip
     lines += spread_warnings(results)
     if "transformers" in results:
         same = all(r["tokens"] == results["ours"][0]["tokens"] for r in results["transformers"])
