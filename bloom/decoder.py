@@ -9,7 +9,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch
 import torch._inductor.config as inductor_config
 
-from bloom import matvec
+from bloom import decode_step, matvec
 from bloom.config import is_integer
 from bloom.kv_cache import KVCache
 from bloom.memory import check_fits
@@ -87,6 +87,7 @@ class Decoder:
         self.slot: torch.Tensor | None = None  # (1,): where the next token goes, advanced in place
         self._prompt_mask: torch.Tensor | None = None  # (B, T)
         self._in_use = threading.Lock()
+        self.fused_step: decode_step.DecodeStep | None = None  # planned by each prefill
 
         def step(tokens: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor, cache: KVCache) -> torch.Tensor:
             return model(tokens[:, None], mask, cache, slot)  # the cache as an argument: measured faster
@@ -159,6 +160,8 @@ class Decoder:
             logits = self.model(input_ids, attention_mask, self.cache, last_only=True)
         self.slot = torch.tensor([T], device=input_ids.device)
         self.length = T
+        # the steps' one call per block, planned from the layers as they are now
+        self.fused_step = decode_step.plan(self.model, self.batch_size) if self.matvec_kernels else None
         return logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -171,8 +174,12 @@ class Decoder:
         # torch.compile(options={"freezing": True}) does not reach it
         if self._graphed:  # the previous step's outputs are no longer needed: the graph may reuse their memory
             torch.compiler.cudagraph_mark_step_begin()
-        with inductor_config.patch(freezing=self._freeze), self._products():
-            logits = self._step(tokens, self.mask, self.slot, self.cache)
+        with self._products():
+            if self.fused_step is not None and self.fused_step.applies():
+                logits = self.fused_step(tokens, self.mask, self.slot, self.cache)
+            else:
+                with inductor_config.patch(freezing=self._freeze):
+                    logits = self._step(tokens, self.mask, self.slot, self.cache)
         self.slot += 1
         self.length += 1
         return logits

@@ -399,3 +399,106 @@ void gelu_f16(const uint16_t *x, uint16_t *y, int64_t n) {
 ATTEND(attend_bf16, uint16_t, tile_bf16, bf16_to_float, round_bf16, float_to_bf16)
 ATTEND(attend_f32, float, tile_f32, same_float, same_float, same_float)
 ATTEND(attend_f16, uint16_t, tile_f16_f16, f16_to_float, round_f16, float_to_f16)
+
+/* A whole block's decode step in one call (bloom/decode_step.py), for M rows of one token each: the work of
+ * Block.forward (bloom/model.py) in its order, through the kernels above, with the same roundings:
+ *     h = LN1(x); q, k, v = split(h · Wqkvᵀ + b), k and v written at `slot` of the layer's cache
+ *     x = T(x + dense(attend(q, keys, values)));  out = T(x + down(gelu(up(LN2(x)))))
+ * A product's weight is int8 (its scale per row given) or in the activations' dtype T (scale NULL). */
+struct product {
+    const void *weight, *scale, *bias;
+};
+
+struct block {
+    const void *ln1_weight, *ln1_bias;
+    struct product qkv, dense;
+    const void *ln2_weight, *ln2_bias;
+    struct product up, down;
+    void *keys, *values;      /* the layer's cache, (M, nh, S, hd) each */
+    const void *alibi, *mask; /* (M, nh, S) and (M, S), in T */
+    int64_t rows, hidden, heads, slots, slot;
+    float eps, alpha; /* LayerNorm's epsilon; 1/√hd */
+};
+
+/* LayerNorm over the C values of each of M rows: mean and variance in float32, y = T((x - mean) · rstd · w + b).
+ * torch sums in another order, so a result can differ from F.layer_norm's by float32 rounding. */
+#define LAYER_NORM(NAME, T, TO_FLOAT, FROM_FLOAT)                                                                 \
+    static void NAME(const T *x, const T *w, const T *b, T *y, int64_t M, int64_t C, float eps) {               \
+        for (int64_t m = 0; m < M; m++, x += C, y += C) {                                                        \
+            float mean = 0, var = 0;                                                                             \
+            for (int64_t c = 0; c < C; c++) mean += TO_FLOAT(x[c]);                                              \
+            mean /= C;                                                                                           \
+            for (int64_t c = 0; c < C; c++) var += (TO_FLOAT(x[c]) - mean) * (TO_FLOAT(x[c]) - mean);           \
+            float rstd = 1.0f / sqrtf(var / C + eps);                                                            \
+            for (int64_t c = 0; c < C; c++)                                                                      \
+                y[c] = FROM_FLOAT((TO_FLOAT(x[c]) - mean) * rstd * TO_FLOAT(w[c]) + TO_FLOAT(b[c]));             \
+        }                                                                                                        \
+    }
+
+LAYER_NORM(layer_norm_bf16, uint16_t, bf16_to_float, float_to_bf16)
+LAYER_NORM(layer_norm_f16, uint16_t, f16_to_float, float_to_f16)
+LAYER_NORM(layer_norm_f32, float, same_float, same_float)
+
+/* One product of a block step, x (M, K) -> y (M, N): int8 or same-dtype weights; fp16 x through x32 (M·K floats),
+ * which the fp16 kernels read. */
+static void product_bf16(const uint16_t *x, float *x32, const struct product *p, uint16_t *y, int64_t M, int64_t N,
+                         int64_t K) {
+    (void)x32;
+    if (p->scale) linear_int8_bf16(x, p->weight, p->scale, p->bias, y, M, N, K);
+    else linear_bf16(x, p->weight, p->bias, y, M, N, K);
+}
+
+static void product_f16(const uint16_t *x, float *x32, const struct product *p, uint16_t *y, int64_t M, int64_t N,
+                        int64_t K) {
+    for (int64_t i = 0; i < M * K; i++) x32[i] = f16_to_float(x[i]);
+    if (p->scale) linear_int8_f16(x32, p->weight, p->scale, p->bias, y, M, N, K);
+    else linear_f16(x32, p->weight, p->bias, y, M, N, K);
+}
+
+static void product_f32(const float *x, float *x32, const struct product *p, float *y, int64_t M, int64_t N,
+                        int64_t K) {
+    (void)x32;
+    if (p->scale) linear_int8_f32(x, p->weight, p->scale, p->bias, y, M, N, K);
+    else linear_f32(x, p->weight, p->bias, y, M, N, K);
+}
+
+/* x (M, C) -> out (M, C); returns 1 when the scratch memory cannot be allocated (nothing written then). */
+#define DECODE_BLOCK(NAME, T, LAYER_NORM_FN, PRODUCT, ATTEND_FN, GELU_FN, TO_FLOAT, FROM_FLOAT)                   \
+    int NAME(const struct block *p, const T *x, T *out) {                                                        \
+        const int64_t M = p->rows, C = p->hidden, nh = p->heads, hd = C / nh, S = p->slots;                      \
+        T *h = malloc(sizeof(T) * M * 11 * C); /* LN output, qkv, q, context, a product's output, up */          \
+        float *x32 = malloc(sizeof(float) * M * 4 * C);                                                          \
+        if (!h || !x32) {                                                                                        \
+            free(h);                                                                                             \
+            free(x32);                                                                                           \
+            return 1;                                                                                            \
+        }                                                                                                        \
+        T *qkv = h + M * C, *q = qkv + M * 3 * C, *context = q + M * C, *a = context + M * C, *up = a + M * C;   \
+        T *keys = p->keys, *values = p->values;                                                                  \
+        LAYER_NORM_FN(x, p->ln1_weight, p->ln1_bias, h, M, C, p->eps);                                           \
+        PRODUCT(h, x32, &p->qkv, qkv, M, 3 * C, C);                                                              \
+        for (int64_t i = 0; i < M * nh; i++) { /* qkv's features per head: [q | k | v][hd] */                    \
+            const T *src = qkv + i * 3 * hd;                                                                     \
+            memcpy(q + i * hd, src, sizeof(T) * hd);                                                             \
+            memcpy(keys + (i * S + p->slot) * hd, src + hd, sizeof(T) * hd);                                     \
+            memcpy(values + (i * S + p->slot) * hd, src + 2 * hd, sizeof(T) * hd);                               \
+        }                                                                                                        \
+        int failed = ATTEND_FN(q, keys, values, p->alibi, p->mask, context, M * nh, nh, S, hd, p->alpha);        \
+        if (!failed) {                                                                                           \
+            PRODUCT(context, x32, &p->dense, a, M, C, C);                                                        \
+            for (int64_t i = 0; i < M * C; i++) out[i] = FROM_FLOAT(TO_FLOAT(x[i]) + TO_FLOAT(a[i]));            \
+            LAYER_NORM_FN(out, p->ln2_weight, p->ln2_bias, h, M, C, p->eps);                                     \
+            PRODUCT(h, x32, &p->up, up, M, 4 * C, C);                                                            \
+            GELU_FN(up, up, M * 4 * C);                                                                          \
+            PRODUCT(up, x32, &p->down, a, M, C, 4 * C);                                                          \
+            for (int64_t i = 0; i < M * C; i++) out[i] = FROM_FLOAT(TO_FLOAT(out[i]) + TO_FLOAT(a[i]));          \
+        }                                                                                                        \
+        free(h);                                                                                                 \
+        free(x32);                                                                                               \
+        return failed;                                                                                           \
+    }
+
+DECODE_BLOCK(decode_block_bf16, uint16_t, layer_norm_bf16, product_bf16, attend_bf16, gelu_bf16, bf16_to_float,
+             float_to_bf16)
+DECODE_BLOCK(decode_block_f16, uint16_t, layer_norm_f16, product_f16, attend_f16, gelu_f16, f16_to_float, float_to_f16)
+DECODE_BLOCK(decode_block_f32, float, layer_norm_f32, product_f32, attend_f32, gelu_f32, same_float, same_float)

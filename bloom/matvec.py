@@ -47,6 +47,11 @@ _KERNEL_DTYPES = {torch.bfloat16: "linear_bf16", torch.float16: "linear_f16", to
 _INT8_KERNELS = {torch.bfloat16: "linear_int8_bf16", torch.float16: "linear_int8_f16", torch.float32: "linear_int8_f32"}
 _ATTEND_DTYPES = {torch.bfloat16: "attend_bf16", torch.float16: "attend_f16", torch.float32: "attend_f32"}
 _GELU_DTYPES = {torch.bfloat16: "gelu_bf16", torch.float16: "gelu_f16", torch.float32: "gelu_f32"}
+_BLOCK_DTYPES = {
+    torch.bfloat16: "decode_block_bf16",
+    torch.float16: "decode_block_f16",
+    torch.float32: "decode_block_f32",
+}
 
 _state = threading.local()  # .decoding: whether this thread is inside decoding()
 _library: ctypes.CDLL | None = None
@@ -149,6 +154,80 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def has_block_kernel(dtype: torch.dtype) -> bool:
+    """Whether `DecodeBlock` takes activations of this dtype here (bf16, fp16, fp32, with the library built)."""
+    return dtype in _BLOCK_DTYPES and library() is not None
+
+
+class _Product(ctypes.Structure):  # matvec.c's struct product
+    _fields_ = [("weight", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+class _Block(ctypes.Structure):  # matvec.c's struct block
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in ("ln1_weight", "ln1_bias")),
+        *((name, _Product) for name in ("qkv", "dense")),
+        *((name, ctypes.c_void_p) for name in ("ln2_weight", "ln2_bias")),
+        *((name, _Product) for name in ("up", "down")),
+        *((name, ctypes.c_void_p) for name in ("keys", "values", "alibi", "mask")),
+        *((name, ctypes.c_int64) for name in ("rows", "hidden", "heads", "slots", "slot")),
+        *((name, ctypes.c_float) for name in ("eps", "alpha")),
+    ]
+
+
+Product = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # weight, scale (int8 weights), bias
+
+
+class DecodeBlock:
+    """A block's decode step in one call, x (M, C) -> (M, C), for M rows of one token each (bloom.decode_step).
+
+    norms: the weights and biases of the two LayerNorms; products: (weight, scale or None, bias) of the fused
+    qkv, dense, dense_h_to_4h and dense_4h_to_h layers, weights in `dtype` or int8 with a scale per row; eps:
+    the LayerNorms' epsilon; alpha = 1/√hd. The tensors are held (their storage stays alive) and their addresses
+    taken here, once: an in-place edit of a weight is seen, a weight replaced by another tensor is not.
+    """
+
+    def __init__(
+        self,
+        norms: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        products: tuple[Product, Product, Product, Product],
+        eps: float,
+        alpha: float,
+        dtype: torch.dtype,
+    ) -> None:
+        self.kernel = getattr(library(), _BLOCK_DTYPES[dtype])
+        self.tensors = [t.detach() for t in (*norms, *(t for p in products for t in p)) if t is not None]
+        norms_at = [_pointer(t, dtype) for t in norms]
+        products_at = [_product(*product, dtype) for product in products]
+        self.params = _Block(*norms_at[:2], *products_at[:2], *norms_at[2:], *products_at[2:], eps=eps, alpha=alpha)
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        alibi: torch.Tensor,
+        mask: torch.Tensor,
+        at: int,
+    ) -> torch.Tensor:
+        """x (M, C); keys, values: the layer's cache, (M, nh, S, hd) each, written at slot `at`; alibi (M, nh, S) and
+        the additive mask (M, S) of the query at that slot, in x's dtype. Every tensor contiguous, on the CPU."""
+        out = torch.empty_like(x)
+        params = self.params
+        params.keys, params.values, params.alibi, params.mask = (t.data_ptr() for t in (keys, values, alibi, mask))
+        params.rows, params.hidden = x.shape
+        params.heads, params.slots, params.slot = keys.shape[1], keys.shape[2], at
+        if self.kernel(ctypes.byref(params), x.data_ptr(), out.data_ptr()):
+            raise MemoryError(f"a block's decode step over {keys.shape[2]} slots: the kernel could not allocate")
+        return out
+
+
+def _product(weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype):
+    """A product's struct: its weight in `dtype`, or int8 beside a scale in `dtype`; its bias (or None)."""
+    _pointer(weight, torch.int8 if scale is not None else dtype)
+    return _Product(weight.data_ptr(), _pointer(scale, dtype), _pointer(bias, dtype))
+
+
 def _pointer(t: torch.Tensor | None, dtype: torch.dtype) -> int | None:
     if t is None:
         return None
@@ -196,6 +275,9 @@ def load(path: Path) -> ctypes.CDLL:
     for name in _GELU_DTYPES.values():  # x, y, n
         getattr(lib, name).argtypes = [pointer, pointer, size]
         getattr(lib, name).restype = None
+    for name in _BLOCK_DTYPES.values():  # struct block *, x, out -> 1 if out of memory
+        getattr(lib, name).argtypes = [ctypes.POINTER(_Block), pointer, pointer]
+        getattr(lib, name).restype = ctypes.c_int
     for name in _ATTEND_DTYPES.values():  # q, k, v, alibi, mask, y, BH, heads, S, hd, alpha -> 1 if out of memory
         getattr(lib, name).argtypes = [pointer] * 6 + [size] * 4 + [ctypes.c_float]
         getattr(lib, name).restype = ctypes.c_int

@@ -1,5 +1,9 @@
+import os
+
 import pytest
 import torch
+
+from bloom import matvec
 
 
 @pytest.fixture(autouse=True)
@@ -68,3 +72,23 @@ def eos_model_folder(tmp_path_factory):
     out = generate(load_pretrained(save_transformers(hf, folder)), ids, max_new_tokens=8, eos_token_id=eos)
     assert out.shape[1] == ids.shape[1] + 3 and out[0, -1] == eos, "the swap did not make EOS the third token"
     return folder
+
+
+BUILDS = ["native", "x86-64-v2"]  # this CPU's vector code (AVX-512 BF16 here), and the portable loops
+
+
+@pytest.fixture(scope="session")
+def libraries(tmp_path_factory):
+    """The library compiled once for each target of BUILDS (the portable one only on x86-64)."""
+    targets = BUILDS if os.uname().machine == "x86_64" else ["native"]
+    return {target: matvec.load(matvec.build(target, tmp_path_factory.mktemp(target))) for target in targets}
+
+
+@pytest.fixture(params=BUILDS)
+def build(request, libraries, monkeypatch):
+    """The library of one target, put where `matvec.library()` returns it."""
+    if request.param not in libraries:
+        pytest.skip("the portable build is compiled for x86-64")
+    monkeypatch.setattr(matvec, "_library", libraries[request.param])
+    monkeypatch.setattr(matvec, "_tried", True)
+    return request.param

@@ -10,7 +10,7 @@ LAYERS = {
     "core": ["config", "matvec", "model", "kv_cache", "memory"],
     "scale": ["quantize", "parallel"],
     "checkpoints": ["loader", "hub", "tokenizer"],
-    "generation": ["decoder", "generate", "streaming"],
+    "generation": ["decode_step", "decoder", "generate", "streaming"],
     "research tools": ["probe", "lens", "weights", "attribution", "patching", "activations", "perplexity",
                        "evaluation", "viz", "page"],
     "command line": ["cli", "arguments", "bench", "__main__", "__init__"],

@@ -17,25 +17,6 @@ from bloom.decoder import Decoder
 from bloom.model import Attention, CausalMask, Linear, alibi_bias, alibi_slopes, bloom_gelu
 from bloom.quantize import quantize_rows
 
-BUILDS = ["native", "x86-64-v2"]  # this CPU's vector code (AVX-512 BF16 here), and the portable loops
-
-
-@pytest.fixture(scope="module")
-def libraries(tmp_path_factory):
-    """The library compiled once for each target of BUILDS (the portable one only on x86-64)."""
-    targets = BUILDS if os.uname().machine == "x86_64" else ["native"]
-    return {target: matvec.load(matvec.build(target, tmp_path_factory.mktemp(target))) for target in targets}
-
-
-@pytest.fixture(params=BUILDS)
-def build(request, libraries, monkeypatch):
-    """The library of one target, put where `matvec.library()` returns it."""
-    if request.param not in libraries:
-        pytest.skip("the portable build is compiled for x86-64")
-    monkeypatch.setattr(matvec, "_library", libraries[request.param])
-    monkeypatch.setattr(matvec, "_tried", True)
-    return request.param
-
 
 def ulp(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The spacing of `dtype` values around y."""

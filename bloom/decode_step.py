@@ -1,0 +1,76 @@
+"""A decode step on the CPU in one call into bloom.matvec per block, instead of Block.forward's ~20 torch operations
+and ~15 module calls: the same kernels and roundings as a step through the model inside bloom.matvec.decoding(),
+without the ~1 ms of Python and dispatch they cost per step of a 24-block model (a step of bloom-560m reads its
+weights in 15-30 ms, depending on the machine's moment).
+
+The Decoder plans it (`plan`) when a prompt is run, from the model's layers as they are then, and takes it for each
+step while it `applies`: an eager CPU decoder with the kernels, outside autograd, a model made of bloom's own layers
+(bf16, fp16 or fp32, or int8 from bloom.quantize; not split over processes by bloom.parallel), few enough rows for
+the kernels (bloom.matvec.MAX_ROWS), and no forward hook anywhere (a probe sees the model's own forward, module by
+module). Otherwise the step goes through the model.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from bloom import matvec
+from bloom.kv_cache import KVCache
+from bloom.model import Bloom, Linear, alibi_bias, alibi_slopes, causal_mask
+from bloom.quantize import Int8Linear
+
+
+class DecodeStep:
+    """`model(tokens[:, None], mask, cache, slot)` for one token per row: tokens (B,), mask (B, S), slot (1,) ->
+    the logits after it, (B, 1, V), its keys and values written at `slot` of every layer's cache."""
+
+    def __init__(self, model: Bloom, blocks: list[matvec.DecodeBlock]) -> None:
+        self.model, self.blocks = model, blocks
+        self.modules = list(model.modules())  # whose hooks `applies` looks for
+
+    def applies(self) -> bool:
+        """Outside autograd, and no forward hook on any module (nor a global one), which this step would skip."""
+        if torch.is_grad_enabled():
+            return False
+        module = torch.nn.modules.module
+        if module._global_forward_hooks or module._global_forward_pre_hooks:
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
+
+    def __call__(self, tokens: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        model = self.model
+        dtype = model.ln_f.weight.dtype
+        x = model.word_embeddings_layernorm(model.word_embeddings(tokens[:, None]))[:, 0]  # (B, C)
+        alibi = alibi_bias(mask, alibi_slopes(model.config.n_head), dtype)[:, :, 0]  # (B, nh, S)
+        additive_mask = causal_mask(mask, slot, dtype)[:, 0, 0]  # (B, S): the query at `slot`
+        at = int(slot)
+        for block, kv in zip(self.blocks, cache.layers, strict=True):
+            x = block(x, kv.k, kv.v, alibi, additive_mask, at)
+        return model.word_embeddings.unembed(model.ln_f(x)[:, None])  # (B, 1, V)
+
+
+def plan(model: Bloom, rows: int) -> DecodeStep | None:
+    """The model's decode step for `rows` rows through bloom.matvec's block kernel, or None where it does not apply
+    (a dtype, device or layer it does not know, heads split over processes, more rows than matvec.MAX_ROWS)."""
+    dtype = model.ln_f.weight.dtype
+    if model.ln_f.weight.device.type != "cpu" or not matvec.has_block_kernel(dtype):
+        return None
+    blocks = []
+    for block in model.h:
+        attention, mlp = block.self_attention, block.mlp
+        if attention.head_offset or attention.n_head != model.config.n_head:  # heads split over processes
+            return None
+        layers = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
+        if any(type(layer) not in (Linear, Int8Linear) for layer in layers):
+            return None
+        if any(rows > matvec.MAX_ROWS.get((layer.weight.dtype, dtype), 0) for layer in layers):
+            return None
+        norms = (block.input_layernorm, block.post_attention_layernorm)
+        if any(type(norm) is not nn.LayerNorm or norm.eps != norms[0].eps for norm in norms):  # the kernel: one eps
+            return None
+        products = tuple((layer.weight, getattr(layer, "scale", None), layer.bias) for layer in layers)
+        norm_weights = (norms[0].weight, norms[0].bias, norms[1].weight, norms[1].bias)
+        alpha = 1.0 / math.sqrt(attention.head_dim)
+        blocks.append(matvec.DecodeBlock(norm_weights, products, norms[0].eps, alpha, dtype))
+    return DecodeStep(model, blocks)
