@@ -129,9 +129,9 @@ def bench_worker(args: argparse.Namespace) -> dict:
         # on CPU, then moved: device_map would need the accelerate package
         return BloomForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device).eval()
 
-    def run(model: BloomForCausalLM, ids: torch.Tensor, n: int) -> torch.Tensor:
+    def run(model: BloomForCausalLM, ids: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
         with torch.inference_mode():
-            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
                                   min_new_tokens=n, do_sample=False, pad_token_id=3)  # fmt: skip
 
     return measure(load, run, args)

@@ -70,10 +70,12 @@ class Bandwidth:
 
 def measure(
     load: Callable[[], torch.nn.Module],
-    run: Callable[[torch.nn.Module, torch.Tensor, int], torch.Tensor],
+    run: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor],
     args: argparse.Namespace,
 ) -> dict:
-    """Time `load()`, then prefill (one new token) and decode (`new_tokens`) with `run(model, ids, n)`.
+    """Time `load()`, then prefill (one new token) and decode (`new_tokens`) with `run(model, ids, mask, n)`.
+
+    A batch holds prompts of different lengths, from `prompt_len` tokens down to half of it, left-padded.
 
     Memory is the peak added by loading and a first short generation: GPU memory allocated on CUDA, resident
     memory (RSS) on the CPU.
@@ -90,8 +92,12 @@ def measure(
 
     ids = torch.randint(4, 250680, (args.batch_size, args.prompt_len), generator=torch.Generator().manual_seed(0))
     ids = ids.remainder(model.config.vocab_size).to(device)
+    mask = torch.ones_like(ids)
+    for row in range(1, args.batch_size):  # the first row is the longest prompt, the last half as long
+        mask[row, : args.prompt_len // 2 * row // (args.batch_size - 1)] = 0
+    ids = ids.masked_fill(mask == 0, 3)  # the checkpoints' pad id
     start = time.perf_counter()
-    run(model, ids, 2)  # warm-up (compiles, when asked); it also reads every weight, which mmap loading defers
+    run(model, ids, mask, 2)  # warm-up (compiles, when asked); it also reads every weight, which mmap loading defers
     warmup_s = time.perf_counter() - start
     if device.type == "cuda":
         memory_gb = torch.cuda.max_memory_allocated() / 1e9
@@ -103,7 +109,7 @@ def measure(
         for n, times in ((1, prefill), (args.new_tokens, total)):
             sync()
             start = time.perf_counter()
-            tokens = run(model, ids, n)
+            tokens = run(model, ids, mask, n)
             sync()
             times.append(time.perf_counter() - start)
         bandwidths.append(bandwidth.measure())
@@ -127,10 +133,10 @@ def measure(
 def ours_worker(args: argparse.Namespace) -> dict:
     decoders: dict[Bloom, Decoder] = {}
 
-    def run(model: Bloom, ids: torch.Tensor, n: int) -> torch.Tensor:
+    def run(model: Bloom, ids: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
         if model not in decoders:  # one decoder (and compiled step) for all the runs
             decoders[model] = Decoder(model, args.batch_size, args.prompt_len + args.new_tokens, compile=args.compile)
-        return generate(model, ids, max_new_tokens=n, eos_token_id=[], decoder=decoders[model])
+        return generate(model, ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[], decoder=decoders[model])
 
     quantize = "int8" if args.worker == "ours-int8" else None
     return measure(lambda: load_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=quantize),
@@ -186,8 +192,11 @@ def table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
         torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     )
     dtype = args.dtype + (f" (stored {args.stored_dtype})" if args.stored_dtype else "")
+    prompts = f"prompt {args.prompt_len}"
+    if args.batch_size > 1:
+        prompts = f"prompts of {args.prompt_len - args.prompt_len // 2}-{args.prompt_len} tokens, left-padded"
     lines = [
-        f"{device} | torch {torch.__version__} | {dtype} | batch {args.batch_size} | prompt {args.prompt_len} | "
+        f"{device} | torch {torch.__version__} | {dtype} | batch {args.batch_size} | {prompts} | "
         f"{args.new_tokens} new tokens | ours {'compiled' if args.compile else 'eager'} | "
         f"median of {args.runs} process(es) x {args.reps} rep(s) | {args.model}",
         "",
@@ -285,8 +294,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stored-dtype", choices=["fp32", "bf16", "fp16"], help="the dtype the --shape checkpoint "
                         "is stored in, which both load into --dtype (default: --dtype)")  # fmt: skip
     parser.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    parser.add_argument("--batch-size", type=positive_int, default=1, help="default 1")
-    parser.add_argument("--prompt-len", type=positive_int, default=128, help="default 128")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="prompts of different lengths, from "
+                        "--prompt-len tokens down to half of it, left-padded (default 1)")  # fmt: skip
+    parser.add_argument("--prompt-len", type=positive_int, default=128, help="tokens of the (longest) prompt "
+                        "(default 128)")  # fmt: skip
     parser.add_argument("--new-tokens", type=int_at_least(2), default=128, help="2 or more (default 128)")
     parser.add_argument("--reps", type=positive_int, default=2, help="timed repetitions per process (default 2)")
     parser.add_argument("--runs", type=positive_int, default=2, help="fresh processes per implementation (default 2)")

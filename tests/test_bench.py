@@ -10,7 +10,7 @@ from bloom.bench import spread_warnings
 
 
 def test_bench_prints_the_side_by_side_table(tiny_model_folder):
-    lengths = ["--prompt-len", "8", "--new-tokens", "4", "--reps", "1", "--runs", "1"]
+    lengths = ["--batch-size", "3", "--prompt-len", "8", "--new-tokens", "4", "--reps", "1", "--runs", "1"]
     command = [sys.executable, "-m", "bloom", "bench", "--model", str(tiny_model_folder), "--dtype", "fp32", *lengths,
                "--quantize", "int8"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -19,7 +19,7 @@ def test_bench_prints_the_side_by_side_table(tiny_model_folder):
     assert set(rows) == {"", "ours", "ours-int8", "transformers", "ours / transformers", "ours-int8 / ours"}
     assert all(len(line.split("|")) == 11 for line in rows.values())  # name and 8 figures per row
     assert "memory GB/s | of memory GB/s |" in rows[""]  # the machine's bandwidth, measured in each worker
-    assert "fp32 | batch 1 | prompt 8 | 4 new tokens | ours eager" in result.stdout
+    assert "fp32 | batch 3 | prompts of 4-8 tokens, left-padded | 4 new tokens | ours eager" in result.stdout
     assert "generated tokens identical (ours, transformers): yes" in result.stdout  # fp32 greedy: bit parity
 
 
