@@ -18,7 +18,9 @@ a time.
 """
 
 import ctypes
+import json
 import math
+import mmap
 import pickle
 import re
 from collections.abc import Iterator
@@ -229,10 +231,21 @@ def _shards_from_index(folder: Path, index_path: Path) -> list[Path]:
     return shards
 
 
+def data_offsets(path: Path) -> dict[str, int]:
+    """Where each tensor's bytes start in a safetensors file: after the 8-byte header length and the JSON header,
+    at its data_offsets (which safe_open has already checked against the file)."""
+    with open(path, "rb") as file:
+        header_bytes = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(header_bytes))
+    return {key: 8 + header_bytes + info["data_offsets"][0] for key, info in header.items() if key != "__metadata__"}
+
+
 class _SafetensorsReader:
     def __init__(self, path: Path, handle) -> None:
         self.path, self._handle = path, handle
         self.shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # from the header
+        self._offsets = data_offsets(path)  # where each tensor's bytes start in the file
+        self._mapped: mmap.mmap | None = None  # the file, mapped by `row_chunks` when first asked
 
     def dtype(self, key: str) -> torch.dtype:
         code = self._handle.get_slice(key).get_dtype()
@@ -278,23 +291,34 @@ class _SafetensorsReader:
     ) -> Iterator[tuple[slice, torch.Tensor]]:
         """(rows, chunk): the tensor or its slice `part`, a `chunk_bytes` chunk (of rows in `dtype`) at a
         time, on `device` in the stored dtype, for the caller to convert as it copies. On the CPU a chunk is a view
-        of its own short-lived mapping of the file, so the caller converts straight from the file's pages (one pass,
-        no copy in between) and the pages are unmapped when the chunk is dropped: they never pile up next to the
-        copies."""
+        of the file's mapping, so the caller converts straight from the file's pages (one pass, no copy in between),
+        and once it has, the pages are given back (madvise): they never pile up next to the copies."""
         shape = self._shape(key, part)
         rows, columns = slice(0, shape[0]), slice(None)
         if part is not None:
             dim, index, _ = part
             piece = slice(index * shape[dim], (index + 1) * shape[dim])
             rows, columns = (piece, columns) if dim == 0 else (rows, piece)
-        row_bytes = math.prod(shape[1:]) * dtype.itemsize
-        rows_per_chunk = max(1, chunk_bytes // max(1, row_bytes))
+        stored_shape, stored = self.shapes[key], self.dtype(key)
+        stored_row_bytes = math.prod(stored_shape[1:]) * stored.itemsize
+        rows_per_chunk = max(1, chunk_bytes // max(1, math.prod(shape[1:]) * dtype.itemsize))
+        file_bytes = torch.frombuffer(self._mapping(), dtype=torch.uint8)  # the whole file: nothing read yet
         for start in range(rows.start, rows.stop, rows_per_chunk):
             stop = min(start + rows_per_chunk, rows.stop)
-            with safe_open(self.path, framework="pt") as handle:
-                mapped = handle.get_tensor(key)  # a view of a new mapping of the file: nothing read yet
-            chunk = mapped[start:stop] if len(shape) == 1 else mapped[start:stop, columns]
+            begin, end = self._offsets[key] + start * stored_row_bytes, self._offsets[key] + stop * stored_row_bytes
+            mapped = file_bytes[begin:end].view(stored).view(stop - start, *stored_shape[1:])
+            chunk = mapped if len(shape) == 1 else mapped[:, columns]
             yield slice(start - rows.start, stop - rows.start), chunk.to(device=device)
+            del mapped, chunk  # the caller has copied it: give its pages back (the file stays in the page cache)
+            page = mmap.PAGESIZE
+            self._mapping().madvise(mmap.MADV_DONTNEED, begin // page * page, end - begin // page * page)
+
+    def _mapping(self) -> mmap.mmap:
+        """The whole file, mapped privately once (read where asked, never written)."""
+        if self._mapped is None:
+            with open(self.path, "rb") as file:
+                self._mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._mapped
 
     def _shape(self, key: str, part: tuple[int, int, int] | None) -> list[int]:
         """The stored shape, or the shape of slice `part` = (dim, index, count)."""
