@@ -306,10 +306,13 @@ class _SafetensorsReader:
         for start in range(rows.start, rows.stop, rows_per_chunk):
             stop = min(start + rows_per_chunk, rows.stop)
             begin, end = self._offsets[key] + start * stored_row_bytes, self._offsets[key] + stop * stored_row_bytes
-            mapped = file_bytes[begin:end].view(stored).view(stop - start, *stored_shape[1:])
+            raw = file_bytes[begin:end]
+            if begin % stored.itemsize:  # a header whose length leaves the data unaligned: copy this chunk's bytes
+                raw = raw.clone()
+            mapped = raw.view(stored).view(stop - start, *stored_shape[1:])
             chunk = mapped if len(shape) == 1 else mapped[:, columns]
             yield slice(start - rows.start, stop - rows.start), chunk.to(device=device)
-            del mapped, chunk  # the caller has copied it: give its pages back (the file stays in the page cache)
+            del raw, mapped, chunk  # the caller has copied it: give its pages back (the file stays in the page cache)
             page = mmap.PAGESIZE
             self._mapping().madvise(mmap.MADV_DONTNEED, begin // page * page, end - begin // page * page)
 

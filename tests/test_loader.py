@@ -73,6 +73,20 @@ def test_cast_to_the_asked_dtype(tmp_path, hf_model, ids, asked):
     assert all(torch.equal(t, half_reference[k]) for k, t in model.state_dict().items())
 
 
+def test_cast_of_data_left_unaligned_by_the_header(tmp_path, hf_model):
+    """The format does not pad its header: fp16 data may start at an odd byte of the file, and still casts."""
+    folder = save_bigscience(hf_model, tmp_path, dtype=torch.float16, n_shards=1)
+    (shard,) = weight_files(folder)
+    data = shard.read_bytes()
+    header_bytes = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + header_bytes].rstrip() + b" " * (1 - len(data[8 : 8 + header_bytes].rstrip()) % 2)
+    assert (8 + len(header)) % 2 == 1  # every tensor's data now starts at an odd offset
+    shard.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + header_bytes :])
+    model = load_pretrained(folder, dtype="fp32")
+    half_reference = {k: v.float() for k, v in bigscience_state(hf_model, torch.float16).items()}
+    assert all(torch.equal(t, half_reference[k]) for k, t in model.state_dict().items())
+
+
 def test_prefix_with_a_stored_lm_head(tmp_path, hf_model, ids):
     """Fine-tunes saved from BloomForCausalLM may store lm_head.weight; it is the embedding and is skipped."""
     state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
