@@ -1,5 +1,5 @@
 /* A decode step's work on the CPU: y = x · Wᵀ (+ b) for a few rows of x, one query's attention over a KV cache,
- * and the GeLU, for bf16, fp16 and fp32 models and int8 weights.
+ * and the GeLU, for bf16, fp16 and fp32 models and int8 weights; and a whole block's step made of them.
  *
  * A decode step multiplies one token per sequence (M rows, a few) by every weight matrix of the model, so its
  * time is the time it takes to read the weights from memory. torch's general matmul kernels reach about 60% of
