@@ -1,6 +1,6 @@
 """A decode step on the CPU in one call into bloom.matvec per block, instead of Block.forward's ~20 torch operations
 and ~15 module calls: the same kernels and roundings as a step through the model inside bloom.matvec.decoding(),
-without the ~1 ms of Python and dispatch they cost per step of a 24-block model (a step of bloom-560m reads its
+without the ~2 ms of Python and dispatch they cost per step of a 24-block model (a step of bloom-560m reads its
 weights in 15-30 ms, depending on the machine's moment).
 
 The Decoder plans it (`plan`) when a prompt is run, from the model's layers as they are then, and takes it for each

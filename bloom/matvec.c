@@ -462,7 +462,7 @@ static void product_f32(const float *x, float *x32, const struct product *p, flo
     else linear_f32(x, p->weight, p->bias, y, M, N, K);
 }
 
-/* x (M, C) -> out (M, C); returns 1 when the scratch memory cannot be allocated (nothing written then). */
+/* x (M, C) -> out (M, C); returns 1 when scratch memory cannot be allocated (out is not written then). */
 #define DECODE_BLOCK(NAME, T, LAYER_NORM_FN, PRODUCT, ATTEND_FN, GELU_FN, TO_FLOAT, FROM_FLOAT)                   \
     int NAME(const struct block *p, const T *x, T *out) {                                                        \
         const int64_t M = p->rows, C = p->hidden, nh = p->heads, hd = C / nh, S = p->slots;                      \

@@ -213,13 +213,18 @@ class DecodeBlock:
     ) -> torch.Tensor:
         """x (M, C); keys, values: the layer's cache, (M, nh, S, hd) each, written at slot `at`; alibi (M, nh, S) and
         the additive mask (M, S) of the query at that slot, in x's dtype. Every tensor contiguous, on the CPU."""
+        (M, C), (B, nh, S, _) = x.shape, keys.shape
+        shapes_agree = values.shape == keys.shape and B == M and alibi.shape == (M, nh, S) and mask.shape == (M, S)
+        tensors = (x, keys, values, alibi, mask)
+        if not (shapes_agree and 0 <= at < S and all(t.dtype == x.dtype and t.is_contiguous() for t in tensors)):
+            shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in tensors)
+            raise ValueError(f"a block's decode step at slot {at} of x, keys, values, alibi, mask: {shapes}")
         out = torch.empty_like(x)
         params = self.params
         params.keys, params.values, params.alibi, params.mask = (t.data_ptr() for t in (keys, values, alibi, mask))
-        params.rows, params.hidden = x.shape
-        params.heads, params.slots, params.slot = keys.shape[1], keys.shape[2], at
+        params.rows, params.hidden, params.heads, params.slots, params.slot = M, C, nh, S, at
         if self.kernel(ctypes.byref(params), x.data_ptr(), out.data_ptr()):
-            raise MemoryError(f"a block's decode step over {keys.shape[2]} slots: the kernel could not allocate")
+            raise MemoryError(f"a block's decode step over {S} slots: the kernel could not allocate")
         return out
 
 

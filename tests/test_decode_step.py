@@ -95,3 +95,15 @@ def test_the_plan_declines_what_the_kernel_does_not_compute(folder):
     with torch.no_grad():
         assert step.applies()
     assert not step.applies()  # autograd needs the modules' ops
+
+
+def test_a_block_call_with_tensors_that_do_not_fit_is_refused(folder):
+    block = plan(load_pretrained(folder), 1).blocks[0]
+    fits = dict(x=torch.randn(1, 160), keys=torch.zeros(1, 5, 8, 32), values=torch.zeros(1, 5, 8, 32),
+                alibi=torch.zeros(1, 5, 8), mask=torch.zeros(1, 8), at=7)  # fmt: skip
+    with torch.inference_mode():
+        assert block(**fits).shape == (1, 160)
+        for wrong in (dict(at=8), dict(mask=torch.zeros(1, 9)), dict(values=torch.zeros(1, 5, 8, 32).half()),
+                      dict(x=torch.randn(2, 160)), dict(keys=torch.zeros(1, 5, 32, 8).transpose(2, 3))):  # fmt: skip
+            with pytest.raises(ValueError, match="a block's decode step at slot"):
+                block(**{**fits, **wrong})
