@@ -48,8 +48,8 @@ def memory_bandwidth_gb_s(device: torch.device, gigabytes: float = 0.5, reps: in
 
 class Bandwidth:
     """A float32 tensor of `gigabytes`, far larger than the caches, whose sum() measures the memory bandwidth
-    again whenever asked: on a shared machine it moves (43-83 GB/s here, from one second to the next), so a
-    decode speed is compared with the bandwidth measured just before and after it."""
+    again whenever asked: on a shared machine it moves (36-83 GB/s here, from one second to the next), so a
+    decode speed is compared with the bandwidth measured just before and after its prefill and decode."""
 
     def __init__(self, device: torch.device, gigabytes: float = 0.5) -> None:
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -113,7 +113,8 @@ def measure(
             sync()
             times.append(time.perf_counter() - start)
         bandwidths.append(bandwidth.measure())
-    steps_per_s = [(args.new_tokens - 1) / (t - p) for p, t in zip(prefill, total, strict=True)]  # after prefill's
+    # decode steps after the prefill's token; a tiny model's may take less than its prefill's noise
+    steps_per_s = [(args.new_tokens - 1) / max(t - p, 1e-6) for p, t in zip(prefill, total, strict=True)]
     around = [(first + second) / 2 for first, second in itertools.pairwise(bandwidths)]  # each rep's bandwidth
     return {
         "load_s": load_s,
@@ -211,7 +212,7 @@ def table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
             ratios = " | ".join(f"{top[key] / bottom[key]:.2f}x" for _, key, _ in columns)
             lines.append(f"| {numerator} / {denominator} | {ratios} |")
     lines += ["", "decode GB/s: the weights' bytes x decode steps per second; memory GB/s: a sum() over 0.5 GB "
-              "in the same process just before and after each timed decode (the machine's bandwidth then); "
+              "in the same process just before and after each timed prefill and decode (the machine's bandwidth then); "
               "of memory GB/s: the median over the decodes of their share of it"]  # fmt: skip
     lines += spread_warnings(results)
     if "transformers" in results:

@@ -1,13 +1,16 @@
 """A decode step on the CPU in one call into bloom.matvec per block, instead of Block.forward's ~20 torch operations
-and ~15 module calls: the same kernels and roundings as a step through the model inside bloom.matvec.decoding(),
-without the ~2 ms of Python and dispatch they cost per step of a 24-block model (a step of bloom-560m reads its
-weights in 15-30 ms, depending on the machine's moment).
+and ~15 module calls: the kernels of a step through the model inside bloom.matvec.decoding(), and a LayerNorm of
+its own (which sums in another order than torch's: results within float32 rounding), without the ~2 ms of Python
+and dispatch they cost per step of a 24-block model (a step of bloom-560m reads its weights in 15-30 ms,
+depending on the machine's moment).
 
 The Decoder plans it (`plan`) when a prompt is run, from the model's layers as they are then, and takes it for each
 step while it `applies`: an eager CPU decoder with the kernels, outside autograd, a model made of bloom's own layers
-(bf16, fp16 or fp32, or int8 from bloom.quantize; not split over processes by bloom.parallel), few enough rows for
-the kernels (bloom.matvec.MAX_ROWS), and no forward hook anywhere (a probe sees the model's own forward, module by
-module). Otherwise the step goes through the model.
+(bf16, fp16 or fp32, or int8 from bloom.quantize; not split over processes by bloom.parallel) whose tensors are the
+kernel's shapes, dtype and layout, few enough rows for the kernels (bloom.matvec.MAX_ROWS), no forward hook
+anywhere (a probe sees the model's own forward, module by module), and the same tensors as when it was planned (a
+layer or weight replaced since then sends the rest of the generation through the model). Otherwise the step goes
+through the model.
 """
 
 import math
@@ -17,7 +20,7 @@ from torch import nn
 
 from bloom import matvec
 from bloom.kv_cache import KVCache
-from bloom.model import Bloom, Linear, alibi_bias, alibi_slopes, causal_mask
+from bloom.model import Block, Bloom, Linear, alibi_bias, alibi_slopes, causal_mask
 from bloom.quantize import Int8Linear
 
 
@@ -28,15 +31,31 @@ class DecodeStep:
     def __init__(self, model: Bloom, blocks: list[matvec.DecodeBlock]) -> None:
         self.model, self.blocks = model, blocks
         self.modules = list(model.modules())  # whose hooks `applies` looks for
+        # every module's submodules, parameters and buffers as (its dict, name, value), and where the blocks'
+        # tensors are: what `applies` compares with the model's
+        self.members = [(d, name, value) for m in self.modules for d in (m._modules, m._parameters, m._buffers)
+                        for name, value in d.items()]  # fmt: skip
+        self.tensors = [
+            t
+            for norms, products in map(block_tensors, model.h)
+            for t in (*norms, *(t for product in products for t in product))
+            if t is not None
+        ]
+        self.addresses = [t.data_ptr() for t in self.tensors]
 
     def applies(self) -> bool:
-        """Outside autograd, and no forward hook on any module (nor a global one), which this step would skip."""
+        """Outside autograd, no forward hook on any module (nor a global one), which this step would skip, and the
+        model made of the modules and tensors it was planned with (none replaced, no `.data` swapped)."""
         if torch.is_grad_enabled():
             return False
         module = torch.nn.modules.module
         if module._global_forward_hooks or module._global_forward_pre_hooks:
             return False
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
+        if any(m._forward_hooks or m._forward_pre_hooks for m in self.modules):
+            return False
+        if any(d.get(name) is not value for d, name, value in self.members):
+            return False
+        return [t.data_ptr() for t in self.tensors] == self.addresses
 
     def __call__(self, tokens: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor, cache: KVCache) -> torch.Tensor:
         model = self.model
@@ -50,9 +69,19 @@ class DecodeStep:
         return model.word_embeddings.unembed(model.ln_f(x)[:, None])  # (B, 1, V)
 
 
+def block_tensors(block: Block) -> tuple[tuple[torch.Tensor, ...], tuple[matvec.Product, ...]]:
+    """A block's tensors as matvec.DecodeBlock takes them: the two LayerNorms' weights and biases, and the (weight,
+    scale or None, bias) of its fused qkv, dense, dense_h_to_4h and dense_4h_to_h layers (a scale: int8 weights)."""
+    attention, mlp = block.self_attention, block.mlp
+    norms = (block.input_layernorm, block.post_attention_layernorm)
+    layers = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
+    products = tuple((layer.weight, getattr(layer, "scale", None), layer.bias) for layer in layers)
+    return (norms[0].weight, norms[0].bias, norms[1].weight, norms[1].bias), products
+
+
 def plan(model: Bloom, rows: int) -> DecodeStep | None:
     """The model's decode step for `rows` rows through bloom.matvec's block kernel, or None where it does not apply
-    (a dtype, device or layer it does not know, heads split over processes, more rows than matvec.MAX_ROWS)."""
+    (a dtype, device, layer or tensor it does not take, heads split over processes, more rows than MAX_ROWS)."""
     dtype = model.ln_f.weight.dtype
     if model.ln_f.weight.device.type != "cpu" or not matvec.has_block_kernel(dtype):
         return None
@@ -69,8 +98,9 @@ def plan(model: Bloom, rows: int) -> DecodeStep | None:
         norms = (block.input_layernorm, block.post_attention_layernorm)
         if any(type(norm) is not nn.LayerNorm or norm.eps != norms[0].eps for norm in norms):  # the kernel: one eps
             return None
-        products = tuple((layer.weight, getattr(layer, "scale", None), layer.bias) for layer in layers)
-        norm_weights = (norms[0].weight, norms[0].bias, norms[1].weight, norms[1].bias)
         alpha = 1.0 / math.sqrt(attention.head_dim)
-        blocks.append(matvec.DecodeBlock(norm_weights, products, norms[0].eps, alpha, dtype))
+        try:  # tensors of other shapes, dtypes or layouts than the kernel reads
+            blocks.append(matvec.DecodeBlock(*block_tensors(block), norms[0].eps, alpha, attention.n_head, dtype))
+        except ValueError:
+            return None
     return DecodeStep(model, blocks)

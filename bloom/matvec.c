@@ -358,41 +358,38 @@ void gelu_f16(const uint16_t *x, uint16_t *y, int64_t n) {
 #define ATTEND(NAME, T, TILE_FN, TO_FLOAT, ROUND, FROM_FLOAT)                                                     \
     int NAME(const T *q, const T *k, const T *v, const T *alibi, const T *mask, T *y, int64_t BH, int64_t heads,   \
              int64_t S, int64_t hd, float alpha) {                                                                \
-        int failed = 0;                                                                                           \
-        _Pragma("omp parallel") {                                                                                 \
-            float *score = malloc(S * sizeof(float)), *acc = malloc(hd * sizeof(float));                          \
-            if (!score || !acc) {                                                                                 \
-                _Pragma("omp atomic write") failed = 1;                                                           \
-            } else {                                                                                              \
-                _Pragma("omp for schedule(static)") for (int64_t i = 0; i < BH; i++) {                           \
-                    const T *qi[1] = {q + i * hd}, *ki = k + i * S * hd, *vi = v + i * S * hd;                    \
-                    const T *ai = alibi + i * S, *mi = mask + (i / heads) * S;                                    \
-                    float dots[4], max = -INFINITY;                                                               \
-                    for (int64_t s = 0; s < S;) { /* four slots at a time, then the last ones one by one */       \
-                        int R = S - s >= 4 ? 4 : 1;                                                               \
-                        if (R == 4) TILE_FN(qi, ki + s * hd, hd, dots, 4, 1, 1);                                  \
-                        else TILE_FN(qi, ki + s * hd, hd, dots, 1, 1, 1);                                         \
-                        for (int r = 0; r < R; r++, s++) {                                                        \
-                            float x = ROUND(ROUND(TO_FLOAT(ai[s]) + alpha * dots[r]) + TO_FLOAT(mi[s]));           \
-                            score[s] = x;                                                                         \
-                            if (x > max) max = x;                                                                 \
-                        }                                                                                         \
+        int threads = omp_get_max_threads(); /* their scores and sums, allocated before they start */             \
+        float *scratch = malloc(sizeof(float) * threads * (S + hd));                                              \
+        if (!scratch) return 1;                                                                                   \
+        _Pragma("omp parallel num_threads(threads)") {                                                            \
+            float *score = scratch + omp_get_thread_num() * (S + hd), *acc = score + S;                           \
+            _Pragma("omp for schedule(static)") for (int64_t i = 0; i < BH; i++) {                               \
+                const T *qi[1] = {q + i * hd}, *ki = k + i * S * hd, *vi = v + i * S * hd;                        \
+                const T *ai = alibi + i * S, *mi = mask + (i / heads) * S;                                        \
+                float dots[4], max = -INFINITY;                                                                   \
+                for (int64_t s = 0; s < S;) { /* four slots at a time, then the last ones one by one */           \
+                    int R = S - s >= 4 ? 4 : 1;                                                                   \
+                    if (R == 4) TILE_FN(qi, ki + s * hd, hd, dots, 4, 1, 1);                                      \
+                    else TILE_FN(qi, ki + s * hd, hd, dots, 1, 1, 1);                                             \
+                    for (int r = 0; r < R; r++, s++) {                                                            \
+                        float x = ROUND(ROUND(TO_FLOAT(ai[s]) + alpha * dots[r]) + TO_FLOAT(mi[s]));               \
+                        score[s] = x;                                                                             \
+                        if (x > max) max = x;                                                                     \
                     }                                                                                             \
-                    float total = exp_and_sum(score, S, max);                                                     \
-                    for (int64_t d = 0; d < hd; d++) acc[d] = 0;                                                  \
-                    for (int64_t s = 0; s < S; s++) {                                                             \
-                        float p = ROUND(score[s] / total);                                                        \
-                        if (p == 0) continue;                                                                     \
-                        const T *vs = vi + s * hd;                                                                \
-                        _Pragma("omp simd") for (int64_t d = 0; d < hd; d++) acc[d] += p * TO_FLOAT(vs[d]);       \
-                    }                                                                                             \
-                    for (int64_t d = 0; d < hd; d++) y[i * hd + d] = FROM_FLOAT(acc[d]);                          \
                 }                                                                                                 \
+                float total = exp_and_sum(score, S, max);                                                         \
+                for (int64_t d = 0; d < hd; d++) acc[d] = 0;                                                      \
+                for (int64_t s = 0; s < S; s++) {                                                                 \
+                    float p = ROUND(score[s] / total);                                                            \
+                    if (p == 0) continue;                                                                         \
+                    const T *vs = vi + s * hd;                                                                    \
+                    _Pragma("omp simd") for (int64_t d = 0; d < hd; d++) acc[d] += p * TO_FLOAT(vs[d]);           \
+                }                                                                                                 \
+                for (int64_t d = 0; d < hd; d++) y[i * hd + d] = FROM_FLOAT(acc[d]);                              \
             }                                                                                                     \
-            free(score);                                                                                          \
-            free(acc);                                                                                            \
         }                                                                                                         \
-        return failed;                                                                                            \
+        free(scratch);                                                                                            \
+        return 0;                                                                                                 \
     }
 
 

@@ -182,10 +182,11 @@ Product = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # weigh
 class DecodeBlock:
     """A block's decode step in one call, x (M, C) -> (M, C), for M rows of one token each (bloom.decode_step).
 
-    norms: the weights and biases of the two LayerNorms; products: (weight, scale or None, bias) of the fused
-    qkv, dense, dense_h_to_4h and dense_4h_to_h layers, weights in `dtype` or int8 with a scale per row; eps:
-    the LayerNorms' epsilon; alpha = 1/√hd. The tensors are held (their storage stays alive) and their addresses
-    taken here, once: an in-place edit of a weight is seen, a weight replaced by another tensor is not.
+    norms: the weights and biases of the two LayerNorms, (C,) each; products: (weight, scale or None, bias) of the
+    fused qkv (3C, C), dense (C, C), dense_h_to_4h (4C, C) and dense_4h_to_h (C, 4C) layers, weights in `dtype`
+    or int8 with a scale per row; eps: the LayerNorms' epsilon; heads: nh; alpha = 1/√hd. Tensors of other
+    shapes, dtypes or layouts are refused (ValueError). They are held (their storage stays alive) and their
+    addresses taken here, once: an in-place edit of a weight is seen, a weight replaced by another tensor is not.
     """
 
     def __init__(
@@ -194,9 +195,19 @@ class DecodeBlock:
         products: tuple[Product, Product, Product, Product],
         eps: float,
         alpha: float,
+        heads: int,
         dtype: torch.dtype,
     ) -> None:
+        C = products[1][0].shape[0]  # dense: (C, C)
+        shapes = [(3 * C, C), (C, C), (4 * C, C), (C, 4 * C)]
+        fits = C % heads == 0 and all(t is not None and t.shape == (C,) for t in norms)
+        for (weight, scale, bias), shape in zip(products, shapes, strict=True):
+            fits &= weight.shape == shape and all(t is None or t.shape == shape[:1] for t in (scale, bias))
+        if not fits:
+            sizes = [None if t is None else tuple(t.shape) for t in (*norms, *(t for p in products for t in p))]
+            raise ValueError(f"a block of width {C} and {heads} heads with tensors of shapes {sizes}")
         self.kernel = getattr(library(), _BLOCK_DTYPES[dtype])
+        self.dtype, self.hidden, self.heads = dtype, C, heads
         self.tensors = [t.detach() for t in (*norms, *(t for p in products for t in p)) if t is not None]
         norms_at = [_pointer(t, dtype) for t in norms]
         products_at = [_product(*product, dtype) for product in products]
@@ -213,12 +224,16 @@ class DecodeBlock:
     ) -> torch.Tensor:
         """x (M, C); keys, values: the layer's cache, (M, nh, S, hd) each, written at slot `at`; alibi (M, nh, S) and
         the additive mask (M, S) of the query at that slot, in x's dtype. Every tensor contiguous, on the CPU."""
-        (M, C), (B, nh, S, _) = x.shape, keys.shape
-        shapes_agree = values.shape == keys.shape and B == M and alibi.shape == (M, nh, S) and mask.shape == (M, S)
+        M, C, nh, S = x.shape[0], x.shape[-1], self.heads, keys.shape[2] if keys.dim() == 4 else 0
+        shapes_agree = x.shape == (M, self.hidden) and keys.shape == values.shape == (M, nh, S, C // nh)
+        shapes_agree &= alibi.shape == (M, nh, S) and mask.shape == (M, S)
         tensors = (x, keys, values, alibi, mask)
-        if not (shapes_agree and 0 <= at < S and all(t.dtype == x.dtype and t.is_contiguous() for t in tensors)):
+        if not (shapes_agree and 0 <= at < S and all(t.dtype == self.dtype and t.is_contiguous() for t in tensors)):
             shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in tensors)
-            raise ValueError(f"a block's decode step at slot {at} of x, keys, values, alibi, mask: {shapes}")
+            raise ValueError(
+                f"a {self.dtype} block of width {self.hidden} and {nh} heads, at slot {at} of x, keys, values, "
+                f"alibi, mask: {shapes}"
+            )
         out = torch.empty_like(x)
         params = self.params
         params.keys, params.values, params.alibi, params.mask = (t.data_ptr() for t in (keys, values, alibi, mask))

@@ -79,6 +79,21 @@ def test_an_in_place_edit_of_a_weight_is_seen_by_the_next_step(folder):
         torch.testing.assert_close(fused.step(token), through_the_modules(modules, token), rtol=0, atol=1e-5)
 
 
+def test_a_layer_replaced_during_a_generation_sends_the_steps_through_the_modules(folder):
+    model = load_pretrained(folder)
+    ids, mask = left_padded([5], vocab_size=1000)
+    fused, modules = Decoder(model, 1), Decoder(model, 1)
+    with torch.inference_mode():
+        fused.prefill(ids, mask), modules.prefill(ids, mask)
+        layer = model.h[2].mlp.dense_4h_to_h
+        layer.weight = nn.Parameter(layer.weight * 3.0)  # another tensor: the planned step no longer applies
+        assert not fused.fused_step.applies()
+        token = torch.tensor([7])
+        torch.testing.assert_close(fused.step(token), through_the_modules(modules, token), rtol=0, atol=1e-5)
+        model.h[1].mlp = type(model.h[1].mlp)(model.config)  # another module
+        assert not fused.fused_step.applies()
+
+
 def test_the_plan_declines_what_the_kernel_does_not_compute(folder):
     bf16 = load_pretrained(folder, dtype="bf16")
     assert plan(bf16, 4) is not None and plan(bf16, 5) is None  # more rows than bloom.matvec.MAX_ROWS
@@ -91,6 +106,16 @@ def test_the_plan_declines_what_the_kernel_does_not_compute(folder):
     split = load_pretrained(folder)
     split.h[0].self_attention.head_offset = 2  # heads split over processes (bloom.parallel)
     assert plan(split, 1) is None
+    transposed = nn.Parameter(torch.randn(640, 160).bfloat16().t())  # (160, 640), not contiguous
+    for change in (
+        lambda m: setattr(m.h[0], "input_layernorm", nn.LayerNorm(160, elementwise_affine=False)),  # no weights
+        lambda m: m.h[1].post_attention_layernorm.float(),  # another dtype than the model's
+        lambda m: setattr(m.h[2].mlp.dense_4h_to_h, "weight", transposed),
+    ):
+        model = load_pretrained(folder, dtype="bf16")
+        change(model)
+        assert plan(model, 1) is None
+        generate(model, torch.tensor([[5, 6, 7]]), max_new_tokens=3, eos_token_id=[])  # through the modules
     step = plan(load_pretrained(folder), 1)
     with torch.no_grad():
         assert step.applies()
@@ -103,7 +128,18 @@ def test_a_block_call_with_tensors_that_do_not_fit_is_refused(folder):
                 alibi=torch.zeros(1, 5, 8), mask=torch.zeros(1, 8), at=7)  # fmt: skip
     with torch.inference_mode():
         assert block(**fits).shape == (1, 160)
-        for wrong in (dict(at=8), dict(mask=torch.zeros(1, 9)), dict(values=torch.zeros(1, 5, 8, 32).half()),
-                      dict(x=torch.randn(2, 160)), dict(keys=torch.zeros(1, 5, 32, 8).transpose(2, 3))):  # fmt: skip
-            with pytest.raises(ValueError, match="a block's decode step at slot"):
+        wrong_ones = (
+            dict(at=8),
+            dict(mask=torch.zeros(1, 9)),
+            dict(values=torch.zeros(1, 5, 8, 32).half()),
+            dict(x=torch.randn(2, 160)),
+            dict(keys=torch.zeros(1, 5, 32, 8).transpose(2, 3)),
+            dict(keys=torch.zeros(1, 5, 8, 16), values=torch.zeros(1, 5, 8, 16)),  # another head size
+            dict(
+                keys=torch.zeros(1, 10, 8, 16), values=torch.zeros(1, 10, 8, 16), alibi=torch.zeros(1, 10, 8)
+            ),  # another number of heads
+            {name: t.bfloat16() for name, t in fits.items() if name != "at"},
+        )  # not the block's dtype
+        for wrong in wrong_ones:  # fmt: skip
+            with pytest.raises(ValueError, match="block of width 160 and 5 heads, at slot"):
                 block(**{**fits, **wrong})
