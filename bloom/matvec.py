@@ -228,7 +228,8 @@ class DecodeBlock:
         shapes_agree = x.shape == (M, self.hidden) and keys.shape == values.shape == (M, nh, S, C // nh)
         shapes_agree &= alibi.shape == (M, nh, S) and mask.shape == (M, S)
         tensors = (x, keys, values, alibi, mask)
-        if not (shapes_agree and 0 <= at < S and all(t.dtype == self.dtype and t.is_contiguous() for t in tensors)):
+        laid_out = all(t.dtype == self.dtype and t.is_contiguous() and t.device.type == "cpu" for t in tensors)
+        if not (shapes_agree and laid_out and 0 <= at < S):
             shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in tensors)
             raise ValueError(
                 f"a {self.dtype} block of width {self.hidden} and {nh} heads, at slot {at} of x, keys, values, "
@@ -252,8 +253,11 @@ def _product(weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tenso
 def _pointer(t: torch.Tensor | None, dtype: torch.dtype) -> int | None:
     if t is None:
         return None
-    if t.dtype != dtype or not t.is_contiguous():
-        raise ValueError(f"a {tuple(t.shape)} {t.dtype} vector where the kernel reads a contiguous {dtype} one")
+    if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError(
+            f"a {tuple(t.shape)} {t.dtype} tensor on {t.device} where the kernel reads a contiguous {dtype} one "
+            "on the CPU"
+        )
     return t.data_ptr()
 
 
