@@ -68,26 +68,19 @@ def test_a_hook_sends_each_step_through_the_modules(folder):
     assert calls == [(1, 3, 640)] + [(1, 1, 640)] * 3  # the prompt, then every step
 
 
-def test_an_in_place_edit_of_a_weight_is_seen_by_the_next_step(folder):
-    model = load_pretrained(folder)
-    ids, mask = left_padded([5], vocab_size=1000)
-    fused, modules = Decoder(model, 1), Decoder(model, 1)
-    with torch.inference_mode():
-        fused.prefill(ids, mask), modules.prefill(ids, mask)
-        model.h[2].mlp.dense_4h_to_h.weight.mul_(3.0)
-        token = torch.tensor([7])
-        torch.testing.assert_close(fused.step(token), through_the_modules(modules, token), rtol=0, atol=1e-5)
-
-
-def test_a_layer_replaced_during_a_generation_sends_the_steps_through_the_modules(folder):
+@pytest.mark.parametrize("replaced", [False, True])
+def test_a_weight_edited_or_replaced_during_a_generation_is_seen_by_the_next_step(folder, replaced):
     model = load_pretrained(folder)
     ids, mask = left_padded([5], vocab_size=1000)
     fused, modules = Decoder(model, 1), Decoder(model, 1)
     with torch.inference_mode():
         fused.prefill(ids, mask), modules.prefill(ids, mask)
         layer = model.h[2].mlp.dense_4h_to_h
-        layer.weight = nn.Parameter(layer.weight * 3.0)  # another tensor: the planned step no longer applies
-        assert not fused.fused_step.applies()
+        if replaced:  # another tensor: the planned step no longer applies, the steps go through the modules
+            layer.weight = nn.Parameter(layer.weight * 3.0)
+        else:  # the same tensor, edited in place: the planned step reads it
+            layer.weight.mul_(3.0)
+        assert fused.fused_step.applies() is not replaced
         token = torch.tensor([7])
         torch.testing.assert_close(fused.step(token), through_the_modules(modules, token), rtol=0, atol=1e-5)
         model.h[1].mlp = type(model.h[1].mlp)(model.config)  # another module
