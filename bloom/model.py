@@ -180,15 +180,20 @@ class Attention(nn.Module):
         alibi (B, nh, 1, S), mask (B, 1, T, S) -> (B, nh, T, hd)."""
         B, _, T, _ = q.shape
         S = k.shape[2]
-        scores = torch.baddbmm(  # alibi + (q · kᵀ) / √hd, without the mask (added below)
-            alibi.expand(B, self.n_head, 1, S).reshape(B * self.n_head, 1, S),  # (B·nh, 1, S)
-            q.reshape(B * self.n_head, T, self.head_dim),  # (B·nh, T, hd)
-            k.reshape(B * self.n_head, S, self.head_dim).transpose(1, 2),  # (B·nh, hd, S)
-            alpha=1.0 / math.sqrt(self.head_dim),
-        ).view(B, self.n_head, T, S)
+        c = torch.float32 if matvec.upcasts(q) else q.dtype  # the products' dtype: q's, but see matvec.upcasts
+        scores = (
+            torch.baddbmm(  # alibi + (q · kᵀ) / √hd, without the mask (added below)
+                alibi.expand(B, self.n_head, 1, S).reshape(B * self.n_head, 1, S).to(c),  # (B·nh, 1, S)
+                q.reshape(B * self.n_head, T, self.head_dim).to(c),  # (B·nh, T, hd)
+                k.reshape(B * self.n_head, S, self.head_dim).transpose(1, 2).to(c),  # (B·nh, hd, S)
+                alpha=1.0 / math.sqrt(self.head_dim),
+            )
+            .to(q.dtype)
+            .view(B, self.n_head, T, S)
+        )
         scores = self.scores(scores)  # (B, nh, T, S)
         probs = self.probs(F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype))  # (B, nh, T, S)
-        return probs @ v
+        return (probs.to(c) @ v.to(c)).to(q.dtype)
 
     def attend_in_chunks(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi: torch.Tensor, mask: CausalMask, n_chunks: int

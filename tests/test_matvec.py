@@ -68,6 +68,37 @@ def test_one_query_attention_equals_the_reference_attend(build, dtype, n_head, h
     torch.testing.assert_close(y, reference, rtol=rtol, atol=1e-5)
 
 
+def test_a_generations_fp16_attention_multiplies_in_float32_and_rounds_each_product_once():
+    n_head, head_dim, T = 4, 16, 37
+    attention = Attention(BloomConfig(hidden_size=n_head * head_dim, n_layer=1, n_head=n_head, vocab_size=8))
+    q, k, v = (torch.randn(2, n_head, T, head_dim).half() for _ in range(3))
+    attention_mask = torch.ones(2, T, dtype=torch.long)
+    attention_mask[1, :9] = 0  # a left-padded row
+    alibi = alibi_bias(attention_mask, alibi_slopes(n_head), torch.float16)  # (B, nh, 1, T)
+    mask = CausalMask(attention_mask, torch.arange(T), torch.float16).whole()  # (B, 1, T, T)
+    reference = attention.attend(q, k, v, alibi, mask)  # torch's fp16 products, as transformers
+    with torch.no_grad(), matvec.decoding():
+        assert matvec.upcasts(q) and not matvec.upcasts(q.float()) and not matvec.upcasts(q.bfloat16())
+        y = attention.attend(q, k, v, alibi, mask)
+    with matvec.decoding():
+        assert not matvec.upcasts(q.clone().requires_grad_())  # autograd: torch's fp16 ops
+    assert not matvec.upcasts(q)  # a plain forward: torch's fp16 ops, as transformers
+    by_hand_scores = (
+        torch.baddbmm(
+            alibi.expand(2, n_head, 1, T).reshape(8, 1, T).float(),
+            q.reshape(8, T, 16).float(),
+            k.reshape(8, T, 16).float().transpose(1, 2),
+            alpha=0.25,
+        )
+        .half()
+        .view(2, n_head, T, T)
+    )
+    by_hand_probs = torch.softmax(by_hand_scores + mask, dim=-1, dtype=torch.float32).half()
+    assert torch.equal(y, (by_hand_probs.float() @ v.float()).half())  # float32 products, each rounded once
+    assert y.dtype == torch.float16 and (y != reference).float().mean() < 0.01  # where float32 sums' order decides
+    torch.testing.assert_close(y, reference, rtol=1e-3, atol=1e-4)  # about one fp16 rounding
+
+
 def test_layers_use_the_kernels_only_while_decoding_and_without_autograd():
     linear = Linear(64, 48)
     x = torch.randn(2, 1, 64)
