@@ -20,7 +20,7 @@ from torch import nn
 
 from bloom import matvec
 from bloom.kv_cache import KVCache
-from bloom.model import Block, Bloom, Linear, alibi_bias, alibi_slopes, causal_mask
+from bloom.model import Bloom, Linear, alibi_bias, alibi_slopes, causal_mask
 from bloom.quantize import Int8Linear
 
 
@@ -30,17 +30,13 @@ class DecodeStep:
 
     def __init__(self, model: Bloom, blocks: list[matvec.DecodeBlock]) -> None:
         self.model, self.blocks = model, blocks
+        self.slopes = alibi_slopes(model.config.n_head)  # (nh,)
         self.modules = list(model.modules())  # whose hooks `applies` looks for
-        # every module's submodules, parameters and buffers as (its dict, name, value), and where the blocks'
-        # tensors are: what `applies` compares with the model's
+        # every module's submodules, parameters and buffers as (its dict, name, value), and where the tensors'
+        # data are: what `applies` compares with the model's
         self.members = [(d, name, value) for m in self.modules for d in (m._modules, m._parameters, m._buffers)
                         for name, value in d.items()]  # fmt: skip
-        self.tensors = [
-            t
-            for norms, products in map(block_tensors, model.h)
-            for t in (*norms, *(t for product in products for t in product))
-            if t is not None
-        ]
+        self.tensors = [value for _, _, value in self.members if isinstance(value, torch.Tensor)]
         self.addresses = [t.data_ptr() for t in self.tensors]
 
     def applies(self) -> bool:
@@ -61,22 +57,12 @@ class DecodeStep:
         model = self.model
         dtype = model.ln_f.weight.dtype
         x = model.word_embeddings_layernorm(model.word_embeddings(tokens[:, None]))[:, 0]  # (B, C)
-        alibi = alibi_bias(mask, alibi_slopes(model.config.n_head), dtype)[:, :, 0]  # (B, nh, S)
+        alibi = alibi_bias(mask, self.slopes, dtype)[:, :, 0]  # (B, nh, S)
         additive_mask = causal_mask(mask, slot, dtype)[:, 0, 0]  # (B, S): the query at `slot`
         at = int(slot)
         for block, kv in zip(self.blocks, cache.layers, strict=True):
             x = block(x, kv.k, kv.v, alibi, additive_mask, at)
         return model.word_embeddings.unembed(model.ln_f(x)[:, None])  # (B, 1, V)
-
-
-def block_tensors(block: Block) -> tuple[tuple[torch.Tensor, ...], tuple[matvec.Product, ...]]:
-    """A block's tensors as matvec.DecodeBlock takes them: the two LayerNorms' weights and biases, and the (weight,
-    scale or None, bias) of its fused qkv, dense, dense_h_to_4h and dense_4h_to_h layers (a scale: int8 weights)."""
-    attention, mlp = block.self_attention, block.mlp
-    norms = (block.input_layernorm, block.post_attention_layernorm)
-    layers = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
-    products = tuple((layer.weight, getattr(layer, "scale", None), layer.bias) for layer in layers)
-    return (norms[0].weight, norms[0].bias, norms[1].weight, norms[1].bias), products
 
 
 def plan(model: Bloom, rows: int) -> DecodeStep | None:
@@ -88,19 +74,21 @@ def plan(model: Bloom, rows: int) -> DecodeStep | None:
     blocks = []
     for block in model.h:
         attention, mlp = block.self_attention, block.mlp
+        norms = (block.input_layernorm, block.post_attention_layernorm)
+        layers = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
         if attention.head_offset or attention.n_head != model.config.n_head:  # heads split over processes
             return None
-        layers = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
         if any(type(layer) not in (Linear, Int8Linear) for layer in layers):
             return None
         if any(rows > matvec.MAX_ROWS.get((layer.weight.dtype, dtype), 0) for layer in layers):
             return None
-        norms = (block.input_layernorm, block.post_attention_layernorm)
         if any(type(norm) is not nn.LayerNorm or norm.eps != norms[0].eps for norm in norms):  # the kernel: one eps
             return None
+        norm_tensors = (norms[0].weight, norms[0].bias, norms[1].weight, norms[1].bias)
+        products = tuple((layer.weight, getattr(layer, "scale", None), layer.bias) for layer in layers)  # int8: scale
         alpha = 1.0 / math.sqrt(attention.head_dim)
         try:  # tensors of other shapes, dtypes or layouts than the kernel reads
-            blocks.append(matvec.DecodeBlock(*block_tensors(block), norms[0].eps, alpha, attention.n_head, dtype))
+            blocks.append(matvec.DecodeBlock(norm_tensors, products, norms[0].eps, alpha, attention.n_head, dtype))
         except ValueError:
             return None
     return DecodeStep(model, blocks)
