@@ -71,16 +71,19 @@ def decoding() -> Iterator[None]:
         _state.decoding = before
 
 
+def _generating(*tensors: torch.Tensor) -> bool:
+    """Within decoding(), on the CPU, and outside autograd (which needs torch's ops) for these tensors."""
+    if not getattr(_state, "decoding", False) or any(t.device.type != "cpu" for t in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear` (or `int8_linear`, for an int8 weight) computes x · weightᵀ here."""
-    if not getattr(_state, "decoding", False) or x.device.type != "cpu":
+    if not _generating(x, weight) or not weight.is_contiguous():
         return False
     if x.numel() // x.shape[-1] > MAX_ROWS.get((weight.dtype, x.dtype), 0):  # 0: no kernel for these dtypes
         return False
-    if not weight.is_contiguous() or weight.device.type != "cpu":
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False  # autograd needs torch's op
     return library() is not None
 
 
@@ -110,11 +113,9 @@ def int8_linear(
 
 def attends(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether `attend` computes this attention here: one query per row (B, nh, 1, hd), keys (B, nh, S, hd)."""
-    if not getattr(_state, "decoding", False) or q.device.type != "cpu" or q.dtype not in _ATTEND_DTYPES:
+    if not _generating(q, k) or q.dtype not in _ATTEND_DTYPES:
         return False
     if q.shape[2] != 1 or k.dtype != q.dtype or not k.is_contiguous():
-        return False
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         return False
     return library() is not None
 
@@ -141,19 +142,13 @@ def upcasts(t: torch.Tensor) -> bool:
     """Whether attention's batched products take `t`, fp16 on the CPU within generation (a prefill's), in float32:
     torch's fp16 bmm is slow on the CPU (448 of a 128-token bloom-560m prefill's 843 ms, the float32 one ~4 ms).
     Each product is still rounded to fp16 once, as torch's fp16 product is: equal within float32 rounding."""
-    if not getattr(_state, "decoding", False) or t.dtype != torch.float16 or t.device.type != "cpu":
-        return False
-    return not (torch.is_grad_enabled() and t.requires_grad)
+    return t.dtype == torch.float16 and _generating(t)
 
 
 def gelu_applies(x: torch.Tensor) -> bool:
     """Whether `gelu` computes bloom_gelu(x) here: within generation, a prefill's rows too (one pass instead of
     torch's nine: 2.0 -> 0.3 ms a layer for a 128-token bf16 prompt of bloom-560m), without autograd."""
-    if not getattr(_state, "decoding", False) or x.device.type != "cpu" or x.dtype not in _GELU_DTYPES:
-        return False
-    if torch.is_grad_enabled() and x.requires_grad:
-        return False
-    return library() is not None
+    return x.dtype in _GELU_DTYPES and _generating(x) and library() is not None
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
