@@ -6,7 +6,7 @@ import torch
 from tiny_checkpoint import left_padded, random_hf_bloom, save_transformers
 from torch import nn
 
-from bloom import generate, load_pretrained
+from bloom import generate, load_pretrained, matvec
 from bloom.decode_step import plan
 from bloom.decoder import Decoder
 
@@ -28,11 +28,12 @@ def through_the_modules(decoder: Decoder, token: torch.Tensor) -> torch.Tensor:
         handle.remove()
 
 
+@pytest.mark.parametrize("lengths", [[9, 4], [9, 4, 7, 1, 8, 3]])  # 6 rows: tiles of 4 rows of W by 4 of x
 @pytest.mark.parametrize("dtype, quantize", DTYPES_AND_QUANTIZE)
-def test_each_step_and_the_cache_equal_the_step_through_the_modules(build, folder, dtype, quantize):
+def test_each_step_and_the_cache_equal_the_step_through_the_modules(build, folder, dtype, quantize, lengths):
     model = load_pretrained(folder, dtype=dtype, quantize=quantize)
-    ids, mask = left_padded([9, 4], vocab_size=1000)
-    fused, modules = Decoder(model, 2), Decoder(model, 2)
+    ids, mask = left_padded(lengths, vocab_size=1000)
+    fused, modules = Decoder(model, len(lengths)), Decoder(model, len(lengths))
     # fp32: float32 rounding (the LayerNorm sums in another order); half precision: that rounding where it decides
     # an intermediate's last bit, carried through three blocks (measured: bf16 none, fp16 0.004 in the logits)
     tolerance = {"fp32": 1e-5, "bf16": 0.1, "fp16": 0.02}[dtype]
@@ -89,9 +90,11 @@ def test_a_weight_edited_or_replaced_during_a_generation_is_seen_by_the_next_ste
 
 def test_the_plan_declines_what_the_kernel_does_not_compute(folder):
     bf16 = load_pretrained(folder, dtype="bf16")
-    assert plan(bf16, 4) is not None and plan(bf16, 5) is None  # more rows than bloom.matvec.MAX_ROWS
+    most = matvec.MAX_ROWS[torch.bfloat16, torch.bfloat16]
+    assert plan(bf16, most) is not None and plan(bf16, most + 1) is None  # more rows than bloom.matvec.MAX_ROWS
     int8 = load_pretrained(folder, dtype="bf16", quantize="int8")
-    assert plan(int8, 2) is not None and plan(int8, 3) is None
+    most = matvec.MAX_ROWS[torch.int8, torch.bfloat16]
+    assert plan(int8, most) is not None and plan(int8, most + 1) is None
     assert plan(load_pretrained(folder, dtype="fp16"), 64) is not None
     other = load_pretrained(folder)
     other.h[1].mlp.dense_h_to_4h = nn.Linear(160, 640)  # a layer the kernel does not know
