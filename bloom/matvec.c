@@ -15,6 +15,7 @@
  * by bloom/matvec.py, for the machine it runs on (-march=native): with AVX512-BF16 the bf16 and int8
  * products use vdpbf16ps, the fp16 and fp32 ones AVX-512 FMAs; elsewhere plain loops that the compiler
  * vectorizes. Built against the OpenMP runtime torch has loaded (same soname), it shares torch's threads. */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -363,8 +364,12 @@ void gelu_f16(const uint16_t *x, uint16_t *y, int64_t n) {
  *     y = T(Σ p[s] · v[s]), in float32
  * q and y (BH, hd); k and v (BH, S, hd); alibi (BH, S); mask (BH / heads, S), shared by a row's heads. The q·k
  * products are the tiles above (four slots at a time); exp is computed here, not as torch does, so a probability
- * can differ from torch's in its last bit. Returns 1 when the scores' memory cannot be allocated. */
-#define ATTEND(NAME, T, TILE_FN, TO_FLOAT, ROUND, FROM_FLOAT)                                                     \
+ * can differ from torch's in its last bit. The masked slots before a row's first visible one (left padding) and
+ * after its last (the cache's unwritten slots) are not read: their score is -inf, whose probability is the 0 that
+ * their mask's LOWEST value gives (exp clamps both to the same underflow; in fp16 while the scores stay above
+ * -65400). A batch's step reads only its rows' keys and values. Returns 1 when the scores' memory cannot be
+ * allocated. */
+#define ATTEND(NAME, T, TILE_FN, TO_FLOAT, ROUND, FROM_FLOAT, LOWEST)                                             \
     int NAME(const T *q, const T *k, const T *v, const T *alibi, const T *mask, T *y, int64_t BH, int64_t heads,   \
              int64_t S, int64_t hd, float alpha) {                                                                \
         int threads = omp_get_max_threads(); /* their scores and sums, allocated before they start */             \
@@ -376,8 +381,12 @@ void gelu_f16(const uint16_t *x, uint16_t *y, int64_t n) {
                 const T *qi[1] = {q + i * hd}, *ki = k + i * S * hd, *vi = v + i * S * hd;                        \
                 const T *ai = alibi + i * S, *mi = mask + (i / heads) * S;                                        \
                 float dots[4], max = -INFINITY;                                                                   \
-                for (int64_t s = 0; s < S;) { /* four slots at a time, then the last ones one by one */           \
-                    int R = S - s >= 4 ? 4 : 1;                                                                   \
+                int64_t first = 0, end = S; /* the slots from the first visible one to the last */                \
+                while (first < S - 1 && TO_FLOAT(mi[first]) == LOWEST) first++;                                  \
+                while (end > first + 1 && TO_FLOAT(mi[end - 1]) == LOWEST) end--;                                 \
+                for (int64_t s = 0; s < S; s++) score[s] = -INFINITY;                                             \
+                for (int64_t s = first; s < end;) { /* four slots at a time, then the last ones one by one */     \
+                    int R = end - s >= 4 ? 4 : 1;                                                                 \
                     if (R == 4) TILE_FN(qi, ki + s * hd, hd, dots, 4, 1, 1);                                      \
                     else TILE_FN(qi, ki + s * hd, hd, dots, 1, 1, 1);                                             \
                     for (int r = 0; r < R; r++, s++) {                                                            \
@@ -388,7 +397,7 @@ void gelu_f16(const uint16_t *x, uint16_t *y, int64_t n) {
                 }                                                                                                 \
                 float total = exp_and_sum(score, S, max);                                                         \
                 for (int64_t d = 0; d < hd; d++) acc[d] = 0;                                                      \
-                for (int64_t s = 0; s < S; s++) {                                                                 \
+                for (int64_t s = first; s < end; s++) {                                                           \
                     float p = ROUND(score[s] / total);                                                            \
                     if (p == 0) continue;                                                                         \
                     const T *vs = vi + s * hd;                                                                    \
@@ -402,9 +411,9 @@ void gelu_f16(const uint16_t *x, uint16_t *y, int64_t n) {
     }
 
 
-ATTEND(attend_bf16, uint16_t, tile_bf16, bf16_to_float, round_bf16, float_to_bf16)
-ATTEND(attend_f32, float, tile_f32, same_float, same_float, same_float)
-ATTEND(attend_f16, uint16_t, tile_f16_f16, f16_to_float, round_f16, float_to_f16)
+ATTEND(attend_bf16, uint16_t, tile_bf16, bf16_to_float, round_bf16, float_to_bf16, -0x1.fep+127f)
+ATTEND(attend_f32, float, tile_f32, same_float, same_float, same_float, -FLT_MAX)
+ATTEND(attend_f16, uint16_t, tile_f16_f16, f16_to_float, round_f16, float_to_f16, -65504.0f)
 
 /* A whole block's decode step in one call (bloom/decode_step.py), for M rows of one token each: the work of
  * Block.forward (bloom/model.py) in its order, through the kernels above, with the same roundings:

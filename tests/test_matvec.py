@@ -56,16 +56,21 @@ def test_one_query_attention_equals_the_reference_attend(build, dtype, n_head, h
     attention = Attention(BloomConfig(hidden_size=n_head * head_dim, n_layer=1, n_head=n_head, vocab_size=8))
     q = torch.randn(2, n_head, 1, head_dim).to(dtype)
     k, v = torch.randn(2, n_head, slots, head_dim).to(dtype), torch.randn(2, n_head, slots, head_dim).to(dtype)
+    used = slots - slots // 4  # a decode step in a longer cache: the query at slot used - 1, later slots unwritten
     attention_mask = torch.ones(2, slots, dtype=torch.long)
+    attention_mask[:, used:] = 0
     attention_mask[1, : slots // 3] = 0  # a left-padded row
     alibi = alibi_bias(attention_mask, alibi_slopes(n_head), dtype)  # (B, nh, 1, S)
-    mask = CausalMask(attention_mask, torch.tensor([slots - 1]), dtype).whole()  # (B, 1, 1, S)
+    mask = CausalMask(attention_mask, torch.tensor([used - 1]), dtype).whole()  # (B, 1, 1, S)
     reference = attention.attend(q, k, v, alibi, mask)
     y = matvec.attend(q, k, v, alibi, mask, 1 / head_dim**0.5)
     assert y.shape == reference.shape and y.dtype == dtype
     # the same roundings; float32 sums in another order, and exp's last bit
     rtol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]  # about one rounding
     torch.testing.assert_close(y, reference, rtol=rtol, atol=1e-5)
+    hidden = (attention_mask == 0)[:, None, :, None]  # (B, 1, S, 1): padding and unwritten slots
+    unread_k, unread_v = k.masked_fill(hidden, float("nan")), v.masked_fill(hidden, float("nan"))
+    assert torch.equal(matvec.attend(q, unread_k, unread_v, alibi, mask, 1 / head_dim**0.5), y)  # never read
 
 
 def test_a_generations_fp16_attention_multiplies_in_float32_and_rounds_each_product_once():
