@@ -315,7 +315,7 @@ static inline __m512 round512_f16(__m512 v) {
     return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
-enum { AS_F32, AS_BF16, AS_F16 }; /* the dtype each step of gelu512 is rounded to */
+enum { AS_F32, AS_BF16, AS_F16 }; /* the dtype a vector step rounds to (gelu512, and the attention's below) */
 
 /* GELU_STEPS on 16 values, each step rounded to `dtype` (a constant, so that the compiler drops the other cases) */
 static inline __attribute__((always_inline)) __m512 gelu512(__m512 x, const int dtype) {
@@ -492,7 +492,8 @@ SOFTMAX_STEPS(float, f32, AS_F32, same_float, same_float)
         if (!scratch) return 1;                                                                                   \
         _Pragma("omp parallel num_threads(threads)") {                                                            \
             float *score = scratch + omp_get_thread_num() * (S + hd), *acc = score + S;                           \
-            _Pragma("omp for schedule(static)") for (int64_t i = 0; i < BH; i++) {                               \
+            /* (row, head) pairs dealt out one at a time: a batch's rows see different numbers of slots */        \
+            _Pragma("omp for schedule(static, 1)") for (int64_t i = 0; i < BH; i++) {                            \
                 const T *qi[1] = {q + i * hd}, *ki = k + i * S * hd, *vi = v + i * S * hd;                        \
                 const T *mi = mask + (i / heads) * S;                                                             \
                 int64_t first = 0, end = S; /* the slots from the first visible one to the last */                \
