@@ -264,7 +264,7 @@ void linear_f32(const float *x, const float *w, const float *b, float *y, int64_
  * < 1e-8, below float32's half ulp). x below -104 gives 0, as expf does; above 88.7, infinity. */
 static inline __m512 exp512(__m512 x) {
     const float taylor[8] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x); /* this order keeps a NaN a NaN, as expf */
     __m512 j = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(j, _mm512_set1_ps(0.693145751953125f), x); /* ln 2 in two parts */
@@ -310,7 +310,18 @@ static inline __m512 tanh512(__m512 u) {
     return _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, one)));
 }
 
-static inline __m512 round512_bf16(__m512 v) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); }
+/* float32 -> bf16 in the low 16 bits of each lane, as float_to_bf16: to nearest even, subnormals kept (vcvtneps2bf16
+ * would flush them to 0), a NaN made quiet */
+static inline __m512i bf16_bits512(__m512 v) {
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    rounded = _mm512_mask_or_epi32(rounded, nan, bits, _mm512_set1_epi32(0x400000));
+    return _mm512_srli_epi32(rounded, 16);
+}
+static inline __m256i to_bf16_512(__m512 v) { return _mm512_cvtepi32_epi16(bf16_bits512(v)); }
+static inline __m512 round512_bf16(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits512(v), 16)); }
 static inline __m512 round512_f16(__m512 v) {
     return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
@@ -335,7 +346,7 @@ void gelu_bf16(const uint16_t *x, uint16_t *y, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) {
         __mmask16 valid = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
         __m512 v = _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(valid, x + i));
-        _mm256_mask_storeu_epi16(y + i, valid, (__m256i)_mm512_cvtneps_pbh(gelu512(v, AS_BF16)));
+        _mm256_mask_storeu_epi16(y + i, valid, to_bf16_512(gelu512(v, AS_BF16)));
     }
 }
 
@@ -474,7 +485,7 @@ SOFTMAX_STEPS(float, f32, AS_F32, same_float, same_float)
 /* One query per row of the batch against its keys and values: a decode step's attention, as Attention.attend
  * computes it in the model's dtype T. For each of the BH (row, head) pairs, over the S key slots:
  *     score[s] = T(T(alibi[s] + alpha · q·k[s]) + mask[s])        baddbmm's rounding, then the mask's
- *     p = T(softmax(score)), in float32                           masked slots (mask < 0) get exactly 0
+ *     p = T(softmax(score)), in float32                           masked slots get 0 beside a visible one
  *     y = T(Σ p[s] · v[s]), in float32
  * q and y (BH, hd); k and v (BH, S, hd); alibi (BH, S); mask (BH / heads, S), shared by a row's heads. The q·k
  * products are the tiles above (16 slots at a time, then 4, then 1); the bias, the mask, the softmax and the sum of
@@ -497,8 +508,9 @@ SOFTMAX_STEPS(float, f32, AS_F32, same_float, same_float)
                 const T *qi[1] = {q + i * hd}, *ki = k + i * S * hd, *vi = v + i * S * hd;                        \
                 const T *mi = mask + (i / heads) * S;                                                             \
                 int64_t first = 0, end = S; /* the slots from the first visible one to the last */                \
-                while (first < S - 1 && TO_FLOAT(mi[first]) == LOWEST) first++;                                  \
-                while (end > first + 1 && TO_FLOAT(mi[end - 1]) == LOWEST) end--;                                 \
+                while (first < end && TO_FLOAT(mi[first]) == LOWEST) first++;                                     \
+                while (end > first && TO_FLOAT(mi[end - 1]) == LOWEST) end--;                                     \
+                if (first == end) first = 0, end = S; /* none visible (not a mask the model makes): all, as torch */ \
                 for (int64_t s = first; s < end;) {                                                               \
                     int R = end - s >= 16 ? 16 : end - s >= 4 ? 4 : 1;                                            \
                     if (R == 16) TILE_FN(qi, ki + s * hd, hd, score + s, 16, 1, 1);                               \
@@ -549,7 +561,7 @@ struct block {
 #ifdef HAVE_AVX512
 static inline void store512(void *p, __mmask16 valid, __m512 v, const int dtype) {
     if (dtype == AS_F32) _mm512_mask_storeu_ps(p, valid, v);
-    else if (dtype == AS_BF16) _mm256_mask_storeu_epi16(p, valid, (__m256i)_mm512_cvtneps_pbh(v));
+    else if (dtype == AS_BF16) _mm256_mask_storeu_epi16(p, valid, to_bf16_512(v));
     else _mm256_mask_storeu_epi16(p, valid, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 

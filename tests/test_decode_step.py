@@ -49,6 +49,22 @@ def test_each_step_and_the_cache_equal_the_step_through_the_modules(build, folde
         torch.testing.assert_close(mine, theirs, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("dtype, quantize, rows", [("fp32", None, 16), ("bf16", None, 20), ("bf16", "int8", 20)])
+def test_many_rows_of_a_width_and_head_size_off_the_vector_width(build, tmp_path, dtype, quantize, rows):
+    """Width 52, heads of 13: every LayerNorm, add and attention of a block step ends in a partial vector."""
+    hf = random_hf_bloom(hidden_size=52, n_head=4, n_layer=2, vocab_size=300)
+    model = load_pretrained(save_transformers(hf, tmp_path), dtype=dtype, quantize=quantize)
+    ids, mask = left_padded([3 + row % 7 for row in range(rows)], vocab_size=300)
+    fused, modules = Decoder(model, rows), Decoder(model, rows)
+    with torch.inference_mode():
+        logits = [fused.prefill(ids, mask), modules.prefill(ids, mask)]
+        for _ in range(4):
+            token = logits[1][:, -1].argmax(-1)
+            assert fused.fused_step.applies()
+            logits = [fused.step(token), through_the_modules(modules, token)]
+            torch.testing.assert_close(*logits, rtol=0, atol={"fp32": 1e-5, "bf16": 0.1}[dtype])
+
+
 @pytest.mark.parametrize("dtype, quantize", DTYPES_AND_QUANTIZE)
 def test_greedy_tokens_equal_the_modules_across_a_cache_growth(folder, dtype, quantize):
     model = load_pretrained(folder, dtype=dtype, quantize=quantize)

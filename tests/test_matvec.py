@@ -51,7 +51,7 @@ def test_int8_products_equal_the_dequantized_product(build, dtype, rows, feature
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("n_head, head_dim, slots", [(5, 16, 7), (16, 64, 300), (3, 40, 1)])
+@pytest.mark.parametrize("n_head, head_dim, slots", [(5, 16, 7), (16, 64, 300), (3, 40, 1), (2, 100, 45)])
 def test_one_query_attention_equals_the_reference_attend(build, dtype, n_head, head_dim, slots):
     attention = Attention(BloomConfig(hidden_size=n_head * head_dim, n_layer=1, n_head=n_head, vocab_size=8))
     q = torch.randn(2, n_head, 1, head_dim).to(dtype)
@@ -71,6 +71,34 @@ def test_one_query_attention_equals_the_reference_attend(build, dtype, n_head, h
     hidden = (attention_mask == 0)[:, None, :, None]  # (B, 1, S, 1): padding and unwritten slots
     unread_k, unread_v = k.masked_fill(hidden, float("nan")), v.masked_fill(hidden, float("nan"))
     assert torch.equal(matvec.attend(q, unread_k, unread_v, alibi, mask, 1 / head_dim**0.5), y)  # never read
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_attention_with_masked_slots_amid_visible_ones_or_no_visible_slot_equals_the_reference(build, dtype):
+    attention = Attention(BloomConfig(hidden_size=2 * 8, n_layer=1, n_head=2, vocab_size=8))
+    q, k, v = torch.randn(3, 2, 1, 8).to(dtype), torch.randn(3, 2, 40, 8).to(dtype), torch.randn(3, 2, 40, 8).to(dtype)
+    alibi = alibi_bias(torch.ones(3, 40, dtype=torch.long), alibi_slopes(2), dtype)  # (B, nh, 1, S)
+    lowest = torch.finfo(dtype).min
+    mask = torch.zeros(3, 1, 1, 40, dtype=dtype)
+    mask[0, ..., 5:9] = mask[0, ..., 20:] = lowest  # masked slots between visible ones, and at the end
+    mask[1, ..., :] = lowest  # no visible slot: not a mask the model makes, but the kernel takes it
+    y = matvec.attend(q, k, v, alibi, mask, 8**-0.5)
+    rtol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(y, attention.attend(q, k, v, alibi, mask), rtol=rtol, atol=1e-5)
+
+
+def test_bf16_attention_keeps_a_subnormal_probability_and_a_nan_key_as_torch(build):
+    attention = Attention(BloomConfig(hidden_size=4, n_layer=1, n_head=1, vocab_size=8))
+    q, k = torch.zeros(1, 1, 1, 4, dtype=torch.bfloat16), torch.zeros(1, 1, 2, 4, dtype=torch.bfloat16)
+    v = torch.tensor([[[[0.0] * 4, [1e38] * 4]]], dtype=torch.bfloat16)
+    alibi = torch.tensor([[[[0.0, -88.0]]]], dtype=torch.bfloat16)  # slot 1's probability: e^-88, below 2^-126
+    mask = torch.zeros(1, 1, 1, 2, dtype=torch.bfloat16)
+    reference = attention.attend(q, k, v, alibi, mask)
+    assert reference.abs().min() > 0.5  # torch keeps the subnormal probability, which weighs 1e38
+    torch.testing.assert_close(matvec.attend(q, k, v, alibi, mask, 0.5), reference, rtol=8e-3, atol=0)
+    k[..., 1, 0] = float("nan")  # a visible key that is NaN: NaN out, as torch
+    assert attention.attend(q, k, v, alibi, mask).isnan().all()
+    assert matvec.attend(q, k, v, alibi, mask, 0.5).isnan().all()
 
 
 def test_a_generations_fp16_attention_multiplies_in_float32_and_rounds_each_product_once():
