@@ -4,7 +4,7 @@ Weights of the bloom-560m shape (24 blocks' qkv, dense, h_to_4h, 4h_to_h, then t
 than the CPU's caches hold, as in a real decode step), multiplied by M rows of activations. Prints the bytes of
 weights read per second by each, the ratio, and the share of the machine's bandwidth (a sum() over 0.5 GB).
 
-    python scripts/bench_matvec.py                      # bf16, fp16, fp32 and int8; 1, 2, 4, 8, 16 rows
+    python scripts/bench_matvec.py                      # bf16, fp16, fp32 and int8; 1, 2, 4, 8, 16, 32 rows
     python scripts/bench_matvec.py --dtypes bf16 --rows 1
 """
 
@@ -46,7 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16", "fp32", "int8"],
                         choices=["bf16", "fp16", "fp32", "int8"])  # fmt: skip
-    parser.add_argument("--rows", nargs="+", type=int, default=[1, 2, 4, 8, 16])
+    parser.add_argument("--rows", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args()
     torch.manual_seed(0)
