@@ -32,7 +32,7 @@ import torch
 SOURCE = Path(__file__).with_name("matvec.c")
 # Rows of x up to which the kernels are faster than torch's ops, by (weight dtype, activation dtype), measured
 # with scripts/bench_matvec.py on a 2-core AVX-512 BF16 machine: bf16 1.6x torch at 1-4 rows, 1.3x at 16, 1.2x at
-# 32, even at 48; int8 with bf16 activations 1.5x at 1 row, 1.7x at 16, 3.1x at 32 (torch's int8 kernel stops at
+# 32, equal at 48; int8 with bf16 activations 1.5x at 1 row, 1.7x at 16, 3.1x at 32 (torch's int8 kernel stops at
 # 16 rows); fp32 2-5x up to 16. With more rows the bf16 and int8 products are limited by the CPU's multiply-adds,
 # not by memory, and torch's kernels are faster: a prefill's products in those dtypes stay torch's. torch's fp16
 # matmul reads 0.4 GB/s at a prefill's 128 rows (the kernels 2.1), and int8 weights beside fp16 or fp32
