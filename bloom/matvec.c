@@ -320,52 +320,58 @@ static inline __m512i bf16_bits512(__m512 v) {
     rounded = _mm512_mask_or_epi32(rounded, nan, bits, _mm512_set1_epi32(0x400000));
     return _mm512_srli_epi32(rounded, 16);
 }
-static inline __m256i to_bf16_512(__m512 v) { return _mm512_cvtepi32_epi16(bf16_bits512(v)); }
 static inline __m512 round512_bf16(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits512(v), 16)); }
 static inline __m512 round512_f16(__m512 v) {
     return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
-enum { AS_F32, AS_BF16, AS_F16 }; /* the dtype a vector step rounds to (gelu512, and the attention's below) */
+/* The vector steps' dtype (a constant where they are called, so that the compiler drops the other cases): the 16
+ * values of it from element i of p as float32 (zeros past `valid`), float32 values rounded to it, and stored as it. */
+enum { AS_F32, AS_BF16, AS_F16 };
 
-/* GELU_STEPS on 16 values, each step rounded to `dtype` (a constant, so that the compiler drops the other cases) */
+static inline __m512 load512(const void *p, int64_t i, __mmask16 valid, const int dtype) {
+    if (dtype == AS_F32) return _mm512_maskz_loadu_ps(valid, (const float *)p + i);
+    __m256i h = _mm256_maskz_loadu_epi16(valid, (const uint16_t *)p + i);
+    return dtype == AS_BF16 ? _mm512_cvtpbh_ps((__m256bh)h) : _mm512_cvtph_ps(h);
+}
+
+static inline __m512 round512(__m512 v, const int dtype) {
+    return dtype == AS_BF16 ? round512_bf16(v) : dtype == AS_F16 ? round512_f16(v) : v;
+}
+
+static inline void store512(void *p, int64_t i, __mmask16 valid, __m512 v, const int dtype) {
+    if (dtype == AS_F32) {
+        _mm512_mask_storeu_ps((float *)p + i, valid, v);
+        return;
+    }
+    __m256i h = dtype == AS_BF16 ? _mm512_cvtepi32_epi16(bf16_bits512(v))
+                                 : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_mask_storeu_epi16((uint16_t *)p + i, valid, h);
+}
+
+/* GELU_STEPS on 16 values, each step rounded to `dtype` */
 static inline __attribute__((always_inline)) __m512 gelu512(__m512 x, const int dtype) {
-#define R(v) (dtype == AS_BF16 ? round512_bf16(v) : dtype == AS_F16 ? round512_f16(v) : (v))
 #define MUL(a, v) _mm512_mul_ps(_mm512_set1_ps(a), v)
 #define ONE_PLUS(v) _mm512_add_ps(_mm512_set1_ps(1.0f), v)
-    __m512 inner = R(ONE_PLUS(R(_mm512_mul_ps(R(MUL(0.044715f, x)), x))));
-    inner = R(_mm512_mul_ps(R(MUL(0.79788456f, x)), inner));
-    return R(_mm512_mul_ps(R(MUL(0.5f, x)), R(ONE_PLUS(R(tanh512(inner))))));
-#undef R
+    __m512 inner = round512(ONE_PLUS(round512(_mm512_mul_ps(round512(MUL(0.044715f, x), dtype), x), dtype)), dtype);
+    inner = round512(_mm512_mul_ps(round512(MUL(0.79788456f, x), dtype), inner), dtype);
+    __m512 half_x = round512(MUL(0.5f, x), dtype);
+    return round512(_mm512_mul_ps(half_x, round512(ONE_PLUS(round512(tanh512(inner), dtype)), dtype)), dtype);
 #undef MUL
 #undef ONE_PLUS
 }
 
-void gelu_bf16(const uint16_t *x, uint16_t *y, int64_t n) {
+static inline __attribute__((always_inline)) void gelu_n512(const void *x, void *y, int64_t n, const int dtype) {
 #pragma omp parallel for if (n >= GELU_PARALLEL)
     for (int64_t i = 0; i < n; i += 16) {
         __mmask16 valid = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
-        __m512 v = _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(valid, x + i));
-        _mm256_mask_storeu_epi16(y + i, valid, to_bf16_512(gelu512(v, AS_BF16)));
+        store512(y, i, valid, gelu512(load512(x, i, valid, dtype), dtype), dtype);
     }
 }
 
-void gelu_f32(const float *x, float *y, int64_t n) {
-#pragma omp parallel for if (n >= GELU_PARALLEL)
-    for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 valid = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
-        _mm512_mask_storeu_ps(y + i, valid, gelu512(_mm512_maskz_loadu_ps(valid, x + i), AS_F32));
-    }
-}
-
-void gelu_f16(const uint16_t *x, uint16_t *y, int64_t n) {
-#pragma omp parallel for if (n >= GELU_PARALLEL)
-    for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 valid = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
-        __m512 v = gelu512(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, x + i)), AS_F16);
-        _mm256_mask_storeu_epi16(y + i, valid, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    }
-}
+void gelu_bf16(const uint16_t *x, uint16_t *y, int64_t n) { gelu_n512(x, y, n, AS_BF16); }
+void gelu_f32(const float *x, float *y, int64_t n) { gelu_n512(x, y, n, AS_F32); }
+void gelu_f16(const uint16_t *x, uint16_t *y, int64_t n) { gelu_n512(x, y, n, AS_F16); }
 #else
 void gelu_bf16(const uint16_t *x, uint16_t *y, int64_t n) {
 #pragma omp parallel for if (n >= GELU_PARALLEL)
@@ -390,27 +396,15 @@ void gelu_f16(const uint16_t *x, uint16_t *y, int64_t n) {
 #endif
 
 #ifdef HAVE_AVX512
-/* 16 values of the dtype at p (zeros past `valid`) as float32, and float32 values rounded to the dtype */
-static inline __m512 load512(const void *p, __mmask16 valid, const int dtype) {
-    if (dtype == AS_F32) return _mm512_maskz_loadu_ps(valid, p);
-    __m256i h = _mm256_maskz_loadu_epi16(valid, p);
-    return dtype == AS_BF16 ? _mm512_cvtpbh_ps((__m256bh)h) : _mm512_cvtph_ps(h);
-}
-
-static inline __m512 round512(__m512 v, const int dtype) {
-    return dtype == AS_BF16 ? round512_bf16(v) : dtype == AS_F16 ? round512_f16(v) : v;
-}
-
 /* score[s] = T(T(alibi[s] + alpha · score[s]) + mask[s]) for n slots, their q·k in score; returns the maximum */
 static inline __attribute__((always_inline)) float bias_and_mask512(const void *alibi, const void *mask, float *score,
                                                                     int64_t n, float alpha, const int dtype) {
-    const int size = dtype == AS_F32 ? 4 : 2;
     __m512 max = _mm512_set1_ps(-INFINITY);
     for (int64_t s = 0; s < n; s += 16) {
         __mmask16 valid = n - s >= 16 ? 0xffff : (__mmask16)((1u << (n - s)) - 1);
         __m512 dot = _mm512_mul_ps(_mm512_set1_ps(alpha), _mm512_maskz_loadu_ps(valid, score + s));
-        __m512 x = round512(_mm512_add_ps(load512((const char *)alibi + s * size, valid, dtype), dot), dtype);
-        x = round512(_mm512_add_ps(x, load512((const char *)mask + s * size, valid, dtype)), dtype);
+        __m512 x = round512(_mm512_add_ps(load512(alibi, s, valid, dtype), dot), dtype);
+        x = round512(_mm512_add_ps(x, load512(mask, s, valid, dtype)), dtype);
         _mm512_mask_storeu_ps(score + s, valid, x);
         max = _mm512_mask_max_ps(max, valid, x, max); /* a NaN score is not the maximum, as in the scalar loop */
     }
@@ -429,7 +423,6 @@ static inline __attribute__((always_inline)) void normalize512(float *p, int64_t
 /* acc[d] = Σ p[s] · v[s][d] over n slots (in order, skipping p = 0) for hd features, 64 at a time in registers */
 static inline __attribute__((always_inline)) void weigh512(const float *p, const void *v, int64_t n, int64_t hd,
                                                             float *acc, const int dtype) {
-    const int size = dtype == AS_F32 ? 4 : 2;
     for (int64_t d = 0; d < hd; d += 64) {
         __mmask16 valid[4];
         __m512 sum[4];
@@ -441,9 +434,8 @@ static inline __attribute__((always_inline)) void weigh512(const float *p, const
         for (int64_t s = 0; s < n; s++) {
             if (p[s] == 0) continue;
             __m512 weight = _mm512_set1_ps(p[s]);
-            const char *row = (const char *)v + (s * hd + d) * size;
             for (int j = 0; j < 4; j++)
-                sum[j] = _mm512_add_ps(sum[j], _mm512_mul_ps(weight, load512(row + 16 * j * size, valid[j], dtype)));
+                sum[j] = _mm512_add_ps(sum[j], _mm512_mul_ps(weight, load512(v, s * hd + d + 16 * j, valid[j], dtype)));
         }
         for (int j = 0; j < 4; j++) _mm512_mask_storeu_ps(acc + d + 16 * j, valid[j], sum[j]);
     }
@@ -559,54 +551,43 @@ struct block {
  * F.layer_norm's by float32 rounding. With AVX-512 both run on 16 lanes (one value at a time, on one core while the
  * other waited, they took about 1 ms of a bf16 batch-16 step of bloom-560m, by their share in perf). */
 #ifdef HAVE_AVX512
-static inline void store512(void *p, __mmask16 valid, __m512 v, const int dtype) {
-    if (dtype == AS_F32) _mm512_mask_storeu_ps(p, valid, v);
-    else if (dtype == AS_BF16) _mm256_mask_storeu_epi16(p, valid, to_bf16_512(v));
-    else _mm256_mask_storeu_epi16(p, valid, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-static inline __attribute__((always_inline)) void layer_norm512(const char *x, const char *w, const char *b, char *y,
+static inline __attribute__((always_inline)) void layer_norm512(const void *x, const void *w, const void *b, void *y,
                                                                  int64_t M, int64_t C, float eps, const int dtype) {
-    const int size = dtype == AS_F32 ? 4 : 2;
-    for (int64_t m = 0; m < M; m++, x += C * size, y += C * size) {
+    for (int64_t row = 0; row < M * C; row += C) {
         __m512 sum = _mm512_setzero_ps(), squares = _mm512_setzero_ps();
         for (int64_t c = 0; c < C; c += 16) {
             __mmask16 valid = C - c >= 16 ? 0xffff : (__mmask16)((1u << (C - c)) - 1);
-            sum = _mm512_add_ps(sum, load512(x + c * size, valid, dtype));
+            sum = _mm512_add_ps(sum, load512(x, row + c, valid, dtype));
         }
         __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / C);
         for (int64_t c = 0; c < C; c += 16) {
             __mmask16 valid = C - c >= 16 ? 0xffff : (__mmask16)((1u << (C - c)) - 1);
-            __m512 d = _mm512_maskz_sub_ps(valid, load512(x + c * size, valid, dtype), mean);
+            __m512 d = _mm512_maskz_sub_ps(valid, load512(x, row + c, valid, dtype), mean);
             squares = _mm512_add_ps(squares, _mm512_mul_ps(d, d));
         }
         __m512 rstd = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / C + eps));
         for (int64_t c = 0; c < C; c += 16) {
             __mmask16 valid = C - c >= 16 ? 0xffff : (__mmask16)((1u << (C - c)) - 1);
-            __m512 v = _mm512_mul_ps(_mm512_sub_ps(load512(x + c * size, valid, dtype), mean), rstd);
-            v = _mm512_add_ps(_mm512_mul_ps(v, load512(w + c * size, valid, dtype)), load512(b + c * size, valid, dtype));
-            store512(y + c * size, valid, v, dtype);
+            __m512 v = _mm512_mul_ps(_mm512_sub_ps(load512(x, row + c, valid, dtype), mean), rstd);
+            v = _mm512_add_ps(_mm512_mul_ps(v, load512(w, c, valid, dtype)), load512(b, c, valid, dtype));
+            store512(y, row + c, valid, v, dtype);
         }
     }
 }
 
-static inline __attribute__((always_inline)) void add512(const char *x, const char *a, char *out, int64_t n,
+static inline __attribute__((always_inline)) void add512(const void *x, const void *a, void *out, int64_t n,
                                                           const int dtype) {
-    const int size = dtype == AS_F32 ? 4 : 2;
     for (int64_t i = 0; i < n; i += 16) {
         __mmask16 valid = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
-        __m512 v = _mm512_add_ps(load512(x + i * size, valid, dtype), load512(a + i * size, valid, dtype));
-        store512(out + i * size, valid, v, dtype);
+        store512(out, i, valid, _mm512_add_ps(load512(x, i, valid, dtype), load512(a, i, valid, dtype)), dtype);
     }
 }
 
 #define NORM_AND_ADD(T, SUFFIX, DTYPE, TO_FLOAT, FROM_FLOAT)                                                      \
     static void layer_norm_##SUFFIX(const T *x, const T *w, const T *b, T *y, int64_t M, int64_t C, float eps) { \
-        layer_norm512((const char *)x, (const char *)w, (const char *)b, (char *)y, M, C, eps, DTYPE);         \
+        layer_norm512(x, w, b, y, M, C, eps, DTYPE);                                                           \
     }                                                                                                          \
-    static void add_##SUFFIX(const T *x, const T *a, T *out, int64_t n) {                                      \
-        add512((const char *)x, (const char *)a, (char *)out, n, DTYPE);                                      \
-    }
+    static void add_##SUFFIX(const T *x, const T *a, T *out, int64_t n) { add512(x, a, out, n, DTYPE); }
 #else
 #define NORM_AND_ADD(T, SUFFIX, DTYPE, TO_FLOAT, FROM_FLOAT)                                                      \
     static void layer_norm_##SUFFIX(const T *x, const T *w, const T *b, T *y, int64_t M, int64_t C, float eps) { \
