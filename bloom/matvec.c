@@ -12,16 +12,17 @@
  * F.linear by float32 rounding (not bitwise).
  *
  * The rows of W are split over the OpenMP threads in contiguous blocks. This file is compiled on first use
- * by bloom/matvec.py, for the machine it runs on (-march=native): with AVX512-BF16 the bf16 and int8
- * products use vdpbf16ps, the fp16 and fp32 ones AVX-512 FMAs; elsewhere plain loops that the compiler
- * vectorizes. Built against the OpenMP runtime torch has loaded (same soname), it shares torch's threads. */
+ * by bloom/matvec.py, for the machine it runs on (-march=native): with AVX512-BF16 (and AVX512-VBMI, for the
+ * int8 weights' conversion) the bf16 and int8 products use vdpbf16ps, the fp16 and fp32 ones AVX-512 FMAs;
+ * elsewhere plain loops that the compiler vectorizes. Built against the OpenMP runtime torch has loaded (same
+ * soname), it shares torch's threads. */
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
 #include <immintrin.h>
 #define HAVE_AVX512 1
 #endif
@@ -85,6 +86,44 @@ static inline __m512 load_f16(const uint16_t *p, __mmask16 valid) {
 static inline __m512 mac_bf16(__m512 acc, __m512bh w, __m512bh x) { return _mm512_dpbf16_ps(acc, w, x); }
 static inline __m512 mac_f32(__m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
 
+/* 64 int8 weights as bf16 in 8 vector instructions, where load_int8_as_bf16 takes 12 through float32 (it stays for
+ * the tiles of several rows of x, whose registers this one's tables would crowd: they ran 8% slower with it). Each
+ * byte's bf16 is looked up, its low and its high byte in a table of 128 entries (the bf16 of 1..128, indexed by
+ * |q| - 1; q = 0 is masked to 0), its sign put back, and the two bytes interleaved. The bytes are first put in the
+ * order that the interleaving (within 128-bit lanes) undoes, so the 64 values come out in order. */
+typedef struct { __m512bh lo, hi; } bf16x64; /* values [0, 32) and [32, 64) */
+
+static uint8_t BF16_LOW_BYTE[128], BF16_HIGH_BYTE[128]; /* of the bf16 of 1..128 */
+__attribute__((constructor)) static void fill_bf16_byte_tables(void) {
+    for (int i = 0; i < 128; i++) {
+        uint16_t bits = float_to_bf16((float)(i + 1));
+        BF16_LOW_BYTE[i] = bits & 0xff, BF16_HIGH_BYTE[i] = bits >> 8;
+    }
+}
+
+static inline bf16x64 load_int8x64_as_bf16(const int8_t *q, __mmask64 valid) { /* exact, -128 included */
+    const __m512i order = _mm512_set_epi8(63, 62, 61, 60, 59, 58, 57, 56, 31, 30, 29, 28, 27, 26, 25, 24, /**/
+                                          55, 54, 53, 52, 51, 50, 49, 48, 23, 22, 21, 20, 19, 18, 17, 16, /**/
+                                          47, 46, 45, 44, 43, 42, 41, 40, 15, 14, 13, 12, 11, 10, 9, 8,   /**/
+                                          39, 38, 37, 36, 35, 34, 33, 32, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i *low = (const __m512i *)BF16_LOW_BYTE, *high = (const __m512i *)BF16_HIGH_BYTE;
+    __m512i bytes = _mm512_permutexvar_epi8(order, _mm512_maskz_loadu_epi8(valid, q));
+    __mmask64 nonzero = _mm512_test_epi8_mask(bytes, bytes);
+    __m512i index = _mm512_sub_epi8(_mm512_abs_epi8(bytes), _mm512_set1_epi8(1)); /* the table uses its low 7 bits */
+    __m512i lo = _mm512_maskz_permutex2var_epi8(nonzero, _mm512_loadu_si512(low), index, _mm512_loadu_si512(low + 1));
+    __m512i hi = _mm512_maskz_permutex2var_epi8(nonzero, _mm512_loadu_si512(high), index, _mm512_loadu_si512(high + 1));
+    hi = _mm512_ternarylogic_epi32(hi, bytes, _mm512_set1_epi8((char)0x80), 0xF8); /* hi | (bytes & 0x80) */
+    return (bf16x64){(__m512bh)_mm512_unpacklo_epi8(lo, hi), (__m512bh)_mm512_unpackhi_epi8(lo, hi)};
+}
+
+static inline bf16x64 load_bf16x64(const uint16_t *p, __mmask64 valid) {
+    return (bf16x64){load_bf16(p, (__mmask32)valid), load_bf16(p + 32, (__mmask32)(valid >> 32))};
+}
+
+static inline __m512 mac_bf16x64(__m512 acc, bf16x64 w, bf16x64 x) {
+    return mac_bf16(mac_bf16(acc, w.lo, x.lo), w.hi, x.hi);
+}
+
 /* The sums of 16 vectors' lanes as one vector (lane a: the sum of v[a]'s 16 lanes), in 15 additions and 30
  * shuffles where 16 separate sums take 64 of each: pairs of vectors are interleaved and added, halving their
  * number each time. */
@@ -104,7 +143,7 @@ static inline __m512 sum_lanes16(const __m512 *v) {
 
 /* TILE(NAME, ...) defines NAME(x, w, K, dots, R, XB, U): dots[r·XB + m] = x[m] · W[r] for R consecutive rows of W
  * (K values apart) and XB rows of x, in R·XB·U <= 16 float32 accumulators. Each chunk of x is loaded once for the
- * R rows of W and each chunk of W once for the XB rows of x; U > 1 keeps U chunks of a lone row in flight. The
+ * R rows of W and each chunk of W once for the XB rows of x; U > 1 keeps U chunks of a row of W in flight. The
  * next R rows of W are prefetched meanwhile: with 16 rows of x, whose multiply-adds take as long as reading W,
  * the products ran at 305 GFLOP/s without it and 435 with it, the memory no longer waited for between tiles.
  * Called with constant R, XB, U, so that the compiler unrolls the loops and keeps the accumulators in registers. */
@@ -152,6 +191,43 @@ TILE(tile_f32, float, float, __m512, __m512, 16, __mmask16, load_f32, load_f32, 
 TILE(tile_f16, uint16_t, float, __m512, __m512, 16, __mmask16, load_f16, load_f32, mac_f32) /* x as float32 */
 TILE(tile_f16_f16, uint16_t, uint16_t, __m512, __m512, 16, __mmask16, load_f16, load_f16, mac_f32)
 
+/* SEQ_TILE(NAME, ...) defines NAME(x, w, K, dots, R): dots[r] = x · W[r] for one row of x and R <= 16 consecutive
+ * rows of W, read one after the other, each from start to end with 4 chunks in flight (as one stream, which the
+ * memory serves fastest), while the row after it is prefetched. A row's 4 partial sums are added into one vector,
+ * and the R vectors summed across lanes together at the end: summing each row's lanes on its own took about a third
+ * of the time of an int8 row of 1024 bytes read from the caches (the kernel ran at 52 GB/s there, now 75; with
+ * load_int8x64_as_bf16, 97). */
+#define SEQ_TILE(NAME, WT, XT, VW, VX, WIDTH, MASK, LOAD_W, LOAD_X, MAC)                                       \
+    static inline __attribute__((always_inline)) void NAME(const XT *x, const WT *w, int64_t K, float *dots,    \
+                                                           const int R) {                                     \
+        __m512 row_sums[16];                                                                                 \
+        for (int r = 0; r < R; r++) {                                                                        \
+            const WT *row = w + r * K;                                                                       \
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}; \
+            int64_t k = 0;                                                                                   \
+            for (; k + 4 * WIDTH <= K; k += 4 * WIDTH)                                                       \
+                for (int u = 0; u < 4; u++) {                                                                \
+                    _mm_prefetch((const char *)(row + K + k + WIDTH * u), _MM_HINT_T0);                      \
+                    VW wv = LOAD_W(row + k + WIDTH * u, (MASK)-1);                                           \
+                    acc[u] = MAC(acc[u], wv, LOAD_X(x + k + WIDTH * u, (MASK)-1));                           \
+                }                                                                                            \
+            for (; k < K; k += WIDTH) {                                                                      \
+                MASK valid = K - k >= WIDTH ? (MASK)-1 : (MASK)((1ull << (K - k)) - 1);                      \
+                acc[0] = MAC(acc[0], LOAD_W(row + k, valid), LOAD_X(x + k, valid));                          \
+            }                                                                                                \
+            row_sums[r] = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));       \
+        }                                                                                                    \
+        if (R == 16) _mm512_storeu_ps(dots, sum_lanes16(row_sums));                                          \
+        else                                                                                                 \
+            for (int r = 0; r < R; r++) dots[r] = _mm512_reduce_add_ps(row_sums[r]);                         \
+    }
+
+SEQ_TILE(seq_bf16, uint16_t, uint16_t, __m512bh, __m512bh, 32, __mmask32, load_bf16, load_bf16, mac_bf16)
+SEQ_TILE(seq_int8, int8_t, uint16_t, bf16x64, bf16x64, 64, __mmask64, load_int8x64_as_bf16, load_bf16x64, mac_bf16x64)
+SEQ_TILE(seq_int8_f32, int8_t, float, __m512, __m512, 16, __mmask16, load_int8_as_f32, load_f32, mac_f32)
+SEQ_TILE(seq_f32, float, float, __m512, __m512, 16, __mmask16, load_f32, load_f32, mac_f32)
+SEQ_TILE(seq_f16, uint16_t, float, __m512, __m512, 16, __mmask16, load_f16, load_f32, mac_f32)
+
 #else /* portable: the same tiles as plain loops, which the compiler vectorizes */
 
 #define TILE(NAME, WT, XT, TO_FLOAT_W, TO_FLOAT_X)                                                              \
@@ -177,17 +253,28 @@ TILE(tile_f32, float, float, AS_FLOAT, AS_FLOAT)
 TILE(tile_f16, uint16_t, float, f16_to_float, AS_FLOAT)
 TILE(tile_f16_f16, uint16_t, uint16_t, f16_to_float, f16_to_float)
 
+#define SEQ_TILE(NAME, TILE_FN, WT, XT)                                                       \
+    static inline void NAME(const XT *x, const WT *w, int64_t K, float *dots, const int R) { \
+        TILE_FN(&x, w, K, dots, R, 1, 1);                                                     \
+    }
+SEQ_TILE(seq_bf16, tile_bf16, uint16_t, uint16_t)
+SEQ_TILE(seq_int8, tile_int8, int8_t, uint16_t)
+SEQ_TILE(seq_int8_f32, tile_int8_f32, int8_t, float)
+SEQ_TILE(seq_f32, tile_f32, float, float)
+SEQ_TILE(seq_f16, tile_f16, uint16_t, float)
+
 #endif
 
-/* LINEAR(TILE_FN, XT, WT, OUT) is the body of a kernel: this thread's block of rows of W, against the rows of x in
- * blocks of up to 4 (the last block repeating its last row: computed, never written), through TILE_FN with constant
- * sizes; OUT(m, n, dot) stores y[m, n]. Up to 4 rows of x read W a row at a time, which streams fastest (one row
- * of x keeps four chunks in flight, two rows two). More rows are limited by the multiply-adds, not the memory:
+/* LINEAR(TILE_FN, SEQ_FN, XT, WT, OUT) is the body of a kernel: this thread's block of rows of W, against the rows
+ * of x in blocks of up to 4 (the last block repeating its last row: computed, never written), through TILE_FN with
+ * constant sizes, or SEQ_FN for a single row of x, 16 rows of W at a time; OUT(m, n, dot) stores y[m, n]. Up to 4
+ * rows of x read W a row at a time, which streams fastest (one row of x keeps four chunks in flight, two rows two).
+ * More rows are limited by the multiply-adds, not the memory:
  * tiles of 4 rows of W by 4 of x then load each chunk for four products. A prefill's many rows of x are taken
  * X_BLOCK at a time, each block against all of this thread's rows of W, so that the block stays in the cache
  * (without it, 2048 fp16 rows of a batch's prefill, x streaming from memory, ran at half the rate of 128). */
 #define X_BLOCK 64
-#define LINEAR(TILE_FN, XT, WT, OUT)                                                                            \
+#define LINEAR(TILE_FN, SEQ_FN, XT, WT, OUT)                                                                    \
     _Pragma("omp parallel") {                                                                                   \
         int threads = omp_get_num_threads(), thread = omp_get_thread_num();                                     \
         int64_t groups = (N + 3) / 4;                                                                           \
@@ -198,12 +285,12 @@ TILE(tile_f16_f16, uint16_t, uint16_t, f16_to_float, f16_to_float)
         for (int64_t m_begin = 0; m_begin < M; m_begin += X_BLOCK) {                                            \
             int64_t m_end = m_begin + X_BLOCK < M ? m_begin + X_BLOCK : M;                                      \
             for (int64_t n = n_begin; n < n_end;) {                                                             \
-                int R = M > 4 && n_end - n >= 4 ? 4 : 1;                                                        \
+                int R = M == 1 ? (n_end - n >= 16 ? 16 : n_end - n) : M > 4 && n_end - n >= 4 ? 4 : 1;         \
                 for (int64_t m0 = m_begin; m0 < m_end; m0 += XB) {                                              \
                     const XT *rows[4];                                                                          \
                     for (int m = 0; m < XB; m++) rows[m] = x + (m0 + m < m_end ? m0 + m : m_end - 1) * K;       \
                     const WT *w_rows = w + n * K;                                                               \
-                    if (XB == 1) TILE_FN(rows, w_rows, K, dots, 1, 1, 4);                                       \
+                    if (XB == 1) SEQ_FN(rows[0], w_rows, K, dots, R);                                           \
                     else if (XB == 2) TILE_FN(rows, w_rows, K, dots, 1, 2, 2);                                  \
                     else if (R == 1) TILE_FN(rows, w_rows, K, dots, 1, 4, 1);                                   \
                     else TILE_FN(rows, w_rows, K, dots, 4, 4, 1);                                               \
@@ -218,7 +305,7 @@ TILE(tile_f16_f16, uint16_t, uint16_t, f16_to_float, f16_to_float)
 /* bf16 x, W, b (or NULL) -> bf16 y */
 void linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16_t *y, int64_t M, int64_t N, int64_t K) {
 #define OUT(m, n, dot) y[(m) * N + (n)] = float_to_bf16((dot) + (b ? bf16_to_float(b[n]) : 0.0f))
-    LINEAR(tile_bf16, uint16_t, uint16_t, OUT)
+    LINEAR(tile_bf16, seq_bf16, uint16_t, uint16_t, OUT)
 #undef OUT
 }
 
@@ -227,35 +314,35 @@ void linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16
 void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale, const uint16_t *b, uint16_t *y,
                       int64_t M, int64_t N, int64_t K) {
 #define OUT(m, n, dot) y[(m) * N + (n)] = float_to_bf16((dot) * bf16_to_float(scale[n]) + (b ? bf16_to_float(b[n]) : 0.0f))
-    LINEAR(tile_int8, uint16_t, int8_t, OUT)
+    LINEAR(tile_int8, seq_int8, uint16_t, int8_t, OUT)
 #undef OUT
 }
 
 void linear_int8_f16(const float *x, const int8_t *w, const uint16_t *scale, const uint16_t *b, uint16_t *y, int64_t M,
                      int64_t N, int64_t K) {
 #define OUT(m, n, dot) y[(m) * N + (n)] = float_to_f16((dot) * f16_to_float(scale[n]) + (b ? f16_to_float(b[n]) : 0.0f))
-    LINEAR(tile_int8_f32, float, int8_t, OUT)
+    LINEAR(tile_int8_f32, seq_int8_f32, float, int8_t, OUT)
 #undef OUT
 }
 
 void linear_int8_f32(const float *x, const int8_t *w, const float *scale, const float *b, float *y, int64_t M, int64_t N,
                      int64_t K) {
 #define OUT(m, n, dot) y[(m) * N + (n)] = (dot) * scale[n] + (b ? b[n] : 0.0f)
-    LINEAR(tile_int8_f32, float, int8_t, OUT)
+    LINEAR(tile_int8_f32, seq_int8_f32, float, int8_t, OUT)
 #undef OUT
 }
 
 /* fp16 W and b (or NULL), x as float32 (the fp16 activations, converted once) -> fp16 y */
 void linear_f16(const float *x, const uint16_t *w, const uint16_t *b, uint16_t *y, int64_t M, int64_t N, int64_t K) {
 #define OUT(m, n, dot) y[(m) * N + (n)] = float_to_f16((dot) + (b ? f16_to_float(b[n]) : 0.0f))
-    LINEAR(tile_f16, float, uint16_t, OUT)
+    LINEAR(tile_f16, seq_f16, float, uint16_t, OUT)
 #undef OUT
 }
 
 /* fp32 x, W, b (or NULL) -> fp32 y */
 void linear_f32(const float *x, const float *w, const float *b, float *y, int64_t M, int64_t N, int64_t K) {
 #define OUT(m, n, dot) y[(m) * N + (n)] = (dot) + (b ? b[n] : 0.0f)
-    LINEAR(tile_f32, float, float, OUT)
+    LINEAR(tile_f32, seq_f32, float, float, OUT)
 #undef OUT
 }
 

@@ -38,7 +38,7 @@ def test_products_equal_float64_within_float32_summation(build, dtype, rows, fea
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 4, 11, 16, 139])
-@pytest.mark.parametrize("features", [33, 256])
+@pytest.mark.parametrize("features", [33, 256, 300])  # 300: four 64-wide chunks, then a tail past 32
 def test_int8_products_equal_the_dequantized_product(build, dtype, rows, features):
     q, scale = quantize_rows(torch.randn(50, features).to(dtype))
     x, bias = torch.randn(rows, features).to(dtype), torch.randn(50).to(dtype)
@@ -48,6 +48,17 @@ def test_int8_products_equal_the_dequantized_product(build, dtype, rows, feature
     sum_error = features * torch.finfo(torch.float32).eps * (x.double().abs() @ q.double().abs().T) * scale.double()
     assert ((y.double() - exact).abs() <= 2 * sum_error + ulp(exact, dtype)).all()
     assert torch.equal(matvec.int8_linear(x, q, scale), matvec.int8_linear(x, q, scale, torch.zeros(50).to(dtype)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_int8_products_convert_every_int8_value_exactly(build, dtype, rows):
+    # each of the 256 values, -128 and 0 included, in each row of W, at another position in each row
+    q = ((torch.arange(256) * 7 + torch.arange(40)[:, None] * 13) % 256 - 128).to(torch.int8)  # (40, 256)
+    x, scale = torch.randn(rows, 256).to(dtype), torch.ones(40).to(dtype)
+    exact = x.double() @ q.double().T
+    sum_error = 256 * torch.finfo(torch.float32).eps * (x.double().abs() @ q.double().abs().T)
+    assert ((matvec.int8_linear(x, q, scale).double() - exact).abs() <= 2 * sum_error + ulp(exact, dtype)).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
