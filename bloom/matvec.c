@@ -62,6 +62,9 @@ static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f))
 static inline float round_f16(float f) { return f16_to_float(float_to_f16(f)); }
 static inline float same_float(float f) { return f; }
 
+/* The dtype of a kernel's values, a constant where it is passed, so that the compiler drops the other cases */
+enum { AS_F32, AS_BF16, AS_F16 };
+
 #include <omp.h>
 
 #ifdef HAVE_AVX512
@@ -85,6 +88,43 @@ static inline __m512 load_f16(const uint16_t *p, __mmask16 valid) {
 }
 static inline __m512 mac_bf16(__m512 acc, __m512bh w, __m512bh x) { return _mm512_dpbf16_ps(acc, w, x); }
 static inline __m512 mac_f32(__m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
+
+/* float32 -> bf16 in the low 16 bits of each lane, as float_to_bf16: to nearest even, subnormals kept (vcvtneps2bf16
+ * would flush them to 0), a NaN made quiet */
+static inline __m512i bf16_bits512(__m512 v) {
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    rounded = _mm512_mask_or_epi32(rounded, nan, bits, _mm512_set1_epi32(0x400000));
+    return _mm512_srli_epi32(rounded, 16);
+}
+static inline __m512 round512_bf16(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits512(v), 16)); }
+static inline __m512 round512_f16(__m512 v) {
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+/* 16 values of `dtype` from element i of p as float32 (zeros past `valid`), float32 values rounded to it, and
+ * stored as it. */
+static inline __m512 load512(const void *p, int64_t i, __mmask16 valid, const int dtype) {
+    if (dtype == AS_F32) return _mm512_maskz_loadu_ps(valid, (const float *)p + i);
+    __m256i h = _mm256_maskz_loadu_epi16(valid, (const uint16_t *)p + i);
+    return dtype == AS_BF16 ? _mm512_cvtpbh_ps((__m256bh)h) : _mm512_cvtph_ps(h);
+}
+
+static inline __m512 round512(__m512 v, const int dtype) {
+    return dtype == AS_BF16 ? round512_bf16(v) : dtype == AS_F16 ? round512_f16(v) : v;
+}
+
+static inline void store512(void *p, int64_t i, __mmask16 valid, __m512 v, const int dtype) {
+    if (dtype == AS_F32) {
+        _mm512_mask_storeu_ps((float *)p + i, valid, v);
+        return;
+    }
+    __m256i h = dtype == AS_BF16 ? _mm512_cvtepi32_epi16(bf16_bits512(v))
+                                 : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_mask_storeu_epi16((uint16_t *)p + i, valid, h);
+}
 
 /* 64 int8 weights as bf16 in 8 vector instructions, where load_int8_as_bf16 takes 12 through float32 (it stays for
  * the tiles of several rows of x, whose registers this one's tables would crowd: they ran 8% slower with it). Each
@@ -141,15 +181,20 @@ static inline __m512 sum_lanes16(const __m512 *v) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(eight[0], eight[1], 0x88), _mm512_shuffle_f32x4(eight[0], eight[1], 0xDD));
 }
 
-/* TILE(NAME, ...) defines NAME(x, w, K, dots, R, XB, U): dots[r·XB + m] = x[m] · W[r] for R consecutive rows of W
- * (K values apart) and XB rows of x, in R·XB·U <= 16 float32 accumulators. Each chunk of x is loaded once for the
+/* A tile's results, lane r·XB + m: the product of row r of W and row m of x (lanes past R·XB: 0). Returned in a
+ * register, not through memory: a vector stored and read back a lane at a time, or lanes stored one at a time and
+ * read back as a vector, waits for the store to reach the cache. */
+typedef __m512 dots16;
+
+/* TILE(NAME, ...) defines NAME(x, w, K, R, XB, U): the dots16 of R consecutive rows of W (K values apart) and XB
+ * rows of x, in R·XB·U <= 16 float32 accumulators. Each chunk of x is loaded once for the
  * R rows of W and each chunk of W once for the XB rows of x; U > 1 keeps U chunks of a row of W in flight. The
  * next R rows of W are prefetched meanwhile: with 16 rows of x, whose multiply-adds take as long as reading W,
  * the products ran at 305 GFLOP/s without it and 435 with it, the memory no longer waited for between tiles.
  * Called with constant R, XB, U, so that the compiler unrolls the loops and keeps the accumulators in registers. */
 #define TILE(NAME, WT, XT, VW, VX, WIDTH, MASK, LOAD_W, LOAD_X, MAC)                                           \
-    static inline __attribute__((always_inline)) void NAME(const XT *const *x, const WT *w, int64_t K, float *dots, \
-                                                           const int R, const int XB, const int U) {           \
+    static inline __attribute__((always_inline)) dots16 NAME(const XT *const *x, const WT *w, int64_t K,       \
+                                                             const int R, const int XB, const int U) {         \
         __m512 acc[16];                                                                                       \
         for (int a = 0; a < R * XB * U; a++) acc[a] = _mm512_setzero_ps();                                    \
         int64_t k = 0;                                                                                        \
@@ -173,15 +218,13 @@ static inline __m512 sum_lanes16(const __m512 *v) {
                 for (int m = 0; m < XB; m++) acc[r * XB + m] = MAC(acc[r * XB + m], wv, xv[m]);               \
             }                                                                                                 \
         }                                                                                                     \
-        if (R * XB == 16) { /* U == 1 */                                                                     \
-            _mm512_storeu_ps(dots, sum_lanes16(acc));                                                         \
-            return;                                                                                           \
+        __m512 sums[16];                                                                                      \
+        for (int a = 0; a < 16; a++) {                                                                        \
+            sums[a] = _mm512_setzero_ps();                                                                    \
+            if (a < R * XB) sums[a] = acc[a];                                                                 \
+            for (int u = 1; u < U && a < R * XB; u++) sums[a] = _mm512_add_ps(sums[a], acc[u * R * XB + a]);  \
         }                                                                                                     \
-        for (int a = 0; a < R * XB; a++) {                                                                    \
-            __m512 sum = acc[a];                                                                              \
-            for (int u = 1; u < U; u++) sum = _mm512_add_ps(sum, acc[u * R * XB + a]);                       \
-            dots[a] = _mm512_reduce_add_ps(sum);                                                              \
-        }                                                                                                     \
+        return sum_lanes16(sums);                                                                             \
     }
 
 TILE(tile_bf16, uint16_t, uint16_t, __m512bh, __m512bh, 32, __mmask32, load_bf16, load_bf16, mac_bf16)
@@ -191,15 +234,14 @@ TILE(tile_f32, float, float, __m512, __m512, 16, __mmask16, load_f32, load_f32, 
 TILE(tile_f16, uint16_t, float, __m512, __m512, 16, __mmask16, load_f16, load_f32, mac_f32) /* x as float32 */
 TILE(tile_f16_f16, uint16_t, uint16_t, __m512, __m512, 16, __mmask16, load_f16, load_f16, mac_f32)
 
-/* SEQ_TILE(NAME, ...) defines NAME(x, w, K, dots, R): dots[r] = x · W[r] for one row of x and R <= 16 consecutive
- * rows of W, read one after the other, each from start to end with 4 chunks in flight (as one stream, which the
- * memory serves fastest), while the row after it is prefetched. A row's 4 partial sums are added into one vector,
- * and the R vectors summed across lanes together at the end: summing each row's lanes on its own took about a third
- * of the time of an int8 row of 1024 bytes read from the caches (the kernel ran at 52 GB/s there, now 75; with
+/* SEQ_TILE(NAME, ...) defines NAME(x, w, K, R): the dots16 of one row of x and R <= 16 consecutive rows of W, read
+ * one after the other, each from start to end with 4 chunks in flight (as one stream, which the memory serves
+ * fastest), while the row after it is prefetched. A row's 4 partial sums are added into one vector, and the R vectors
+ * summed across lanes together at the end: summing each row's lanes on its own took about a third of the time of an
+ * int8 row of 1024 bytes read from the caches (the kernel ran at 52 GB/s there, then 75; with
  * load_int8x64_as_bf16, 97). */
 #define SEQ_TILE(NAME, WT, XT, VW, VX, WIDTH, MASK, LOAD_W, LOAD_X, MAC)                                       \
-    static inline __attribute__((always_inline)) void NAME(const XT *x, const WT *w, int64_t K, float *dots,    \
-                                                           const int R) {                                     \
+    static inline __attribute__((always_inline)) dots16 NAME(const XT *x, const WT *w, int64_t K, const int R) { \
         __m512 row_sums[16];                                                                                 \
         for (int r = 0; r < R; r++) {                                                                        \
             const WT *row = w + r * K;                                                                       \
@@ -217,9 +259,8 @@ TILE(tile_f16_f16, uint16_t, uint16_t, __m512, __m512, 16, __mmask16, load_f16, 
             }                                                                                                \
             row_sums[r] = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));       \
         }                                                                                                    \
-        if (R == 16) _mm512_storeu_ps(dots, sum_lanes16(row_sums));                                          \
-        else                                                                                                 \
-            for (int r = 0; r < R; r++) dots[r] = _mm512_reduce_add_ps(row_sums[r]);                         \
+        for (int r = R; r < 16; r++) row_sums[r] = _mm512_setzero_ps();                                      \
+        return sum_lanes16(row_sums);                                                                        \
     }
 
 SEQ_TILE(seq_bf16, uint16_t, uint16_t, __m512bh, __m512bh, 32, __mmask32, load_bf16, load_bf16, mac_bf16)
@@ -228,12 +269,40 @@ SEQ_TILE(seq_int8_f32, int8_t, float, __m512, __m512, 16, __mmask16, load_int8_a
 SEQ_TILE(seq_f32, float, float, __m512, __m512, 16, __mmask16, load_f32, load_f32, mac_f32)
 SEQ_TILE(seq_f16, uint16_t, float, __m512, __m512, 16, __mmask16, load_f16, load_f32, mac_f32)
 
+/* y[m0 + m, n + r] = (lane r·XB + m of dots) · scale[n + r] + bias[n + r] (scale and bias when not NULL) for r < R
+ * and m < rows, in `dtype`: a tile's results scaled, biased, rounded and stored together, a row of y at a time. One
+ * at a time, each read back from the vector just stored, they took a third of a 4x4 tile's time with K = 1024 (322
+ * GFLOP/s on one core from the caches; 445 with this, of the 469 its vdpbf16ps can do). */
+static inline __attribute__((always_inline)) void store_dots(dots16 dots, int R, int XB, int rows, const void *scale,
+                                                            const void *bias, void *y, int64_t N, int64_t m0,
+                                                            int64_t n, const int dtype) {
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512i column = _mm512_srli_epi32(lane, XB == 4 ? 2 : XB == 2 ? 1 : 0); /* of lane r·XB + m: r */
+    __mmask16 columns = (__mmask16)((1u << R) - 1);
+    __m512 v = dots;
+    if (scale) v = _mm512_mul_ps(v, _mm512_permutexvar_ps(column, load512(scale, n, columns, dtype)));
+    if (bias) v = _mm512_add_ps(v, _mm512_permutexvar_ps(column, load512(bias, n, columns, dtype)));
+    for (int m = 0; m < rows; m++) { /* row m's results, lanes r·XB + m, gathered into lanes r */
+        __m512i source = _mm512_add_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(XB)), _mm512_set1_epi32(m));
+        store512(y, (m0 + m) * N + n, columns, _mm512_permutexvar_ps(source, v), dtype);
+    }
+}
+
+/* the first n results of a tile into p */
+static inline void put_dots(float *p, dots16 dots, int n) {
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), dots);
+}
+
 #else /* portable: the same tiles as plain loops, which the compiler vectorizes */
 
+typedef struct {
+    float lane[16];
+} dots16;
+
 #define TILE(NAME, WT, XT, TO_FLOAT_W, TO_FLOAT_X)                                                              \
-    static inline void NAME(const XT *const *x, const WT *w, int64_t K, float *dots, const int R, const int XB, \
-                            const int U) {                                                                    \
+    static inline dots16 NAME(const XT *const *x, const WT *w, int64_t K, const int R, const int XB, const int U) { \
         (void)U;                                                                                              \
+        dots16 dots = {{0}};                                                                                  \
         for (int r = 0; r < R; r++)                                                                           \
             for (int m = 0; m < XB; m++) {                                                                    \
                 const WT *wr = w + r * K;                                                                     \
@@ -241,8 +310,9 @@ SEQ_TILE(seq_f16, uint16_t, float, __m512, __m512, 16, __mmask16, load_f16, load
                 float sum = 0;                                                                                \
                 _Pragma("omp simd reduction(+ : sum)") for (int64_t k = 0; k < K; k++) sum +=                 \
                     TO_FLOAT_W(wr[k]) * TO_FLOAT_X(xm[k]);                                                    \
-                dots[r * XB + m] = sum;                                                                       \
+                dots.lane[r * XB + m] = sum;                                                                  \
             }                                                                                                 \
+        return dots;                                                                                          \
     }
 
 #define AS_FLOAT(v) ((float)(v))
@@ -253,9 +323,9 @@ TILE(tile_f32, float, float, AS_FLOAT, AS_FLOAT)
 TILE(tile_f16, uint16_t, float, f16_to_float, AS_FLOAT)
 TILE(tile_f16_f16, uint16_t, uint16_t, f16_to_float, f16_to_float)
 
-#define SEQ_TILE(NAME, TILE_FN, WT, XT)                                                       \
-    static inline void NAME(const XT *x, const WT *w, int64_t K, float *dots, const int R) { \
-        TILE_FN(&x, w, K, dots, R, 1, 1);                                                     \
+#define SEQ_TILE(NAME, TILE_FN, WT, XT)                                                \
+    static inline dots16 NAME(const XT *x, const WT *w, int64_t K, const int R) { \
+        return TILE_FN(&x, w, K, R, 1, 1);                                             \
     }
 SEQ_TILE(seq_bf16, tile_bf16, uint16_t, uint16_t)
 SEQ_TILE(seq_int8, tile_int8, int8_t, uint16_t)
@@ -263,25 +333,47 @@ SEQ_TILE(seq_int8_f32, tile_int8_f32, int8_t, float)
 SEQ_TILE(seq_f32, tile_f32, float, float)
 SEQ_TILE(seq_f16, tile_f16, uint16_t, float)
 
+static inline float value_at(const void *p, int64_t i, const int dtype) {
+    return dtype == AS_F32 ? ((const float *)p)[i] : dtype == AS_BF16 ? bf16_to_float(((const uint16_t *)p)[i])
+                                                                      : f16_to_float(((const uint16_t *)p)[i]);
+}
+
+/* y[m0 + m, n + r] = (lane r·XB + m of dots) · scale[n + r] + bias[n + r] (scale and bias when not NULL), in
+ * `dtype` */
+static inline void store_dots(dots16 dots, int R, int XB, int rows, const void *scale, const void *bias, void *y,
+                              int64_t N, int64_t m0, int64_t n, const int dtype) {
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < rows; m++) {
+            float v = dots.lane[r * XB + m];
+            if (scale) v *= value_at(scale, n + r, dtype);
+            if (bias) v += value_at(bias, n + r, dtype);
+            int64_t i = (m0 + m) * N + n + r;
+            if (dtype == AS_F32) ((float *)y)[i] = v;
+            else ((uint16_t *)y)[i] = dtype == AS_BF16 ? float_to_bf16(v) : float_to_f16(v);
+        }
+}
+
+static inline void put_dots(float *p, dots16 dots, int n) { memcpy(p, dots.lane, sizeof(float) * n); }
+
 #endif
 
-/* LINEAR(TILE_FN, SEQ_FN, XT, WT, OUT) is the body of a kernel: this thread's block of rows of W, against the rows
+/* LINEAR(TILE_FN, SEQ_FN, XT, WT, DTYPE) is the body of a kernel: this thread's block of rows of W, against the rows
  * of x in blocks of up to 4 (the last block repeating its last row: computed, never written), through TILE_FN with
- * constant sizes, or SEQ_FN for a single row of x, 16 rows of W at a time; OUT(m, n, dot) stores y[m, n]. Up to 4
+ * constant sizes, or SEQ_FN for a single row of x, 16 rows of W at a time; store_dots writes y in DTYPE. Up to 4
  * rows of x read W a row at a time, which streams fastest (one row of x keeps four chunks in flight, two rows two).
- * More rows are limited by the multiply-adds, not the memory:
- * tiles of 4 rows of W by 4 of x then load each chunk for four products. A prefill's many rows of x are taken
+ * More rows are limited by the multiply-adds, not the memory: tiles of 4 rows of W by 4 of x then load each chunk
+ * for four products. A prefill's many rows of x are taken
  * X_BLOCK at a time, each block against all of this thread's rows of W, so that the block stays in the cache
  * (without it, 2048 fp16 rows of a batch's prefill, x streaming from memory, ran at half the rate of 128). */
 #define X_BLOCK 64
-#define LINEAR(TILE_FN, SEQ_FN, XT, WT, OUT)                                                                    \
+#define LINEAR(TILE_FN, SEQ_FN, XT, WT, DTYPE)                                                                  \
     _Pragma("omp parallel") {                                                                                   \
         int threads = omp_get_num_threads(), thread = omp_get_thread_num();                                     \
         int64_t groups = (N + 3) / 4;                                                                           \
         int64_t n_begin = 4 * (groups * thread / threads), n_end = 4 * (groups * (thread + 1) / threads);       \
         if (n_end > N) n_end = N;                                                                               \
         const int XB = M == 1 ? 1 : M == 2 ? 2 : 4;                                                             \
-        float dots[16];                                                                                         \
+        dots16 dots;                                                                                            \
         for (int64_t m_begin = 0; m_begin < M; m_begin += X_BLOCK) {                                            \
             int64_t m_end = m_begin + X_BLOCK < M ? m_begin + X_BLOCK : M;                                      \
             for (int64_t n = n_begin; n < n_end;) {                                                             \
@@ -290,12 +382,12 @@ SEQ_TILE(seq_f16, tile_f16, uint16_t, float)
                     const XT *rows[4];                                                                          \
                     for (int m = 0; m < XB; m++) rows[m] = x + (m0 + m < m_end ? m0 + m : m_end - 1) * K;       \
                     const WT *w_rows = w + n * K;                                                               \
-                    if (XB == 1) SEQ_FN(rows[0], w_rows, K, dots, R);                                           \
-                    else if (XB == 2) TILE_FN(rows, w_rows, K, dots, 1, 2, 2);                                  \
-                    else if (R == 1) TILE_FN(rows, w_rows, K, dots, 1, 4, 1);                                   \
-                    else TILE_FN(rows, w_rows, K, dots, 4, 4, 1);                                               \
-                    for (int r = 0; r < R; r++)                                                                 \
-                        for (int m = 0; m < XB && m0 + m < m_end; m++) OUT(m0 + m, n + r, dots[r * XB + m]);    \
+                    if (XB == 1) dots = SEQ_FN(rows[0], w_rows, K, R);                                          \
+                    else if (XB == 2) dots = TILE_FN(rows, w_rows, K, 1, 2, 2);                                 \
+                    else if (R == 1) dots = TILE_FN(rows, w_rows, K, 1, 4, 1);                                  \
+                    else dots = TILE_FN(rows, w_rows, K, 4, 4, 1);                                              \
+                    int rows_left = m_end - m0 < XB ? m_end - m0 : XB;                                          \
+                    store_dots(dots, R, XB, rows_left, scale, b, y, N, m0, n, DTYPE);                           \
                 }                                                                                               \
                 n += R;                                                                                         \
             }                                                                                                   \
@@ -304,46 +396,37 @@ SEQ_TILE(seq_f16, tile_f16, uint16_t, float)
 
 /* bf16 x, W, b (or NULL) -> bf16 y */
 void linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16_t *y, int64_t M, int64_t N, int64_t K) {
-#define OUT(m, n, dot) y[(m) * N + (n)] = float_to_bf16((dot) + (b ? bf16_to_float(b[n]) : 0.0f))
-    LINEAR(tile_bf16, seq_bf16, uint16_t, uint16_t, OUT)
-#undef OUT
+    const void *scale = NULL;
+    LINEAR(tile_bf16, seq_bf16, uint16_t, uint16_t, AS_BF16)
 }
 
 /* int8 W with a scale per row: y = (x · Wᵀ) · scale + b, in the activations' dtype. With bf16 x, scale, b (or NULL)
  * and y; with fp16 ones, x read as float32 (converted once); with fp32 ones. */
 void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale, const uint16_t *b, uint16_t *y,
                       int64_t M, int64_t N, int64_t K) {
-#define OUT(m, n, dot) y[(m) * N + (n)] = float_to_bf16((dot) * bf16_to_float(scale[n]) + (b ? bf16_to_float(b[n]) : 0.0f))
-    LINEAR(tile_int8, seq_int8, uint16_t, int8_t, OUT)
-#undef OUT
+    LINEAR(tile_int8, seq_int8, uint16_t, int8_t, AS_BF16)
 }
 
 void linear_int8_f16(const float *x, const int8_t *w, const uint16_t *scale, const uint16_t *b, uint16_t *y, int64_t M,
                      int64_t N, int64_t K) {
-#define OUT(m, n, dot) y[(m) * N + (n)] = float_to_f16((dot) * f16_to_float(scale[n]) + (b ? f16_to_float(b[n]) : 0.0f))
-    LINEAR(tile_int8_f32, seq_int8_f32, float, int8_t, OUT)
-#undef OUT
+    LINEAR(tile_int8_f32, seq_int8_f32, float, int8_t, AS_F16)
 }
 
 void linear_int8_f32(const float *x, const int8_t *w, const float *scale, const float *b, float *y, int64_t M, int64_t N,
                      int64_t K) {
-#define OUT(m, n, dot) y[(m) * N + (n)] = (dot) * scale[n] + (b ? b[n] : 0.0f)
-    LINEAR(tile_int8_f32, seq_int8_f32, float, int8_t, OUT)
-#undef OUT
+    LINEAR(tile_int8_f32, seq_int8_f32, float, int8_t, AS_F32)
 }
 
 /* fp16 W and b (or NULL), x as float32 (the fp16 activations, converted once) -> fp16 y */
 void linear_f16(const float *x, const uint16_t *w, const uint16_t *b, uint16_t *y, int64_t M, int64_t N, int64_t K) {
-#define OUT(m, n, dot) y[(m) * N + (n)] = float_to_f16((dot) + (b ? f16_to_float(b[n]) : 0.0f))
-    LINEAR(tile_f16, seq_f16, float, uint16_t, OUT)
-#undef OUT
+    const void *scale = NULL;
+    LINEAR(tile_f16, seq_f16, float, uint16_t, AS_F16)
 }
 
 /* fp32 x, W, b (or NULL) -> fp32 y */
 void linear_f32(const float *x, const float *w, const float *b, float *y, int64_t M, int64_t N, int64_t K) {
-#define OUT(m, n, dot) y[(m) * N + (n)] = (dot) + (b ? b[n] : 0.0f)
-    LINEAR(tile_f32, seq_f32, float, float, OUT)
-#undef OUT
+    const void *scale = NULL;
+    LINEAR(tile_f32, seq_f32, float, float, AS_F32)
 }
 
 #ifdef HAVE_AVX512
@@ -395,45 +478,6 @@ static inline __m512 tanh512(__m512 u) {
     __m512 e = exp512(_mm512_add_ps(u, u));
     __m512 one = _mm512_set1_ps(1.0f);
     return _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, one)));
-}
-
-/* float32 -> bf16 in the low 16 bits of each lane, as float_to_bf16: to nearest even, subnormals kept (vcvtneps2bf16
- * would flush them to 0), a NaN made quiet */
-static inline __m512i bf16_bits512(__m512 v) {
-    __m512i bits = _mm512_castps_si512(v);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
-    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    rounded = _mm512_mask_or_epi32(rounded, nan, bits, _mm512_set1_epi32(0x400000));
-    return _mm512_srli_epi32(rounded, 16);
-}
-static inline __m512 round512_bf16(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits512(v), 16)); }
-static inline __m512 round512_f16(__m512 v) {
-    return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-/* The vector steps' dtype (a constant where they are called, so that the compiler drops the other cases): the 16
- * values of it from element i of p as float32 (zeros past `valid`), float32 values rounded to it, and stored as it. */
-enum { AS_F32, AS_BF16, AS_F16 };
-
-static inline __m512 load512(const void *p, int64_t i, __mmask16 valid, const int dtype) {
-    if (dtype == AS_F32) return _mm512_maskz_loadu_ps(valid, (const float *)p + i);
-    __m256i h = _mm256_maskz_loadu_epi16(valid, (const uint16_t *)p + i);
-    return dtype == AS_BF16 ? _mm512_cvtpbh_ps((__m256bh)h) : _mm512_cvtph_ps(h);
-}
-
-static inline __m512 round512(__m512 v, const int dtype) {
-    return dtype == AS_BF16 ? round512_bf16(v) : dtype == AS_F16 ? round512_f16(v) : v;
-}
-
-static inline void store512(void *p, int64_t i, __mmask16 valid, __m512 v, const int dtype) {
-    if (dtype == AS_F32) {
-        _mm512_mask_storeu_ps((float *)p + i, valid, v);
-        return;
-    }
-    __m256i h = dtype == AS_BF16 ? _mm512_cvtepi32_epi16(bf16_bits512(v))
-                                 : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm256_mask_storeu_epi16((uint16_t *)p + i, valid, h);
 }
 
 /* GELU_STEPS on 16 values, each step rounded to `dtype` */
@@ -592,9 +636,9 @@ SOFTMAX_STEPS(float, f32, AS_F32, same_float, same_float)
                 if (first == end) first = 0, end = S; /* none visible (not a mask the model makes): all, as torch */ \
                 for (int64_t s = first; s < end;) {                                                               \
                     int R = end - s >= 16 ? 16 : end - s >= 4 ? 4 : 1;                                            \
-                    if (R == 16) TILE_FN(qi, ki + s * hd, hd, score + s, 16, 1, 1);                               \
-                    else if (R == 4) TILE_FN(qi, ki + s * hd, hd, score + s, 4, 1, 1);                            \
-                    else TILE_FN(qi, ki + s * hd, hd, score + s, 1, 1, 1);                                        \
+                    if (R == 16) put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, 16, 1, 1), 16);                 \
+                    else if (R == 4) put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, 4, 1, 1), 4);               \
+                    else put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, 1, 1, 1), 1);                           \
                     s += R;                                                                                       \
                 }                                                                                                 \
                 int64_t n = end - first;                                                                          \
