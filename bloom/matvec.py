@@ -31,17 +31,21 @@ import torch
 
 SOURCE = Path(__file__).with_name("matvec.c")
 # Rows of x up to which the kernels are faster than torch's ops, by (weight dtype, activation dtype), measured
-# with scripts/bench_matvec.py on a 2-core AVX-512 BF16 machine: bf16 1.6x torch at 1-4 rows, 1.3x at 16, 1.2x at
-# 32, equal at 48; int8 with bf16 activations 1.5x at 1 row, 1.7x at 16, 3.1x at 32 (torch's int8 kernel stops at
-# 16 rows); fp32 2-5x up to 16. With more rows the bf16 and int8 products are limited by the CPU's multiply-adds,
-# not by memory, and torch's kernels are faster: a prefill's products in those dtypes stay torch's. torch's fp16
-# matmul reads 0.4 GB/s at a prefill's 128 rows (the kernels 2.1), and int8 weights beside fp16 or fp32
-# activations are converted whole at every call there: always the kernels.
+# on a 2-core AVX-512 BF16 machine with scripts/bench_matvec.py (every product of bloom-560m, the LM head's
+# included): bf16 1.6x torch at 1 row, 1.4x at 16 and 32, 1.1-1.2x at 48 and 64, 0.9-1.1x at 96; int8 with bf16
+# activations 1.3x at 1 row, 1.8x at 16, 3x at 32 (torch's int8 kernel stops at 16 rows); fp32 2.5x at 16,
+# 1.5-1.7x at 32-64, 1.35x at 128, 1.16x at 256, 0.9x at 512. And by the prefill of one prompt of bloom-560m,
+# where only the blocks' products change (alternated in one process): bf16 64 tokens 86 ms with the kernels, 105
+# without, 128 tokens 195 against 173; int8 32 tokens 71 against 89, 64 tokens 120 against 122, 128 tokens 214
+# against 190; fp32 128 tokens 506 against 679, 256 tokens 984 against 1075. With more rows the products are
+# limited by the CPU's multiply-adds, not by memory, and torch's packed weights win. torch's fp16 matmul reads 0.4
+# GB/s at a prefill's 128 rows (the kernels 2.1), and int8 weights beside fp16 or fp32 activations are converted
+# whole at every call there: always the kernels.
 MAX_ROWS = {
-    (torch.bfloat16, torch.bfloat16): 32,
-    (torch.float32, torch.float32): 16,
+    (torch.bfloat16, torch.bfloat16): 64,
+    (torch.float32, torch.float32): 256,
     (torch.float16, torch.float16): math.inf,
-    (torch.int8, torch.bfloat16): 32,
+    (torch.int8, torch.bfloat16): 64,
     (torch.int8, torch.float16): math.inf,
     (torch.int8, torch.float32): math.inf,
 }
