@@ -179,11 +179,11 @@ static inline __m512 sum_lanes16(const __m512 *v) {
 typedef __m512 dots16;
 
 /* TILE(NAME, ...) defines NAME(x, w, K, R, XB, U): the dots16 of R consecutive rows of W (K values apart) and XB
- * rows of x, in R·XB·U <= 16 float32 accumulators. Each chunk of x is loaded once for the
- * R rows of W and each chunk of W once for the XB rows of x; U > 1 keeps U chunks of a row of W in flight. The
- * next R rows of W are prefetched meanwhile: with 16 rows of x, whose multiply-adds take as long as reading W,
- * the products ran at 305 GFLOP/s without it and 435 with it, the memory no longer waited for between tiles.
- * Called with constant R, XB, U, so that the compiler unrolls the loops and keeps the accumulators in registers. */
+ * rows of x, in R·XB·U <= 16 float32 accumulators. Each chunk of x is loaded once for the R rows of W and each chunk
+ * of W once for the XB rows of x; U > 1 keeps U chunks of a row of W in flight. The next R rows of W are prefetched
+ * meanwhile: with 16 rows of x, whose multiply-adds take as long as reading W, the products ran at 305 GFLOP/s
+ * without it and 435 with it, the memory no longer waited for between tiles. Called with constant R, XB, U, so that
+ * the compiler unrolls the loops and keeps the accumulators in registers. */
 #define TILE(NAME, WT, XT, VW, VX, WIDTH, MASK, LOAD_W, LOAD_X, MAC)                                           \
     static inline __attribute__((always_inline)) dots16 NAME(const XT *const *x, const WT *w, int64_t K,       \
                                                              const int R, const int XB, const int U) {         \
@@ -263,8 +263,8 @@ SEQ_TILE(seq_f16, uint16_t, float, __m512, __m512, 16, __mmask16, load_f16, load
 
 /* y[m0 + m, n + r] = (lane r·XB + m of dots) · scale[n + r] + bias[n + r] (scale and bias when not NULL) for r < R
  * and m < rows, in `dtype`: a tile's results scaled, biased, rounded and stored together, a row of y at a time. One
- * at a time, each read back from the vector just stored, they took a third of a 4x4 tile's time with K = 1024 (322
- * GFLOP/s on one core from the caches; 445 with this, of the 469 its vdpbf16ps can do). */
+ * at a time, each read back from a vector just stored, they took about a fifth of a 4x4 tile's time with K = 1024
+ * (one core, weights in the caches: 313-322 GFLOP/s, 392-398 now, of the 469 its vdpbf16ps can do). */
 static inline __attribute__((always_inline)) void store_dots(dots16 dots, int R, int XB, int rows, const void *scale,
                                                             const void *bias, void *y, int64_t N, int64_t m0,
                                                             int64_t n, const int dtype) {
@@ -354,9 +354,9 @@ static inline void put_dots(float *p, dots16 dots, int n) { memcpy(p, dots.lane,
  * constant sizes, or SEQ_FN for a single row of x, 16 rows of W at a time; store_dots writes y in DTYPE. Up to 4
  * rows of x read W a row at a time, which streams fastest (one row of x keeps four chunks in flight, two rows two).
  * More rows are limited by the multiply-adds, not the memory: tiles of 4 rows of W by 4 of x then load each chunk
- * for four products. A prefill's many rows of x are taken
- * X_BLOCK at a time, each block against all of this thread's rows of W, so that the block stays in the cache
- * (without it, 2048 fp16 rows of a batch's prefill, x streaming from memory, ran at half the rate of 128). */
+ * for four products. A prefill's many rows of x are taken X_BLOCK at a time, each block against all of this
+ * thread's rows of W, so that the block stays in the cache (without it, 2048 fp16 rows of a batch's prefill, x
+ * streaming from memory, ran at half the rate of 128). */
 #define X_BLOCK 64
 #define LINEAR(TILE_FN, SEQ_FN, XT, WT, DTYPE)                                                                  \
     _Pragma("omp parallel") {                                                                                   \
