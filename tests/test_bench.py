@@ -6,7 +6,7 @@ Only that the measurement runs end to end and reports what it claims is tested h
 import subprocess
 import sys
 
-from bloom.bench import spread_warnings
+from bloom.bench import read_into_page_cache, spread_warnings
 
 
 def test_bench_prints_the_side_by_side_table(tiny_model_folder):
@@ -40,3 +40,14 @@ def test_a_wide_spread_of_repeated_runs_is_flagged():
     noisy = [{"decode_tok_s_reps": [20.0, 11.0]}, {"decode_tok_s_reps": [19.0]}]
     warnings = spread_warnings({"ours": steady, "transformers": noisy})
     assert len(warnings) == 1 and warnings[0].startswith("warning: transformers's 3 decode speeds spread 47%")
+
+
+def test_the_weight_files_are_read_through_symlinks_before_each_load(tmp_path):
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"  # laid out as the hub cache is
+    blobs.mkdir(), snapshot.mkdir()
+    sizes = {"model-00001-of-00002.safetensors": 3 << 20, "model-00002-of-00002.safetensors": 70 << 20}
+    for name, size in sizes.items():
+        (blobs / name).write_bytes(bytes(size))
+        (snapshot / name).symlink_to(blobs / name)
+    (snapshot / "config.json").write_text("{}")  # not weights: not read
+    assert read_into_page_cache(snapshot) == sum(sizes.values())
