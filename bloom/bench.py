@@ -28,6 +28,7 @@ from bloom.config import PRESETS, BloomConfig
 from bloom.decoder import Decoder
 from bloom.generate import generate
 from bloom.loader import DTYPES, load_pretrained
+from bloom.memory import available_memory
 from bloom.model import Bloom
 
 IMPLEMENTATIONS = ("ours", "ours-int8", "transformers")
@@ -172,9 +173,15 @@ def build_random_checkpoint(name: str, dtype: torch.dtype, folder: Path) -> Path
 def read_into_page_cache(folder: Path) -> int:
     """Read every weight file of a checkpoint folder once (through the hub cache's symlinks too), so that the next
     load finds them in the OS's page cache; returns the bytes read. Without it the first worker after another
-    checkpoint's runs loads from the disk and the next from memory, and their load times compare the two."""
+    checkpoint's runs loads from the disk and the next from memory, and their load times compare the two. Files
+    larger than half the available memory would not stay cached: they are not read (0), and each load is timed
+    from wherever they are."""
+    paths = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("pytorch_model*.bin"))
+    available = available_memory(torch.device("cpu"))
+    if available is not None and sum(path.stat().st_size for path in paths) > available // 2:
+        return 0
     total, buffer = 0, bytearray(64 << 20)
-    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("pytorch_model*.bin")):
+    for path in paths:
         with open(path, "rb") as file:
             while n := file.readinto(buffer):
                 total += n

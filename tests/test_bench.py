@@ -6,6 +6,7 @@ Only that the measurement runs end to end and reports what it claims is tested h
 import subprocess
 import sys
 
+import bloom.bench
 from bloom.bench import read_into_page_cache, spread_warnings
 
 
@@ -51,3 +52,11 @@ def test_the_weight_files_are_read_through_symlinks_before_each_load(tmp_path):
         (snapshot / name).symlink_to(blobs / name)
     (snapshot / "config.json").write_text("{}")  # not weights: not read
     assert read_into_page_cache(snapshot) == sum(sizes.values())
+
+
+def test_weight_files_larger_than_half_the_free_memory_are_not_read(tmp_path, monkeypatch):
+    (tmp_path / "model.safetensors").write_bytes(bytes(3 << 20))
+    monkeypatch.setattr(bloom.bench, "available_memory", lambda device: 5 << 20)  # a machine with 5 MB free
+    assert read_into_page_cache(tmp_path) == 0
+    monkeypatch.setattr(bloom.bench, "available_memory", lambda device: 7 << 20)
+    assert read_into_page_cache(tmp_path) == 3 << 20
