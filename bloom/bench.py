@@ -2,8 +2,9 @@
 
 Each measurement runs in a fresh process (`python -m bloom.bench --worker ...`), alternating the two
 implementations, so neither inherits the other's memory or caches; the checkpoint's files are read once before
-each, so that every load finds them in the OS's page cache. Speed does not depend on the weights'
-values, so `--shape bloom-560m` builds a random checkpoint of that shape in the published layout.
+each (when they fit in half the free memory), so that every load finds them in the OS's page cache. Speed does
+not depend on the weights' values, so `--shape bloom-560m` builds a random checkpoint of that shape in the
+published layout.
 Without transformers installed, only ours is measured.
 """
 
