@@ -357,13 +357,19 @@ static inline void put_dots(float *p, dots16 dots, int n) { memcpy(p, dots.lane,
  * for four products. A prefill's many rows of x are taken X_BLOCK at a time, each block against all of this
  * thread's rows of W, so that the block stays in the cache (without it, 2048 fp16 rows of a batch's prefill, x
  * streaming from memory, ran at half the rate of 128). */
+/* This thread's block of the N rows of W: its share of the groups of 4 rows */
+static inline void thread_rows(int64_t N, int64_t *begin, int64_t *end) {
+    int threads = omp_get_num_threads(), thread = omp_get_thread_num();
+    int64_t groups = (N + 3) / 4;
+    *begin = 4 * (groups * thread / threads);
+    *end = 4 * (groups * (thread + 1) / threads) < N ? 4 * (groups * (thread + 1) / threads) : N;
+}
+
 #define X_BLOCK 64
 #define LINEAR(TILE_FN, SEQ_FN, XT, WT, DTYPE)                                                                  \
     _Pragma("omp parallel") {                                                                                   \
-        int threads = omp_get_num_threads(), thread = omp_get_thread_num();                                     \
-        int64_t groups = (N + 3) / 4;                                                                           \
-        int64_t n_begin = 4 * (groups * thread / threads), n_end = 4 * (groups * (thread + 1) / threads);       \
-        if (n_end > N) n_end = N;                                                                               \
+        int64_t n_begin, n_end;                                                                                 \
+        thread_rows(N, &n_begin, &n_end);                                                                       \
         const int XB = M == 1 ? 1 : M == 2 ? 2 : 4;                                                             \
         dots16 dots;                                                                                            \
         for (int64_t m_begin = 0; m_begin < M; m_begin += X_BLOCK) {                                            \
@@ -404,10 +410,8 @@ void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale,
      * rows after theirs. A thread whose buffer cannot be allocated keeps the int8 tiles. */
     if (M > 4) {
         _Pragma("omp parallel") {
-            int threads = omp_get_num_threads(), thread = omp_get_thread_num();
-            int64_t groups = (N + 3) / 4;
-            int64_t n_begin = 4 * (groups * thread / threads), n_end = 4 * (groups * (thread + 1) / threads);
-            if (n_end > N) n_end = N;
+            int64_t n_begin, n_end;
+            thread_rows(N, &n_begin, &n_end);
             uint16_t *wide = aligned_alloc(64, sizeof(uint16_t) * 2 * ((4 * K + 31) / 32 * 32)); /* 64-byte lines */
             for (int64_t n = n_begin; n < n_end;) {
                 int R = n_end - n >= 4 ? 4 : 1;
