@@ -407,15 +407,22 @@ void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale,
      * for the bf16 tiles of every 4 rows of x, where the int8 tiles widened it in each: the same products, added in
      * the same order (bloom-560m's products streamed at 16 rows: 15 -> 18 GB/s of int8 weights; 32 rows: 7 -> 10;
      * with one buffer for both threads, 13 and 9). The buffer holds twice the group, as the tiles prefetch the 4
-     * rows after theirs. A thread whose buffer cannot be allocated keeps the int8 tiles. */
+     * rows after theirs. A thread whose buffer cannot be allocated multiplies its rows of W one at a time. */
     if (M > 4) {
         _Pragma("omp parallel") {
             int64_t n_begin, n_end;
             thread_rows(N, &n_begin, &n_end);
             uint16_t *wide = aligned_alloc(64, sizeof(uint16_t) * 2 * ((4 * K + 31) / 32 * 32)); /* 64-byte lines */
-            for (int64_t n = n_begin; n < n_end;) {
+            for (int64_t n = n_begin; !wide && n < n_end; n++) /* no buffer: the int8 tiles, a row of W at a time */
+                for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                    const uint16_t *rows[4];
+                    for (int m = 0; m < 4; m++) rows[m] = x + (m0 + m < M ? m0 + m : M - 1) * K;
+                    dots16 dots = tile_int8(rows, w + n * K, K, 1, 4, 1);
+                    store_dots(dots, 1, 4, M - m0 < 4 ? M - m0 : 4, scale, b, y, N, m0, n, AS_BF16);
+                }
+            for (int64_t n = n_begin; wide && n < n_end;) {
                 int R = n_end - n >= 4 ? 4 : 1;
-                for (int64_t i = 0; wide && i < R * K; i += 64) { /* the group's R rows, contiguous in W and wide */
+                for (int64_t i = 0; i < R * K; i += 64) { /* the group's R rows, contiguous in W and in wide */
                     __mmask64 valid = R * K - i >= 64 ? ~0ull : (1ull << (R * K - i)) - 1;
                     _mm_prefetch((const char *)(w + (n + R) * K + i), _MM_HINT_T0);
                     bf16x64 v = load_int8x64_as_bf16(w + n * K + i, valid);
@@ -425,10 +432,7 @@ void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale,
                 for (int64_t m0 = 0; m0 < M; m0 += 4) {
                     const uint16_t *rows[4];
                     for (int m = 0; m < 4; m++) rows[m] = x + (m0 + m < M ? m0 + m : M - 1) * K;
-                    dots16 dots = !wide ? (R == 4 ? tile_int8(rows, w + n * K, K, 4, 4, 1)
-                                                  : tile_int8(rows, w + n * K, K, 1, 4, 1))
-                                        : R == 4 ? tile_bf16(rows, wide, K, 4, 4, 1)
-                                                 : tile_bf16(rows, wide, K, 1, 4, 1);
+                    dots16 dots = R == 4 ? tile_bf16(rows, wide, K, 4, 4, 1) : tile_bf16(rows, wide, K, 1, 4, 1);
                     store_dots(dots, R, 4, M - m0 < 4 ? M - m0 : 4, scale, b, y, N, m0, n, AS_BF16);
                 }
                 n += R;
