@@ -349,6 +349,15 @@ static inline void put_dots(float *p, dots16 dots, int n) { memcpy(p, dots.lane,
 
 #endif
 
+/* This thread's block of the N rows of W: its share of the groups of 4 rows */
+static inline void thread_rows(int64_t N, int64_t *begin, int64_t *end) {
+    int threads = omp_get_num_threads(), thread = omp_get_thread_num();
+    int64_t groups = (N + 3) / 4;
+    int64_t stop = 4 * (groups * (thread + 1) / threads); /* past N for the last thread when N % 4 != 0 */
+    *begin = 4 * (groups * thread / threads);
+    *end = stop < N ? stop : N;
+}
+
 /* LINEAR(TILE_FN, SEQ_FN, XT, WT, DTYPE) is the body of a kernel: this thread's block of rows of W, against the rows
  * of x in blocks of up to 4 (the last block repeating its last row: computed, never written), through TILE_FN with
  * constant sizes, or SEQ_FN for a single row of x, 16 rows of W at a time; store_dots writes y in DTYPE. Up to 4
@@ -357,14 +366,6 @@ static inline void put_dots(float *p, dots16 dots, int n) { memcpy(p, dots.lane,
  * for four products. A prefill's many rows of x are taken X_BLOCK at a time, each block against all of this
  * thread's rows of W, so that the block stays in the cache (without it, 2048 fp16 rows of a batch's prefill, x
  * streaming from memory, ran at half the rate of 128). */
-/* This thread's block of the N rows of W: its share of the groups of 4 rows */
-static inline void thread_rows(int64_t N, int64_t *begin, int64_t *end) {
-    int threads = omp_get_num_threads(), thread = omp_get_thread_num();
-    int64_t groups = (N + 3) / 4;
-    *begin = 4 * (groups * thread / threads);
-    *end = 4 * (groups * (thread + 1) / threads) < N ? 4 * (groups * (thread + 1) / threads) : N;
-}
-
 #define X_BLOCK 64
 #define LINEAR(TILE_FN, SEQ_FN, XT, WT, DTYPE)                                                                  \
     _Pragma("omp parallel") {                                                                                   \
