@@ -178,15 +178,15 @@ static inline __m512 sum_lanes16(const __m512 *v) {
  * read back as a vector, waits for the store to reach the cache. */
 typedef __m512 dots16;
 
-/* TILE(NAME, ...) defines NAME(x, w, K, R, XB, U): the dots16 of R consecutive rows of W (K values apart) and XB
- * rows of x, in R·XB·U <= 16 float32 accumulators. Each chunk of x is loaded once for the R rows of W and each chunk
- * of W once for the XB rows of x; U > 1 keeps U chunks of a row of W in flight. The next R rows of W are prefetched
- * meanwhile: with 16 rows of x, whose multiply-adds take as long as reading W, the products ran at 305 GFLOP/s
- * without it and 435 with it, the memory no longer waited for between tiles. Called with constant R, XB, U, so that
- * the compiler unrolls the loops and keeps the accumulators in registers. */
+/* TILE(NAME, ...) defines NAME(x, w, K, ld, R, XB, U): the dots16 of K values of R consecutive rows of W (ld values
+ * apart) and of XB rows of x, in R·XB·U <= 16 float32 accumulators. Each chunk of x is loaded once for the R rows of W
+ * and each chunk of W once for the XB rows of x; U > 1 keeps U chunks of a row of W in flight. The next R rows of W
+ * are prefetched meanwhile: with 16 rows of x, whose multiply-adds take as long as reading W, the products ran at 305
+ * GFLOP/s without it and 435 with it, the memory no longer waited for between tiles. Called with constant R, XB, U,
+ * so that the compiler unrolls the loops and keeps the accumulators in registers. */
 #define TILE(NAME, WT, XT, VW, VX, WIDTH, MASK, LOAD_W, LOAD_X, MAC)                                           \
     static inline __attribute__((always_inline)) dots16 NAME(const XT *const *x, const WT *w, int64_t K,       \
-                                                             const int R, const int XB, const int U) {         \
+                                                             int64_t ld, const int R, const int XB, const int U) { \
         __m512 acc[16];                                                                                       \
         for (int a = 0; a < R * XB * U; a++) acc[a] = _mm512_setzero_ps();                                    \
         int64_t k = 0;                                                                                        \
@@ -195,8 +195,8 @@ typedef __m512 dots16;
                 VX xv[4];                                                                                     \
                 for (int m = 0; m < XB; m++) xv[m] = LOAD_X(x[m] + k + WIDTH * u, (MASK)-1);                  \
                 for (int r = 0; r < R; r++) {                                                                 \
-                    _mm_prefetch((const char *)(w + (r + R) * K + k + WIDTH * u), _MM_HINT_T0);               \
-                    VW wv = LOAD_W(w + r * K + k + WIDTH * u, (MASK)-1);                                      \
+                    _mm_prefetch((const char *)(w + (r + R) * ld + k + WIDTH * u), _MM_HINT_T0);               \
+                    VW wv = LOAD_W(w + r * ld + k + WIDTH * u, (MASK)-1);                                      \
                     for (int m = 0; m < XB; m++)                                                              \
                         acc[(u * R + r) * XB + m] = MAC(acc[(u * R + r) * XB + m], wv, xv[m]);                \
                 }                                                                                             \
@@ -206,7 +206,7 @@ typedef __m512 dots16;
             VX xv[4];                                                                                         \
             for (int m = 0; m < XB; m++) xv[m] = LOAD_X(x[m] + k, valid);                                     \
             for (int r = 0; r < R; r++) {                                                                     \
-                VW wv = LOAD_W(w + r * K + k, valid);                                                         \
+                VW wv = LOAD_W(w + r * ld + k, valid);                                                         \
                 for (int m = 0; m < XB; m++) acc[r * XB + m] = MAC(acc[r * XB + m], wv, xv[m]);               \
             }                                                                                                 \
         }                                                                                                     \
@@ -280,6 +280,8 @@ static inline __attribute__((always_inline)) void store_dots(dots16 dots, int R,
     }
 }
 
+static inline dots16 add_dots(dots16 a, dots16 b) { return _mm512_add_ps(a, b); }
+
 /* the first n results of a tile into p */
 static inline void put_dots(float *p, dots16 dots, int n) {
     _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), dots);
@@ -292,12 +294,13 @@ typedef struct {
 } dots16;
 
 #define TILE(NAME, WT, XT, TO_FLOAT_W, TO_FLOAT_X)                                                              \
-    static inline dots16 NAME(const XT *const *x, const WT *w, int64_t K, const int R, const int XB, const int U) { \
+    static inline dots16 NAME(const XT *const *x, const WT *w, int64_t K, int64_t ld, const int R, const int XB,  \
+                              const int U) {                                                                  \
         (void)U;                                                                                              \
         dots16 dots = {{0}};                                                                                  \
         for (int r = 0; r < R; r++)                                                                           \
             for (int m = 0; m < XB; m++) {                                                                    \
-                const WT *wr = w + r * K;                                                                     \
+                const WT *wr = w + r * ld;                                                                    \
                 const XT *xm = x[m];                                                                          \
                 float sum = 0;                                                                                \
                 _Pragma("omp simd reduction(+ : sum)") for (int64_t k = 0; k < K; k++) sum +=                 \
@@ -317,7 +320,7 @@ TILE(tile_f16_f16, uint16_t, uint16_t, f16_to_float, f16_to_float)
 
 #define SEQ_TILE(NAME, TILE_FN, WT, XT)                                                \
     static inline dots16 NAME(const XT *x, const WT *w, int64_t K, const int R) { \
-        return TILE_FN(&x, w, K, R, 1, 1);                                             \
+        return TILE_FN(&x, w, K, K, R, 1, 1);                                          \
     }
 SEQ_TILE(seq_bf16, tile_bf16, uint16_t, uint16_t)
 SEQ_TILE(seq_int8, tile_int8, int8_t, uint16_t)
@@ -345,6 +348,11 @@ static inline void store_dots(dots16 dots, int R, int XB, int rows, const void *
         }
 }
 
+static inline dots16 add_dots(dots16 a, dots16 b) {
+    for (int i = 0; i < 16; i++) a.lane[i] += b.lane[i];
+    return a;
+}
+
 static inline void put_dots(float *p, dots16 dots, int n) { memcpy(p, dots.lane, sizeof(float) * n); }
 
 #endif
@@ -358,36 +366,66 @@ static inline void thread_rows(int64_t N, int64_t *begin, int64_t *end) {
     *end = stop < N ? stop : N;
 }
 
-/* LINEAR(TILE_FN, SEQ_FN, XT, WT, DTYPE) is the body of a kernel: this thread's block of rows of W, against the rows
- * of x in blocks of up to 4 (the last block repeating its last row: computed, never written), through TILE_FN with
- * constant sizes, or SEQ_FN for a single row of x, 16 rows of W at a time; store_dots writes y in DTYPE. Up to 4
- * rows of x read W a row at a time, which streams fastest (one row of x keeps four chunks in flight, two rows two).
- * More rows are limited by the multiply-adds, not the memory: tiles of 4 rows of W by 4 of x then load each chunk
- * for four products. A prefill's many rows of x are taken X_BLOCK at a time, each block against all of this
- * thread's rows of W, so that the block stays in the cache (without it, 2048 fp16 rows of a batch's prefill, x
- * streaming from memory, ran at half the rate of 128). */
+/* LINEAR(GROUP_FN, DTYPE) is the body of a kernel: this thread's block of rows of W, a group of them at a time
+ * against the rows of x (GROUP_FN, below), which write y in DTYPE. A prefill's many rows of x are taken X_BLOCK at a
+ * time, each block against all of this thread's rows of W, so that the block stays in the cache (without it, 2048
+ * fp16 rows of a batch's prefill, x streaming from memory, ran at half the rate of 128). */
 #define X_BLOCK 64
-#define LINEAR(TILE_FN, SEQ_FN, XT, WT, DTYPE)                                                                  \
+#define X_SPAN 2048
+
+/* GROUP(NAME, TILE_FN, SEQ_FN, XT, WT) defines NAME(x, w, K, R, XB, m_begin, m_end, ...): columns n to n + R - 1 of
+ * rows m_begin to m_end - 1 (at most X_BLOCK) of y, from those rows of x and R rows of W (K values apart). The rows of
+ * x go in blocks of XB (1, 2 or 4; the last block repeating its last row: computed, never written) through TILE_FN
+ * with constant sizes, or SEQ_FN for a single row of x and up to 16 rows of W. Up to 4 rows of x read W a row at a
+ * time, which streams fastest (one row of x keeps four chunks in flight, two rows two). More rows are limited by the
+ * multiply-adds, not the memory: tiles of 4 rows of W by 4 of x then load each chunk for four products, X_SPAN bytes
+ * of each row of x at a time, adding up their dots16 over the spans. A span keeps a tile's rows of x and of W in the
+ * L1 cache while the next tiles of the same 4 rows of W read them again, where whole rows overflowed it (bf16 rows
+ * of 4096, float32 rows; scratch, bloom-560m's products streamed at 16 rows: bf16's 4096-wide 333 -> 276 us, fp32's
+ * blocks 55 -> 46 ms and LM head 43 -> 37 ms). */
+#define GROUP(NAME, TILE_FN, SEQ_FN, XT, WT)                                                                      \
+    static inline __attribute__((always_inline)) void NAME(const XT *x, const WT *w, int64_t K, int R, int XB,    \
+                                                           int64_t m_begin, int64_t m_end, const void *scale,     \
+                                                           const void *bias, void *y, int64_t N, int64_t n,       \
+                                                           const int dtype) {                                     \
+        const int64_t span = m_end - m_begin > 4 ? X_SPAN / (int64_t)sizeof(XT) : K;                              \
+        dots16 sums[X_BLOCK / 4]; /* of each block of rows of x, over the spans so far */                          \
+        for (int64_t k = 0; k < K; k += span) {                                                                   \
+            int64_t width = K - k < span ? K - k : span;                                                          \
+            for (int64_t m0 = m_begin; m0 < m_end; m0 += XB) {                                                    \
+                const XT *rows[4];                                                                                \
+                for (int m = 0; m < XB; m++) rows[m] = x + (m0 + m < m_end ? m0 + m : m_end - 1) * K + k;         \
+                dots16 dots;                                                                                      \
+                if (XB == 1) dots = SEQ_FN(rows[0], w + k, width, R);                                             \
+                else if (XB == 2) dots = TILE_FN(rows, w + k, width, K, 1, 2, 2);                                 \
+                else if (R == 1) dots = TILE_FN(rows, w + k, width, K, 1, 4, 1);                                  \
+                else dots = TILE_FN(rows, w + k, width, K, 4, 4, 1);                                              \
+                int block = (m0 - m_begin) / XB;                                                                  \
+                sums[block] = k ? add_dots(sums[block], dots) : dots;                                             \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (int64_t m0 = m_begin; m0 < m_end; m0 += XB) {                                                        \
+            int rows_left = m_end - m0 < XB ? m_end - m0 : XB;                                                    \
+            store_dots(sums[(m0 - m_begin) / XB], R, XB, rows_left, scale, bias, y, N, m0, n, dtype);             \
+        }                                                                                                         \
+    }
+
+GROUP(group_bf16, tile_bf16, seq_bf16, uint16_t, uint16_t)
+GROUP(group_int8, tile_int8, seq_int8, uint16_t, int8_t)
+GROUP(group_int8_f32, tile_int8_f32, seq_int8_f32, float, int8_t)
+GROUP(group_f32, tile_f32, seq_f32, float, float)
+GROUP(group_f16, tile_f16, seq_f16, float, uint16_t)
+
+#define LINEAR(GROUP_FN, DTYPE)                                                                                 \
     _Pragma("omp parallel") {                                                                                   \
         int64_t n_begin, n_end;                                                                                 \
         thread_rows(N, &n_begin, &n_end);                                                                       \
         const int XB = M == 1 ? 1 : M == 2 ? 2 : 4;                                                             \
-        dots16 dots;                                                                                            \
         for (int64_t m_begin = 0; m_begin < M; m_begin += X_BLOCK) {                                            \
             int64_t m_end = m_begin + X_BLOCK < M ? m_begin + X_BLOCK : M;                                      \
             for (int64_t n = n_begin; n < n_end;) {                                                             \
                 int R = M == 1 ? (n_end - n >= 16 ? 16 : n_end - n) : M > 4 && n_end - n >= 4 ? 4 : 1;         \
-                for (int64_t m0 = m_begin; m0 < m_end; m0 += XB) {                                              \
-                    const XT *rows[4];                                                                          \
-                    for (int m = 0; m < XB; m++) rows[m] = x + (m0 + m < m_end ? m0 + m : m_end - 1) * K;       \
-                    const WT *w_rows = w + n * K;                                                               \
-                    if (XB == 1) dots = SEQ_FN(rows[0], w_rows, K, R);                                          \
-                    else if (XB == 2) dots = TILE_FN(rows, w_rows, K, 1, 2, 2);                                 \
-                    else if (R == 1) dots = TILE_FN(rows, w_rows, K, 1, 4, 1);                                  \
-                    else dots = TILE_FN(rows, w_rows, K, 4, 4, 1);                                              \
-                    int rows_left = m_end - m0 < XB ? m_end - m0 : XB;                                          \
-                    store_dots(dots, R, XB, rows_left, scale, b, y, N, m0, n, DTYPE);                           \
-                }                                                                                               \
+                GROUP_FN(x, w + n * K, K, R, XB, m_begin, m_end, scale, b, y, N, n, DTYPE);                     \
                 n += R;                                                                                         \
             }                                                                                                   \
         }                                                                                                       \
@@ -396,7 +434,7 @@ static inline void thread_rows(int64_t N, int64_t *begin, int64_t *end) {
 /* bf16 x, W, b (or NULL) -> bf16 y */
 void linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16_t *y, int64_t M, int64_t N, int64_t K) {
     const void *scale = NULL;
-    LINEAR(tile_bf16, seq_bf16, uint16_t, uint16_t, AS_BF16)
+    LINEAR(group_bf16, AS_BF16)
 }
 
 /* int8 W with a scale per row: y = (x · Wᵀ) · scale + b, in the activations' dtype. With bf16 x, scale, b (or NULL)
@@ -418,7 +456,7 @@ void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale,
                 for (int64_t m0 = 0; m0 < M; m0 += 4) {
                     const uint16_t *rows[4];
                     for (int m = 0; m < 4; m++) rows[m] = x + (m0 + m < M ? m0 + m : M - 1) * K;
-                    dots16 dots = tile_int8(rows, w + n * K, K, 1, 4, 1);
+                    dots16 dots = tile_int8(rows, w + n * K, K, K, 1, 4, 1);
                     store_dots(dots, 1, 4, M - m0 < 4 ? M - m0 : 4, scale, b, y, N, m0, n, AS_BF16);
                 }
             for (int64_t n = n_begin; wide && n < n_end;) {
@@ -433,7 +471,7 @@ void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale,
                 for (int64_t m0 = 0; m0 < M; m0 += 4) {
                     const uint16_t *rows[4];
                     for (int m = 0; m < 4; m++) rows[m] = x + (m0 + m < M ? m0 + m : M - 1) * K;
-                    dots16 dots = R == 4 ? tile_bf16(rows, wide, K, 4, 4, 1) : tile_bf16(rows, wide, K, 1, 4, 1);
+                    dots16 dots = R == 4 ? tile_bf16(rows, wide, K, K, 4, 4, 1) : tile_bf16(rows, wide, K, K, 1, 4, 1);
                     store_dots(dots, R, 4, M - m0 < 4 ? M - m0 : 4, scale, b, y, N, m0, n, AS_BF16);
                 }
                 n += R;
@@ -443,29 +481,29 @@ void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale,
         return;
     }
 #endif
-    LINEAR(tile_int8, seq_int8, uint16_t, int8_t, AS_BF16)
+    LINEAR(group_int8, AS_BF16)
 }
 
 void linear_int8_f16(const float *x, const int8_t *w, const uint16_t *scale, const uint16_t *b, uint16_t *y, int64_t M,
                      int64_t N, int64_t K) {
-    LINEAR(tile_int8_f32, seq_int8_f32, float, int8_t, AS_F16)
+    LINEAR(group_int8_f32, AS_F16)
 }
 
 void linear_int8_f32(const float *x, const int8_t *w, const float *scale, const float *b, float *y, int64_t M, int64_t N,
                      int64_t K) {
-    LINEAR(tile_int8_f32, seq_int8_f32, float, int8_t, AS_F32)
+    LINEAR(group_int8_f32, AS_F32)
 }
 
 /* fp16 W and b (or NULL), x as float32 (the fp16 activations, converted once) -> fp16 y */
 void linear_f16(const float *x, const uint16_t *w, const uint16_t *b, uint16_t *y, int64_t M, int64_t N, int64_t K) {
     const void *scale = NULL;
-    LINEAR(tile_f16, seq_f16, float, uint16_t, AS_F16)
+    LINEAR(group_f16, AS_F16)
 }
 
 /* fp32 x, W, b (or NULL) -> fp32 y */
 void linear_f32(const float *x, const float *w, const float *b, float *y, int64_t M, int64_t N, int64_t K) {
     const void *scale = NULL;
-    LINEAR(tile_f32, seq_f32, float, float, AS_F32)
+    LINEAR(group_f32, AS_F32)
 }
 
 #ifdef HAVE_AVX512
@@ -683,9 +721,9 @@ static inline void prefetch_rows(const void *p, int64_t bytes) {
                 for (int64_t s = first; s < end;) {                                                               \
                     int R = end - s >= 16 ? 16 : end - s >= 4 ? 4 : 1;                                            \
                     prefetch_rows(vi + s * hd, R * hd * sizeof(T)); /* their values, read once the softmax is done */ \
-                    if (R == 16) put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, 16, 1, 1), 16);                 \
-                    else if (R == 4) put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, 4, 1, 1), 4);               \
-                    else put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, 1, 1, 1), 1);                           \
+                    if (R == 16) put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, hd, 16, 1, 1), 16);                 \
+                    else if (R == 4) put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, hd, 4, 1, 1), 4);               \
+                    else put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, hd, 1, 1, 1), 1);                           \
                     s += R;                                                                                       \
                 }                                                                                                 \
                 int64_t n = end - first;                                                                          \
