@@ -23,6 +23,7 @@ from contextlib import closing
 
 import torch
 
+from bloom import matvec
 from bloom.config import is_integer
 from bloom.decoder import Decoder
 from bloom.memory import check_attention_fits
@@ -218,19 +219,25 @@ def generate_steps(
 
     with decoder.claimed():
         logits = decoder.prefill(input_ids, attention_mask.long())  # (B, 1, V)
+        # plain greedy choices straight from the logits, without their float32 copy (bloom.matvec.argmax)
+        plain_greedy = not (do_sample or seen is not None)
+        argmax_kernel = plain_greedy and decoder.matvec_kernels and matvec.argmax_applies(logits[:, -1])
         for step in range(max_new_tokens):
-            scores = logits[:, -1].float()  # (B, V)
-            if seen is not None:
-                scores = apply_repetition_penalty(scores, seen, repetition_penalty)  # float64
-            if do_sample:
-                scores = apply_temperature(scores, temperature)
-                if top_k is not None:
-                    scores = top_k_filter(scores, top_k)
-                if top_p is not None and top_p < 1.0:
-                    scores = top_p_filter(scores, top_p)
-                tokens = sample(torch.softmax(scores, dim=-1), generator)
+            if argmax_kernel:
+                tokens = matvec.argmax(logits[:, -1])
             else:
-                tokens = torch.argmax(scores, dim=-1)
+                scores = logits[:, -1].float()  # (B, V)
+                if seen is not None:
+                    scores = apply_repetition_penalty(scores, seen, repetition_penalty)  # float64
+                if do_sample:
+                    scores = apply_temperature(scores, temperature)
+                    if top_k is not None:
+                        scores = top_k_filter(scores, top_k)
+                    if top_p is not None and top_p < 1.0:
+                        scores = top_p_filter(scores, top_p)
+                    tokens = sample(torch.softmax(scores, dim=-1), generator)
+                else:
+                    tokens = torch.argmax(scores, dim=-1)
             if eos_ids:  # (otherwise no row ever finishes)
                 tokens = torch.where(finished, pad_token_id, tokens)  # (B,)
             yield tokens, finished.clone()

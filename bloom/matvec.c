@@ -603,6 +603,55 @@ void gelu_f16(const uint16_t *x, uint16_t *y, int64_t n) {
 }
 #endif
 
+/* The greedy choice: for each of `rows` rows of n logits, the index of the largest, the first of equal ones, a NaN
+ * counting as larger than any number (the first NaN's), as torch.argmax of their float32 values. torch's own argmax
+ * of bf16 logits is slow, and converting them to float32 for it took 1.3 ms of a bf16 batch-16 step of bloom-560m
+ * (16 rows of 250,880). Rows are shared by the threads. */
+#ifdef HAVE_AVX512
+static inline __attribute__((always_inline)) int64_t argmax512(const void *x, int64_t n, const int dtype) {
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    __mmask16 nan = 0;
+    for (int64_t i = 0; i < n && !nan; i += 16) { /* the largest value, or the first chunk with a NaN */
+        __mmask16 valid = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 v = load512(x, i, valid, dtype);
+        nan = _mm512_mask_cmp_ps_mask(valid, v, v, _CMP_UNORD_Q);
+        best = _mm512_mask_max_ps(best, valid, best, v);
+    }
+    const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(best));
+    for (int64_t i = 0; i < n; i += 16) { /* its first place */
+        __mmask16 valid = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 v = load512(x, i, valid, dtype);
+        __mmask16 found = nan ? _mm512_mask_cmp_ps_mask(valid, v, v, _CMP_UNORD_Q)
+                              : _mm512_mask_cmp_ps_mask(valid, v, max, _CMP_EQ_OQ);
+        if (found) return i + __builtin_ctz(found);
+    }
+    return 0; /* every value -inf */
+}
+#define ARGMAX(NAME, T, DTYPE, TO_FLOAT)                                                                       \
+    void NAME(const T *x, int64_t rows, int64_t n, int64_t *out) {                                            \
+        _Pragma("omp parallel for") for (int64_t r = 0; r < rows; r++) out[r] = argmax512(x + r * n, n, DTYPE); \
+    }
+#else
+#define ARGMAX(NAME, T, DTYPE, TO_FLOAT)                                                                       \
+    void NAME(const T *x, int64_t rows, int64_t n, int64_t *out) {                                            \
+        _Pragma("omp parallel for") for (int64_t r = 0; r < rows; r++) {                                        \
+            float best = -INFINITY;                                                                            \
+            out[r] = 0;                                                                                        \
+            for (int64_t i = 0; i < n; i++) {                                                                  \
+                float v = TO_FLOAT(x[r * n + i]);                                                              \
+                if (v != v) { /* NaN */                                                                        \
+                    out[r] = i;                                                                                \
+                    break;                                                                                     \
+                }                                                                                              \
+                if (v > best) best = v, out[r] = i;                                                            \
+            }                                                                                                  \
+        }                                                                                                      \
+    }
+#endif
+ARGMAX(argmax_bf16, uint16_t, AS_BF16, bf16_to_float)
+ARGMAX(argmax_f16, uint16_t, AS_F16, f16_to_float)
+ARGMAX(argmax_f32, float, AS_F32, same_float)
+
 #ifdef HAVE_AVX512
 /* score[s] = T(T(alibi[s] + alpha · score[s]) + mask[s]) for n slots, their q·k in score; returns the maximum */
 static inline __attribute__((always_inline)) float bias_and_mask512(const void *alibi, const void *mask, float *score,

@@ -53,6 +53,7 @@ _KERNEL_DTYPES = {torch.bfloat16: "linear_bf16", torch.float16: "linear_f16", to
 _INT8_KERNELS = {torch.bfloat16: "linear_int8_bf16", torch.float16: "linear_int8_f16", torch.float32: "linear_int8_f32"}
 _ATTEND_DTYPES = {torch.bfloat16: "attend_bf16", torch.float16: "attend_f16", torch.float32: "attend_f32"}
 _GELU_DTYPES = {torch.bfloat16: "gelu_bf16", torch.float16: "gelu_f16", torch.float32: "gelu_f32"}
+_ARGMAX_DTYPES = {torch.bfloat16: "argmax_bf16", torch.float16: "argmax_f16", torch.float32: "argmax_f32"}
 _BLOCK_DTYPES = {
     torch.bfloat16: "decode_block_bf16",
     torch.float16: "decode_block_f16",
@@ -162,6 +163,22 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(x)
     getattr(library(), _GELU_DTYPES[x.dtype])(x.data_ptr(), y.data_ptr(), x.numel())
     return y
+
+
+def argmax_applies(logits: torch.Tensor) -> bool:
+    """Whether `argmax` takes these (B, V) logits here: bf16, fp16 or fp32 on the CPU, with the library built."""
+    return (
+        logits.dim() == 2 and logits.dtype in _ARGMAX_DTYPES and logits.device.type == "cpu" and library() is not None
+    )
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(logits.float(), dim=-1) of (B, V) logits -> (B,) int64: the first largest of each row, a NaN
+    counting as the largest, without converting the logits."""
+    logits = logits.contiguous()
+    tokens = torch.empty(logits.shape[0], dtype=torch.long)
+    getattr(library(), _ARGMAX_DTYPES[logits.dtype])(logits.data_ptr(), *logits.shape, tokens.data_ptr())
+    return tokens
 
 
 def has_block_kernel(dtype: torch.dtype) -> bool:
@@ -308,6 +325,9 @@ def load(path: Path) -> ctypes.CDLL:
         getattr(lib, name).restype = None
     for name in _GELU_DTYPES.values():  # x, y, n
         getattr(lib, name).argtypes = [pointer, pointer, size]
+        getattr(lib, name).restype = None
+    for name in _ARGMAX_DTYPES.values():  # x, rows, n, out
+        getattr(lib, name).argtypes = [pointer, size, size, pointer]
         getattr(lib, name).restype = None
     for name in _BLOCK_DTYPES.values():  # struct block *, x, out -> 1 if out of memory
         getattr(lib, name).argtypes = [ctypes.POINTER(_Block), pointer, pointer]

@@ -239,3 +239,19 @@ def test_gelu_rounds_each_operation_like_bloom_gelu(build, dtype, size):
         torch.testing.assert_close(y, reference, rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
     else:  # 1 + tanh(u) is within ~1e-7 of torch's: relative to GeLU's tiny negative values, not to 1
         torch.testing.assert_close(y, reference, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows, n", [(1, 1), (3, 37), (16, 1000)])  # 37, 1000: a tail past whole 16-wide chunks
+def test_argmax_is_torchs_argmax_of_the_float32_logits(build, dtype, rows, n):
+    logits = torch.randn(rows, n)
+    if n > 30:
+        logits[0, [2, 9, 30]] = 9.0  # equal largest values: the first
+        logits[-1, [20, 25]] = float("nan")  # a NaN is the largest: the first NaN, past an infinity
+        logits[-1, 3] = float("inf")
+    logits = logits.to(dtype)
+    assert torch.equal(matvec.argmax(logits), torch.argmax(logits.float(), dim=-1))
+    signed_zeros = torch.full((2, n), float("-inf")).to(dtype)  # -0.0 and 0.0 are equal; all -inf: index 0
+    signed_zeros[0, n // 2] = -0.0
+    signed_zeros[0, -1] = 0.0
+    assert torch.equal(matvec.argmax(signed_zeros), torch.argmax(signed_zeros.float(), dim=-1))
