@@ -381,13 +381,13 @@ static inline void thread_rows(int64_t N, int64_t *begin, int64_t *end) {
  * multiply-adds, not the memory: tiles of 4 rows of W by 4 of x then load each chunk for four products, X_SPAN bytes
  * of each row of x at a time, adding up their dots16 over the spans. A span keeps a tile's rows of x and of W in the
  * L1 cache while the next tiles of the same 4 rows of W read them again, where whole rows overflowed it (bf16 rows
- * of 4096, float32 rows; scratch, bloom-560m's products streamed at 16 rows: bf16's 4096-wide 333 -> 276 us, fp32's
- * blocks 55 -> 46 ms and LM head 43 -> 37 ms). */
+ * of 4096, float32 rows; scratch, bloom-560m's products streamed at 16 rows: bf16's 4096-wide 333 -> 276 us, int8's
+ * 289 -> 276, fp32's blocks 55 -> 46 ms and LM head 43 -> 37 ms). Each is compiled once, not inlined into its
+ * callers: inlined into linear_int8_bf16, group_bf16 slowed that function's other tiles by ~10%. */
 #define GROUP(NAME, TILE_FN, SEQ_FN, XT, WT)                                                                      \
-    static inline __attribute__((always_inline)) void NAME(const XT *x, const WT *w, int64_t K, int R, int XB,    \
-                                                           int64_t m_begin, int64_t m_end, const void *scale,     \
-                                                           const void *bias, void *y, int64_t N, int64_t n,       \
-                                                           const int dtype) {                                     \
+    static __attribute__((noinline)) void NAME(const XT *x, const WT *w, int64_t K, int R, int XB, int64_t m_begin, \
+                                               int64_t m_end, const void *scale, const void *bias, void *y, int64_t N,   \
+                                               int64_t n, const int dtype) {                                             \
         const int64_t span = m_end - m_begin > 4 ? X_SPAN / (int64_t)sizeof(XT) : K;                              \
         dots16 sums[X_BLOCK / 4]; /* of each block of rows of x, over the spans so far */                          \
         for (int64_t k = 0; k < K; k += span) {                                                                   \
@@ -443,9 +443,9 @@ void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale,
                       int64_t M, int64_t N, int64_t K) {
 #ifdef HAVE_AVX512
     /* More than 4 rows of x: each group of 4 rows of W is widened to bf16 once, into a buffer of the thread's own,
-     * for the bf16 tiles of every 4 rows of x, where the int8 tiles widened it in each: the same products, added in
-     * the same order (bloom-560m's products streamed at 16 rows: 15 -> 18 GB/s of int8 weights; 32 rows: 7 -> 10;
-     * with one buffer for both threads, 13 and 9). The buffer holds twice the group, as the tiles prefetch the 4
+     * for the bf16 tiles of every 4 rows of x (group_bf16), where the int8 tiles widened it in each: the same
+     * products, added in the same order (bloom-560m's products streamed at 16 rows: 15 -> 18 GB/s of int8 weights;
+     * 32 rows: 7 -> 10; with one buffer for both threads, 13 and 9). The buffer holds twice the group, as the tiles prefetch the 4
      * rows after theirs. A thread whose buffer cannot be allocated multiplies its rows of W one at a time. */
     if (M > 4) {
         _Pragma("omp parallel") {
@@ -453,12 +453,9 @@ void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale,
             thread_rows(N, &n_begin, &n_end);
             uint16_t *wide = aligned_alloc(64, sizeof(uint16_t) * 2 * ((4 * K + 31) / 32 * 32)); /* 64-byte lines */
             for (int64_t n = n_begin; !wide && n < n_end; n++) /* no buffer: the int8 tiles, a row of W at a time */
-                for (int64_t m0 = 0; m0 < M; m0 += 4) {
-                    const uint16_t *rows[4];
-                    for (int m = 0; m < 4; m++) rows[m] = x + (m0 + m < M ? m0 + m : M - 1) * K;
-                    dots16 dots = tile_int8(rows, w + n * K, K, K, 1, 4, 1);
-                    store_dots(dots, 1, 4, M - m0 < 4 ? M - m0 : 4, scale, b, y, N, m0, n, AS_BF16);
-                }
+                for (int64_t m_begin = 0; m_begin < M; m_begin += X_BLOCK)
+                    group_int8(x, w + n * K, K, 1, 4, m_begin, m_begin + X_BLOCK < M ? m_begin + X_BLOCK : M, scale, b,
+                               y, N, n, AS_BF16);
             for (int64_t n = n_begin; wide && n < n_end;) {
                 int R = n_end - n >= 4 ? 4 : 1;
                 for (int64_t i = 0; i < R * K; i += 64) { /* the group's R rows, contiguous in W and in wide */
@@ -468,12 +465,9 @@ void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale,
                     _mm512_mask_storeu_epi16(wide + i, (__mmask32)valid, (__m512i)v.lo);
                     _mm512_mask_storeu_epi16(wide + i + 32, (__mmask32)(valid >> 32), (__m512i)v.hi);
                 }
-                for (int64_t m0 = 0; m0 < M; m0 += 4) {
-                    const uint16_t *rows[4];
-                    for (int m = 0; m < 4; m++) rows[m] = x + (m0 + m < M ? m0 + m : M - 1) * K;
-                    dots16 dots = R == 4 ? tile_bf16(rows, wide, K, K, 4, 4, 1) : tile_bf16(rows, wide, K, K, 1, 4, 1);
-                    store_dots(dots, R, 4, M - m0 < 4 ? M - m0 : 4, scale, b, y, N, m0, n, AS_BF16);
-                }
+                for (int64_t m_begin = 0; m_begin < M; m_begin += X_BLOCK)
+                    group_bf16(x, wide, K, R, 4, m_begin, m_begin + X_BLOCK < M ? m_begin + X_BLOCK : M, scale, b, y,
+                               N, n, AS_BF16);
                 n += R;
             }
             free(wide);
