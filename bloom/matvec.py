@@ -1,6 +1,6 @@
 """A decode step's work on the CPU in bloom/matvec.c, compiled on first use and called through ctypes: the
-matrix-vector products of the linear layers and the LM head, the one-query attention, the GeLU, and a whole
-block's step made of them (`DecodeBlock`, for bloom.decode_step).
+matrix-vector products of the linear layers and the LM head, the one-query attention, the GeLU, a whole block's
+step made of them (`DecodeBlock`, for bloom.decode_step), and the greedy choice (`argmax`).
 
 A decode step reads every weight once for one token per sequence; its speed is the speed at which the weights
 stream from memory. torch's matmul reads them at ~60% of the machine's bandwidth for so few rows, the kernels
