@@ -378,17 +378,18 @@ static inline void thread_rows(int64_t N, int64_t *begin, int64_t *end) {
  * x go in blocks of XB (1, 2 or 4; the last block repeating its last row: computed, never written) through TILE_FN
  * with constant sizes, or SEQ_FN for a single row of x and up to 16 rows of W. Up to 4 rows of x read W a row at a
  * time, which streams fastest (one row of x keeps four chunks in flight, two rows two). More rows are limited by the
- * multiply-adds, not the memory: tiles of 4 rows of W by 4 of x then load each chunk for four products, X_SPAN bytes
- * of each row of x at a time, adding up their dots16 over the spans. A span keeps a tile's rows of x and of W in the
- * L1 cache while the next tiles of the same 4 rows of W read them again, where whole rows overflowed it (bf16 rows
- * of 4096, float32 rows; scratch, bloom-560m's products streamed at 16 rows: bf16's 4096-wide 333 -> 276 us, int8's
- * 289 -> 276, fp32's blocks 55 -> 46 ms and LM head 43 -> 37 ms). Each is compiled once, not inlined into its
- * callers: inlined into linear_int8_bf16, group_bf16 slowed that function's other tiles by ~10%. */
+ * multiply-adds, not the memory: tiles of 4 rows of W by 4 of x then load each chunk for four products, the values
+ * of X_SPAN bytes of each row of W at a time, adding up their dots16 over the spans. A span keeps a tile's rows of x
+ * and of W in the L1 cache while the next tiles of the same 4 rows of W read them again, where whole rows overflowed
+ * it (scratch, bloom-560m's products streamed at 16 rows: the 4096-wide one 333 -> 276 us in bf16, 289 -> 276 with
+ * int8 weights, 528 -> 459 in fp16; fp32's blocks 55 -> 46 ms and LM head 43 -> 37 ms; spans of x's bytes instead
+ * made fp16's 1024-wide products 10% slower). Each is compiled once, not inlined into its callers: inlined into
+ * linear_int8_bf16, group_bf16 slowed that function's other tiles by ~10%. */
 #define GROUP(NAME, TILE_FN, SEQ_FN, XT, WT)                                                                      \
     static __attribute__((noinline)) void NAME(const XT *x, const WT *w, int64_t K, int R, int XB, int64_t m_begin, \
                                                int64_t m_end, const void *scale, const void *bias, void *y, int64_t N,   \
                                                int64_t n, const int dtype) {                                             \
-        const int64_t span = m_end - m_begin > 4 ? X_SPAN / (int64_t)sizeof(XT) : K;                              \
+        const int64_t span = m_end - m_begin > 4 ? X_SPAN / (int64_t)sizeof(WT) : K;                              \
         dots16 sums[X_BLOCK / 4]; /* of each block of rows of x, over the spans so far */                          \
         for (int64_t k = 0; k < K; k += span) {                                                                   \
             int64_t width = K - k < span ? K - k : span;                                                          \

@@ -38,7 +38,7 @@ def test_products_equal_float64_within_float32_summation(build, dtype, rows, fea
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 4, 11, 16, 139])
-@pytest.mark.parametrize("features", [33, 256, 300, 1100])  # 300: four 64-wide chunks, a tail past 32
+@pytest.mark.parametrize("features", [33, 256, 300, 2100])  # 300: four 64-wide chunks, a tail past 32
 def test_int8_products_equal_the_dequantized_product(build, dtype, rows, features):
     q, scale = quantize_rows(torch.randn(50, features).to(dtype))
     x, bias = torch.randn(rows, features).to(dtype), torch.randn(50).to(dtype)
