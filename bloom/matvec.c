@@ -228,10 +228,13 @@ TILE(tile_f16_f16, uint16_t, uint16_t, __m512, __m512, 16, __mmask16, load_f16, 
 
 /* SEQ_TILE(NAME, ...) defines NAME(x, w, K, R): the dots16 of one row of x and R <= 16 consecutive rows of W, read
  * one after the other, each from start to end with 4 chunks in flight (as one stream, which the memory serves
- * fastest), while the row after it is prefetched. A row's 4 partial sums are added into one vector, and the R vectors
+ * fastest), while the weights SEQ_AHEAD bytes further on are prefetched (the next row of fp32 weights, the second
+ * of bf16, the fourth of int8: streamed, int8's LM head at one row took 5.4-5.6 ms prefetching the next row, 5.0-5.2
+ * this way; bf16's and fp32's the same). A row's 4 partial sums are added into one vector, and the R vectors
  * summed across lanes together at the end: summing each row's lanes on its own took about a third of the time of an
  * int8 row of 1024 bytes read from the caches (the kernel ran at 52 GB/s there, then 75; with
  * load_int8x64_as_bf16, 97). */
+#define SEQ_AHEAD 4096
 #define SEQ_TILE(NAME, WT, XT, VW, VX, WIDTH, MASK, LOAD_W, LOAD_X, MAC)                                       \
     static inline __attribute__((always_inline)) dots16 NAME(const XT *x, const WT *w, int64_t K, const int R) { \
         __m512 row_sums[16];                                                                                 \
@@ -241,7 +244,7 @@ TILE(tile_f16_f16, uint16_t, uint16_t, __m512, __m512, 16, __mmask16, load_f16, 
             int64_t k = 0;                                                                                   \
             for (; k + 4 * WIDTH <= K; k += 4 * WIDTH)                                                       \
                 for (int u = 0; u < 4; u++) {                                                                \
-                    _mm_prefetch((const char *)(row + K + k + WIDTH * u), _MM_HINT_T0);                      \
+                    _mm_prefetch((const char *)(row + k + WIDTH * u) + SEQ_AHEAD, _MM_HINT_T0);            \
                     VW wv = LOAD_W(row + k + WIDTH * u, (MASK)-1);                                           \
                     acc[u] = MAC(acc[u], wv, LOAD_X(x + k + WIDTH * u, (MASK)-1));                           \
                 }                                                                                            \
