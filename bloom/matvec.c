@@ -178,12 +178,12 @@ static inline __m512 sum_lanes16(const __m512 *v) {
  * read back as a vector, waits for the store to reach the cache. */
 typedef __m512 dots16;
 
-/* TILE(NAME, ...) defines NAME(x, w, K, ld, R, XB, U): the dots16 of K values of R consecutive rows of W (ld values
- * apart) and of XB rows of x, in R·XB·U <= 16 float32 accumulators. Each chunk of x is loaded once for the R rows of W
- * and each chunk of W once for the XB rows of x; U > 1 keeps U chunks of a row of W in flight. The next R rows of W
- * are prefetched meanwhile: with 16 rows of x, whose multiply-adds take as long as reading W, the products ran at 305
- * GFLOP/s without it and 435 with it, the memory no longer waited for between tiles. Called with constant R, XB, U,
- * so that the compiler unrolls the loops and keeps the accumulators in registers. */
+/* TILE(NAME, ...) defines NAME(x, w, K, ld, R, XB, U): the dots16 of K values of R consecutive rows of W (ld
+ * values apart) and of XB rows of x, in R·XB·U <= 16 float32 accumulators. Each chunk of x is loaded once for the R
+ * rows of W and each chunk of W once for the XB rows of x; U > 1 keeps U chunks of a row of W in flight. The next R
+ * rows of W are prefetched meanwhile: with 16 rows of x, whose multiply-adds take as long as reading W, the products
+ * ran at 305 GFLOP/s without it and 435 with it, the memory no longer waited for between tiles. Called with constant
+ * R, XB, U, so that the compiler unrolls the loops and keeps the accumulators in registers. */
 #define TILE(NAME, WT, XT, VW, VX, WIDTH, MASK, LOAD_W, LOAD_X, MAC)                                           \
     static inline __attribute__((always_inline)) dots16 NAME(const XT *const *x, const WT *w, int64_t K,       \
                                                              int64_t ld, const int R, const int XB, const int U) { \
@@ -376,9 +376,9 @@ static inline void thread_rows(int64_t N, int64_t *begin, int64_t *end) {
 #define X_BLOCK 64
 #define X_SPAN 2048
 
-/* GROUP(NAME, TILE_FN, SEQ_FN, XT, WT) defines NAME(x, w, K, R, XB, m_begin, m_end, ...): columns n to n + R - 1 of
- * rows m_begin to m_end - 1 (at most X_BLOCK) of y, from those rows of x and R rows of W (K values apart). The rows of
- * x go in blocks of XB (1, 2 or 4; the last block repeating its last row: computed, never written) through TILE_FN
+/* GROUP(NAME, TILE_FN, SEQ_FN, XT, WT) defines NAME(x, w, K, R, XB, m_begin, m_end, ...): columns n to n + R - 1
+ * of rows m_begin to m_end - 1 (at most X_BLOCK) of y, from those rows of x and R rows of W (K values apart). The rows
+ * of x go in blocks of XB (1, 2 or 4; the last block repeating its last row: computed, never written) through TILE_FN
  * with constant sizes, or SEQ_FN for a single row of x and up to 16 rows of W. Up to 4 rows of x read W a row at a
  * time, which streams fastest (one row of x keeps four chunks in flight, two rows two). More rows are limited by the
  * multiply-adds, not the memory: tiles of 4 rows of W by 4 of x then load each chunk for four products, the values
@@ -389,9 +389,10 @@ static inline void thread_rows(int64_t N, int64_t *begin, int64_t *end) {
  * made fp16's 1024-wide products 10% slower). Each is compiled once, not inlined into its callers: inlined into
  * linear_int8_bf16, group_bf16 slowed that function's other tiles by ~10%. */
 #define GROUP(NAME, TILE_FN, SEQ_FN, XT, WT)                                                                      \
-    static __attribute__((noinline)) void NAME(const XT *x, const WT *w, int64_t K, int R, int XB, int64_t m_begin, \
-                                               int64_t m_end, const void *scale, const void *bias, void *y, int64_t N,   \
-                                               int64_t n, const int dtype) {                                             \
+    static __attribute__((noinline)) void NAME(const XT *x, const WT *w, int64_t K, int R, int XB,                \
+                                               int64_t m_begin, int64_t m_end, const void *scale,                 \
+                                               const void *bias, void *y, int64_t N, int64_t n,                   \
+                                               const int dtype) {                                                 \
         const int64_t span = m_end - m_begin > 4 ? X_SPAN / (int64_t)sizeof(WT) : K;                              \
         dots16 sums[X_BLOCK / 4]; /* of each block of rows of x, over the spans so far */                          \
         for (int64_t k = 0; k < K; k += span) {                                                                   \
@@ -449,8 +450,9 @@ void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale,
     /* More than 4 rows of x: each group of 4 rows of W is widened to bf16 once, into a buffer of the thread's own,
      * for the bf16 tiles of every 4 rows of x (group_bf16), where the int8 tiles widened it in each: the same
      * products, added in the same order (bloom-560m's products streamed at 16 rows: 15 -> 18 GB/s of int8 weights;
-     * 32 rows: 7 -> 10; with one buffer for both threads, 13 and 9). The buffer holds twice the group, as the tiles prefetch the 4
-     * rows after theirs. A thread whose buffer cannot be allocated multiplies its rows of W one at a time. */
+     * 32 rows: 7 -> 10; with one buffer for both threads, 13 and 9). The buffer holds twice the group, as the tiles
+     * prefetch the 4 rows after theirs. A thread whose buffer cannot be allocated multiplies its rows of W one at a
+     * time. */
     if (M > 4) {
         _Pragma("omp parallel") {
             int64_t n_begin, n_end;
