@@ -184,19 +184,19 @@ typedef __m512 dots16;
  * rows of W are prefetched meanwhile: with 16 rows of x, whose multiply-adds take as long as reading W, the products
  * ran at 305 GFLOP/s without it and 435 with it, the memory no longer waited for between tiles. Called with constant
  * R, XB, U, so that the compiler unrolls the loops and keeps the accumulators in registers. */
-#define TILE(NAME, WT, XT, VW, VX, WIDTH, MASK, LOAD_W, LOAD_X, MAC)                                           \
-    static inline __attribute__((always_inline)) dots16 NAME(const XT *const *x, const WT *w, int64_t K,       \
+#define TILE(NAME, WT, XT, VW, VX, WIDTH, MASK, LOAD_W, LOAD_X, MAC)                                          \
+    static inline __attribute__((always_inline)) dots16 NAME(const XT *const *x, const WT *w, int64_t K,      \
                                                              int64_t ld, const int R, const int XB, const int U) { \
         __m512 acc[16];                                                                                       \
         for (int a = 0; a < R * XB * U; a++) acc[a] = _mm512_setzero_ps();                                    \
         int64_t k = 0;                                                                                        \
-        for (; k + WIDTH * U <= K; k += WIDTH * U) /* whole chunks */                                        \
+        for (; k + WIDTH * U <= K; k += WIDTH * U) /* whole chunks */                                         \
             for (int u = 0; u < U; u++) {                                                                     \
                 VX xv[4];                                                                                     \
                 for (int m = 0; m < XB; m++) xv[m] = LOAD_X(x[m] + k + WIDTH * u, (MASK)-1);                  \
                 for (int r = 0; r < R; r++) {                                                                 \
-                    _mm_prefetch((const char *)(w + (r + R) * ld + k + WIDTH * u), _MM_HINT_T0);               \
-                    VW wv = LOAD_W(w + r * ld + k + WIDTH * u, (MASK)-1);                                      \
+                    _mm_prefetch((const char *)(w + (r + R) * ld + k + WIDTH * u), _MM_HINT_T0);              \
+                    VW wv = LOAD_W(w + r * ld + k + WIDTH * u, (MASK)-1);                                     \
                     for (int m = 0; m < XB; m++)                                                              \
                         acc[(u * R + r) * XB + m] = MAC(acc[(u * R + r) * XB + m], wv, xv[m]);                \
                 }                                                                                             \
@@ -206,7 +206,7 @@ typedef __m512 dots16;
             VX xv[4];                                                                                         \
             for (int m = 0; m < XB; m++) xv[m] = LOAD_X(x[m] + k, valid);                                     \
             for (int r = 0; r < R; r++) {                                                                     \
-                VW wv = LOAD_W(w + r * ld + k, valid);                                                         \
+                VW wv = LOAD_W(w + r * ld + k, valid);                                                        \
                 for (int m = 0; m < XB; m++) acc[r * XB + m] = MAC(acc[r * XB + m], wv, xv[m]);               \
             }                                                                                                 \
         }                                                                                                     \
@@ -235,7 +235,7 @@ TILE(tile_f16_f16, uint16_t, uint16_t, __m512, __m512, 16, __mmask16, load_f16, 
  * int8 row of 1024 bytes read from the caches (the kernel ran at 52 GB/s there, then 75; with
  * load_int8x64_as_bf16, 97). */
 #define SEQ_AHEAD 4096
-#define SEQ_TILE(NAME, WT, XT, VW, VX, WIDTH, MASK, LOAD_W, LOAD_X, MAC)                                       \
+#define SEQ_TILE(NAME, WT, XT, VW, VX, WIDTH, MASK, LOAD_W, LOAD_X, MAC)                                     \
     static inline __attribute__((always_inline)) dots16 NAME(const XT *x, const WT *w, int64_t K, const int R) { \
         __m512 row_sums[16];                                                                                 \
         for (int r = 0; r < R; r++) {                                                                        \
@@ -244,7 +244,7 @@ TILE(tile_f16_f16, uint16_t, uint16_t, __m512, __m512, 16, __mmask16, load_f16, 
             int64_t k = 0;                                                                                   \
             for (; k + 4 * WIDTH <= K; k += 4 * WIDTH)                                                       \
                 for (int u = 0; u < 4; u++) {                                                                \
-                    _mm_prefetch((const char *)(row + k + WIDTH * u) + SEQ_AHEAD, _MM_HINT_T0);            \
+                    _mm_prefetch((const char *)(row + k + WIDTH * u) + SEQ_AHEAD, _MM_HINT_T0);              \
                     VW wv = LOAD_W(row + k + WIDTH * u, (MASK)-1);                                           \
                     acc[u] = MAC(acc[u], wv, LOAD_X(x + k + WIDTH * u, (MASK)-1));                           \
                 }                                                                                            \
@@ -296,8 +296,8 @@ typedef struct {
     float lane[16];
 } dots16;
 
-#define TILE(NAME, WT, XT, TO_FLOAT_W, TO_FLOAT_X)                                                              \
-    static inline dots16 NAME(const XT *const *x, const WT *w, int64_t K, int64_t ld, const int R, const int XB,  \
+#define TILE(NAME, WT, XT, TO_FLOAT_W, TO_FLOAT_X)                                                            \
+    static inline dots16 NAME(const XT *const *x, const WT *w, int64_t K, int64_t ld, const int R, const int XB, \
                               const int U) {                                                                  \
         (void)U;                                                                                              \
         dots16 dots = {{0}};                                                                                  \
@@ -322,7 +322,7 @@ TILE(tile_f16, uint16_t, float, f16_to_float, AS_FLOAT)
 TILE(tile_f16_f16, uint16_t, uint16_t, f16_to_float, f16_to_float)
 
 #define SEQ_TILE(NAME, TILE_FN, WT, XT)                                                \
-    static inline dots16 NAME(const XT *x, const WT *w, int64_t K, const int R) { \
+    static inline dots16 NAME(const XT *x, const WT *w, int64_t K, const int R) {      \
         return TILE_FN(&x, w, K, K, R, 1, 1);                                          \
     }
 SEQ_TILE(seq_bf16, tile_bf16, uint16_t, uint16_t)
@@ -394,7 +394,7 @@ static inline void thread_rows(int64_t N, int64_t *begin, int64_t *end) {
                                                const void *bias, void *y, int64_t N, int64_t n,                   \
                                                const int dtype) {                                                 \
         const int64_t span = m_end - m_begin > 4 ? X_SPAN / (int64_t)sizeof(WT) : K;                              \
-        dots16 sums[X_BLOCK / 4]; /* of each block of rows of x, over the spans so far */                          \
+        dots16 sums[X_BLOCK / 4]; /* of each block of rows of x, over the spans so far */                         \
         for (int64_t k = 0; k < K; k += span) {                                                                   \
             int64_t width = K - k < span ? K - k : span;                                                          \
             for (int64_t m0 = m_begin; m0 < m_end; m0 += XB) {                                                    \
@@ -429,7 +429,7 @@ GROUP(group_f16, tile_f16, seq_f16, float, uint16_t)
         for (int64_t m_begin = 0; m_begin < M; m_begin += X_BLOCK) {                                            \
             int64_t m_end = m_begin + X_BLOCK < M ? m_begin + X_BLOCK : M;                                      \
             for (int64_t n = n_begin; n < n_end;) {                                                             \
-                int R = M == 1 ? (n_end - n >= 16 ? 16 : n_end - n) : M > 4 && n_end - n >= 4 ? 4 : 1;         \
+                int R = M == 1 ? (n_end - n >= 16 ? 16 : n_end - n) : M > 4 && n_end - n >= 4 ? 4 : 1;          \
                 GROUP_FN(x, w + n * K, K, R, XB, m_begin, m_end, scale, b, y, N, n, DTYPE);                     \
                 n += R;                                                                                         \
             }                                                                                                   \
@@ -638,13 +638,13 @@ static inline __attribute__((always_inline)) int64_t argmax512(const void *x, in
     return 0; /* every value -inf */
 }
 #define ARGMAX(NAME, T, DTYPE, TO_FLOAT)                                                                       \
-    void NAME(const T *x, int64_t rows, int64_t n, int64_t *out) {                                            \
+    void NAME(const T *x, int64_t rows, int64_t n, int64_t *out) {                                             \
         _Pragma("omp parallel for") for (int64_t r = 0; r < rows; r++) out[r] = argmax512(x + r * n, n, DTYPE); \
     }
 #else
 #define ARGMAX(NAME, T, DTYPE, TO_FLOAT)                                                                       \
-    void NAME(const T *x, int64_t rows, int64_t n, int64_t *out) {                                            \
-        _Pragma("omp parallel for") for (int64_t r = 0; r < rows; r++) {                                        \
+    void NAME(const T *x, int64_t rows, int64_t n, int64_t *out) {                                             \
+        _Pragma("omp parallel for") for (int64_t r = 0; r < rows; r++) {                                       \
             float best = -INFINITY;                                                                            \
             out[r] = 0;                                                                                        \
             for (int64_t i = 0; i < n; i++) {                                                                  \
@@ -708,17 +708,17 @@ static inline __attribute__((always_inline)) void weigh512(const float *p, const
     }
 }
 
-#define SOFTMAX_STEPS(T, SUFFIX, DTYPE, TO_FLOAT, ROUND)                                                          \
-    static float bias_and_mask_##SUFFIX(const T *alibi, const T *mask, float *score, int64_t n, float alpha) {   \
+#define SOFTMAX_STEPS(T, SUFFIX, DTYPE, TO_FLOAT, ROUND)                                                       \
+    static float bias_and_mask_##SUFFIX(const T *alibi, const T *mask, float *score, int64_t n, float alpha) { \
         return bias_and_mask512(alibi, mask, score, n, alpha, DTYPE);                                          \
     }                                                                                                          \
     static void normalize_##SUFFIX(float *p, int64_t n, float total) { normalize512(p, n, total, DTYPE); }     \
-    static void weigh_##SUFFIX(const float *p, const T *v, int64_t n, int64_t hd, float *acc) {               \
+    static void weigh_##SUFFIX(const float *p, const T *v, int64_t n, int64_t hd, float *acc) {                \
         weigh512(p, v, n, hd, acc, DTYPE);                                                                     \
     }
 #else
-#define SOFTMAX_STEPS(T, SUFFIX, DTYPE, TO_FLOAT, ROUND)                                                          \
-    static float bias_and_mask_##SUFFIX(const T *alibi, const T *mask, float *score, int64_t n, float alpha) {   \
+#define SOFTMAX_STEPS(T, SUFFIX, DTYPE, TO_FLOAT, ROUND)                                                       \
+    static float bias_and_mask_##SUFFIX(const T *alibi, const T *mask, float *score, int64_t n, float alpha) { \
         float max = -INFINITY;                                                                                 \
         for (int64_t s = 0; s < n; s++) {                                                                      \
             score[s] = ROUND(ROUND(TO_FLOAT(alibi[s]) + alpha * score[s]) + TO_FLOAT(mask[s]));                \
@@ -726,10 +726,10 @@ static inline __attribute__((always_inline)) void weigh512(const float *p, const
         }                                                                                                      \
         return max;                                                                                            \
     }                                                                                                          \
-    static void normalize_##SUFFIX(float *p, int64_t n, float total) {                                        \
+    static void normalize_##SUFFIX(float *p, int64_t n, float total) {                                         \
         for (int64_t s = 0; s < n; s++) p[s] = ROUND(p[s] / total);                                            \
     }                                                                                                          \
-    static void weigh_##SUFFIX(const float *p, const T *v, int64_t n, int64_t hd, float *acc) {               \
+    static void weigh_##SUFFIX(const float *p, const T *v, int64_t n, int64_t hd, float *acc) {                \
         for (int64_t d = 0; d < hd; d++) acc[d] = 0;                                                           \
         for (int64_t s = 0; s < n; s++) {                                                                      \
             if (p[s] == 0) continue;                                                                           \
@@ -762,7 +762,7 @@ static inline void prefetch_rows(const void *p, int64_t bytes) {
  * read: 24 layers' caches of a bf16 batch of 16, read from memory at 130 and 200 slots (scratch), took 7.8 and 12.4
  * ms without it, 5.9 and 9.4 with it. Returns 1 when the scores' memory cannot be allocated. */
 #define ATTEND(NAME, T, TILE_FN, SUFFIX, TO_FLOAT, FROM_FLOAT, LOWEST)                                            \
-    int NAME(const T *q, const T *k, const T *v, const T *alibi, const T *mask, T *y, int64_t BH, int64_t heads,   \
+    int NAME(const T *q, const T *k, const T *v, const T *alibi, const T *mask, T *y, int64_t BH, int64_t heads,  \
              int64_t S, int64_t hd, float alpha) {                                                                \
         int threads = omp_get_max_threads(); /* their scores and sums, allocated before they start */             \
         float *scratch = malloc(sizeof(float) * threads * (S + hd));                                              \
@@ -770,7 +770,7 @@ static inline void prefetch_rows(const void *p, int64_t bytes) {
         _Pragma("omp parallel num_threads(threads)") {                                                            \
             float *score = scratch + omp_get_thread_num() * (S + hd), *acc = score + S;                           \
             /* (row, head) pairs dealt out one at a time: a batch's rows see different numbers of slots */        \
-            _Pragma("omp for schedule(static, 1)") for (int64_t i = 0; i < BH; i++) {                            \
+            _Pragma("omp for schedule(static, 1)") for (int64_t i = 0; i < BH; i++) {                             \
                 const T *qi[1] = {q + i * hd}, *ki = k + i * S * hd, *vi = v + i * S * hd;                        \
                 const T *mi = mask + (i / heads) * S;                                                             \
                 int64_t first = 0, end = S; /* the slots from the first visible one to the last */                \
@@ -780,14 +780,14 @@ static inline void prefetch_rows(const void *p, int64_t bytes) {
                 for (int64_t s = first; s < end;) {                                                               \
                     int R = end - s >= 16 ? 16 : end - s >= 4 ? 4 : 1;                                            \
                     prefetch_rows(vi + s * hd, R * hd * sizeof(T)); /* their values, read once the softmax is done */ \
-                    if (R == 16) put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, hd, 16, 1, 1), 16);                 \
-                    else if (R == 4) put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, hd, 4, 1, 1), 4);               \
-                    else put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, hd, 1, 1, 1), 1);                           \
+                    if (R == 16) put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, hd, 16, 1, 1), 16);             \
+                    else if (R == 4) put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, hd, 4, 1, 1), 4);           \
+                    else put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, hd, 1, 1, 1), 1);                       \
                     s += R;                                                                                       \
                 }                                                                                                 \
                 int64_t n = end - first;                                                                          \
                 float *p = score + first;                                                                         \
-                float max = bias_and_mask_##SUFFIX(alibi + i * S + first, mi + first, p, n, alpha);              \
+                float max = bias_and_mask_##SUFFIX(alibi + i * S + first, mi + first, p, n, alpha);               \
                 normalize_##SUFFIX(p, n, exp_and_sum(p, n, max));                                                 \
                 weigh_##SUFFIX(p, vi + first * hd, n, hd, acc);                                                   \
                 for (int64_t d = 0; d < hd; d++) y[i * hd + d] = FROM_FLOAT(acc[d]);                              \
@@ -858,19 +858,19 @@ static inline __attribute__((always_inline)) void add512(const void *x, const vo
     }
 }
 
-#define NORM_AND_ADD(T, SUFFIX, DTYPE, TO_FLOAT, FROM_FLOAT)                                                      \
+#define NORM_AND_ADD(T, SUFFIX, DTYPE, TO_FLOAT, FROM_FLOAT)                                                   \
     static void layer_norm_##SUFFIX(const T *x, const T *w, const T *b, T *y, int64_t M, int64_t C, float eps) { \
         layer_norm512(x, w, b, y, M, C, eps, DTYPE);                                                           \
     }                                                                                                          \
     static void add_##SUFFIX(const T *x, const T *a, T *out, int64_t n) { add512(x, a, out, n, DTYPE); }
 #else
-#define NORM_AND_ADD(T, SUFFIX, DTYPE, TO_FLOAT, FROM_FLOAT)                                                      \
+#define NORM_AND_ADD(T, SUFFIX, DTYPE, TO_FLOAT, FROM_FLOAT)                                                   \
     static void layer_norm_##SUFFIX(const T *x, const T *w, const T *b, T *y, int64_t M, int64_t C, float eps) { \
         for (int64_t m = 0; m < M; m++, x += C, y += C) {                                                      \
             float mean = 0, var = 0;                                                                           \
             for (int64_t c = 0; c < C; c++) mean += TO_FLOAT(x[c]);                                            \
             mean /= C;                                                                                         \
-            for (int64_t c = 0; c < C; c++) var += (TO_FLOAT(x[c]) - mean) * (TO_FLOAT(x[c]) - mean);         \
+            for (int64_t c = 0; c < C; c++) var += (TO_FLOAT(x[c]) - mean) * (TO_FLOAT(x[c]) - mean);          \
             float rstd = 1.0f / sqrtf(var / C + eps);                                                          \
             for (int64_t c = 0; c < C; c++)                                                                    \
                 y[c] = FROM_FLOAT((TO_FLOAT(x[c]) - mean) * rstd * TO_FLOAT(w[c]) + TO_FLOAT(b[c]));           \
@@ -908,14 +908,14 @@ static void product_f32(const float *x, float *x32, const struct product *p, flo
 }
 
 /* x (M, C) -> out (M, C); returns 1 when scratch memory cannot be allocated (out is not written then). */
-#define DECODE_BLOCK(NAME, T, LAYER_NORM_FN, ADD_FN, PRODUCT, ATTEND_FN, GELU_FN)                                 \
+#define DECODE_BLOCK(NAME, T, LAYER_NORM_FN, ADD_FN, PRODUCT, ATTEND_FN, GELU_FN)                                \
     int NAME(const struct block *p, const T *x, T *out) {                                                        \
         const int64_t M = p->rows, C = p->hidden, nh = p->heads, hd = C / nh, S = p->slots;                      \
-        /* LN output, qkv, q, context, a product's output, up; on cache lines, where the products read them (from   \
-         * malloc's 16-byte boundaries, fp32's loads of x straddled two lines: a batch-16 step's blocks, 97 ms;    \
+        /* LN output, qkv, q, context, a product's output, up; on cache lines, where the products read them (from \
+         * malloc's 16-byte boundaries, fp32's loads of x straddled two lines: a batch-16 step's blocks, 97 ms;  \
          * on lines, 58) */                                                                                      \
-        T *h = aligned_alloc(64, (sizeof(T) * M * 11 * C + 63) / 64 * 64);                                      \
-        float *x32 = aligned_alloc(64, (sizeof(float) * M * 4 * C + 63) / 64 * 64);                             \
+        T *h = aligned_alloc(64, (sizeof(T) * M * 11 * C + 63) / 64 * 64);                                       \
+        float *x32 = aligned_alloc(64, (sizeof(float) * M * 4 * C + 63) / 64 * 64);                              \
         if (!h || !x32) {                                                                                        \
             free(h);                                                                                             \
             free(x32);                                                                                           \
