@@ -36,16 +36,18 @@ SOURCE = Path(__file__).with_name("matvec.c")
 # activations 1.3x at 1 row, 1.8x at 16, 3x at 32 (torch's int8 kernel stops at 16 rows); fp32 2.5x at 16,
 # 1.5-1.7x at 32-64, 1.35x at 128, 1.16x at 256, 0.9x at 512. And by the prefill of one prompt of bloom-560m,
 # where only the blocks' products change (alternated in one process): bf16 64 tokens 86 ms with the kernels, 105
-# without, 128 tokens 195 against 173; int8 32 tokens 71 against 89, 64 tokens 120 against 122, 128 tokens 214
-# against 190; fp32 128 tokens 506 against 679, 256 tokens 984 against 1075. With more rows the products are
+# without; int8 32 tokens 71 against 89, 64 tokens 120 against 122; fp32 128 tokens 506 against 679, 256 tokens 984
+# against 1075. Since their tiles multiply spans of the rows (matvec.c, GROUP): bf16 80 tokens 105 against 120, 96
+# tokens 118 against 129, 128 tokens 163-179 against 164-187, 192 tokens 268 against 245; int8 96 tokens 113
+# against 143, 128 tokens 148 against 177, 192 tokens 237 against 227. With more rows the products are
 # limited by the CPU's multiply-adds, not by memory, and torch's packed weights win. torch's fp16 matmul reads 0.4
 # GB/s at a prefill's 128 rows (the kernels 2.1), and int8 weights beside fp16 or fp32 activations are converted
 # whole at every call there: always the kernels.
 MAX_ROWS = {
-    (torch.bfloat16, torch.bfloat16): 64,
+    (torch.bfloat16, torch.bfloat16): 128,
     (torch.float32, torch.float32): 256,
     (torch.float16, torch.float16): math.inf,
-    (torch.int8, torch.bfloat16): 64,
+    (torch.int8, torch.bfloat16): 128,
     (torch.int8, torch.float16): math.inf,
     (torch.int8, torch.float32): math.inf,
 }
