@@ -39,12 +39,14 @@ SOURCE = Path(__file__).with_name("matvec.c")
 # without; int8 32 tokens 71 against 89, 64 tokens 120 against 122; fp32 128 tokens 506 against 679, 256 tokens 984
 # against 1075. Since their tiles multiply spans of the rows (matvec.c, GROUP): bf16 80 tokens 105 against 120, 96
 # tokens 118 against 129, 128 tokens 163-179 against 164-187, 192 tokens 268 against 245; int8 96 tokens 113
-# against 143, 128 tokens 148 against 177, 192 tokens 237 against 227. With more rows the products are
+# against 143, 128 tokens 148 against 177, 192 tokens 237 against 227. bf16's products alone, blocks and LM head
+# timed apart (scratch): 1.07x and 1.10x torch at 96 rows, 0.98x and 1.01x at 128; scripts/bench_matvec.py, the
+# two together: 0.86-1.00x at 96, 0.75-0.82x at 128; int8 there 1.3x at 96 and 128. With more rows the products are
 # limited by the CPU's multiply-adds, not by memory, and torch's packed weights win. torch's fp16 matmul reads 0.4
 # GB/s at a prefill's 128 rows (the kernels 2.1), and int8 weights beside fp16 or fp32 activations are converted
 # whole at every call there: always the kernels.
 MAX_ROWS = {
-    (torch.bfloat16, torch.bfloat16): 128,
+    (torch.bfloat16, torch.bfloat16): 96,
     (torch.float32, torch.float32): 256,
     (torch.float16, torch.float16): math.inf,
     (torch.int8, torch.bfloat16): 128,
