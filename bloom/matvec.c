@@ -376,26 +376,28 @@ static inline void thread_rows(int64_t N, int64_t *begin, int64_t *end) {
 #define X_BLOCK 64
 #define X_SPAN 2048
 
-/* GROUP(NAME, TILE_FN, SEQ_FN, XT, WT) defines NAME(x, w, K, R, XB, m_begin, m_end, ...): columns n to n + R - 1
+/* GROUP(NAME, TILE_FN, SEQ_FN, XT, WT, SPAN) defines NAME(x, w, K, R, XB, m_begin, m_end, ...): columns n to n + R - 1
  * of rows m_begin to m_end - 1 (at most X_BLOCK) of y, from those rows of x and R rows of W (K values apart). The rows
  * of x go in blocks of XB (1, 2 or 4; the last block repeating its last row: computed, never written) through TILE_FN
  * with constant sizes, or SEQ_FN for a single row of x and up to 16 rows of W. Up to 4 rows of x read W a row at a
  * time, which streams fastest (one row of x keeps four chunks in flight, two rows two). More rows are limited by the
- * multiply-adds, not the memory: tiles of 4 rows of W by 4 of x then load each chunk for four products, the values
- * of X_SPAN bytes of each row of W at a time, adding up their dots16 over the spans. A span keeps a tile's rows of x
- * and of W in the L1 cache while the next tiles of the same 4 rows of W read them again, where whole rows overflowed
- * it (scratch, bloom-560m's products streamed at 16 rows: the 4096-wide one 333 -> 276 us in bf16, 289 -> 276 with
- * int8 weights, 528 -> 459 in fp16; fp32's blocks 55 -> 46 ms and LM head 43 -> 37 ms; spans of x's bytes instead
- * made fp16's 1024-wide products 10% slower). Each is compiled once, not inlined into its callers: inlined into
- * linear_int8_bf16, group_bf16 slowed that function's other tiles by ~10%. */
-#define GROUP(NAME, TILE_FN, SEQ_FN, XT, WT)                                                                      \
+ * multiply-adds, not the memory: tiles of 4 rows of W by 4 of x then load each chunk for four products, SPAN values
+ * of each row at a time (X_SPAN bytes of W, int8 counted as the bf16 it is widened to beside bf16 x), adding up their
+ * dots16 over the spans. A span of the R rows of W then stays in the L1 cache while the tiles of the next rows of x
+ * read it again, where whole rows overflowed it (scratch, bloom-560m's products streamed at 16 rows: the 4096-wide
+ * one 322-333 -> 275 us in bf16, 289 -> 276 with int8 weights, 528 -> 459 in fp16; fp32's blocks 53-55 -> 45 ms and
+ * LM head 43 -> 37 ms; spans of x's bytes instead made fp16's 1024-wide products 10% slower). Each is compiled once,
+ * not inlined into its callers: inlined into linear_int8_bf16, group_bf16 slowed that function's other tiles by
+ * ~10%. */
+#define GROUP(NAME, TILE_FN, SEQ_FN, XT, WT, SPAN)                                                                \
     static __attribute__((noinline)) void NAME(const XT *x, const WT *w, int64_t K, int R, int XB,                \
                                                int64_t m_begin, int64_t m_end, const void *scale,                 \
                                                const void *bias, void *y, int64_t N, int64_t n,                   \
                                                const int dtype) {                                                 \
-        const int64_t span = m_end - m_begin > 4 ? X_SPAN / (int64_t)sizeof(WT) : K;                              \
+        const int64_t span = m_end - m_begin > 4 ? SPAN : K;                                                      \
         dots16 sums[X_BLOCK / 4]; /* of each block of rows of x, over the spans so far */                         \
-        for (int64_t k = 0; k < K; k += span) {                                                                   \
+        int64_t k = 0;                                                                                            \
+        do { /* once at least: K = 0 gives y = bias */                                                            \
             int64_t width = K - k < span ? K - k : span;                                                          \
             for (int64_t m0 = m_begin; m0 < m_end; m0 += XB) {                                                    \
                 const XT *rows[4];                                                                                \
@@ -408,18 +410,19 @@ static inline void thread_rows(int64_t N, int64_t *begin, int64_t *end) {
                 int block = (m0 - m_begin) / XB;                                                                  \
                 sums[block] = k ? add_dots(sums[block], dots) : dots;                                             \
             }                                                                                                     \
-        }                                                                                                         \
+            k += span;                                                                                            \
+        } while (k < K);                                                                                          \
         for (int64_t m0 = m_begin; m0 < m_end; m0 += XB) {                                                        \
             int rows_left = m_end - m0 < XB ? m_end - m0 : XB;                                                    \
             store_dots(sums[(m0 - m_begin) / XB], R, XB, rows_left, scale, bias, y, N, m0, n, dtype);             \
         }                                                                                                         \
     }
 
-GROUP(group_bf16, tile_bf16, seq_bf16, uint16_t, uint16_t)
-GROUP(group_int8, tile_int8, seq_int8, uint16_t, int8_t)
-GROUP(group_int8_f32, tile_int8_f32, seq_int8_f32, float, int8_t)
-GROUP(group_f32, tile_f32, seq_f32, float, float)
-GROUP(group_f16, tile_f16, seq_f16, float, uint16_t)
+GROUP(group_bf16, tile_bf16, seq_bf16, uint16_t, uint16_t, X_SPAN / 2)
+GROUP(group_int8, tile_int8, seq_int8, uint16_t, int8_t, X_SPAN / 2) /* as the bf16 that int8 is widened to */
+GROUP(group_int8_f32, tile_int8_f32, seq_int8_f32, float, int8_t, X_SPAN)
+GROUP(group_f32, tile_f32, seq_f32, float, float, X_SPAN / 4)
+GROUP(group_f16, tile_f16, seq_f16, float, uint16_t, X_SPAN / 2)
 
 #define LINEAR(GROUP_FN, DTYPE)                                                                                 \
     _Pragma("omp parallel") {                                                                                   \
@@ -635,7 +638,7 @@ static inline __attribute__((always_inline)) int64_t argmax512(const void *x, in
                               : _mm512_mask_cmp_ps_mask(valid, v, max, _CMP_EQ_OQ);
         if (found) return i + __builtin_ctz(found);
     }
-    return 0; /* every value -inf */
+    return 0; /* n = 0 */
 }
 #define ARGMAX(NAME, T, DTYPE, TO_FLOAT)                                                                       \
     void NAME(const T *x, int64_t rows, int64_t n, int64_t *out) {                                             \

@@ -36,6 +36,17 @@ def test_products_equal_float64_within_float32_summation(build, dtype, rows, fea
     assert ((y.double() - exact).abs() <= sum_error + ulp(exact, dtype)).all()  # float32 sums, rounded once
 
 
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+def test_products_over_no_features_are_the_bias(build, rows):
+    # never asked by a model (matvec.linear divides by the features), but a kernel must not read sums it never made
+    kernels = matvec.library()
+    for dtype, kernel in ((torch.float32, kernels.linear_f32), (torch.bfloat16, kernels.linear_bf16)):
+        bias, y = torch.randn(7).to(dtype), torch.full((rows, 7), float("nan")).to(dtype)
+        x, weight = torch.ones(rows, 1).to(dtype), torch.ones(7, 1).to(dtype)  # read as (rows, 0) and (7, 0)
+        kernel(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), rows, 7, 0)
+        assert torch.equal(y, bias.expand(rows, 7))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 4, 11, 16, 139])
 @pytest.mark.parametrize("features", [33, 256, 300, 2100])  # 300: four 64-wide chunks, a tail past 32
@@ -228,6 +239,16 @@ def test_the_library_is_built_once_rebuilt_when_damaged_and_a_missing_compiler_f
     assert missing.stdout == "False\n" and "no C compiler 'no-such-cc'" in missing.stderr
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_gelu_of_every_16_bit_value_rounds_each_operation_like_bloom_gelu(build, dtype):
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)  # looked up in a table
+    x = x[~x.isnan()]
+    reference = bloom_gelu(x)  # outside decoding(): torch's ops
+    y = matvec.gelu(x)
+    assert (y != reference).float().mean() < 0.01  # where tanh's last float32 bit decides a rounding
+    torch.testing.assert_close(y, reference, rtol=2 * torch.finfo(dtype).eps, atol=1e-6, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("size", [4000, 70000])  # a decode step's values, and a prefill's, which threads share
 def test_gelu_rounds_each_operation_like_bloom_gelu(build, dtype, size):
@@ -249,6 +270,9 @@ def test_argmax_is_torchs_argmax_of_the_float32_logits(build, dtype, rows, n):
         logits[0, [2, 9, 30]] = 9.0  # equal largest values: the first
         logits[-1, [20, 25]] = float("nan")  # a NaN is the largest: the first NaN, past an infinity
         logits[-1, 3] = float("inf")
+    if n > 32:
+        logits[1, 0] = float("nan")  # in the first chunk
+        logits[2, n - 1] = float("nan")  # in the tail past whole chunks
     logits = logits.to(dtype)
     assert torch.equal(matvec.argmax(logits), torch.argmax(logits.float(), dim=-1))
     signed_zeros = torch.full((2, n), float("-inf")).to(dtype)  # -0.0 and 0.0 are equal; all -inf: index 0
