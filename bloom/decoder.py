@@ -63,7 +63,8 @@ class Decoder:
     bandwidth, 1.6-2x faster than torch's matmul in bf16, and differ from torch by float32 rounding. Each
     prefill also plans `fused_step` (bloom.decode_step): while no forward hook is registered, a step runs each
     block as one kernel call instead of through its modules, the same computation without ~2 ms of Python.
-    matvec_kernels=False keeps torch's ops: each step's logits are then transformers' own.
+    matvec_kernels=False keeps torch's ops: each step's logits are then transformers' own, and `generate` takes its
+    greedy tokens with torch's argmax instead of bloom.matvec.argmax (the same tokens).
     """
 
     def __init__(
