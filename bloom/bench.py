@@ -28,7 +28,7 @@ from bloom.arguments import USER_ERRORS, CommandParser, device, fail, int_at_lea
 from bloom.config import PRESETS, BloomConfig
 from bloom.decoder import Decoder
 from bloom.generate import generate
-from bloom.loader import DTYPES, load_pretrained
+from bloom.loader import DTYPES, load_pretrained, weight_files
 from bloom.memory import available_memory
 from bloom.model import Bloom
 
@@ -172,12 +172,12 @@ def build_random_checkpoint(name: str, dtype: torch.dtype, folder: Path) -> Path
 
 
 def read_into_page_cache(folder: Path) -> int:
-    """Read every weight file of a checkpoint folder once (through the hub cache's symlinks too), so that the next
+    """Read the weight files of a checkpoint folder once (through the hub cache's symlinks too), so that the next
     load finds them in the OS's page cache; returns the bytes read. Without it the first worker after another
     checkpoint's runs loads from the disk and the next from memory, and their load times compare the two. Files
     larger than half the available memory would not stay cached: they are not read (0), and each load is timed
     from wherever they are."""
-    paths = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("pytorch_model*.bin"))
+    paths = weight_files(folder, allow_pickle=True)  # those loading reads
     available = available_memory(torch.device("cpu"))
     if available is not None and sum(path.stat().st_size for path in paths) > available // 2:
         return 0

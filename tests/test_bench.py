@@ -3,6 +3,7 @@
 Only that the measurement runs end to end and reports what it claims is tested here; speed is never asserted.
 """
 
+import json
 import subprocess
 import sys
 
@@ -50,6 +51,8 @@ def test_the_weight_files_are_read_through_symlinks_before_each_load(tmp_path):
     for name, size in sizes.items():
         (blobs / name).write_bytes(bytes(size))
         (snapshot / name).symlink_to(blobs / name)
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps(index))  # names the shards; not read
     (snapshot / "config.json").write_text("{}")  # not weights: not read
     assert read_into_page_cache(snapshot) == sum(sizes.values())
 
