@@ -229,7 +229,7 @@ TILE(tile_f16_f16, uint16_t, uint16_t, __m512, __m512, 16, __mmask16, load_f16, 
 /* SEQ_TILE(NAME, ...) defines NAME(x, w, K, R): the dots16 of one row of x and R <= 16 consecutive rows of W, read
  * one after the other, each from start to end with 4 chunks in flight (as one stream, which the memory serves
  * fastest), while the weights SEQ_AHEAD bytes further on are prefetched (the next row of fp32 weights, the second
- * of bf16, the fourth of int8: streamed, int8's LM head at one row took 5.4-5.6 ms prefetching the next row, 5.0-5.2
+ * of bf16, the fourth of int8: streamed, int8's LM head at one row took 5.4-5.7 ms prefetching the next row, 5.0-5.2
  * this way; bf16's and fp32's the same). A row's 4 partial sums are added into one vector, and the R vectors
  * summed across lanes together at the end: summing each row's lanes on its own took about a third of the time of an
  * int8 row of 1024 bytes read from the caches (the kernel ran at 52 GB/s there, then 75; with
