@@ -14,7 +14,7 @@ from transformers import BloomForCausalLM
 
 from bloom import generate, load_pretrained, load_tokenizer
 from bloom.arguments import check_prompts
-from bloom.bench import measure
+from bloom.bench import TokenClock, measure
 from bloom.hub import resolve_folder
 from bloom.loader import DTYPES, checkpoint_patterns, is_complete
 from bloom.probe import record
@@ -129,9 +129,10 @@ def bench_worker(args: argparse.Namespace) -> dict:
         # on CPU, then moved: device_map would need the accelerate package
         return BloomForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device).eval()
 
-    def run(model: BloomForCausalLM, ids: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    def run(model: BloomForCausalLM, ids: torch.Tensor, mask: torch.Tensor, n: int, clock: TokenClock | None
+            ) -> torch.Tensor:  # fmt: skip
         with torch.inference_mode():
-            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
-                                  min_new_tokens=n, do_sample=False, pad_token_id=3)  # fmt: skip
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, pad_token_id=3, streamer=clock)  # fmt: skip
 
     return measure(load, run, args)

@@ -71,12 +71,35 @@ class Bandwidth:
         return self.x.numel() * 4 / 1e9 / best
 
 
+class TokenClock:
+    """When each new token of one generation was chosen. Ours calls it with each step's tokens (B,);
+    transformers' generate calls `put`, first with the prompt (B, T), which is no new token, then with each
+    step's tokens (B,), and `end`."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync, self.times = sync, []
+
+    def __call__(self, tokens: torch.Tensor) -> None:
+        self.sync()
+        self.times.append(time.perf_counter())
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() == 1:
+            self(value)
+
+    def end(self) -> None:
+        pass
+
+
 def measure(
     load: Callable[[], torch.nn.Module],
-    run: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor],
+    run: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, int, TokenClock | None], torch.Tensor],
     args: argparse.Namespace,
 ) -> dict:
-    """Time `load()`, then prefill (one new token) and decode (`new_tokens`) with `run(model, ids, mask, n)`.
+    """Time `load()`, then generations of `new_tokens` with `run(model, ids, mask, n, clock)`, which hands each
+    step's tokens to the clock: the prefill is the time to the first token, the decode the time from the first
+    to the last. (A decode timed as a whole generation less a separate prefill's time spread 14x at batch 16, whose
+    prefill takes longer than its decode.)
 
     A batch holds prompts of different lengths, from `prompt_len` tokens down to half of it, left-padded.
 
@@ -100,24 +123,22 @@ def measure(
         mask[row, : args.prompt_len // 2 * row // (args.batch_size - 1)] = 0
     ids = ids.masked_fill(mask == 0, 3)  # the checkpoints' pad id
     start = time.perf_counter()
-    run(model, ids, mask, 2)  # warm-up (compiles, when asked); it also reads every weight, which mmap loading defers
+    run(model, ids, mask, 2, None)  # warm-up (compiles, when asked); it reads every weight, which mmap defers
     warmup_s = time.perf_counter() - start
     if device.type == "cuda":
         memory_gb = torch.cuda.max_memory_allocated() / 1e9
     else:  # the process's peak RSS (kilobytes on Linux) less what it held before loading
         memory_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9 - before
     bandwidth = Bandwidth(device)  # after the peak memory is taken: its 0.5 GB are not the model's
-    prefill, total, bandwidths = [], [], [bandwidth.measure()]
+    prefill, steps_per_s, bandwidths = [], [], [bandwidth.measure()]
     for _ in range(args.reps):
-        for n, times in ((1, prefill), (args.new_tokens, total)):
-            sync()
-            start = time.perf_counter()
-            tokens = run(model, ids, mask, n)
-            sync()
-            times.append(time.perf_counter() - start)
+        clock = TokenClock(sync)
+        sync()
+        start = time.perf_counter()
+        tokens = run(model, ids, mask, args.new_tokens, clock)
+        prefill.append(clock.times[0] - start)
+        steps_per_s.append((len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
         bandwidths.append(bandwidth.measure())
-    # decode steps after the prefill's token; a tiny model's may take less than its prefill's noise
-    steps_per_s = [(args.new_tokens - 1) / max(t - p, 1e-6) for p, t in zip(prefill, total, strict=True)]
     around = [(first + second) / 2 for first, second in itertools.pairwise(bandwidths)]  # each rep's bandwidth
     return {
         "load_s": load_s,
@@ -137,10 +158,11 @@ def measure(
 def ours_worker(args: argparse.Namespace) -> dict:
     decoders: dict[Bloom, Decoder] = {}
 
-    def run(model: Bloom, ids: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    def run(model: Bloom, ids: torch.Tensor, mask: torch.Tensor, n: int, clock: TokenClock | None) -> torch.Tensor:
         if model not in decoders:  # one decoder (and compiled step) for all the runs
             decoders[model] = Decoder(model, args.batch_size, args.prompt_len + args.new_tokens, compile=args.compile)
-        return generate(model, ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[], decoder=decoders[model])
+        return generate(model, ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[], streamer=clock,
+                        decoder=decoders[model])  # fmt: skip
 
     quantize = "int8" if args.worker == "ours-int8" else None
     return measure(lambda: load_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=quantize),
@@ -232,8 +254,9 @@ def table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
             top, bottom = medians[numerator], medians[denominator]
             ratios = " | ".join(f"{top[key] / bottom[key]:.2f}x" for _, key, _ in columns)
             lines.append(f"| {numerator} / {denominator} | {ratios} |")
-    lines += ["", "decode GB/s: the weights' bytes x decode steps per second; memory GB/s: a sum() over 0.5 GB "
-              "in the same process just before and after each timed prefill and decode (the machine's bandwidth then); "
+    lines += ["", "prefill ms: to a generation's first new token; decode tok/s: from its first new token to the last; "
+              "decode GB/s: the weights' bytes x decode steps per second; memory GB/s: a sum() over 0.5 GB "
+              "in the same process just before and after each timed generation (the machine's bandwidth then); "
               "of memory GB/s: the median over the decodes of their share of it"]  # fmt: skip
     lines += spread_warnings(results)
     if "transformers" in results:

@@ -7,8 +7,12 @@ import json
 import subprocess
 import sys
 
+import torch
+from transformers import BloomForCausalLM
+
 import bloom.bench
-from bloom.bench import read_into_page_cache, spread_warnings
+from bloom import generate, load_pretrained
+from bloom.bench import TokenClock, read_into_page_cache, spread_warnings
 
 
 def test_bench_prints_the_side_by_side_table(tiny_model_folder):
@@ -23,6 +27,22 @@ def test_bench_prints_the_side_by_side_table(tiny_model_folder):
     assert "memory GB/s | of memory GB/s |" in rows[""]  # the machine's bandwidth, measured in each worker
     assert "fp32 | batch 3 | prompts of 4-8 tokens, left-padded | 4 new tokens | ours eager" in result.stdout
     assert "generated tokens identical (ours, transformers): yes" in result.stdout  # fp32 greedy: bit parity
+
+
+def test_the_clock_gets_each_new_token_of_either_implementation_once(tiny_model_folder):
+    """The decode is timed from the first new token to the last: transformers' streamer protocol hands the clock
+    the prompt first (no new token) and a batch's tokens per step, as ours does."""
+    ids = torch.tensor([[5, 6, 7, 8], [3, 3, 9, 10]])
+    mask = (ids != 3).long()
+    ours, theirs = TokenClock(lambda: None), TokenClock(lambda: None)
+    model = load_pretrained(tiny_model_folder, dtype="fp32")
+    ours_ids = generate(model, ids, attention_mask=mask, max_new_tokens=5, eos_token_id=[], streamer=ours)
+    hf = BloomForCausalLM.from_pretrained(tiny_model_folder, dtype=torch.float32).eval()
+    theirs_ids = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                             pad_token_id=3, streamer=theirs)  # fmt: skip
+    assert torch.equal(ours_ids, theirs_ids)
+    for clock in (ours, theirs):
+        assert len(clock.times) == 5 and clock.times == sorted(clock.times)
 
 
 def test_bench_needs_exactly_one_of_model_and_shape(tiny_model_folder):
