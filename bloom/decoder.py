@@ -58,7 +58,7 @@ class Decoder:
     A compiled step does not run forward hooks, so probing (bloom.probe) needs an eager decoder.
 
     On the CPU an eager decoder sends a step's products of few rows (bloom.matvec.MAX_ROWS: up to 96 in bf16,
-    128 in int8, 256 in fp32, any number in fp16), the LM head of a prefill, the one-query attention and the GeLU to
+    128 in int8, any number in fp32 and fp16), the LM head of a prefill, the one-query attention and the GeLU to
     bloom.matvec's kernels (`matvec_kernels`, default True): they read the weights at nearly the machine's
     bandwidth, 1.6-2x faster than torch's matmul in bf16, and differ from torch by float32 rounding. Each
     prefill also plans `fused_step` (bloom.decode_step): while no forward hook is registered, a step runs each

@@ -32,22 +32,25 @@ import torch
 SOURCE = Path(__file__).with_name("matvec.c")
 # Rows of x up to which the kernels are faster than torch's ops, by (weight dtype, activation dtype), measured
 # on a 2-core AVX-512 BF16 machine with scripts/bench_matvec.py (every product of bloom-560m, the LM head's
-# included): bf16 1.6x torch at 1 row, 1.4x at 16 and 32, 1.1-1.2x at 48 and 64, 0.9-1.1x at 96; int8 with bf16
-# activations 1.3x at 1 row, 1.8x at 16, 3x at 32 (torch's int8 kernel stops at 16 rows); fp32 2.5x at 16,
-# 1.5-1.7x at 32-64, 1.35x at 128, 1.16x at 256, 0.9x at 512. And by the prefill of one prompt of bloom-560m,
-# where only the blocks' products change (alternated in one process): bf16 64 tokens 86 ms with the kernels, 105
-# without; int8 32 tokens 71 against 89, 64 tokens 120 against 122; fp32 128 tokens 506 against 679, 256 tokens 984
-# against 1075. Since their tiles multiply spans of the rows (matvec.c, GROUP): bf16 80 tokens 105 against 120, 96
-# tokens 118 against 129, 128 tokens 163-179 against 164-187, 192 tokens 268 against 245; int8 96 tokens 113
-# against 143, 128 tokens 148 against 177, 192 tokens 237 against 227. bf16's products alone, blocks and LM head
-# timed apart (scratch): 1.07x and 1.10x torch at 96 rows, 0.98x and 1.01x at 128; scripts/bench_matvec.py, the
-# two together: 0.86-1.00x at 96, 0.75-0.82x at 128; int8 there 1.3x at 96 and 128. With more rows the products are
-# limited by the CPU's multiply-adds, not by memory, and torch's packed weights win. torch's fp16 matmul reads 0.4
-# GB/s at a prefill's 128 rows (the kernels 2.1), and int8 weights beside fp16 or fp32 activations are converted
-# whole at every call there: always the kernels.
+# included) and by the prefill of one prompt of bloom-560m, where only the blocks' products change (alternated in
+# one process):
+# - bf16: 1.6x torch at 1 row, 1.4x at 16 and 32, 1.1-1.2x at 48 and 64, 0.9-1.1x at 96; a prefill of 64 tokens
+#   86 ms with the kernels, 105 without. Since their tiles multiply spans of the rows (matvec.c, GROUP): 80 tokens
+#   105 against 120, 96 tokens 118 against 129, 128 tokens 163-179 against 164-187, 192 tokens 268 against 245;
+#   the products alone, blocks and LM head timed apart (scratch): 1.07x and 1.10x torch at 96 rows, 0.98x and
+#   1.01x at 128; scripts/bench_matvec.py, the two together: 0.86-1.00x at 96, 0.75-0.82x at 128. With more rows
+#   the products are limited by the CPU's multiply-adds, not by memory, and torch's packed weights win.
+# - int8 with bf16 activations: 1.3x at 1 row, 1.8x at 16, 3x at 32 (torch's int8 kernel stops at 16 rows), 1.3x
+#   at 96 and 128; a prefill of 32 tokens 71 ms against 89, 64 tokens 120 against 122, and with the spans 96
+#   tokens 113 against 143, 128 tokens 148 against 177, 192 tokens 237 against 227.
+# - fp32: the kernels win at every size since their tiles keep their loads in registers (matvec.c, load_f32_held):
+#   1.17x at 256 rows, 1.28x at 512, 1.31-1.32x at 1024 and 2048; a prefill of 512 tokens 1761 against 2362 ms, a
+#   batch of 16 prompts of 128 tokens 4972 against 6530.
+# - fp16: torch's matmul reads 0.4 GB/s at a prefill's 128 rows (the kernels 2.1); int8 weights beside fp16 or
+#   fp32 activations are converted whole at every call there: always the kernels.
 MAX_ROWS = {
     (torch.bfloat16, torch.bfloat16): 96,
-    (torch.float32, torch.float32): 256,
+    (torch.float32, torch.float32): math.inf,
     (torch.float16, torch.float16): math.inf,
     (torch.int8, torch.bfloat16): 128,
     (torch.int8, torch.float16): math.inf,

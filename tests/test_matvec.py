@@ -154,18 +154,20 @@ def test_a_generations_fp16_attention_multiplies_in_float32_and_rounds_each_prod
     torch.testing.assert_close(y, reference, rtol=1e-3, atol=1e-4)  # about one fp16 rounding
 
 
-def test_layers_use_the_kernels_only_while_decoding_and_without_autograd():
+def test_layers_use_the_kernels_only_while_decoding_and_without_autograd(monkeypatch):
+    monkeypatch.setitem(matvec.MAX_ROWS, (torch.float32, torch.float32), 8)  # fp32's kernels take any number
     linear = Linear(64, 48)
     x = torch.randn(2, 1, 64)
+    x_many = torch.randn(9, 64)
     with torch.no_grad():
         outside = linear(x)
         with matvec.decoding():
             inside = linear(x)
-            x_many = torch.randn(matvec.MAX_ROWS[torch.float32, torch.float32] + 1, 64)
             many_rows = linear(x_many)
     assert torch.equal(outside, F.linear(x, linear.weight, linear.bias))  # torch's op, bit for bit
     assert torch.equal(inside, matvec.linear(x, linear.weight, linear.bias)) and not torch.equal(inside, outside)
-    assert torch.equal(many_rows, F.linear(x_many, linear.weight, linear.bias))  # a prefill's rows: torch's op
+    assert torch.equal(many_rows, F.linear(x_many, linear.weight, linear.bias))  # rows past MAX_ROWS: torch's op
+    assert not torch.equal(many_rows, matvec.linear(x_many, linear.weight, linear.bias))
     with matvec.decoding():
         y = linear(x)  # grad enabled, weight requires grad: torch's op, so that gradients flow
     y.sum().backward()
