@@ -7,7 +7,7 @@ depending on the machine's moment).
 The Decoder plans it (`plan`) when a prompt is run, from the model's layers as they are then, and takes it for each
 step while it `applies`: an eager CPU decoder with the kernels, outside autograd, a model made of bloom's own layers
 (bf16, fp16 or fp32, or int8 from bloom.quantize; not split over processes by bloom.parallel) whose tensors are the
-kernel's shapes, dtype and layout, few enough rows for the kernels (bloom.matvec.MAX_ROWS), no forward hook
+kernel's shapes, dtype and layout, few enough rows for the kernels (bloom.matvec.max_rows), no forward hook
 anywhere (a probe sees the model's own forward, module by module), and the same tensors as when it was planned (a
 layer or weight replaced since then sends the rest of the generation through the model). Otherwise the step goes
 through the model.
@@ -67,7 +67,7 @@ class DecodeStep:
 
 def plan(model: Bloom, rows: int) -> DecodeStep | None:
     """The model's decode step for `rows` rows through bloom.matvec's block kernel, or None where it does not apply
-    (a dtype, device, layer or tensor it does not take, heads split over processes, more rows than MAX_ROWS)."""
+    (a dtype, device, layer or tensor it does not take, heads split over processes, more rows than matvec.max_rows)."""
     dtype = model.ln_f.weight.dtype
     if model.ln_f.weight.device.type != "cpu" or not matvec.has_block_kernel(dtype):
         return None
@@ -80,7 +80,7 @@ def plan(model: Bloom, rows: int) -> DecodeStep | None:
             return None
         if any(type(layer) not in (Linear, Int8Linear) for layer in layers):
             return None
-        if any(rows > matvec.MAX_ROWS.get((layer.weight.dtype, dtype), 0) for layer in layers):
+        if any(rows > matvec.max_rows(layer.weight.dtype, dtype) for layer in layers):
             return None
         if any(type(norm) is not nn.LayerNorm or norm.eps != norms[0].eps for norm in norms):  # the kernel: one eps
             return None

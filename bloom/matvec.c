@@ -65,6 +65,16 @@ static inline float same_float(float f) { return f; }
 /* The dtype of a kernel's values, a constant where it is passed, so that the compiler drops the other cases */
 enum { AS_F32, AS_BF16, AS_F16 };
 
+/* 1 where the products are the AVX-512 tiles below, 0 where they are the portable loops (bloom/matvec.py sends
+ * products to the kernels only in the first case) */
+int vector_tiles(void) {
+#ifdef HAVE_AVX512
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 #include <omp.h>
 
 #ifdef HAVE_AVX512

@@ -174,6 +174,19 @@ def test_layers_use_the_kernels_only_while_decoding_and_without_autograd(monkeyp
     assert linear.weight.grad is not None and torch.equal(y, outside)
 
 
+def test_only_the_vector_tiles_take_products_and_both_builds_attend(build):
+    """Without AVX-512 BF16 the library is the portable loops, which torch's matmul outruns: products stay torch's."""
+    has_tiles = matvec.library().has_vector_tiles
+    weights = (torch.randn(48, 64), torch.zeros(48, 64, dtype=torch.int8))  # fp32, and int8 beside fp32 x
+    q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 4, 9, 16)
+    with matvec.decoding(), torch.no_grad():
+        takes_products = [matvec.applies(torch.randn(1, 64), weight) for weight in weights]
+        attends = matvec.attends(q, k)
+    assert takes_products == [has_tiles, has_tiles] and attends
+    if build == "x86-64-v2":
+        assert not has_tiles
+
+
 def test_decoding_is_per_thread():
     seen = []
     with matvec.decoding():
