@@ -190,11 +190,11 @@ def test_only_the_vector_tiles_take_products_and_both_builds_attend(build):
 def test_decoding_is_per_thread():
     seen = []
     with matvec.decoding():
-        worker = threading.Thread(target=lambda: seen.append(matvec.applies(torch.randn(1, 8), torch.randn(4, 8))))
+        worker = threading.Thread(target=lambda: seen.append(matvec.gelu_applies(torch.randn(8))))
         worker.start()
         worker.join()
-        assert matvec.applies(torch.randn(1, 8), torch.randn(4, 8))
-    assert seen == [False] and not matvec.applies(torch.randn(1, 8), torch.randn(4, 8))
+        assert matvec.gelu_applies(torch.randn(8))
+    assert seen == [False] and not matvec.gelu_applies(torch.randn(8))
 
 
 DTYPES_AND_QUANTIZE = [(dtype, quantize) for quantize in (None, "int8") for dtype in ("fp32", "bf16", "fp16")]
@@ -237,7 +237,7 @@ def test_the_library_is_built_once_rebuilt_when_damaged_and_a_missing_compiler_f
     code = (
         "import warnings, torch; warnings.simplefilter('always')\n"
         "from bloom import matvec\n"
-        "with matvec.decoding(): print(matvec.applies(torch.randn(1, 8), torch.randn(4, 8)))\n"
+        "with matvec.decoding(): print(matvec.gelu_applies(torch.randn(8)))\n"
     )
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True) for _ in range(2)]
