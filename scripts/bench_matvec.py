@@ -6,6 +6,8 @@ weights read per second by each, the ratio, and the share of the machine's bandw
 
     python scripts/bench_matvec.py                      # bf16, fp16, fp32 and int8; 1, 2, 4, 8, 16, 32 rows
     python scripts/bench_matvec.py --dtypes bf16 --rows 1
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python scripts/bench_matvec.py --march x86-64-v3
+        # as on a CPU without AVX-512 BF16: the kernels' portable loops, torch's ops limited to AVX2
 """
 
 import argparse
@@ -48,10 +50,14 @@ def main() -> None:
                         choices=["bf16", "fp16", "fp32", "int8"])  # fmt: skip
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--march", help="build the kernels for this target instead of this CPU (-march=native)")
     args = parser.parse_args()
+    if args.march:  # installed where matvec.library() returns it, as tests/conftest.py does
+        matvec._library, matvec._tried = matvec.load(matvec.build(args.march)), True
     torch.manual_seed(0)
     bandwidth = memory_bandwidth_gb_s(torch.device("cpu"))
-    print(f"{torch.get_num_threads()} threads, memory bandwidth (sum over 0.5 GB) {bandwidth:.1f} GB/s")
+    tiles = "AVX-512 tiles" if matvec.library().has_vector_tiles else "portable loops"
+    print(f"{torch.get_num_threads()} threads, {tiles}, memory bandwidth (sum over 0.5 GB) {bandwidth:.1f} GB/s")
     print("| weights | rows | torch GB/s | kernels GB/s | kernels / torch | kernels' share of bandwidth |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in args.dtypes:
