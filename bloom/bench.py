@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from bloom import matvec
 from bloom.arguments import USER_ERRORS, CommandParser, device, fail, int_at_least, positive_int
 from bloom.config import PRESETS, BloomConfig
 from bloom.decoder import Decoder
@@ -227,6 +228,18 @@ def run_worker(impl: str, args: argparse.Namespace) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def cpu_description() -> str:
+    """The CPU's threads, and which of bloom.matvec's kernels ours decodes with there."""
+    library = matvec.library()
+    if library is None:
+        kernels = "no decode kernels"
+    elif library.has_vector_tiles:
+        kernels = "AVX-512 decode kernels"
+    else:  # bloom.matvec.max_rows
+        kernels = "portable decode kernels, torch's products"
+    return f"CPU ({torch.get_num_threads()} threads, {kernels})"
+
+
 def table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
     columns = [("load s", "load_s", ".2f"), ("warm-up s", "warmup_s", ".1f"), ("peak mem GB", "memory_gb", ".2f"),
                ("prefill ms", "prefill_ms", ".1f"), ("decode tok/s", "decode_tok_s", ".1f"),
@@ -235,9 +248,7 @@ def table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
     medians = {
         impl: {key: statistics.median(r[key] for r in runs) for _, key, _ in columns} for impl, runs in results.items()
     }
-    device = (
-        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
-    )
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_description()
     dtype = args.dtype + (f" (stored {args.stored_dtype})" if args.stored_dtype else "")
     prompts = f"prompt {args.prompt_len}"
     if args.batch_size > 1:

@@ -11,7 +11,7 @@ import torch
 from transformers import BloomForCausalLM
 
 import bloom.bench
-from bloom import generate, load_pretrained
+from bloom import generate, load_pretrained, matvec
 from bloom.bench import TokenClock, read_into_page_cache, spread_warnings
 
 
@@ -26,6 +26,8 @@ def test_bench_prints_the_side_by_side_table(tiny_model_folder):
     assert all(len(line.split("|")) == 11 for line in rows.values())  # name and 8 figures per row
     assert "memory GB/s | of memory GB/s |" in rows[""]  # the machine's bandwidth, measured in each worker
     assert "fp32 | batch 3 | prompts of 4-8 tokens, left-padded | 4 new tokens | ours eager" in result.stdout
+    tiles = "AVX-512 decode kernels" if matvec.library().has_vector_tiles else "portable decode kernels"
+    assert f"threads, {tiles}" in result.stdout  # which kernels ours decoded with
     assert "generated tokens identical (ours, transformers): yes" in result.stdout  # fp32 greedy: bit parity
 
 
