@@ -228,9 +228,9 @@ def run_worker(impl: str, args: argparse.Namespace) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def cpu_description() -> str:
-    """The CPU's threads, and which of bloom.matvec's kernels ours decodes with there."""
-    library = matvec.library()
+def cpu_description(compiled: bool) -> str:
+    """The CPU's threads, and which of bloom.matvec's kernels ours decodes with there (a compiled step: none)."""
+    library = None if compiled else matvec.library()
     if library is None:
         kernels = "no decode kernels"
     elif library.has_vector_tiles:
@@ -248,7 +248,7 @@ def table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
     medians = {
         impl: {key: statistics.median(r[key] for r in runs) for _, key, _ in columns} for impl, runs in results.items()
     }
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_description()
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_description(args.compile)
     dtype = args.dtype + (f" (stored {args.stored_dtype})" if args.stored_dtype else "")
     prompts = f"prompt {args.prompt_len}"
     if args.batch_size > 1:

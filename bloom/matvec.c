@@ -14,7 +14,8 @@
  * The rows of W are split over the OpenMP threads in contiguous blocks. This file is compiled on first use
  * by bloom/matvec.py, for the machine it runs on (-march=native): with AVX512-BF16 (and AVX512-VBMI, for the
  * int8 weights' conversion) the bf16 and int8 products use vdpbf16ps, the fp16 and fp32 ones AVX-512 FMAs;
- * elsewhere plain loops that the compiler vectorizes. Built against the OpenMP runtime torch has loaded (same
+ * elsewhere plain loops that the compiler vectorizes, slower than torch's matmul, so that bloom/matvec.py sends them
+ * no products (`vector_tiles` below). Built against the OpenMP runtime torch has loaded (same
  * soname), it shares torch's threads. */
 #include <float.h>
 #include <math.h>

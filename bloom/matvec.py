@@ -52,8 +52,10 @@ SOURCE = Path(__file__).with_name("matvec.c")
 # These are the AVX-512 tiles' limits. The portable loops, built where the CPU lacks AVX-512 BF16, take no
 # products (`max_rows`): with the library built for x86-64-v3 (AVX2) on the same machine, torch limited to AVX2
 # (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2), a bloom-560m decode step took 141 ms against 115 with
-# torch's products in fp32, 198 against 33 in bf16, 161 against 33 in fp16; its attention and GeLU kernels, 1-8%
-# faster than torch's there, stay.
+# torch's products in fp32, 198 against 33 in bf16, 161 against 33 in fp16. int8 weights beside fp16 or fp32
+# activations, whose torch path converts the whole weight at every call, were still faster through torch at one row
+# (6 blocks' products: 16.0 and 17.1 ms against the loops' 25.2), not at 16 (59.9 and 33.5 against 41.1 and 41.2).
+# The attention and GeLU kernels, 1-8% faster than torch's there, stay.
 MAX_ROWS = {
     (torch.bfloat16, torch.bfloat16): 96,
     (torch.float32, torch.float32): math.inf,
@@ -81,7 +83,7 @@ _build_lock = threading.Lock()
 
 @contextmanager
 def decoding() -> Iterator[None]:
-    """Within it, this thread's products of few rows (MAX_ROWS), one-query attention and GeLU go to the kernels."""
+    """Within it, this thread's products of few rows (`max_rows`), one-query attention and GeLU go to the kernels."""
     before = getattr(_state, "decoding", False)
     _state.decoding = True
     try:
@@ -99,7 +101,7 @@ def _generating(*tensors: torch.Tensor) -> bool:
 
 def max_rows(weight_dtype: torch.dtype, x_dtype: torch.dtype) -> float:
     """Rows of x up to which the kernels take a product: MAX_ROWS (0 for dtypes without a kernel) where the library
-    has the AVX-512 tiles, 0 where it has the portable loops, which torch's ops outrun at every size."""
+    has the AVX-512 tiles, 0 where it has the portable loops, which torch's ops outrun or at best match."""
     lib = library()
     return MAX_ROWS.get((weight_dtype, x_dtype), 0) if lib is not None and lib.has_vector_tiles else 0
 

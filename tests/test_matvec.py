@@ -13,6 +13,7 @@ from tiny_checkpoint import left_padded, random_hf_bloom, save_transformers
 
 from bloom import generate, load_pretrained, matvec
 from bloom.config import BloomConfig
+from bloom.decode_step import plan
 from bloom.decoder import Decoder
 from bloom.model import Attention, CausalMask, Linear, alibi_bias, alibi_slopes, bloom_gelu
 from bloom.quantize import quantize_rows
@@ -155,7 +156,7 @@ def test_a_generations_fp16_attention_multiplies_in_float32_and_rounds_each_prod
 
 
 def test_layers_use_the_kernels_only_while_decoding_and_without_autograd(monkeypatch):
-    monkeypatch.setitem(matvec.MAX_ROWS, (torch.float32, torch.float32), 8)  # fp32's kernels take any number
+    monkeypatch.setattr(matvec, "max_rows", lambda weight_dtype, x_dtype: 8)  # this CPU's limit aside: 8 rows
     linear = Linear(64, 48)
     x = torch.randn(2, 1, 64)
     x_many = torch.randn(9, 64)
@@ -166,7 +167,7 @@ def test_layers_use_the_kernels_only_while_decoding_and_without_autograd(monkeyp
             many_rows = linear(x_many)
     assert torch.equal(outside, F.linear(x, linear.weight, linear.bias))  # torch's op, bit for bit
     assert torch.equal(inside, matvec.linear(x, linear.weight, linear.bias)) and not torch.equal(inside, outside)
-    assert torch.equal(many_rows, F.linear(x_many, linear.weight, linear.bias))  # rows past MAX_ROWS: torch's op
+    assert torch.equal(many_rows, F.linear(x_many, linear.weight, linear.bias))  # rows past max_rows: torch's op
     assert not torch.equal(many_rows, matvec.linear(x_many, linear.weight, linear.bias))
     with matvec.decoding():
         y = linear(x)  # grad enabled, weight requires grad: torch's op, so that gradients flow
@@ -174,8 +175,9 @@ def test_layers_use_the_kernels_only_while_decoding_and_without_autograd(monkeyp
     assert linear.weight.grad is not None and torch.equal(y, outside)
 
 
-def test_only_the_vector_tiles_take_products_and_both_builds_attend(build):
-    """Without AVX-512 BF16 the library is the portable loops, which torch's matmul outruns: products stay torch's."""
+def test_only_the_vector_tiles_take_products_and_both_builds_attend(build, tiny_model_folder):
+    """Without AVX-512 BF16 the library is the portable loops, which torch's matmul outruns: products stay torch's,
+    through the layers and the block step alike."""
     has_tiles = matvec.library().has_vector_tiles
     weights = (torch.randn(48, 64), torch.zeros(48, 64, dtype=torch.int8))  # fp32, and int8 beside fp32 x
     q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 4, 9, 16)
@@ -183,8 +185,11 @@ def test_only_the_vector_tiles_take_products_and_both_builds_attend(build):
         takes_products = [matvec.applies(torch.randn(rows, 64), w) for rows in (1, 300) for w in weights]
         attends = matvec.attends(q, k)
     assert takes_products == [has_tiles] * 4 and attends  # fp32's tiles: any number of rows
-    if build == "x86-64-v2":
-        assert not has_tiles
+    assert (plan(load_pretrained(tiny_model_folder), 1) is not None) == has_tiles
+    with open("/proc/cpuinfo") as cpuinfo:
+        flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()  # x86's
+    cpu_tiles = {"avx512f", "avx512bw", "avx512_bf16", "avx512vbmi"} <= set(flags)
+    assert has_tiles == (build == "native" and cpu_tiles)
 
 
 def test_decoding_is_per_thread():
