@@ -54,7 +54,8 @@ SOURCE = Path(__file__).with_name("matvec.c")
 # (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2), a bloom-560m decode step took 141 ms against 115 with
 # torch's products in fp32, 198 against 33 in bf16, 161 against 33 in fp16. int8 weights beside fp16 or fp32
 # activations, whose torch path converts the whole weight at every call, were still faster through torch at one row
-# (6 blocks' products: 16.0 and 17.1 ms against the loops' 25.2), not at 16 (59.9 and 33.5 against 41.1 and 41.2).
+# (6 blocks' products: 16.0 and 17.1 ms against the loops' 25.2), and at 16 rows beside fp32 (33.5 against 41.2);
+# only beside fp16 at 16 rows were the loops faster (41.1 against 59.9).
 # The attention and GeLU kernels, 1-8% faster than torch's there, stay.
 MAX_ROWS = {
     (torch.bfloat16, torch.bfloat16): 96,
