@@ -54,10 +54,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.march:  # installed where matvec.library() returns it, as tests/conftest.py does
         matvec._library, matvec._tried = matvec.load(matvec.build(args.march)), True
-    torch.manual_seed(0)
-    bandwidth = memory_bandwidth_gb_s(torch.device("cpu"))
     if matvec.library() is None:
         raise SystemExit("bloom.matvec's kernels could not be built here (see the warning): nothing to measure")
+    torch.manual_seed(0)
+    bandwidth = memory_bandwidth_gb_s(torch.device("cpu"))
     tiles = "AVX-512 tiles" if matvec.library().has_vector_tiles else "portable loops"
     print(f"{torch.get_num_threads()} threads, {tiles}, memory bandwidth (sum over 0.5 GB) {bandwidth:.1f} GB/s")
     print("| weights | rows | torch GB/s | kernels GB/s | kernels / torch | kernels' share of bandwidth |")
