@@ -13,11 +13,11 @@ import torch
 from transformers import BloomForCausalLM
 
 from bloom import generate, load_pretrained, load_tokenizer
-from bloom.arguments import check_prompts
-from bloom.bench import TokenClock, measure
-from bloom.hub import resolve_folder
-from bloom.loader import DTYPES, checkpoint_patterns, is_complete
-from bloom.probe import record
+from bloom.checkpoints.hub import resolve_folder
+from bloom.checkpoints.loader import DTYPES, checkpoint_patterns, is_complete
+from bloom.command_line.arguments import check_prompts
+from bloom.command_line.bench import TokenClock, measure
+from bloom.research.probe import record
 
 PROMPTS = ["Translate to English: Je t'aime.", "The capital of France is", "def fibonacci(n):"]
 

@@ -1,5 +1,5 @@
 import sys
 
-from bloom.cli import main
+from bloom.command_line.cli import main
 
 sys.exit(main())

@@ -2,7 +2,7 @@
 
 Layout, for every layer: keys and values are (B, nh, S_max, hd), position s of the sequence at index s.
 Slot s holds the token at column s of the generated sequence (left padding included), so a batch shares
-one slot index per step. A cache never changes shape: when a sequence outgrows it, `bloom.decoder.Decoder`
+one slot index per step. A cache never changes shape: when a sequence outgrows it, `bloom.generation.decoder.Decoder`
 moves on to a larger one (`copy_from`), so that memory follows the tokens actually generated.
 
 The caches are plain objects holding tensors, not modules with buffers: torch.compile guards a module's buffers
@@ -37,7 +37,7 @@ class KVCache:
         device: torch.device | str,
         n_head: int | None = None,
     ) -> None:
-        """n_head: the heads this process computes (default: all; fewer when heads are split, bloom.parallel)."""
+        """n_head: the heads this process computes (default: all; fewer when heads are split, bloom.scale.parallel)."""
         self.batch_size, self.max_len = batch_size, max_len
         shape = (batch_size, n_head or config.n_head, max_len, config.head_dim)
         self.layers = [LayerKV(shape, dtype, device) for _ in range(config.n_layer)]

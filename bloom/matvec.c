@@ -826,8 +826,8 @@ ATTEND(attend_bf16, uint16_t, tile_bf16, bf16, bf16_to_float, float_to_bf16, -0x
 ATTEND(attend_f32, float, tile_f32, f32, same_float, same_float, -FLT_MAX)
 ATTEND(attend_f16, uint16_t, tile_f16_f16, f16, f16_to_float, float_to_f16, -65504.0f)
 
-/* A whole block's decode step in one call (bloom/decode_step.py), for M rows of one token each: the work of
- * Block.forward (bloom/model.py) in its order, through the kernels above, with the same roundings:
+/* A whole block's decode step in one call (bloom/generation/decode_step.py), for M rows of one token each: the work
+ * of Block.forward (bloom/model.py) in its order, through the kernels above, with the same roundings:
  *     h = LN1(x); q, k, v = split(h · Wqkvᵀ + b), k and v written at `slot` of the layer's cache
  *     x = T(x + dense(attend(q, keys, values)));  out = T(x + down(gelu(up(LN2(x)))))
  * A product's weight is int8 (its scale per row given) or in the activations' dtype T (scale NULL). */

@@ -1,12 +1,13 @@
 """A decode step's work on the CPU in bloom/matvec.c, compiled on first use and called through ctypes: the
 matrix-vector products of the linear layers and the LM head, the one-query attention, the GeLU, a whole block's
-step made of them (`DecodeBlock`, for bloom.decode_step), and the greedy choice (`argmax`).
+step made of them (`DecodeBlock`, for bloom.generation.decode_step), and the greedy choice (`argmax`).
 
 A decode step reads every weight once for one token per sequence; its speed is the speed at which the weights
 stream from memory. torch's matmul reads them at ~60% of the machine's bandwidth for so few rows, the kernels
 of matvec.c at 80-95% (`python scripts/bench_matvec.py`). They compute the same products in float32 with another
 order of additions, so their results differ from torch's by float32 rounding: they are used only inside
-`decoding()`, which generation enters (bloom.decoder), and a plain forward pass stays op for op transformers'.
+`decoding()`, which generation enters (bloom.generation.decoder), and a plain forward pass stays op for op
+transformers'.
 
 The library is built once per machine and source, with the system's C compiler (`cc`, or $CC) for this CPU
 (-march=native), into ~/.cache/bloom (or $XDG_CACHE_HOME/bloom), and takes about a second. Without a compiler,
@@ -227,7 +228,8 @@ Product = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # weigh
 
 
 class DecodeBlock:
-    """A block's decode step in one call, x (M, C) -> (M, C), for M rows of one token each (bloom.decode_step).
+    """A block's decode step in one call, x (M, C) -> (M, C), for M rows of one token each
+    (bloom.generation.decode_step).
 
     norms: the weights and biases of the two LayerNorms, (C,) each; products: (weight, scale or None, bias) of the
     fused qkv (3C, C), dense (C, C), dense_h_to_4h (4C, C) and dense_4h_to_h (C, 4C) layers, weights in `dtype`

@@ -114,7 +114,7 @@ def query_chunks(batch: int, heads: int, queries: int, keys: int) -> int:
 class Tap(nn.Identity):
     """A named point in the forward pass (`h.3.self_attention.probs`) that returns its input unchanged.
 
-    It exists so that `bloom.probe` can record or replace the tensor there with a forward hook; with no hook
+    It exists so that `bloom.research.probe` can record or replace the tensor there with a forward hook; with no hook
     registered it costs one module call.
     """
 
@@ -144,7 +144,7 @@ class Attention(nn.Module):
     def __init__(self, config: BloomConfig) -> None:
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.head_dim
-        self.head_offset = 0  # this module's first head; not 0 when heads are split over processes (bloom.parallel)
+        self.head_offset = 0  # this module's first head; not 0 when heads are split over processes (scale/parallel)
         self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = Linear(config.hidden_size, config.hidden_size)
         self.q, self.k, self.v, self.scores, self.probs, self.context = (Tap() for _ in range(6))
@@ -295,7 +295,7 @@ class Bloom(nn.Module):
             attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
         if attention_mask.shape != (B, S):
             raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, expected (batch, keys) = {(B, S)}")
-        dtype = self.ln_f.weight.dtype  # the model's (the embedding may be int8, bloom.quantize)
+        dtype = self.ln_f.weight.dtype  # the model's (the embedding may be int8, bloom.scale.quantize)
         alibi = alibi_bias(attention_mask, alibi_slopes(self.config.n_head, input_ids.device), dtype)  # (B, nh, 1, S)
         mask = CausalMask(attention_mask, slots, dtype)  # (B, 1, T, S), built when a layer needs it
 

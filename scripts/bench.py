@@ -2,6 +2,6 @@
 
 import sys
 
-from bloom.bench import main
+from bloom.command_line.bench import main
 
 sys.exit(main())

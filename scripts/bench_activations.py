@@ -2,7 +2,7 @@
 
 Each corpus size runs in a fresh process (this script with --worker) that builds a random-weight model of
 the given shape (speed and memory do not depend on the values), exports random token ids with
-`bloom.activations.export` into a temporary folder, and reports tokens/s, its peak resident memory (the
+`bloom.research.activations.export` into a temporary folder, and reports tokens/s, its peak resident memory (the
 kernel's high-water mark, ru_maxrss) and its resident memory just before the export; then it runs the same
 batches through the model alone (`model.hidden`, nothing recorded or written), so that the cost of recording
 and writing reads as a ratio on a machine whose speed varies. Tokenizing is not measured: the ids are made up.
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from bloom.activations import export, windows
 from bloom.config import BloomConfig
 from bloom.model import Bloom
+from bloom.research.activations import export, windows
 
 SMALL = BloomConfig(vocab_size=1000, hidden_size=512, n_layer=4, n_head=8)
 

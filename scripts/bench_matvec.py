@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from bloom import matvec
-from bloom.bench import memory_bandwidth_gb_s
-from bloom.quantize import int8_matmul, quantize_rows
+from bloom.command_line.bench import memory_bandwidth_gb_s
+from bloom.scale.quantize import int8_matmul, quantize_rows
 
 HIDDEN, LAYERS, VOCAB = 1024, 24, 250880
 

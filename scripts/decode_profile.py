@@ -13,17 +13,17 @@ import time
 import torch
 
 from bloom import Bloom, BloomConfig
-from bloom.bench import memory_bandwidth_gb_s
-from bloom.decoder import Decoder
-from bloom.loader import DTYPES
-from bloom.quantize import quantize_int8
+from bloom.checkpoints.loader import DTYPES
+from bloom.command_line.bench import memory_bandwidth_gb_s
+from bloom.generation.decoder import Decoder
+from bloom.scale.quantize import quantize_int8
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="bloom-560m", help="a preset name (default bloom-560m)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="default bf16")
-    parser.add_argument("--quantize", choices=["int8"], help="int8 weights (bloom.quantize)")
+    parser.add_argument("--quantize", choices=["int8"], help="int8 weights (bloom.scale.quantize)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--prompt-len", type=int, default=128, help="default 128")
     parser.add_argument("--steps", type=int, default=8, help="profiled decode steps (default 8)")

@@ -13,8 +13,8 @@ from contextlib import closing
 import torch
 
 from bloom.config import BloomConfig
-from bloom.decoder import Decoder
-from bloom.generate import generate_steps
+from bloom.generation.decoder import Decoder
+from bloom.generation.generate import generate_steps
 from bloom.model import Bloom
 
 

@@ -1,6 +1,6 @@
 """One forward over a long input under an address-space limit: perplexity with --context 16384 in 6 GiB.
 
-Runs `bloom.perplexity.perplexity` (what `bloom perplexity` calls) on random tokens with a random model of the
+Runs `bloom.research.perplexity.perplexity` (what `bloom perplexity` calls) on random tokens with a random model of the
 given shape, in a child process whose address space is capped with RLIMIT_AS, and prints its time and peak
 resident memory. `--whole` lifts the attention's scores budget (bloom.model.SCORES_BUDGET), so that every layer
 computes its (B, nh, T, S) float32 scores at once, as transformers does: at 16,384 tokens that does not fit.
@@ -23,7 +23,7 @@ def child(args: argparse.Namespace) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (args.limit_gib * 2**30, args.limit_gib * 2**30))
     import bloom.model
     from bloom import Bloom, BloomConfig
-    from bloom.perplexity import perplexity
+    from bloom.research.perplexity import perplexity
 
     if args.whole:
         bloom.model.SCORES_BUDGET = math.inf

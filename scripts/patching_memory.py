@@ -19,7 +19,7 @@ import time
 import torch
 
 from bloom import Bloom, BloomConfig
-from bloom.patching import activation_patching, attribution_patching
+from bloom.research.patching import activation_patching, attribution_patching
 
 GiB = 2**30
 

@@ -18,15 +18,15 @@ def _seed_and_dtype():
 @pytest.fixture
 def cache_only(monkeypatch):
     """Fail the test if the hub is asked for anything the local cache should have answered."""
-    import bloom.hub
+    import bloom.checkpoints.hub
 
-    real_snapshot_download = bloom.hub.snapshot_download
+    real_snapshot_download = bloom.checkpoints.hub.snapshot_download
 
     def snapshot_download(*args, **kwargs):
         assert kwargs.get("local_files_only"), "the cached snapshot should have been enough"
         return real_snapshot_download(*args, **kwargs)
 
-    monkeypatch.setattr(bloom.hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(bloom.checkpoints.hub, "snapshot_download", snapshot_download)
 
 
 @pytest.fixture(scope="session")

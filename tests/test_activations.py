@@ -6,9 +6,9 @@ from safetensors import safe_open
 from transformers import BloomForCausalLM
 
 from bloom import load_pretrained, load_tokenizer
-from bloom.activations import export, load, windows
-from bloom.cli import main
-from bloom.probe import patch, record
+from bloom.command_line.cli import main
+from bloom.research.activations import export, load, windows
+from bloom.research.probe import patch, record
 
 POINTS = ["word_embeddings_layernorm", "h.*", "h.1.mlp.act", "h.0.self_attention.context", "ln_f"]
 NAMES = ["word_embeddings_layernorm", "h.0", "h.0.self_attention.context", "h.1", "h.1.mlp.act", "ln_f"]

@@ -10,9 +10,9 @@ import sys
 import torch
 from transformers import BloomForCausalLM
 
-import bloom.bench
+import bloom.command_line.bench
 from bloom import generate, load_pretrained, matvec
-from bloom.bench import TokenClock, read_into_page_cache, spread_warnings
+from bloom.command_line.bench import TokenClock, read_into_page_cache, spread_warnings
 
 
 def test_bench_prints_the_side_by_side_table(tiny_model_folder):
@@ -80,7 +80,7 @@ def test_the_weight_files_are_read_through_symlinks_before_each_load(tmp_path):
 
 def test_weight_files_larger_than_half_the_free_memory_are_not_read(tmp_path, monkeypatch):
     (tmp_path / "model.safetensors").write_bytes(bytes(3 << 20))
-    monkeypatch.setattr(bloom.bench, "available_memory", lambda device: 5 << 20)  # a machine with 5 MB free
+    monkeypatch.setattr(bloom.command_line.bench, "available_memory", lambda device: 5 << 20)  # 5 MB free
     assert read_into_page_cache(tmp_path) == 0
-    monkeypatch.setattr(bloom.bench, "available_memory", lambda device: 7 << 20)
+    monkeypatch.setattr(bloom.command_line.bench, "available_memory", lambda device: 7 << 20)
     assert read_into_page_cache(tmp_path) == 3 << 20

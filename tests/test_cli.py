@@ -123,7 +123,7 @@ def test_download_from_the_local_cache(tiny_model_folder, tmp_path):
 
 
 def test_perplexity_command_prints_the_library_value(tiny_model_folder, tmp_path):
-    from bloom.perplexity import perplexity
+    from bloom.research.perplexity import perplexity
 
     text = "Le petit prince. The little prince! 小王子。 " * 8
     (tmp_path / "text.txt").write_text(text)

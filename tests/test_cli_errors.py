@@ -1,7 +1,7 @@
 """Every user error on the `bloom` command line ends in `bloom CMD: error: ...` naming the flag or file at
 fault, with the subcommand's usage and exit status 2, before any weight is read, and never in a traceback.
 
-Run in-process through bloom.cli.main (fast); as a subprocess only where a process boundary is the point
+Run in-process through bloom.command_line.cli.main (fast); as a subprocess only where a process boundary is the point
 (torchrun, the bench worker).
 """
 
@@ -14,10 +14,10 @@ import time
 import pytest
 import torch
 
-import bloom.bench
-import bloom.cli
-from bloom.arguments import CommandParser, in_flags
-from bloom.cli import main
+import bloom.command_line.bench
+import bloom.command_line.cli
+from bloom.command_line.arguments import CommandParser, in_flags
+from bloom.command_line.cli import main
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def no_weights(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded before the arguments were checked")
 
-    monkeypatch.setattr(bloom.cli, "load_pretrained", refuse)
+    monkeypatch.setattr(bloom.command_line.cli, "load_pretrained", refuse)
 
 
 @pytest.fixture
@@ -235,7 +235,7 @@ def test_bad_perplexity_numbers(cli, no_weights, tiny_model_folder, tmp_path, ar
     ],
 )
 def test_bad_bench_numbers(cli, monkeypatch, args, names):
-    monkeypatch.setattr(bloom.bench, "run_worker", lambda *a: pytest.fail("a worker was started"))
+    monkeypatch.setattr(bloom.command_line.bench, "run_worker", lambda *a: pytest.fail("a worker was started"))
     assert_user_error(cli("bench", *args), "bench", *names)
 
 
@@ -343,7 +343,7 @@ def test_other_user_errors_from_the_library_are_reported_without_a_traceback(cli
     def bad_checkpoint(*args, **kwargs):
         raise ValueError("checkpoint in /x does not fit the model of its config.json: h.0 missing")
 
-    monkeypatch.setattr(bloom.cli, "load_pretrained", bad_checkpoint)
+    monkeypatch.setattr(bloom.command_line.cli, "load_pretrained", bad_checkpoint)
     result = cli("generate", "--model", tiny_model_folder, "--prompt", "x")
     assert_user_error(result, "generate", "checkpoint in /x does not fit the model of its config.json")
 
@@ -352,7 +352,7 @@ def test_ctrl_c_ends_quietly(cli, tiny_model_folder, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bloom.cli, "load_pretrained", interrupted)
+    monkeypatch.setattr(bloom.command_line.cli, "load_pretrained", interrupted)
     code, _, err = cli("generate", "--model", tiny_model_folder, "--prompt", "x")
     assert code == 130 and "Traceback" not in err
 
@@ -361,7 +361,7 @@ def test_a_bug_keeps_its_traceback(cli, tiny_model_folder, monkeypatch):
     def bug(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(bloom.cli, "load_pretrained", bug)
+    monkeypatch.setattr(bloom.command_line.cli, "load_pretrained", bug)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["generate", "--model", str(tiny_model_folder), "--prompt", "x"])
 
@@ -430,8 +430,8 @@ def test_fuzz_bad_command_lines(cli, no_weights, tiny_model_folder, bad_files, m
     import bloom_reference
 
     monkeypatch.setattr(bloom_reference, "load_pretrained", lambda *a, **k: pytest.fail("ours was loaded"))
-    monkeypatch.setattr(bloom.bench, "run_worker", lambda *a: pytest.fail("a bench worker was started"))
-    monkeypatch.setattr(bloom.cli, "resolve_folder", lambda *a, **k: pytest.fail("download started"))
+    monkeypatch.setattr(bloom.command_line.bench, "run_worker", lambda *a: pytest.fail("a bench worker was started"))
+    monkeypatch.setattr(bloom.command_line.cli, "resolve_folder", lambda *a, **k: pytest.fail("download started"))
     (bad_files / "text.txt").write_text("some text")
     paths = {"model": tiny_model_folder, "text": bad_files / "text.txt", "out": bad_files / "pictures",
              "latin1": bad_files / "latin1.txt", "dir": bad_files, "missing": bad_files / "missing",

@@ -8,8 +8,8 @@ import torch
 from tiny_checkpoint import left_padded, random_hf_bloom, save_transformers
 
 from bloom import generate, load_pretrained
-from bloom.decoder import Decoder
-from bloom.quantize import Int8Linear
+from bloom.generation.decoder import Decoder
+from bloom.scale.quantize import Int8Linear
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

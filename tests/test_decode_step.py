@@ -1,4 +1,4 @@
-"""The decode step in one kernel call per block (bloom.decode_step) against the same step through the model's
+"""The decode step in one kernel call per block (bloom.generation.decode_step) against the same step through the model's
 modules (bloom.matvec's per-operation kernels), which test_matvec.py holds to torch's ops and transformers'."""
 
 import pytest
@@ -7,8 +7,8 @@ from tiny_checkpoint import left_padded, random_hf_bloom, save_transformers
 from torch import nn
 
 from bloom import generate, load_pretrained, matvec
-from bloom.decode_step import plan
-from bloom.decoder import Decoder
+from bloom.generation.decode_step import plan
+from bloom.generation.decoder import Decoder
 
 DTYPES_AND_QUANTIZE = [(dtype, quantize) for quantize in (None, "int8") for dtype in ("fp32", "bf16", "fp16")]
 
@@ -125,7 +125,7 @@ def test_the_plan_declines_what_the_kernel_does_not_compute(folder):
     other.h[1].mlp.dense_h_to_4h = nn.Linear(160, 640)  # a layer the kernel does not know
     assert plan(other, 1) is None
     split = load_pretrained(folder)
-    split.h[0].self_attention.head_offset = 2  # heads split over processes (bloom.parallel)
+    split.h[0].self_attention.head_offset = 2  # heads split over processes (bloom.scale.parallel)
     assert plan(split, 1) is None
     transposed = nn.Parameter(torch.randn(640, 160).bfloat16().t())  # (160, 640), not contiguous
     for change in (

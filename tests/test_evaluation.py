@@ -1,4 +1,4 @@
-"""`bloom.evaluation.BloomLM` and `bloom evaluate` against the harness's own transformers adapter (HFLM).
+"""`bloom.research.evaluation.BloomLM` and `bloom evaluate` against the harness's own transformers adapter (HFLM).
 
 The harness's hub datasets cannot be fetched here, so three tasks are written at test time from local JSON
 files (`dataset_path: json`): a multiple-choice task (loglikelihood), a rolling-perplexity task
@@ -19,8 +19,8 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from bloom import load_pretrained, load_tokenizer  # noqa: E402
-from bloom.evaluation import BloomLM  # noqa: E402
-from bloom.probe import patch, zero_head  # noqa: E402
+from bloom.research.evaluation import BloomLM  # noqa: E402
+from bloom.research.probe import patch, zero_head  # noqa: E402
 
 MAX_LENGTH = 32
 TASKS = ["tiny_mc", "tiny_rolling", "tiny_gen"]
@@ -192,14 +192,14 @@ def test_bad_arguments(tiny_model_folder):
 
 
 def test_import_bloom_does_not_import_the_harness():
-    code = "import sys, bloom, bloom.cli; sys.exit('lm_eval' in sys.modules)"
+    code = "import sys, bloom, bloom.command_line.cli; sys.exit('lm_eval' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
 def test_evaluate_command(tiny_model_folder, task_folder, reference, local_tasks_only, tmp_path, capsys):
     """`bloom evaluate` in-process on two local tasks, --limit 3: the table, the JSON file, the harness's
     accuracy over the same three documents."""
-    from bloom.cli import main
+    from bloom.command_line.cli import main
 
     output = tmp_path / "results.json"
     argv = ["evaluate", "--model", str(tiny_model_folder), "--tasks", "tiny_mc,tiny_gen", "--limit", "3",
@@ -225,7 +225,7 @@ def local_tasks_only(monkeypatch):
 
 
 def test_evaluate_command_help_and_bad_tasks(task_folder, local_tasks_only, capsys, tmp_path):
-    from bloom.cli import main
+    from bloom.command_line.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["evaluate", "--help"])
@@ -254,7 +254,7 @@ def test_evaluate_command_help_and_bad_tasks(task_folder, local_tasks_only, caps
     ],
 )
 def test_evaluate_command_checks_its_files_before_the_run(local_tasks_only, capsys, tmp_path, extra, message):
-    from bloom.cli import main
+    from bloom.command_line.cli import main
 
     extra = [arg.format(tmp=tmp_path) for arg in extra]
     argv = ["evaluate", "--model", str(tmp_path / "nowhere"), "--tasks", "tiny_mc", *extra]
@@ -265,7 +265,7 @@ def test_evaluate_command_checks_its_files_before_the_run(local_tasks_only, caps
 
 
 def test_evaluate_command_with_int8_weights(tiny_model_folder, task_folder, local_tasks_only, capsys):
-    from bloom.cli import main
+    from bloom.command_line.cli import main
 
     argv = ["evaluate", "--model", str(tiny_model_folder), "--tasks", "tiny_mc", "--limit", "2",
             "--include-path", str(task_folder), "--quantize", "int8"]  # fmt: skip
@@ -274,10 +274,10 @@ def test_evaluate_command_with_int8_weights(tiny_model_folder, task_folder, loca
 
 
 def test_evaluate_command_without_the_harness(tiny_model_folder, capsys, monkeypatch):
-    from bloom.cli import main
+    from bloom.command_line.cli import main
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
-    monkeypatch.delitem(sys.modules, "bloom.evaluation")
+    monkeypatch.delitem(sys.modules, "bloom.research.evaluation")
     with pytest.raises(SystemExit) as exit_:
         main(["evaluate", "--model", str(tiny_model_folder), "--tasks", "tiny_mc"])
     assert exit_.value.code == 2

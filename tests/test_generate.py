@@ -9,8 +9,8 @@ from tiny_checkpoint import left_padded, random_hf_bloom, save_transformers
 
 import bloom.memory
 from bloom import load_pretrained
-from bloom.decoder import MIN_CAPACITY, Decoder
-from bloom.generate import apply_repetition_penalty, generate, sample, top_k_filter, top_p_filter
+from bloom.generation.decoder import MIN_CAPACITY, Decoder
+from bloom.generation.generate import apply_repetition_penalty, generate, sample, top_k_filter, top_p_filter
 from bloom.kv_cache import KVCache
 
 PAD = 3
@@ -147,7 +147,7 @@ def test_many_compiled_decoders(models):
 
 def test_compiled_decoder_follows_weight_edits_and_refuses_hooks(tmp_path):
     """Freezing copies the weights into the compiled step: after an in-place edit it must not compute the old model."""
-    from bloom.probe import record
+    from bloom.research.probe import record
 
     model = load_pretrained(save_transformers(random_hf_bloom(), tmp_path))
     decoder = Decoder(model, 2, 30, compile=True)
@@ -364,7 +364,7 @@ def test_a_decoder_is_free_again_after_a_failed_call(models):
         (dict(attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])), "row 1 of the batch ends in padding"),
         (dict(decoder="small"), "at least 14 slots"),
         (dict(decoder="other model"), "another model"),
-        (dict(decoder=object()), "decoder must be a bloom.decoder.Decoder, got object"),
+        (dict(decoder=object()), "decoder must be a bloom.Decoder, got object"),
         (dict(attention_mask=torch.ones(1, 3, dtype=torch.long)), "attention_mask"),
         (dict(repetition_penalty=1e-101), r"repetition_penalty .* within \[1e-100, 1e\+100\], got 1e-101"),
         (dict(repetition_penalty="2"), "repetition_penalty must be a number, got '2'"),

@@ -11,9 +11,9 @@ from hub_cache import put_in_hub_cache
 from safetensors.torch import save_file
 from tiny_checkpoint import bigscience_state, random_hf_bloom, save_bigscience, save_transformers
 
-import bloom.loader
+import bloom.checkpoints.loader
 from bloom import Bloom, load_pretrained
-from bloom.loader import weight_files
+from bloom.checkpoints.loader import weight_files
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +274,7 @@ def test_config_sizes_that_the_weights_contradict_are_refused_before_building(sh
     def no_model(config):
         raise AssertionError("a model was built before the config was checked against the weights")
 
-    monkeypatch.setattr(bloom.loader, "Bloom", no_model)
+    monkeypatch.setattr(bloom.checkpoints.loader, "Bloom", no_model)
     with pytest.raises(ValueError, match=rf"{re.escape(str(config_path))}: {message}"):
         load_pretrained(sharded)
 
@@ -355,7 +355,7 @@ def test_revision_with_a_local_folder(sharded):
 
 def test_cast_in_chunks_of_rows(tmp_path, hf_model, ids, monkeypatch):
     """A cast reads a few rows at a time; the chunks must tile every tensor exactly."""
-    monkeypatch.setattr(bloom.loader, "READ_CHUNK_BYTES", 7 * 48 * 4)  # 7 rows of the embedding, in its fp32 cast
+    monkeypatch.setattr(bloom.checkpoints.loader, "READ_CHUNK_BYTES", 7 * 48 * 4)  # 7 rows of the fp32 embedding
     folder = save_bigscience(hf_model, tmp_path, dtype=torch.bfloat16)
     model = load_pretrained(folder, dtype="fp32")
     reference = {k: v.float() for k, v in bigscience_state(hf_model, torch.bfloat16).items()}

@@ -13,10 +13,10 @@ from tiny_checkpoint import left_padded, random_hf_bloom, save_transformers
 
 from bloom import generate, load_pretrained, matvec
 from bloom.config import BloomConfig
-from bloom.decode_step import plan
-from bloom.decoder import Decoder
+from bloom.generation.decode_step import plan
+from bloom.generation.decoder import Decoder
 from bloom.model import Attention, CausalMask, Linear, alibi_bias, alibi_slopes, bloom_gelu
-from bloom.quantize import quantize_rows
+from bloom.scale.quantize import quantize_rows
 
 
 def ulp(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -11,9 +11,10 @@ from browser import Browser, find_chromium, in_ci
 from PIL import Image, ImageStat
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
-from bloom import Bloom, BloomConfig, page
-from bloom.lens import logit_lens
-from bloom.probe import record
+from bloom import Bloom, BloomConfig
+from bloom.research import page
+from bloom.research.lens import logit_lens
+from bloom.research.probe import record
 
 N_LAYER, N_HEAD, T = 3, 8, 14
 
@@ -135,7 +136,7 @@ def test_placeholders_in_the_prompt_and_tokens_stay_text(tmp_path):
     import json
     import re
 
-    from bloom import page
+    from bloom.research import page
 
     tokens = ["__TITLE__", "__DATA__"]
     attention = torch.softmax(torch.randn(1, 2, 2, 2), dim=-1)  # (n_layer, nh, T, T)

@@ -10,7 +10,7 @@ from test_quantize import RMS_BOUND
 from tiny_checkpoint import random_hf_bloom, save_bigscience
 
 from bloom import Bloom, BloomConfig, generate, load_pretrained
-from bloom.parallel import split_heads
+from bloom.scale.parallel import split_heads
 
 WORKER = str(Path(__file__).parent / "tp_worker.py")
 

@@ -8,7 +8,7 @@ from tiny_checkpoint import random_hf_bloom, save_transformers
 
 import bloom.model
 from bloom import load_pretrained
-from bloom.perplexity import perplexity, sliding_windows
+from bloom.research.perplexity import perplexity, sliding_windows
 
 WINDOWS = [(100, 32, 8), (100, 32, 32), (31, 32, 16), (2, 4, 1), (257, 50, 49)]  # (n_tokens, context, stride)
 

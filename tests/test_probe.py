@@ -1,13 +1,13 @@
-"""Recording and editing a forward pass through bloom.probe, and the logit lens."""
+"""Recording and editing a forward pass through bloom.research.probe, and the logit lens."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from bloom import Bloom, BloomConfig
-from bloom.lens import logit_lens
 from bloom.model import alibi_slopes
-from bloom.probe import patch, record, zero_head
+from bloom.research.lens import logit_lens
+from bloom.research.probe import patch, record, zero_head
 
 
 @pytest.fixture(scope="module")

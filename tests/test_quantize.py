@@ -4,10 +4,10 @@ import pytest
 import torch
 from tiny_checkpoint import random_hf_bloom, save_bigscience, save_transformers
 
-import bloom.loader
+import bloom.checkpoints.loader
 from bloom import generate, load_pretrained
 from bloom.model import TiedEmbedding
-from bloom.quantize import Int8Embedding, Int8Linear, int8_matmul, quantize_int8, quantize_rows
+from bloom.scale.quantize import Int8Embedding, Int8Linear, int8_matmul, quantize_int8, quantize_rows
 
 # Bounds measured on these tiny checkpoints (seeds 0-5, 32 prompts of 16 tokens), with headroom, the embedding
 # (also the LM head) and the blocks' linear layers in int8:
@@ -91,7 +91,7 @@ def test_int8_halves_memory_and_stays_within_the_bound(tmp_path, seed):
 
 def test_quantizing_while_loading_equals_quantizing_the_loaded_model(tmp_path, monkeypatch):
     folder = save_bigscience(random_hf_bloom(hidden_size=64, n_head=8, n_layer=2), tmp_path, dtype=torch.float16)
-    monkeypatch.setattr(bloom.loader, "READ_CHUNK_BYTES", 1000)  # several chunks of rows per weight
+    monkeypatch.setattr(bloom.checkpoints.loader, "READ_CHUNK_BYTES", 1000)  # several chunks of rows per weight
     loaded = load_pretrained(folder, dtype="bf16", quantize="int8").state_dict()
     afterwards = quantize_int8(load_pretrained(folder, dtype="bf16")).state_dict()
     assert loaded.keys() == afterwards.keys()

@@ -7,10 +7,10 @@ import torch
 from tiny_checkpoint import left_padded, random_hf_bloom, save_transformers
 
 from bloom import Bloom, BloomConfig, generate, load_pretrained
-from bloom.attribution import direct_logit_attribution, residual_components
-from bloom.patching import activation_patching, attribution_patching
-from bloom.probe import record
-from bloom.weights import head_weights, ov_circuit, qk_circuit
+from bloom.research.attribution import direct_logit_attribution, residual_components
+from bloom.research.patching import activation_patching, attribution_patching
+from bloom.research.probe import record
+from bloom.research.weights import head_weights, ov_circuit, qk_circuit
 
 N_LAYER, N_HEAD, C, V = 3, 6, 48, 320
 HD = C // N_HEAD
@@ -366,7 +366,7 @@ def test_recording_across_generate_concatenates_to_a_full_forward(models):
 def test_research_tools_refuse_int8_weights_by_name(tmp_path):
     """int8 layers hold no float matrices to view and have no backward: each tool says so instead of returning
     the raw int8 values or failing inside autograd."""
-    from bloom.quantize import quantize_int8
+    from bloom.scale.quantize import quantize_int8
 
     model = quantize_int8(Bloom(BloomConfig(vocab_size=64, hidden_size=64, n_layer=1, n_head=2)).to(torch.bfloat16))
     ids = torch.randint(0, 64, (1, 5))

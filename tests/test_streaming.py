@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bloom import generate, load_pretrained, load_tokenizer, stream
-from bloom.streaming import INCOMPLETE, TextStream
+from bloom.generation.streaming import INCOMPLETE, TextStream
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_stream_refuses_a_streamer_and_unknown_arguments(tiny_model_folder, toke
 def test_two_interleaved_streams_on_one_decoder(tiny_model_folder, tokenizer):
     """Both streams would write into the decoder's one cache: the second is refused while the first is open,
     the first still yields the text it yields alone, and a stream closed early hands the decoder back."""
-    from bloom.decoder import Decoder
+    from bloom.generation.decoder import Decoder
 
     model = load_pretrained(tiny_model_folder)
     decoder = Decoder(model, 1)

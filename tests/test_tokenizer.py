@@ -9,7 +9,7 @@ import torch
 from hub_cache import put_in_hub_cache
 from tiny_tokenizer import build_tiny_tokenizer
 
-from bloom.tokenizer import BloomTokenizer, load_tokenizer
+from bloom.checkpoints.tokenizer import BloomTokenizer, load_tokenizer
 
 TEXTS = [
     "Hello, world!",

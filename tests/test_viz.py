@@ -11,7 +11,7 @@ import pytest
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from bloom import viz
+from bloom.research import viz
 
 WORDS = "The quick brown fox jumps over the lazy dog while Schwarzwälder cherry cakes wait on the sill".split()
 

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from bloom import generate, load_pretrained
-from bloom.decoder import Decoder
-from bloom.parallel import shared_seed
+from bloom.generation.decoder import Decoder
+from bloom.scale.parallel import shared_seed
 
 folder, out, dtype = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 quantize = sys.argv[4] if len(sys.argv) > 4 else None

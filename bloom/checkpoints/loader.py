@@ -33,11 +33,11 @@ import torch.distributed as dist
 from huggingface_hub.utils import tqdm
 from safetensors import SafetensorError, safe_open
 
+from bloom.checkpoints.hub import resolve_folder
 from bloom.config import BloomConfig, read_json
-from bloom.hub import resolve_folder
 from bloom.model import Bloom
-from bloom.parallel import split_heads
-from bloom.quantize import Int8Embedding, Int8Linear, quantize_int8, quantize_rows
+from bloom.scale.parallel import split_heads
+from bloom.scale.quantize import Int8Embedding, Int8Linear, quantize_int8, quantize_rows
 
 PREFIX = "transformer."
 LM_HEAD = "lm_head.weight"
@@ -88,10 +88,10 @@ def load_pretrained(
         default: safetensors files never run code, pickles might.
     progress: show a progress bar over the tensors while they are read.
     quantize: "int8" stores the word embedding (also the LM head) and the blocks' linear weights as int8
-        with a scale per row (`bloom.quantize`): half their bf16 bytes. Each weight is quantized as soon as
+        with a scale per row (`bloom.scale.quantize`): half their bf16 bytes. Each weight is quantized as soon as
         it is read, so the unquantized weights are never all in memory at once.
     tensor_parallel: split every block's heads and MLP over the processes of the initialised
-        torch.distributed group (`bloom.parallel`); each process reads only its slices of the files.
+        torch.distributed group (`bloom.scale.parallel`); each process reads only its slices of the files.
     """
     target_dtype = None if dtype is None else parse_dtype(dtype)
     if quantize not in (None, "int8"):

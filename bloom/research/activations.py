@@ -1,7 +1,7 @@
 """Activations of a long text, written to disk as they are computed: `export` and `load`.
 
 The text's tokens are cut into consecutive windows of `context` tokens (the last one shorter), each token
-in exactly one window, and the windows run `batch_size` at a time. For every named point (`bloom.probe`
+in exactly one window, and the windows run `batch_size` at a time. For every named point (`bloom.research.probe`
 names: "h.11", "h.*.mlp.act", "h.3.self_attention.context") each token gets one row: points of shape
 (B, T, D) give their D features, per-head points (B, nh, T, hd) their heads side by side (nh·hd features,
 head 0 first). Attention probabilities are refused: their width depends on the window.
@@ -32,7 +32,7 @@ from huggingface_hub.utils import tqdm
 from bloom.config import read_json
 from bloom.memory import check_attention_fits
 from bloom.model import Bloom
-from bloom.probe import find_all, is_per_head, record
+from bloom.research.probe import find_all, is_per_head, record
 
 INDEX = "index.json"
 TOKENS = "tokens"

@@ -6,11 +6,11 @@ depending on the machine's moment).
 
 The Decoder plans it (`plan`) when a prompt is run, from the model's layers as they are then, and takes it for each
 step while it `applies`: an eager CPU decoder with the kernels, outside autograd, a model made of bloom's own layers
-(bf16, fp16 or fp32, or int8 from bloom.quantize; not split over processes by bloom.parallel) whose tensors are the
-kernel's shapes, dtype and layout, few enough rows for the kernels (bloom.matvec.max_rows), no forward hook
-anywhere (a probe sees the model's own forward, module by module), and the same tensors as when it was planned (a
-layer or weight replaced since then sends the rest of the generation through the model). Otherwise the step goes
-through the model.
+(bf16, fp16 or fp32, or int8 from bloom.scale.quantize; not split over processes by bloom.scale.parallel) whose
+tensors are the kernel's shapes, dtype and layout, few enough rows for the kernels (bloom.matvec.max_rows), no
+forward hook anywhere (a probe sees the model's own forward, module by module), and the same tensors as when it was
+planned (a layer or weight replaced since then sends the rest of the generation through the model). Otherwise the
+step goes through the model.
 """
 
 import math
@@ -21,7 +21,7 @@ from torch import nn
 from bloom import matvec
 from bloom.kv_cache import KVCache
 from bloom.model import Bloom, Linear, alibi_bias, alibi_slopes, causal_mask
-from bloom.quantize import Int8Linear
+from bloom.scale.quantize import Int8Linear
 
 
 class DecodeStep:

@@ -4,7 +4,7 @@ A reader picks a layer and a head and sees its attention pattern with the token 
 the exact probability, and switches to the head's ALiBi bias or to the logit lens. The page is
 `page.html` beside this module (plain HTML, CSS and JavaScript); `write` fills in its data: the attention
 probabilities and the logit lens's top-k as base64 float32 (exact, and 4 bytes a number before encoding),
-the slopes, the token labels. Heads and layers are numbered from 0, as in `bloom.probe` names.
+the slopes, the token labels. Heads and layers are numbered from 0, as in `bloom.research.probe` names.
 
 The page holds every head's probabilities: 4·n_layer·nh·T² bytes, a third more in base64 (bloom-560m at
 100 tokens: 20 MB; bloom at 100 tokens: 70 layers of 112 heads, 420 MB, too much for a browser tab).

@@ -17,7 +17,7 @@ The circuits of a head are products of two of these ((C, C) each: computed, not 
 import torch
 
 from bloom.model import Bloom
-from bloom.probe import refuse_int8
+from bloom.research.probe import refuse_int8
 
 
 def head_weights(model: Bloom, layer: int) -> dict[str, torch.Tensor]:

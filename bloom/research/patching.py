@@ -1,7 +1,7 @@
 """Which activations matter for a behaviour: patch a clean run's activations into a corrupted run.
 
 Both sweeps take a clean prompt and a corrupted one of the same length (1, T), a metric of the logits, and
-probe patterns naming the points to sweep (bloom.probe). For each matching point and each position t they
+probe patterns naming the points to sweep (bloom.research.probe). For each matching point and each position t they
 answer: how much does the metric move when the corrupted run gets the clean run's activation at (point, t)?
 Points with a head axis (`self_attention.q/k/v/scores/probs/context`, (B, nh, T, ...)) are swept per head too.
 
@@ -24,7 +24,7 @@ from huggingface_hub.utils import tqdm
 
 from bloom.config import is_integer
 from bloom.model import Bloom
-from bloom.probe import find_all, is_per_head, patch, record
+from bloom.research.probe import find_all, is_per_head, patch, record
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 

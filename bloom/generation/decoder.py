@@ -9,8 +9,9 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch
 import torch._inductor.config as inductor_config
 
-from bloom import decode_step, matvec
+from bloom import matvec
 from bloom.config import is_integer
+from bloom.generation import decode_step
 from bloom.kv_cache import KVCache
 from bloom.memory import check_fits
 from bloom.model import Bloom
@@ -55,14 +56,14 @@ class Decoder:
       block. The caches' tensors are marked as static addresses, so the graph writes into them in place
       instead of copying them in (a graph may only mutate such inputs); a graph is recorded once per cache.
       The logits a step returns live in the graph's memory and are overwritten by the next step.
-    A compiled step does not run forward hooks, so probing (bloom.probe) needs an eager decoder.
+    A compiled step does not run forward hooks, so probing (bloom.research.probe) needs an eager decoder.
 
     On the CPU an eager decoder sends a step's products of few rows (bloom.matvec.max_rows: up to 96 in bf16,
     128 in int8, any number in fp32 and fp16), the LM head of a prefill, the one-query attention and the GeLU to
     bloom.matvec's kernels (`matvec_kernels`, default True): they read the weights at nearly the machine's
     bandwidth, 1.6-2x faster than torch's matmul in bf16, and differ from torch by float32 rounding. Each
-    prefill also plans `fused_step` (bloom.decode_step): while no forward hook is registered, a step runs each
-    block as one kernel call instead of through its modules, the same computation without ~2 ms of Python.
+    prefill also plans `fused_step` (bloom.generation.decode_step): while no forward hook is registered, a step runs
+    each block as one kernel call instead of through its modules, the same computation without ~2 ms of Python.
     On a CPU without AVX-512 BF16 the kernels are portable loops that torch's matmul outruns: there the products,
     the LM head included, stay torch's and no block step is planned; the attention and the GeLU still go to them.
     matvec_kernels=False keeps torch's ops: each step's logits are then transformers' own, and `generate` takes its

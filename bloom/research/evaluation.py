@@ -29,11 +29,11 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from bloom.checkpoints.loader import load_pretrained
+from bloom.checkpoints.tokenizer import BloomTokenizer, left_pad, load_tokenizer
 from bloom.config import is_integer
-from bloom.generate import generate_steps
-from bloom.loader import load_pretrained
+from bloom.generation.generate import generate_steps
 from bloom.model import Bloom
-from bloom.tokenizer import BloomTokenizer, left_pad, load_tokenizer
 
 MAX_LENGTH = 2048  # tokens per forward pass: BLOOM's training context, and the harness's default
 MAX_GEN_TOKS = 256  # new tokens when a task does not say (HFLM's default)

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from bloom.checkpoints.hub import resolve_folder
 from bloom.config import read_json
-from bloom.hub import resolve_folder
 
 TOKENIZER_FILE = "tokenizer.json"
 # Read in this order; a later file overrides an earlier one, as in transformers.

@@ -25,7 +25,7 @@ When decoding, S is the KV cache's length, and the scores of slots not yet writt
 them); `record(..., every_call=True)` keeps the prefill's and every step's tensors, whose T axes concatenate to
 what one forward pass over the whole sequence records.
 Under tensor parallelism (`--tp`) each process holds its own heads, and head numbers count within the process.
-The research tools (bloom.weights, bloom.attribution, bloom.patching; docs/research.md) are built on these points.
+The research tools beside this module (weights, attribution, patching; docs/research.md) are built on these points.
 
     with record(model, "h.*", "h.*.self_attention.probs") as seen:
         model(ids)

@@ -11,9 +11,9 @@ from contextlib import closing
 
 import torch
 
-from bloom.generate import generate, generate_steps
+from bloom.checkpoints.tokenizer import BloomTokenizer
+from bloom.generation.generate import generate, generate_steps
 from bloom.model import Bloom
-from bloom.tokenizer import BloomTokenizer
 
 INCOMPLETE = "\ufffd"  # what the byte-level decoder gives for a character whose bytes are not all there
 

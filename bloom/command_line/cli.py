@@ -11,10 +11,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import bloom.activations
-import bloom.bench
-from bloom import page, viz
-from bloom.arguments import (
+import bloom.command_line.bench
+import bloom.research.activations
+from bloom.checkpoints.hub import resolve_folder
+from bloom.checkpoints.loader import DTYPES, checkpoint_patterns, is_complete, load_config, load_pretrained
+from bloom.checkpoints.tokenizer import CONFIG_FILES, TOKENIZER_FILE, BloomTokenizer, load_tokenizer
+from bloom.command_line.arguments import (
     USER_ERRORS,
     CommandParser,
     check_prompts,
@@ -27,18 +29,16 @@ from bloom.arguments import (
     read_text,
     seed,
 )
-from bloom.decoder import Decoder
-from bloom.generate import check_sampling, generate
-from bloom.hub import resolve_folder
-from bloom.lens import logit_lens
-from bloom.loader import DTYPES, checkpoint_patterns, is_complete, load_config, load_pretrained
+from bloom.generation.decoder import Decoder
+from bloom.generation.generate import check_sampling, generate
+from bloom.generation.streaming import TextStream
 from bloom.memory import check_attention_fits
 from bloom.model import Bloom
-from bloom.parallel import join_process_group, shared_seed
-from bloom.perplexity import perplexity
-from bloom.probe import record
-from bloom.streaming import TextStream
-from bloom.tokenizer import CONFIG_FILES, TOKENIZER_FILE, BloomTokenizer, load_tokenizer
+from bloom.research import page, viz
+from bloom.research.lens import logit_lens
+from bloom.research.perplexity import perplexity
+from bloom.research.probe import record
+from bloom.scale.parallel import join_process_group, shared_seed
 
 MAX_NEW_TOKENS = 64
 CONTEXT, STRIDE, BATCH_SIZE = 1024, 512, 4
@@ -148,10 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         "activations",
         help="write the activations of a long text at named points, for probes and sparse autoencoders",
         description="Cut a UTF-8 text into consecutive windows of --context tokens (the last one shorter), run "
-        "them --batch-size at a time, and write every token's row at each --points name (bloom.probe names, "
+        "them --batch-size at a time, and write every token's row at each --points name (bloom.research.probe names, "
         "wildcards allowed: h.11, h.*.mlp.act, h.3.self_attention.context) into --out: one safetensors file per "
         "point (rows in the model's --dtype), the token ids, and index.json. Streams to disk; run the same "
-        "command again to resume an interrupted export. Read it back with bloom.activations.load(folder, point).",
+        "command again to resume an interrupted export. Read it back with "
+        "bloom.research.activations.load(folder, point).",
     )
     add_model_arguments(acts)
     acts.add_argument("--file", type=Path, required=True, help="the text")
@@ -181,16 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench",
         help="measure load time, memory, prefill and decode speed against transformers",
-        description=bloom.bench.__doc__,
+        description=bloom.command_line.bench.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    bloom.bench.add_bench_arguments(bench)
-    bench.set_defaults(run=bloom.bench.run)
+    bloom.command_line.bench.add_bench_arguments(bench)
+    bench.set_defaults(run=bloom.command_line.bench.run)
 
     evaluate = commands.add_parser(
         "evaluate",
         help="score the model on lm-evaluation-harness tasks (needs lm-eval)",
-        description="Run EleutherAI's lm-evaluation-harness on the model (bloom.evaluation.BloomLM) and print "
+        description="Run EleutherAI's lm-evaluation-harness on the model (bloom.research.evaluation.BloomLM) and print "
         "its results table. Task names are the harness's (lambada_openai, hellaswag, piqa, ...) or those of "
         "task YAML files in --include-path. Install the harness with: pip install -e '.[eval]'",
     )
@@ -332,11 +333,11 @@ def run_perplexity(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 def run_activations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     text = read_text(args.file, "--file")
     with torch.device("meta"):  # the point names depend on the layer count: checked before the weights are read
-        bloom.activations.point_names(Bloom(load_config(args.model, revision=args.revision)), args.points)
+        bloom.research.activations.point_names(Bloom(load_config(args.model, revision=args.revision)), args.points)
     output_folder(args.out, "--out")
     model, tokenizer, _ = load(args)
     token_ids = tokenizer.encode(text)[: args.max_tokens]
-    out = bloom.activations.export(
+    out = bloom.research.activations.export(
         model, token_ids, args.points, args.out, context=args.context, batch_size=args.batch_size,
         model_name=args.model, progress=True,
     )  # fmt: skip
@@ -395,7 +396,7 @@ def run_evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         import lm_eval.tasks
         import lm_eval.utils
 
-        from bloom.evaluation import BloomLM
+        from bloom.research.evaluation import BloomLM
     except ImportError as error:
         raise ValueError(f"bloom evaluate runs lm-evaluation-harness ({error}): pip install -e '.[eval]'") from None
     tasks = [task for task in args.tasks.split(",") if task]

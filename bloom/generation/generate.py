@@ -9,7 +9,7 @@ choice (ties shared evenly), never a float32 infinity. No step waits on the host
 prompt are checked once per call, whether every row has finished is checked every `EOS_CHECK_EVERY` steps
 (every step when streaming), and the columns generated after the last row finished are dropped at the end.
 
-Memory follows the tokens generated, not `max_new_tokens` (bloom.decoder.Decoder grows the KV cache by
+Memory follows the tokens generated, not `max_new_tokens` (bloom.generation.decoder.Decoder grows the KV cache by
 doubling), so a large `max_new_tokens` costs nothing until it is used. Prompts longer than BLOOM's 2,048
 training positions run: ALiBi has no position table to run out of and extrapolates, but whether the text stays
 good that far is the user's question. The prefill's attention takes memory linear in the prompt length
@@ -25,7 +25,7 @@ import torch
 
 from bloom import matvec
 from bloom.config import is_integer
-from bloom.decoder import Decoder
+from bloom.generation.decoder import Decoder
 from bloom.memory import check_attention_fits
 from bloom.model import Bloom
 
@@ -199,7 +199,7 @@ def generate_steps(
     if decoder is None:
         decoder = Decoder(model, B, T + max_new_tokens)
     elif not isinstance(decoder, Decoder):
-        raise ValueError(f"decoder must be a bloom.decoder.Decoder, got {type(decoder).__name__}")
+        raise ValueError(f"decoder must be a bloom.Decoder, got {type(decoder).__name__}")
     elif decoder.model is not model:
         raise ValueError("this decoder was made for another model")
     elif decoder.batch_size != B or (decoder.max_len is not None and decoder.max_len < T + max_new_tokens):

@@ -1,6 +1,6 @@
 """`bloom bench`: load time, memory, prefill and decode speed, ours and transformers' side by side.
 
-Each measurement runs in a fresh process (`python -m bloom.bench --worker ...`), alternating the two
+Each measurement runs in a fresh process (`python -m bloom.command_line.bench --worker ...`), alternating the two
 implementations, so neither inherits the other's memory or caches; the checkpoint's files are read once before
 each (when they fit in half the free memory), so that every load finds them in the OS's page cache. Speed does
 not depend on the weights' values, so `--shape bloom-560m` builds a random checkpoint of that shape in the
@@ -25,11 +25,11 @@ import torch
 from safetensors.torch import save_file
 
 from bloom import matvec
-from bloom.arguments import USER_ERRORS, CommandParser, device, fail, int_at_least, positive_int
+from bloom.checkpoints.loader import DTYPES, load_pretrained, weight_files
+from bloom.command_line.arguments import USER_ERRORS, CommandParser, device, fail, int_at_least, positive_int
 from bloom.config import PRESETS, BloomConfig
-from bloom.decoder import Decoder
-from bloom.generate import generate
-from bloom.loader import DTYPES, load_pretrained, weight_files
+from bloom.generation.decoder import Decoder
+from bloom.generation.generate import generate
 from bloom.memory import available_memory
 from bloom.model import Bloom
 
@@ -216,9 +216,9 @@ def read_into_page_cache(folder: Path) -> int:
 
 
 def run_worker(impl: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, "-m", "bloom.bench", "--worker", impl, "--model", str(args.model), "--dtype", args.dtype,
-               "--device", args.device, "--batch-size", str(args.batch_size), "--prompt-len", str(args.prompt_len),
-               "--new-tokens", str(args.new_tokens), "--reps", str(args.reps),
+    command = [sys.executable, "-m", "bloom.command_line.bench", "--worker", impl, "--model", str(args.model),
+               "--dtype", args.dtype, "--device", args.device, "--batch-size", str(args.batch_size),
+               "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--reps", str(args.reps),
                "--compile" if args.compile else "--no-compile"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:  # its traceback's last line says what failed; the command shows the rest
@@ -363,7 +363,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=positive_int, default=2, help="timed repetitions per process (default 2)")
     parser.add_argument("--runs", type=positive_int, default=2, help="fresh processes per implementation (default 2)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="ours decodes with a compiled step (bloom.decoder.Decoder); default: eager")  # fmt: skip
+                        help="ours decodes with a compiled step (bloom.Decoder); default: eager")  # fmt: skip
     parser.add_argument("--quantize", choices=["int8"], help="also measure ours with int8 weights (ours-int8), "
                         "beside ours in the checkpoint's dtype")  # fmt: skip
 

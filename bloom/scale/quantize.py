@@ -18,7 +18,7 @@ from torch import nn
 
 from bloom import matvec
 from bloom.model import Bloom
-from bloom.parallel import RowParallelLinear
+from bloom.scale.parallel import RowParallelLinear
 
 # torch's CPU kernel that multiplies bf16 activations by an int8 weight without converting the weight:
 # 2-3x faster than a bf16 matmul for up to ~16 rows (a decode step), slower beyond, slow in fp16 and fp32.

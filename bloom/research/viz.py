@@ -2,7 +2,7 @@
 
 Each function returns a matplotlib Figure laid out in inches so that nothing overlaps at any number of heads
 (bloom-560m's 16, bloom-7b1's 32, bloom's 112) or tokens; `save` writes it as a PNG of exactly its size.
-Heads and layers are numbered from 0, as in `bloom.probe` names ("h.0", head 0). Every heat map has a
+Heads and layers are numbered from 0, as in `bloom.research.probe` names ("h.0", head 0). Every heat map has a
 colour bar with its scale; panels of one figure share it.
 
 - Heat map panels are PANEL_MIN to PANEL_MAX inches square, growing with the tokens (PANEL_PER_TOKEN each).

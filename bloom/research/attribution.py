@@ -10,14 +10,14 @@ full residual's. ln_f(x) = γ ⊙ (x − mean x) / std(x) + β is linear in x on
 std taken from the whole residual each component c contributes γ ⊙ (c − mean c) / std · u to the logit
 u·ln_f(x) (u the token's unembedding row), and these plus β·u sum to the logit. The attribution is exact as a
 decomposition of this run's logit; what it is not is the effect of removing a component, which would also
-change std (use bloom.patching for effects).
+change std (use bloom.research.patching for effects).
 """
 
 import torch
 
 from bloom.model import Bloom
-from bloom.probe import record
-from bloom.weights import head_weights
+from bloom.research.probe import record
+from bloom.research.weights import head_weights
 
 
 def residual_components(

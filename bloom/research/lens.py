@@ -3,7 +3,7 @@
 import torch
 
 from bloom.model import Bloom
-from bloom.probe import record
+from bloom.research.probe import record
 
 
 @torch.inference_mode()
