@@ -49,4 +49,23 @@ def resolve_folder(
     try:
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns))
     except (HfHubHTTPError, LocalEntryNotFoundError) as error:  # a mistyped local path lands here too
-        raise FileNotFoundError(f"{repo_id}: no such local folder, and the hub did not provide it ({error})") from None
+        network = network_error(error)
+        why = (
+            f"the huggingface hub is unreachable ({type(network).__name__}: {network})"
+            if network is not None
+            else f"the hub did not provide it ({' '.join(str(error).split())})"  # on one line
+        )
+        raise FileNotFoundError(f"{repo_id}: no such local folder, and {why}") from None
+
+
+def network_error(error: BaseException) -> BaseException | None:
+    """The failed connection (or huggingface_hub's offline mode) behind `error`, if there is one."""
+    names = {"ConnectionError", "TransportError", "TimeoutError", "OfflineModeIsEnabled"}
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        from_a_network_library = type(error).__module__ != "builtins"  # not a pipe or a local socket
+        if from_a_network_library and names & {cls.__name__ for cls in type(error).__mro__}:
+            return error
+        error = error.__cause__ or error.__context__
+    return None

@@ -17,6 +17,8 @@ from typing import NoReturn
 
 import torch
 
+from bloom.checkpoints.hub import network_error
+
 # Raised for what the user typed or pointed at: reported as `bloom CMD: error: ...`, exit status 2, no
 # traceback. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError, MemoryError)  # MemoryError: our estimates, before allocating
@@ -87,7 +89,7 @@ def fail(command: argparse.ArgumentParser, error: Exception) -> NoReturn:
     message = in_flags(str(error), command) if isinstance(error, ValueError) else str(error)
     network = network_error(error)
     if network is not None and "unreachable" not in message:
-        message += f"\nthe huggingface hub is unreachable ({type(network).__name__}: {network})"
+        message += f"; the huggingface hub is unreachable ({type(network).__name__}: {network})"
     command.error(message)
 
 
@@ -119,19 +121,6 @@ def in_flags(message: str, command: argparse.ArgumentParser) -> str:
         return f"{flag} {value}"
 
     return pattern.sub(as_flag, message)
-
-
-def network_error(error: BaseException) -> BaseException | None:
-    """The failed connection (or huggingface_hub's offline mode) behind `error`, if there is one."""
-    names = {"ConnectionError", "TransportError", "TimeoutError", "OfflineModeIsEnabled"}
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        from_a_network_library = type(error).__module__ != "builtins"  # not a pipe or a local socket
-        if from_a_network_library and names & {cls.__name__ for cls in type(error).__mro__}:
-            return error
-        error = error.__cause__ or error.__context__
-    return None
 
 
 # Value types: argparse reports their errors as `argument --flag: ...`.
