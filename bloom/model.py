@@ -144,7 +144,7 @@ class Attention(nn.Module):
     def __init__(self, config: BloomConfig) -> None:
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.head_dim
-        self.head_offset = 0  # this module's first head; not 0 when heads are split over processes (scale/parallel)
+        self.head_offset = 0  # this module's first head; not 0 when heads are split (bloom.scale.parallel)
         self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = Linear(config.hidden_size, config.hidden_size)
         self.q, self.k, self.v, self.scores, self.probs, self.context = (Tap() for _ in range(6))

@@ -114,7 +114,10 @@ def test_attention_that_cannot_fit_is_refused_before_any_output(command, cli, ti
 
 @pytest.mark.parametrize(
     "point,names",
-    [("h.9", ["no module of the model is named like 'h.9'"]), ("h.1.self_attention.probs", ["not one row per token"])],
+    [
+        ("h.9", ["--points: no module of the model is named like 'h.9'", "blocks are h.0 to h."]),
+        ("h.1.self_attention.probs", ["--points: point h.1.self_attention.probs", "not one row per token"]),
+    ],
 )
 def test_activation_points_are_checked_before_the_weights(cli, no_weights, tiny_model_folder, tmp_path, point, names):
     (tmp_path / "text.txt").write_text("some text")
@@ -122,6 +125,15 @@ def test_activation_points_are_checked_before_the_weights(cli, no_weights, tiny_
     result = cli("activations", "--model", tiny_model_folder, "--file", tmp_path / "text.txt", "--points", point,
                  "--out", out)  # fmt: skip
     assert_user_error(result, "activations", point, *names)
+    assert not out.exists()  # nothing left behind
+
+
+def test_a_text_without_tokens_to_export_is_named_before_loading(cli, no_weights, tiny_model_folder, tmp_path):
+    (tmp_path / "blank.txt").write_text("")
+    out = tmp_path / "acts"
+    result = cli("activations", "--model", tiny_model_folder, "--file", tmp_path / "blank.txt", "--points", "h.0",
+                 "--out", out)  # fmt: skip
+    assert_user_error(result, "activations", f"--file {tmp_path / 'blank.txt'}: 0 tokens")
     assert not out.exists()  # nothing left behind
 
 
@@ -213,7 +225,7 @@ def test_a_gpu_this_machine_does_not_have(cli, no_weights, tiny_model_folder, mo
     [
         (["--stride", "0"], ["--stride must be between 1 and --context"]),
         (["--context", "8", "--stride", "9"], ["--stride", "--context (8)", "got 9"]),
-        (["--context", "0"], ["argument --context: must be 1 or more"]),
+        (["--context", "1"], ["argument --context: must be 2 or more, got 1"]),  # a window of 1 scores nothing
         (["--batch-size", "-1"], ["argument --batch-size"]),
     ],
 )

@@ -29,6 +29,8 @@ def test_bad_windows():
         sliding_windows(100, 16, 17)
     with pytest.raises(ValueError, match="at least 2"):
         sliding_windows(1, 16, 8)
+    with pytest.raises(ValueError, match="context must be 2 or more"):  # it would score no token at all
+        sliding_windows(100, 1, 1)
 
 
 def transformers_perplexity(hf, ids: torch.Tensor, context: int, stride: int) -> tuple[float, int]:

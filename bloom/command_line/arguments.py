@@ -175,7 +175,7 @@ def check_prompts(prompts: list[str], flag: str = "--prompt") -> list[str]:
     for number, prompt in enumerate(prompts, 1):
         which = f"{flag} number {number}" if len(prompts) > 1 else flag
         if not prompt:
-            raise ValueError(f"{which} is empty: there is nothing to continue")
+            raise ValueError(f"{which} is empty")
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError as error:

@@ -22,6 +22,7 @@ from bloom.command_line.arguments import (
     check_prompts,
     device,
     fail,
+    int_at_least,
     non_negative_int,
     output_file,
     output_folder,
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(gen)
     prompts = gen.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
-    prompts.add_argument("--prompt-file", type=Path, help="a file with one prompt per line")
+    prompts.add_argument("--prompt-file", type=Path, help="a file with one prompt per line (blank lines are skipped)")
     gen.add_argument(
         "--max-new-tokens", type=non_negative_int, default=MAX_NEW_TOKENS, help=f"default {MAX_NEW_TOKENS}"
     )
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(ppl)
     ppl.add_argument("--file", type=Path, required=True, help="the text to score")
-    ppl.add_argument("--context", type=positive_int, default=CONTEXT, help=f"tokens per window (default {CONTEXT})")
+    ppl.add_argument("--context", type=int_at_least(2), default=CONTEXT, help=f"tokens per window (default {CONTEXT})")
     ppl.add_argument(
         "--stride", type=int, help=f"tokens between window starts (default: half of --context, so {STRIDE} by default)"
     )
@@ -333,10 +334,17 @@ def run_perplexity(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 def run_activations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     text = read_text(args.file, "--file")
     with torch.device("meta"):  # the point names depend on the layer count: checked before the weights are read
-        bloom.research.activations.point_names(Bloom(load_config(args.model, revision=args.revision)), args.points)
-    output_folder(args.out, "--out")
-    model, tokenizer, _ = load(args)
+        skeleton = Bloom(load_config(args.model, revision=args.revision))
+    try:
+        bloom.research.activations.point_names(skeleton, args.points)
+    except ValueError as error:
+        raise ValueError(f"--points: {error}") from None
+    tokenizer = load_tokenizer(args.model, revision=args.revision)
     token_ids = tokenizer.encode(text)[: args.max_tokens]
+    if not token_ids:
+        raise ValueError(f"--file {args.file}: 0 tokens, nothing to export")
+    output_folder(args.out, "--out")
+    model, _, _ = load(args, tokenizer)
     out = bloom.research.activations.export(
         model, token_ids, args.points, args.out, context=args.context, batch_size=args.batch_size,
         model_name=args.model, progress=True,

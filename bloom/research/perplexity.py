@@ -37,6 +37,8 @@ class Perplexity:
 
 
 def sliding_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
+    if context < 2:  # a window's first token is never scored: one token alone scores nothing
+        raise ValueError(f"context must be 2 or more (a window of one token scores nothing), got {context}")
     if not 0 < stride <= context:
         raise ValueError(f"stride must be in [1, context={context}], got {stride}")
     if n_tokens < 2:
