@@ -200,15 +200,17 @@ static inline __m512 sum_lanes16(const __m512 *v) {
  * read back as a vector, waits for the store to reach the cache. */
 typedef __m512 dots16;
 
-/* TILE(NAME, ...) defines NAME(x, w, K, ld, R, XB, U): the dots16 of K values of R consecutive rows of W (ld
- * values apart) and of XB rows of x, in R·XB·U <= 16 float32 accumulators. Each chunk of x is loaded once for the R
- * rows of W and each chunk of W once for the XB rows of x; U > 1 keeps U chunks of a row of W in flight. The next R
- * rows of W are prefetched meanwhile: with 16 rows of x, whose multiply-adds take as long as reading W, the products
- * ran at 305 GFLOP/s without it and 435 with it, the memory no longer waited for between tiles. Called with constant
- * R, XB, U, so that the compiler unrolls the loops and keeps the accumulators in registers. */
+/* TILE(NAME, ...) defines NAME(x, w, K, ld, R, XB, U, next, ahead): the dots16 of K values of R consecutive rows of W
+ * (ld values apart) and of XB rows of x, in R·XB·U <= 16 float32 accumulators. Each chunk of x is loaded once for the
+ * R rows of W and each chunk of W once for the XB rows of x; U > 1 keeps U chunks of a row of W in flight. Meanwhile
+ * it prefetches the W that a later tile reads, `next` (R rows, ld apart), the rows whose bits `ahead` sets: with 16
+ * rows of x, whose multiply-adds take as long as reading W, the products ran at 305 GFLOP/s without it and 435 with
+ * it, the memory no longer waited for between tiles. Called with constant R, XB, U, so that the compiler unrolls the
+ * loops and keeps the accumulators in registers. */
 #define TILE(NAME, WT, XT, VW, VX, WIDTH, MASK, LOAD_W, LOAD_X, MAC)                                          \
     static inline __attribute__((always_inline)) dots16 NAME(const XT *const *x, const WT *w, int64_t K,      \
-                                                             int64_t ld, const int R, const int XB, const int U) { \
+                                                             int64_t ld, const int R, const int XB, const int U,  \
+                                                             const WT *next, unsigned ahead) {                    \
         __m512 acc[16];                                                                                       \
         for (int a = 0; a < R * XB * U; a++) acc[a] = _mm512_setzero_ps();                                    \
         int64_t k = 0;                                                                                        \
@@ -217,7 +219,7 @@ typedef __m512 dots16;
                 VX xv[4];                                                                                     \
                 for (int m = 0; m < XB; m++) xv[m] = LOAD_X(x[m] + k + WIDTH * u, (MASK)-1);                  \
                 for (int r = 0; r < R; r++) {                                                                 \
-                    _mm_prefetch((const char *)(w + (r + R) * ld + k + WIDTH * u), _MM_HINT_T0);              \
+                    if (ahead >> r & 1) _mm_prefetch((const char *)(next + r * ld + k + WIDTH * u), _MM_HINT_T0); \
                     VW wv = LOAD_W(w + r * ld + k + WIDTH * u, (MASK)-1);                                     \
                     for (int m = 0; m < XB; m++)                                                              \
                         acc[(u * R + r) * XB + m] = MAC(acc[(u * R + r) * XB + m], wv, xv[m]);                \
@@ -320,8 +322,8 @@ typedef struct {
 
 #define TILE(NAME, WT, XT, TO_FLOAT_W, TO_FLOAT_X)                                                            \
     static inline dots16 NAME(const XT *const *x, const WT *w, int64_t K, int64_t ld, const int R, const int XB, \
-                              const int U) {                                                                  \
-        (void)U;                                                                                              \
+                              const int U, const WT *next, unsigned ahead) {                                  \
+        (void)U, (void)next, (void)ahead; /* no prefetching here */                                           \
         dots16 dots = {{0}};                                                                                  \
         for (int r = 0; r < R; r++)                                                                           \
             for (int m = 0; m < XB; m++) {                                                                    \
@@ -345,7 +347,7 @@ TILE(tile_f16_f16, uint16_t, uint16_t, f16_to_float, f16_to_float)
 
 #define SEQ_TILE(NAME, TILE_FN, WT, XT)                                                \
     static inline dots16 NAME(const XT *x, const WT *w, int64_t K, const int R) {      \
-        return TILE_FN(&x, w, K, K, R, 1, 1);                                          \
+        return TILE_FN(&x, w, K, K, R, 1, 1, w, 0);                                    \
     }
 SEQ_TILE(seq_bf16, tile_bf16, uint16_t, uint16_t)
 SEQ_TILE(seq_int8, tile_int8, int8_t, uint16_t)
@@ -391,6 +393,20 @@ static inline void thread_rows(int64_t N, int64_t *begin, int64_t *end) {
     *end = stop < N ? stop : N;
 }
 
+/* The rows of W, of R, whose next chunks the tile of block `block` of `blocks` blocks of rows of x prefetches (a bit
+ * each). Where a group reads its rows whole (one span), each row goes to one block, so that every line is asked for
+ * once, spread over the group's tiles: streaming bloom-560m's products at 16 rows (scratch, alternated in one
+ * process), bf16's blocks took 16.3-17.8 ms instead of 18.1-20.0 and its LM head 12.7-13.2 instead of 13.3-15.9, and
+ * decode steps of a bf16 batch of 16, alternated in fresh processes, 38.5 ms instead of 46.8 (fp16: 53.8 instead of
+ * 63.2). Where the rows are split in spans, every tile prefetches every row: one row each made fp32's products 7-10%
+ * slower, and bf16's 4096-wide one. */
+static inline unsigned prefetched_rows(int R, int block, int blocks, int split) {
+    unsigned rows = 0;
+    for (int r = 0; r < R; r++)
+        if (split || r % blocks == block) rows |= 1u << r;
+    return rows;
+}
+
 /* LINEAR(GROUP_FN, DTYPE) is the body of a kernel: this thread's block of rows of W, a group of them at a time
  * against the rows of x (GROUP_FN, below), which write y in DTYPE. A prefill's many rows of x are taken X_BLOCK at a
  * time, each block against all of this thread's rows of W, so that the block stays in the cache (without it, 2048
@@ -410,13 +426,19 @@ static inline void thread_rows(int64_t N, int64_t *begin, int64_t *end) {
  * one 322-333 -> 275 us in bf16, 289 -> 276 with int8 weights, 528 -> 459 in fp16; fp32's blocks 53-55 -> 45 ms and
  * LM head 43 -> 37 ms; spans of x's bytes instead made fp16's 1024-wide products 10% slower). Each is compiled once,
  * not inlined into its callers: inlined into linear_int8_bf16, group_bf16 slowed that function's other tiles by
- * ~10%. */
+ * ~10%.
+ * While a span's tiles multiply, they prefetch what is read after it: the same rows' next span, or after the last
+ * one the next R rows (until then, always the next rows at the same span, which in a split row are read only a whole
+ * row later: fp32's products of 64 and 128 rows of x, whose rows are two or more spans, ran 11-14% faster from the
+ * caches and from memory once the prefetches named the next span). `prefetched_rows` says which of those rows each
+ * block's tile prefetches. */
 #define GROUP(NAME, TILE_FN, SEQ_FN, XT, WT, SPAN)                                                                \
     static __attribute__((noinline)) void NAME(const XT *x, const WT *w, int64_t K, int R, int XB,                \
                                                int64_t m_begin, int64_t m_end, const void *scale,                 \
                                                const void *bias, void *y, int64_t N, int64_t n,                   \
                                                const int dtype) {                                                 \
         const int64_t span = m_end - m_begin > 4 ? SPAN : K;                                                      \
+        const int blocks = (m_end - m_begin + XB - 1) / XB;                                                       \
         dots16 sums[X_BLOCK / 4]; /* of each block of rows of x, over the spans so far */                         \
         int64_t k = 0;                                                                                            \
         do { /* once at least: K = 0 gives y = bias */                                                            \
@@ -425,10 +447,12 @@ static inline void thread_rows(int64_t N, int64_t *begin, int64_t *end) {
                 const XT *rows[4];                                                                                \
                 for (int m = 0; m < XB; m++) rows[m] = x + (m0 + m < m_end ? m0 + m : m_end - 1) * K + k;         \
                 dots16 dots;                                                                                      \
+                const WT *next = k + span < K ? w + k + span : w + (int64_t)R * K; /* read after this span */    \
+                unsigned ahead = prefetched_rows(R, (m0 - m_begin) / XB, blocks, span < K);                       \
                 if (XB == 1) dots = SEQ_FN(rows[0], w + k, width, R);                                             \
-                else if (XB == 2) dots = TILE_FN(rows, w + k, width, K, 1, 2, 2);                                 \
-                else if (R == 1) dots = TILE_FN(rows, w + k, width, K, 1, 4, 1);                                  \
-                else dots = TILE_FN(rows, w + k, width, K, 4, 4, 1);                                              \
+                else if (XB == 2) dots = TILE_FN(rows, w + k, width, K, 1, 2, 2, next, ahead);                    \
+                else if (R == 1) dots = TILE_FN(rows, w + k, width, K, 1, 4, 1, next, ahead);                     \
+                else dots = TILE_FN(rows, w + k, width, K, 4, 4, 1, next, ahead);                                 \
                 int block = (m0 - m_begin) / XB;                                                                  \
                 sums[block] = k ? add_dots(sums[block], dots) : dots;                                             \
             }                                                                                                     \
@@ -476,7 +500,7 @@ void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale,
      * for the bf16 tiles of every 4 rows of x (group_bf16), where the int8 tiles widened it in each: the same
      * products, added in the same order (bloom-560m's products streamed at 16 rows: 15 -> 18 GB/s of int8 weights;
      * 32 rows: 7 -> 10; with one buffer for both threads, 13 and 9). The buffer holds twice the group, as the tiles
-     * prefetch the 4 rows after theirs. A thread whose buffer cannot be allocated multiplies its rows of W one at a
+     * of its last span prefetch the 4 rows after theirs. A thread whose buffer cannot be allocated multiplies its rows of W one at a
      * time. */
     if (M > 4) {
         _Pragma("omp parallel") {
@@ -805,9 +829,10 @@ static inline void prefetch_rows(const void *p, int64_t bytes) {
                 for (int64_t s = first; s < end;) {                                                               \
                     int R = end - s >= 16 ? 16 : end - s >= 4 ? 4 : 1;                                            \
                     prefetch_rows(vi + s * hd, R * hd * sizeof(T)); /* their values, read once the softmax is done */ \
-                    if (R == 16) put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, hd, 16, 1, 1), 16);             \
-                    else if (R == 4) put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, hd, 4, 1, 1), 4);           \
-                    else put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, hd, 1, 1, 1), 1);                       \
+                    const T *next = ki + (s + R) * hd; /* the keys after these, prefetched */                    \
+                    if (R == 16) put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, hd, 16, 1, 1, next, ~0u), 16);  \
+                    else if (R == 4) put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, hd, 4, 1, 1, next, ~0u), 4); \
+                    else put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, hd, 1, 1, 1, next, ~0u), 1);            \
                     s += R;                                                                                       \
                 }                                                                                                 \
                 int64_t n = end - first;                                                                          \
