@@ -200,17 +200,18 @@ static inline __m512 sum_lanes16(const __m512 *v) {
  * read back as a vector, waits for the store to reach the cache. */
 typedef __m512 dots16;
 
-/* TILE(NAME, ...) defines NAME(x, w, K, ld, R, XB, U, next, ahead): the dots16 of K values of R consecutive rows of W
- * (ld values apart) and of XB rows of x, in R·XB·U <= 16 float32 accumulators. Each chunk of x is loaded once for the
- * R rows of W and each chunk of W once for the XB rows of x; U > 1 keeps U chunks of a row of W in flight. Meanwhile
- * it prefetches the W that a later tile reads, `next` (R rows, ld apart), the rows whose bits `ahead` sets: with 16
- * rows of x, whose multiply-adds take as long as reading W, the products ran at 305 GFLOP/s without it and 435 with
- * it, the memory no longer waited for between tiles. Called with constant R, XB, U, so that the compiler unrolls the
- * loops and keeps the accumulators in registers. */
+/* TILE(NAME, ...) defines NAME(x, w, K, ld, R, XB, U, next, rows_to_prefetch): the dots16 of K values of R
+ * consecutive rows of W (ld values apart) and of XB rows of x, in R·XB·U <= 16 float32 accumulators. Each chunk of x
+ * is loaded once for the R rows of W and each chunk of W once for the XB rows of x; U > 1 keeps U chunks of a row of
+ * W in flight. Meanwhile it prefetches the W that a later tile reads, `next` (R rows, ld apart): the rows whose bits
+ * `rows_to_prefetch` sets. With 16 rows of x, whose multiply-adds take as long as reading W, the products ran at 305
+ * GFLOP/s without prefetching and 435 with it (when every tile prefetched the next R rows), the memory no longer
+ * waited for between tiles. Called with constant R, XB, U, so that the compiler unrolls the loops and keeps the
+ * accumulators in registers. */
 #define TILE(NAME, WT, XT, VW, VX, WIDTH, MASK, LOAD_W, LOAD_X, MAC)                                          \
     static inline __attribute__((always_inline)) dots16 NAME(const XT *const *x, const WT *w, int64_t K,      \
                                                              int64_t ld, const int R, const int XB, const int U,  \
-                                                             const WT *next, unsigned ahead) {                    \
+                                                             const WT *next, unsigned rows_to_prefetch) {         \
         __m512 acc[16];                                                                                       \
         for (int a = 0; a < R * XB * U; a++) acc[a] = _mm512_setzero_ps();                                    \
         int64_t k = 0;                                                                                        \
@@ -219,7 +220,8 @@ typedef __m512 dots16;
                 VX xv[4];                                                                                     \
                 for (int m = 0; m < XB; m++) xv[m] = LOAD_X(x[m] + k + WIDTH * u, (MASK)-1);                  \
                 for (int r = 0; r < R; r++) {                                                                 \
-                    if (ahead >> r & 1) _mm_prefetch((const char *)(next + r * ld + k + WIDTH * u), _MM_HINT_T0); \
+                    if (rows_to_prefetch >> r & 1)                                                            \
+                        _mm_prefetch((const char *)(next + r * ld + k + WIDTH * u), _MM_HINT_T0);             \
                     VW wv = LOAD_W(w + r * ld + k + WIDTH * u, (MASK)-1);                                     \
                     for (int m = 0; m < XB; m++)                                                              \
                         acc[(u * R + r) * XB + m] = MAC(acc[(u * R + r) * XB + m], wv, xv[m]);                \
@@ -322,8 +324,8 @@ typedef struct {
 
 #define TILE(NAME, WT, XT, TO_FLOAT_W, TO_FLOAT_X)                                                            \
     static inline dots16 NAME(const XT *const *x, const WT *w, int64_t K, int64_t ld, const int R, const int XB, \
-                              const int U, const WT *next, unsigned ahead) {                                  \
-        (void)U, (void)next, (void)ahead; /* no prefetching here */                                           \
+                              const int U, const WT *next, unsigned rows_to_prefetch) {                       \
+        (void)U, (void)next, (void)rows_to_prefetch; /* no prefetching here */                                \
         dots16 dots = {{0}};                                                                                  \
         for (int r = 0; r < R; r++)                                                                           \
             for (int m = 0; m < XB; m++) {                                                                    \
@@ -393,13 +395,13 @@ static inline void thread_rows(int64_t N, int64_t *begin, int64_t *end) {
     *end = stop < N ? stop : N;
 }
 
-/* The rows of W, of R, whose next chunks the tile of block `block` of `blocks` blocks of rows of x prefetches (a bit
- * each). Where a group reads its rows whole (one span), each row goes to one block, so that every line is asked for
- * once, spread over the group's tiles: streaming bloom-560m's products at 16 rows (scratch, alternated in one
- * process), bf16's blocks took 16.3-17.8 ms instead of 18.1-20.0 and its LM head 12.7-13.2 instead of 13.3-15.9, and
- * decode steps of a bf16 batch of 16, alternated in fresh processes, 38.5 ms instead of 46.8 (fp16: 53.8 instead of
- * 63.2). Where the rows are split in spans, every tile prefetches every row: one row each made fp32's products 7-10%
- * slower, and bf16's 4096-wide one. */
+/* A bitmask of the R rows of W that the tile of block `block` (of `blocks` blocks of rows of x) prefetches. Where a
+ * group reads its rows whole (one span), the rows are dealt out to the blocks, one each at 16 rows of x, so that every
+ * line is asked for once, spread over the group's time: streaming bloom-560m's products at 16 rows (scratch,
+ * alternated in one process), bf16's 1024-wide ones ran 10-18% faster and its LM head 5-18%. Where the rows are split
+ * in spans, every tile prefetches every row: one row each made fp32's products 7-10% slower there, and bf16's
+ * 4096-wide one. With the next span prefetched (GROUP), decode steps of a batch of 16, alternated in fresh
+ * processes, took 38.3-38.5 ms instead of 44.1-46.8 in bf16 and 53.8-55.6 instead of 63.2-64.8 in fp16. */
 static inline unsigned prefetched_rows(int R, int block, int blocks, int split) {
     unsigned rows = 0;
     for (int r = 0; r < R; r++)
@@ -428,12 +430,12 @@ static inline unsigned prefetched_rows(int R, int block, int blocks, int split) 
  * not inlined into its callers: inlined into linear_int8_bf16, group_bf16 slowed that function's other tiles by
  * ~10%.
  * While a span's tiles multiply, they prefetch what is read after it: the same rows' next span, or after the last
- * one the next R rows (until then, always the next rows at the same span, which in a split row are read only a whole
- * row later: fp32's products of 64 and 128 rows of x, whose rows are two or more spans, ran 11-14% faster from the
- * caches and from memory once the prefetches named the next span). `prefetched_rows` says which of those rows each
- * block's tile prefetches. */
+ * one `after`, what the caller reads next (NULL: nothing). Until then they always prefetched the next rows at the
+ * same span, which in a split row are read only a whole row later: fp32's products of 64 and 128 rows of x, whose
+ * rows are two or more spans, ran 11-14% faster from the caches and from memory once the prefetches named the next
+ * span. `prefetched_rows` says which of those rows each block's tile prefetches. */
 #define GROUP(NAME, TILE_FN, SEQ_FN, XT, WT, SPAN)                                                                \
-    static __attribute__((noinline)) void NAME(const XT *x, const WT *w, int64_t K, int R, int XB,                \
+    static __attribute__((noinline)) void NAME(const XT *x, const WT *w, const WT *after, int64_t K, int R, int XB, \
                                                int64_t m_begin, int64_t m_end, const void *scale,                 \
                                                const void *bias, void *y, int64_t N, int64_t n,                   \
                                                const int dtype) {                                                 \
@@ -446,14 +448,14 @@ static inline unsigned prefetched_rows(int R, int block, int blocks, int split) 
             for (int64_t m0 = m_begin; m0 < m_end; m0 += XB) {                                                    \
                 const XT *rows[4];                                                                                \
                 for (int m = 0; m < XB; m++) rows[m] = x + (m0 + m < m_end ? m0 + m : m_end - 1) * K + k;         \
+                const int block = (m0 - m_begin) / XB;                                                            \
+                const WT *next = k + span < K ? w + k + span : after; /* read after this span (tiles only) */     \
+                unsigned prefetch = next ? prefetched_rows(R, block, blocks, span < K) : 0;                       \
                 dots16 dots;                                                                                      \
-                const WT *next = k + span < K ? w + k + span : w + (int64_t)R * K; /* read after this span */    \
-                unsigned ahead = prefetched_rows(R, (m0 - m_begin) / XB, blocks, span < K);                       \
                 if (XB == 1) dots = SEQ_FN(rows[0], w + k, width, R);                                             \
-                else if (XB == 2) dots = TILE_FN(rows, w + k, width, K, 1, 2, 2, next, ahead);                    \
-                else if (R == 1) dots = TILE_FN(rows, w + k, width, K, 1, 4, 1, next, ahead);                     \
-                else dots = TILE_FN(rows, w + k, width, K, 4, 4, 1, next, ahead);                                 \
-                int block = (m0 - m_begin) / XB;                                                                  \
+                else if (XB == 2) dots = TILE_FN(rows, w + k, width, K, 1, 2, 2, next, prefetch);                 \
+                else if (R == 1) dots = TILE_FN(rows, w + k, width, K, 1, 4, 1, next, prefetch);                  \
+                else dots = TILE_FN(rows, w + k, width, K, 4, 4, 1, next, prefetch);                              \
                 sums[block] = k ? add_dots(sums[block], dots) : dots;                                             \
             }                                                                                                     \
             k += span;                                                                                            \
@@ -479,7 +481,7 @@ GROUP(group_f16, tile_f16, seq_f16, float, uint16_t, X_SPAN / 2)
             int64_t m_end = m_begin + X_BLOCK < M ? m_begin + X_BLOCK : M;                                      \
             for (int64_t n = n_begin; n < n_end;) {                                                             \
                 int R = M == 1 ? (n_end - n >= 16 ? 16 : n_end - n) : M > 4 && n_end - n >= 4 ? 4 : 1;          \
-                GROUP_FN(x, w + n * K, K, R, XB, m_begin, m_end, scale, b, y, N, n, DTYPE);                     \
+                GROUP_FN(x, w + n * K, w + (n + R) * K, K, R, XB, m_begin, m_end, scale, b, y, N, n, DTYPE);    \
                 n += R;                                                                                         \
             }                                                                                                   \
         }                                                                                                       \
@@ -499,18 +501,18 @@ void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale,
     /* More than 4 rows of x: each group of 4 rows of W is widened to bf16 once, into a buffer of the thread's own,
      * for the bf16 tiles of every 4 rows of x (group_bf16), where the int8 tiles widened it in each: the same
      * products, added in the same order (bloom-560m's products streamed at 16 rows: 15 -> 18 GB/s of int8 weights;
-     * 32 rows: 7 -> 10; with one buffer for both threads, 13 and 9). The buffer holds twice the group, as the tiles
-     * of its last span prefetch the 4 rows after theirs. A thread whose buffer cannot be allocated multiplies its rows of W one at a
-     * time. */
+     * 32 rows: 7 -> 10; with one buffer for both threads, 13 and 9). The tiles prefetch no W after their group's last
+     * span: the next group is widened from W first, which prefetches its own rows. A thread whose buffer cannot be
+     * allocated multiplies its rows of W one at a time. */
     if (M > 4) {
         _Pragma("omp parallel") {
             int64_t n_begin, n_end;
             thread_rows(N, &n_begin, &n_end);
-            uint16_t *wide = aligned_alloc(64, sizeof(uint16_t) * 2 * ((4 * K + 31) / 32 * 32)); /* 64-byte lines */
+            uint16_t *wide = aligned_alloc(64, sizeof(uint16_t) * ((4 * K + 31) / 32 * 32)); /* 64-byte lines */
             for (int64_t n = n_begin; !wide && n < n_end; n++) /* no buffer: the int8 tiles, a row of W at a time */
                 for (int64_t m_begin = 0; m_begin < M; m_begin += X_BLOCK)
-                    group_int8(x, w + n * K, K, 1, 4, m_begin, m_begin + X_BLOCK < M ? m_begin + X_BLOCK : M, scale, b,
-                               y, N, n, AS_BF16);
+                    group_int8(x, w + n * K, w + (n + 1) * K, K, 1, 4, m_begin,
+                               m_begin + X_BLOCK < M ? m_begin + X_BLOCK : M, scale, b, y, N, n, AS_BF16);
             for (int64_t n = n_begin; wide && n < n_end;) {
                 int R = n_end - n >= 4 ? 4 : 1;
                 for (int64_t i = 0; i < R * K; i += 64) { /* the group's R rows, contiguous in W and in wide */
@@ -521,8 +523,8 @@ void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale,
                     _mm512_mask_storeu_epi16(wide + i + 32, (__mmask32)(valid >> 32), (__m512i)v.hi);
                 }
                 for (int64_t m_begin = 0; m_begin < M; m_begin += X_BLOCK)
-                    group_bf16(x, wide, K, R, 4, m_begin, m_begin + X_BLOCK < M ? m_begin + X_BLOCK : M, scale, b, y,
-                               N, n, AS_BF16);
+                    group_bf16(x, wide, NULL, K, R, 4, m_begin, m_begin + X_BLOCK < M ? m_begin + X_BLOCK : M, scale,
+                               b, y, N, n, AS_BF16);
                 n += R;
             }
             free(wide);

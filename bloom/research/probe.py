@@ -61,7 +61,7 @@ def find(model: nn.Module, pattern: str) -> dict[str, nn.Module]:
     found = {name: module for name, module in model.named_modules() if name and matches(name)}
     if not found:
         blocks = sum(1 for name, _ in model.named_modules() if re.fullmatch(r"h\.\d+", name))
-        where = f"its {blocks} blocks are h.0 to h.{blocks - 1}; " if blocks else ""
+        where = {0: "", 1: "its only block is h.0; "}.get(blocks, f"its {blocks} blocks are h.0 to h.{blocks - 1}; ")
         examples = "h.0, h.0.self_attention.context, h.0.mlp.act, ln_f"
         raise ValueError(f"no module of the model is named like {pattern!r} ({where}names look like: {examples})")
     return found
