@@ -62,6 +62,55 @@ def test_int8_products_equal_the_dequantized_product(build, dtype, rows, feature
     assert torch.equal(matvec.int8_linear(x, q, scale), matvec.int8_linear(x, q, scale, torch.zeros(50).to(dtype)))
 
 
+REFUSE_ONE_ALLOCATION = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+/* aligned_alloc, except that it returns NULL for the size in $REFUSED_SIZE, saying so on stderr */
+void *aligned_alloc(size_t alignment, size_t size) {
+    static void *(*real)(size_t, size_t);
+    if (!real) real = (void *(*)(size_t, size_t))dlsym(RTLD_NEXT, "aligned_alloc");
+    const char *refused = getenv("REFUSED_SIZE");
+    if (refused && (size_t)atoll(refused) == size) {
+        fprintf(stderr, "refused %zu bytes\n", size);
+        return NULL;
+    }
+    return real(alignment, size);
+}
+"""
+
+
+def test_int8_products_without_a_widening_buffer_equal_those_with_it(tmp_path):
+    """Beside bf16 activations of more than 4 rows, each thread widens int8 weights into a buffer of its own; a
+    thread that cannot allocate it multiplies its rows with the int8 tiles, a row of W at a time: the same products,
+    added in the same order, so the same bits. The allocation is refused in a child process (LD_PRELOAD)."""
+    lib = matvec.library()
+    if lib is None or not lib.has_vector_tiles:
+        pytest.skip("the widening buffer belongs to the AVX-512 tiles")
+    shim = tmp_path / "refuse.so"
+    source = tmp_path / "refuse.c"
+    source.write_text(REFUSE_ONE_ALLOCATION)
+    subprocess.run([os.environ.get("CC", "cc"), "-shared", "-fPIC", str(source), "-o", str(shim), "-ldl"], check=True)
+    rows, features, n = 16, 2100, 90
+    code = (
+        "import sys, torch\n"
+        "from bloom import matvec\n"
+        "from bloom.scale.quantize import quantize_rows\n"
+        f"torch.manual_seed(0); q, scale = quantize_rows(torch.randn({n}, {features}).bfloat16())\n"
+        f"x, bias = torch.randn({rows}, {features}).bfloat16(), torch.randn({n}).bfloat16()\n"
+        "sys.stdout.buffer.write(matvec.int8_linear(x, q, scale, bias).view(torch.int16).numpy().tobytes())\n"
+    )
+    buffer_bytes = 2 * ((4 * features + 31) // 32 * 32)  # linear_int8_bf16's buffer: a group of 4 rows, as bf16
+    outputs = {}
+    for refused in (0, buffer_bytes):
+        env = {**os.environ, "LD_PRELOAD": str(shim), "REFUSED_SIZE": str(refused)}
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True)
+        assert (b"refused" in run.stderr) == bool(refused), run.stderr.decode()[-2000:]  # the fallback ran, or not
+        outputs[refused] = run.stdout
+    assert len(outputs[0]) == rows * n * 2 and outputs[0] == outputs[buffer_bytes]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 2, 5])
 def test_int8_products_convert_every_int8_value_exactly(build, dtype, rows):
