@@ -449,13 +449,16 @@ static inline unsigned prefetched_rows(int R, int block, int blocks, int split) 
                 const XT *rows[4];                                                                                \
                 for (int m = 0; m < XB; m++) rows[m] = x + (m0 + m < m_end ? m0 + m : m_end - 1) * K + k;         \
                 const int block = (m0 - m_begin) / XB;                                                            \
-                const WT *next = k + span < K ? w + k + span : after; /* read after this span (tiles only) */     \
-                unsigned prefetch = next ? prefetched_rows(R, block, blocks, span < K) : 0;                       \
                 dots16 dots;                                                                                      \
-                if (XB == 1) dots = SEQ_FN(rows[0], w + k, width, R);                                             \
-                else if (XB == 2) dots = TILE_FN(rows, w + k, width, K, 1, 2, 2, next, prefetch);                 \
-                else if (R == 1) dots = TILE_FN(rows, w + k, width, K, 1, 4, 1, next, prefetch);                  \
-                else dots = TILE_FN(rows, w + k, width, K, 4, 4, 1, next, prefetch);                              \
+                if (XB == 1) {                                                                                    \
+                    dots = SEQ_FN(rows[0], w + k, width, R); /* prefetches on its own */                          \
+                } else {                                                                                          \
+                    const WT *next = k + span < K ? w + k + span : after; /* read after this span */              \
+                    unsigned prefetch = next ? prefetched_rows(R, block, blocks, span < K) : 0;                   \
+                    if (XB == 2) dots = TILE_FN(rows, w + k, width, K, 1, 2, 2, next, prefetch);                  \
+                    else if (R == 1) dots = TILE_FN(rows, w + k, width, K, 1, 4, 1, next, prefetch);              \
+                    else dots = TILE_FN(rows, w + k, width, K, 4, 4, 1, next, prefetch);                          \
+                }                                                                                                 \
                 sums[block] = k ? add_dots(sums[block], dots) : dots;                                             \
             }                                                                                                     \
             k += span;                                                                                            \
