@@ -1,8 +1,9 @@
 """`bloom.research.evaluation.BloomLM` and `bloom evaluate` against the harness's own transformers adapter (HFLM).
 
-The harness's hub datasets cannot be fetched here, so three tasks are written at test time from local JSON
+The harness's hub datasets cannot be fetched here, so four tasks are written at test time from local JSON
 files (`dataset_path: json`): a multiple-choice task (loglikelihood), a rolling-perplexity task
-(loglikelihood_rolling) and a generation task (generate_until). Both adapters run them on the same tiny
+(loglikelihood_rolling) and two generation tasks (generate_until): one that says `do_sample: false`, and one
+that gives only its stop string and length, as coqa and babi do. Both adapters run them on the same tiny
 checkpoint folder in fp32 with a 32-token context, so that long texts are scored in several windows and long
 prompts are cut. HFLM batches 2 requests, right-padded; BloomLM batches 3, left-padded.
 """
@@ -23,7 +24,7 @@ from bloom.research.evaluation import BloomLM  # noqa: E402
 from bloom.research.probe import patch, zero_head  # noqa: E402
 
 MAX_LENGTH = 32
-TASKS = ["tiny_mc", "tiny_rolling", "tiny_gen"]
+TASKS = ["tiny_mc", "tiny_rolling", "tiny_gen", "tiny_gen_plain"]
 QUESTIONS = [
     ("The quick brown fox jumps over the", ["lazy dog.", "quick cat.", "moon"]),
     ("Le renard brun rapide saute", ["par-dessus le chien.", "dans le café.", "à l'école"]),
@@ -54,7 +55,7 @@ def hf_greedy_text(hf_model, tokenizer, prompt: str, n: int) -> str:
 
 @pytest.fixture(scope="module")
 def task_folder(tiny_model_folder, tmp_path_factory):
-    """The three task YAMLs and their JSON data.
+    """The four task YAMLs and their JSON data.
 
     Some choices and the stop string come from transformers' own greedy continuations, so that some
     continuations are the greedy ones (is_greedy is True somewhere) and generation stops at a stop string
@@ -103,6 +104,12 @@ def task_folder(tiny_model_folder, tmp_path_factory):
         "task: tiny_gen\n" + common.format(file=folder / "gen.jsonl") + "output_type: generate_until\n"
         'doc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
         f"generation_kwargs:\n  until: [{json.dumps(stop)}]\n  max_gen_toks: {GEN_TOKENS}\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    (folder / "tiny_gen_plain.yaml").write_text(  # no do_sample, no temperature
+        "task: tiny_gen_plain\n" + common.format(file=folder / "gen.jsonl") + "output_type: generate_until\n"
+        'doc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
+        f"generation_kwargs:\n  until: [{json.dumps(stop)}]\n  max_gen_toks: {GEN_TOKENS}\n"
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
     )
     return folder
@@ -161,11 +168,12 @@ def test_rolling_perplexity_equals_the_harness_adapter(reference, ours, tiny_mod
         )
 
 
-def test_greedy_generations_equal_the_harness_adapter(reference, ours):
-    theirs, mine = responses(reference, "tiny_gen"), responses(ours, "tiny_gen")
+@pytest.mark.parametrize("task", ["tiny_gen", "tiny_gen_plain"])
+def test_greedy_generations_equal_the_harness_adapter(reference, ours, task):
+    theirs, mine = responses(reference, task), responses(ours, task)
     assert mine == theirs
-    assert theirs[0][0] and reference["results"]["tiny_gen"]["exact_match,none"] > 0  # stopped at the stop string
-    assert ours["results"]["tiny_gen"]["exact_match,none"] == reference["results"]["tiny_gen"]["exact_match,none"]
+    assert theirs[0][0] and reference["results"][task]["exact_match,none"] > 0  # stopped at the stop string
+    assert ours["results"][task]["exact_match,none"] == reference["results"][task]["exact_match,none"]
 
 
 def test_a_hooked_model_in_memory_scores_differently(tiny_model_folder, task_manager, reference):

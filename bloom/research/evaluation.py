@@ -196,7 +196,10 @@ class BloomLM(TemplateLM):
             "max_new_tokens": kwargs.pop("max_gen_toks"),
             "do_sample": bool(kwargs.pop("do_sample")),
         }
-        temperature, top_k, top_p = kwargs.pop("temperature"), kwargs.pop("top_k", None), kwargs.pop("top_p", None)
+        # a task that gives neither do_sample nor a temperature (coqa's `until:` alone) decodes greedily with no
+        # temperature; one that samples without a temperature samples at 1.0, transformers' default
+        temperature = kwargs.pop("temperature", 1.0)
+        top_k, top_p = kwargs.pop("top_k", None), kwargs.pop("top_p", None)
         if kwargs:
             raise ValueError(
                 f"generation arguments {sorted(kwargs)} are not supported by BloomLM (it takes until, "
