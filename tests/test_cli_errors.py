@@ -117,6 +117,7 @@ def test_attention_that_cannot_fit_is_refused_before_any_output(command, cli, ti
     [
         ("h.9", ["--points: no module of the model is named like 'h.9'", "blocks are h.0 to h."]),
         ("h.1.self_attention.probs", ["--points: point h.1.self_attention.probs", "not one row per token"]),
+        ("h", ["--points: 'h' names a list of modules, which is never called itself", "h.0 or h.*"]),
     ],
 )
 def test_activation_points_are_checked_before_the_weights(cli, no_weights, tiny_model_folder, tmp_path, point, names):

@@ -105,6 +105,46 @@ def test_bad_names_and_shapes_are_refused(model, batch):
     assert all(not m._forward_hooks for m in model.modules())
 
 
+def test_points_that_never_run_or_have_no_heads_are_refused_before_the_forward_pass(model, batch):
+    """`h` is the list of blocks, never called itself: a hook on it would record nothing. zero_head on a point
+    without a head axis would zero a token position instead."""
+    ids, mask = batch
+    with pytest.raises(ValueError, match=r"'h' names a list of modules, which is never called itself: .* h.0 or h.\*"):
+        with record(model, "h"):
+            pass
+    with record(model, "*") as seen:  # the top-level modules that run, without the list
+        model(ids, mask)
+    assert sorted(seen) == ["ln_f", "word_embeddings", "word_embeddings_layernorm"]
+    for point in ("h.0", "h.0.mlp.act", "h.0.self_attention"):
+        with pytest.raises(ValueError, match=rf"patch for {point}: zero_head\(2\) edits a point with a head axis"):
+            with patch(model, {point: zero_head(2)}):
+                pass
+    with (
+        torch.no_grad(),
+        patch(model, {"h.0.self_attention.probs": zero_head(2)}),
+        record(model, "h.0.self_attention.probs") as seen,
+    ):
+        model(ids, mask)
+    assert not seen["h.0.self_attention.probs"][:, 2].any() and seen["h.0.self_attention.probs"][:, 3].any()
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_record_takes_a_list_and_bad_arguments_name_themselves(model, batch):
+    ids, mask = batch
+    with torch.no_grad(), record(model, ["h.0", "h.1"], "ln_f") as seen:
+        model(ids, mask)
+    assert list(seen) == ["h.0", "h.1", "ln_f"]
+    with pytest.raises(ValueError, match="no points named"), record(model):
+        pass
+    with pytest.raises(TypeError, match=r"point names are strings, got \[3\]"), record(model, [3]):
+        pass
+    with pytest.raises(TypeError, match="patch takes a dict of point name -> edit, got list"), patch(model, ["h.0"]):
+        pass
+    with pytest.raises(RuntimeError) as error, torch.no_grad(), patch(model, {"h.1": lambda x: x + torch.zeros(5)}):
+        model(ids, mask)
+    assert error.value.__notes__ == ["in the patch for h.1"]  # torch's own error, with the point named
+
+
 def test_logit_lens_last_row_is_the_models_prediction(model, batch):
     ids, mask = batch
     probs, tokens = logit_lens(model, ids, mask, k=4)

@@ -303,6 +303,12 @@ def test_patching_refuses_mixed_points_bad_prompts_and_bad_metrics(models, promp
         activation_patching(ours, clean, corrupt, metric, "h.*", batch_size=0)
     with pytest.raises(ValueError, match=r"metric gave \(5, 320\) for logits of 5 rows"):
         activation_patching(ours, clean, corrupt, lambda logits: logits[:, -1], "h.*", batch_size=5)
+    for sweep in (activation_patching, attribution_patching):
+        with pytest.raises(ValueError, match="no points named"):
+            sweep(ours, clean, corrupt, metric, [])
+    with pytest.raises(ValueError, match=r"attribution_patching needs autograd: .*inference_mode"):
+        with torch.inference_mode():
+            attribution_patching(ours, clean, corrupt, metric, "h.*")
 
 
 def test_head_weights_reproduce_q_k_v_and_the_circuits(models):
@@ -337,6 +343,12 @@ def test_head_weights_reproduce_q_k_v_and_the_circuits(models):
         torch.testing.assert_close(
             written, kept["h.1.self_attention.context"][..., sl] @ dense[:, sl].T, rtol=0, atol=1e-5
         )
+    for circuit in (qk_circuit, ov_circuit):
+        for head in (N_HEAD, -1):  # -1 would index the last head
+            with pytest.raises(
+                ValueError, match=rf"{circuit.__name__}: head {head} does not exist; .* 0..{N_HEAD - 1}"
+            ):
+                circuit(w, head)
     with pytest.raises(ValueError, match="layer 3 does not exist"):
         head_weights(ours, N_LAYER)
 
@@ -373,9 +385,11 @@ def test_research_tools_refuse_int8_weights_by_name(tmp_path):
     message = r"needs float weights, and this model's are int8"
     with pytest.raises(ValueError, match="head_weights " + message):
         head_weights(model, 0)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match="residual_components " + message):
         residual_components(model, ids)
-    with pytest.raises(ValueError, match=r"record\(grad=True\) " + message):
+    with pytest.raises(ValueError, match="direct_logit_attribution " + message):
+        direct_logit_attribution(model, ids, ids)
+    with pytest.raises(ValueError, match="attribution_patching " + message):
         attribution_patching(model, ids, ids, lambda logits: logits[:, -1, 0], "h.*")
     with pytest.raises(ValueError, match=message), record(model, "h.0", grad=True):
         pass

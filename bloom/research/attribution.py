@@ -16,7 +16,7 @@ change std (use bloom.research.patching for effects).
 import torch
 
 from bloom.model import Bloom
-from bloom.research.probe import record
+from bloom.research.probe import record, refuse_int8
 from bloom.research.weights import head_weights
 
 
@@ -30,6 +30,7 @@ def residual_components(
     "h.{i}.attn_bias" (dense's bias) and "h.{i}.mlp" (the MLP's output, its bias included).
     K = 1 + n_layer · (nh + 2). input_ids, attention_mask (B, T) as for the model.
     """
+    refuse_int8(model, "residual_components")
     labels, parts, _ = _components(model, input_ids, attention_mask)
     return labels, parts
 
@@ -45,6 +46,7 @@ def direct_logit_attribution(
     ln_f (frozen) and u = the token's row of the unembedding. attrib.sum(0) is the logit, the model's own
     logits[b, t, tokens[b, t]]. Computed in float32.
     """
+    refuse_int8(model, "direct_logit_attribution")
     if tokens.shape != input_ids.shape:
         raise ValueError(
             f"tokens is {tuple(tokens.shape)}: one token per position, like input_ids {tuple(input_ids.shape)}"

@@ -24,7 +24,7 @@ from huggingface_hub.utils import tqdm
 
 from bloom.config import is_integer
 from bloom.model import Bloom
-from bloom.research.probe import find_all, is_per_head, patch, record
+from bloom.research.probe import find_all, is_per_head, patch, record, refuse_int8
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
@@ -77,6 +77,9 @@ def attribution_patching(
     entries. Returns (labels, estimates) shaped as activation_patching's values. One forward and one
     backward pass (the model's parameters get no .grad).
     """
+    refuse_int8(model, "attribution_patching")
+    if torch.is_inference_mode_enabled():
+        raise ValueError("attribution_patching needs autograd: call it outside torch.inference_mode()")
     names, per_head, T = _check(model, clean_ids, corrupt_ids, points)
     with torch.no_grad(), record(model, *names) as clean:
         model(clean_ids)

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 Edit = Callable[[torch.Tensor], torch.Tensor] | torch.Tensor
+CONTAINERS = (nn.ModuleList, nn.ModuleDict)
 
 
 def find(model: nn.Module, pattern: str) -> dict[str, nn.Module]:
@@ -58,7 +59,12 @@ def find(model: nn.Module, pattern: str) -> dict[str, nn.Module]:
         name_parts = name.split(".")
         return len(name_parts) == len(parts) and all(map(fnmatch.fnmatchcase, name_parts, parts))
 
-    found = {name: module for name, module in model.named_modules() if name and matches(name)}
+    matched = {name: module for name, module in model.named_modules() if name and matches(name)}
+    # a list of modules (`h`) is never called itself, so a hook on it would never fire
+    found = {name: module for name, module in matched.items() if not isinstance(module, CONTAINERS)}
+    if matched and not found:
+        raise ValueError(f"{pattern!r} names a list of modules, which is never called itself: name its members, "
+                         f"e.g. {next(iter(matched))}.0 or {next(iter(matched))}.*")  # fmt: skip
     if not found:
         blocks = sum(1 for name, _ in model.named_modules() if re.fullmatch(r"h\.\d+", name))
         where = {0: "", 1: "its only block is h.0; "}.get(blocks, f"its {blocks} blocks are h.0 to h.{blocks - 1}; ")
@@ -69,6 +75,10 @@ def find(model: nn.Module, pattern: str) -> dict[str, nn.Module]:
 
 def find_all(model: nn.Module, patterns: list[str] | tuple[str, ...]) -> list[str]:
     """The names of the submodules matching any of `patterns`, each once, in the model's order."""
+    if not patterns:
+        raise ValueError("no points named: give at least one name or pattern, e.g. 'h.*'")
+    if not all(isinstance(pattern, str) for pattern in patterns):
+        raise TypeError(f"point names are strings, got {patterns!r}")
     matched = {name for pattern in patterns for name in find(model, pattern)}
     return [name for name, _ in model.named_modules() if name in matched]
 
@@ -84,7 +94,8 @@ def refuse_int8(model: nn.Module, what: str) -> None:
     """Raise for a model loaded with quantize="int8": its int8 weights are no float matrices to view or
     differentiate through."""
     if any(tensor.dtype == torch.int8 for tensor in model.buffers()):
-        raise ValueError(f"{what} needs float weights, and this model's are int8: load it without quantize='int8'")
+        raise ValueError(f"{what} needs float weights, and this model's are int8 (quantize='int8'): use a model "
+                         "loaded or kept without it")  # fmt: skip
 
 
 @contextmanager
@@ -104,12 +115,14 @@ def record(
     if grad:
         refuse_int8(model, "record(grad=True)")
     seen: dict[str, torch.Tensor | list[torch.Tensor]] = {}
-    modules = {name: module for pattern in patterns for name, module in find(model, pattern).items()}
+    names = [name for item in patterns for name in ([item] if isinstance(item, str) else item)]  # lists too
+    modules = {name: model.get_submodule(name) for name in find_all(model, names)}
 
     def keep(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
             if grad and (not torch.is_grad_enabled() or torch.is_inference_mode_enabled()):
-                raise ValueError(f"record(grad=True) of {name}: autograd is off (no_grad or inference_mode)")
+                raise ValueError(f"record(grad=True) of {name}: autograd is off (no_grad or inference_mode; "
+                                 "generate runs under inference_mode)")  # fmt: skip
             if not grad:
                 kept = output.detach()
             elif output.requires_grad:
@@ -138,8 +151,13 @@ def patch(model: nn.Module, edits: dict[str, Edit]) -> Iterator[None]:
     """Replace the outputs of the named modules while the block runs.
 
     Each edit is a tensor (used instead of the output: same shape) or a function of the output that returns
-    the new one (`zero_head(h)`, `lambda x: 2 * x`).
+    the new one (`zero_head(h)`, `lambda x: 2 * x`). A function should not change its input in place: a
+    `record` of the same point entered before this `patch` would hold the changed tensor. Hooks run in the order
+    the `with` blocks were entered: a `record` entered inside this block sees the patched output, one entered
+    before it the model's own. Points matched by several patterns get each edit, in the dict's order.
     """
+    if not isinstance(edits, dict):
+        raise TypeError(f"patch takes a dict of point name -> edit, got {type(edits).__name__}")
     handles = []
 
     def apply(name: str, edit: Edit) -> Callable:
@@ -148,6 +166,9 @@ def patch(model: nn.Module, edits: dict[str, Edit]) -> Iterator[None]:
                 new = edit(output) if callable(edit) else edit
             except (ValueError, IndexError) as error:
                 raise ValueError(f"patch for {name}: {error}") from error
+            except Exception as error:  # kept as it is, with the point named beneath it
+                error.add_note(f"in the patch for {name}")
+                raise
             if not isinstance(new, torch.Tensor) or new.shape != output.shape:
                 found = f"shape {tuple(new.shape)}" if isinstance(new, torch.Tensor) else type(new).__name__
                 raise ValueError(f"patch for {name}: the edit gave {found}, the output is {tuple(output.shape)}")
@@ -158,6 +179,9 @@ def patch(model: nn.Module, edits: dict[str, Edit]) -> Iterator[None]:
     try:
         for pattern, edit in edits.items():
             for name, module in find(model, pattern).items():
+                if isinstance(edit, ZeroHead) and not is_per_head(name):
+                    raise ValueError(f"patch for {name}: zero_head({edit.head}) edits a point with a head axis "
+                                     f"(self_attention.context, q, k, v, scores, probs); {name} has none")  # fmt: skip
                 handles.append(module.register_forward_hook(apply(name, edit)))
         yield
     finally:
@@ -165,14 +189,21 @@ def patch(model: nn.Module, edits: dict[str, Edit]) -> Iterator[None]:
             handle.remove()
 
 
-def zero_head(head: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """An edit for `*.self_attention.context` (B, nh, T, hd) that removes one head's output."""
+class ZeroHead:
+    """An edit for a per-head point, (B, nh, T, ...), that zeroes one head: `zero_head(h)`."""
 
-    def edit(context: torch.Tensor) -> torch.Tensor:
-        if not 0 <= head < context.shape[1]:
-            raise ValueError(f"zero_head({head}): there are {context.shape[1]} heads, numbered from 0")
-        context = context.clone()
-        context[:, head] = 0
-        return context
+    def __init__(self, head: int) -> None:
+        self.head = head
 
-    return edit
+    def __call__(self, per_head: torch.Tensor) -> torch.Tensor:
+        if not 0 <= self.head < per_head.shape[1]:
+            raise ValueError(f"zero_head({self.head}): there are {per_head.shape[1]} heads, numbered from 0")
+        per_head = per_head.clone()
+        per_head[:, self.head] = 0
+        return per_head
+
+
+def zero_head(head: int) -> ZeroHead:
+    """An edit for `*.self_attention.context` (B, nh, T, hd) that removes one head's output (or for another
+    point with a head axis: q, k, v, scores, probs); `patch` refuses it on a point without one."""
+    return ZeroHead(head)

@@ -16,6 +16,7 @@ The circuits of a head are products of two of these ((C, C) each: computed, not 
 
 import torch
 
+from bloom.config import is_integer
 from bloom.model import Bloom
 from bloom.research.probe import refuse_int8
 
@@ -42,9 +43,17 @@ def head_weights(model: Bloom, layer: int) -> dict[str, torch.Tensor]:
 
 def qk_circuit(weights: dict[str, torch.Tensor], head: int) -> torch.Tensor:
     """W_QK = W_Q[h] @ W_K[h]ᵀ, (C, C): the bilinear form of query and key positions' (normed) residuals."""
+    _check_head("qk_circuit", weights, head)
     return weights["W_Q"][head] @ weights["W_K"][head].T
 
 
 def ov_circuit(weights: dict[str, torch.Tensor], head: int) -> torch.Tensor:
     """W_OV = W_V[h] @ W_O[h], (C, C): from a key position's (normed) residual to what the head writes."""
+    _check_head("ov_circuit", weights, head)
     return weights["W_V"][head] @ weights["W_O"][head]
+
+
+def _check_head(what: str, weights: dict[str, torch.Tensor], head: int) -> None:
+    n_head = weights["W_Q"].shape[0]
+    if not (is_integer(head) and 0 <= head < n_head):
+        raise ValueError(f"{what}: head {head!r} does not exist; the layer has heads 0..{n_head - 1}")
