@@ -178,6 +178,12 @@ def test_streamer_sees_every_new_column(models):
     columns = []
     out = generate(ours, ids, attention_mask=mask, max_new_tokens=9, eos_token_id=[], streamer=columns.append)
     assert torch.equal(torch.stack(columns, dim=1), out[:, 7:])
+    # rows ending at EOS: the streamer gets the columns generate returns, not the padding after the last EOS
+    first_tokens = out[:, 7].tolist()
+    columns = []
+    out = generate(ours, ids, attention_mask=mask, max_new_tokens=9, eos_token_id=first_tokens, pad_token_id=0,
+                   streamer=columns.append)  # fmt: skip
+    assert out.shape[1] == 8 and torch.equal(torch.stack(columns, dim=1), out[:, 7:])
 
 
 # Memory and time follow the tokens generated, not max_new_tokens.

@@ -130,11 +130,13 @@ def generate(
     try:
         with closing(steps):  # hands the decoder back at once, even after a break
             for step, (tokens, finished_before) in enumerate(steps):
+                if streamer is not None and bool(finished_before.all()):
+                    break  # every row had finished: a column of padding, not streamed
                 columns.append(tokens)
                 alive.append(~finished_before.all())
                 if streamer is not None:
                     streamer(tokens)
-                if (streamer is not None or (step + 1) % EOS_CHECK_EVERY == 0) and bool(finished_before.all()):
+                elif (step + 1) % EOS_CHECK_EVERY == 0 and bool(finished_before.all()):
                     break
     except MemoryError as error:
         error.sequences = join_columns(input_ids, columns, alive)
