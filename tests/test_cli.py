@@ -1,5 +1,7 @@
 """The `bloom` command line, run as a user would: in a subprocess, on a tiny checkpoint folder."""
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -53,6 +55,22 @@ def test_streaming_stops_at_eos(eos_model_folder):
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected_text(eos_model_folder, [EOS_PROMPT], 20)[0] + "\n"
     assert "new 3 tokens" in result.stderr  # the EOS is counted, the padding after it is not
+
+
+def test_a_tokenizer_without_eos_stops_at_the_model_configs(eos_model_folder, tmp_path):
+    """tokenizer_config.json may say "eos_token": null; generation then stops at config.json's eos_token_id, as
+    transformers' generate does."""
+    from conftest import EOS_PROMPT
+
+    folder = shutil.copytree(eos_model_folder, tmp_path / "no_eos")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        config = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps(config | {"eos_token": None}))
+    assert load_tokenizer(folder).eos_token_id is None
+    result = bloom("generate", "--model", str(folder), "--prompt", EOS_PROMPT, "--max-new-tokens", "20")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected_text(eos_model_folder, [EOS_PROMPT], 20)[0] + "\n"
+    assert "new 3 tokens" in result.stderr
 
 
 def test_generate_a_batch_from_a_file_with_sampling(tiny_model_folder, tmp_path):

@@ -272,12 +272,15 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     check_attention_fits(model, *input_ids.shape)  # before the prompt is echoed
     B, T = input_ids.shape
     decoder = Decoder(model, B, T + args.max_new_tokens, compile=args.compile)  # builds bloom.matvec's kernels once
-    streamer = StdoutStream(tokenizer, prompts[0], show=is_main()) if len(prompts) == 1 else None
+    # the tokenizer's EOS; without one, the model config's, as generate (and transformers) would take
+    eos = model.config.eos_token_id if tokenizer.eos_token_id is None else tokenizer.eos_token_id
+    eos_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+    streamer = StdoutStream(tokenizer, prompts[0], eos_ids, show=is_main()) if len(prompts) == 1 else None
     start = time.perf_counter()
     try:
         output = generate(
             model, input_ids, attention_mask=attention_mask, max_new_tokens=args.max_new_tokens,
-            do_sample=args.do_sample, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            do_sample=args.do_sample, eos_token_id=list(eos_ids), pad_token_id=tokenizer.pad_token_id,
             streamer=streamer, decoder=decoder, **sampling,
         )  # fmt: skip
     except MemoryError as error:  # the KV cache could not grow: print what was generated, then the error
@@ -292,7 +295,7 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         streamer.finish()
     else:
         print_rows(tokenizer, prompts, new_tokens)
-    n_new = count_new_tokens(new_tokens, tokenizer.eos_token_id)
+    n_new = count_new_tokens(new_tokens, eos_ids)
     print(
         f"load {load_seconds:.2f} s | prompt {int(attention_mask.sum())} tokens | new {n_new} tokens | "
         f"{n_new / seconds:.1f} tokens/s" + (" (compiling included)" if args.compile else ""),
@@ -455,9 +458,9 @@ class StdoutStream:
     collective that the others never join.
     """
 
-    def __init__(self, tokenizer: BloomTokenizer, prompt: str, show: bool = True) -> None:
+    def __init__(self, tokenizer: BloomTokenizer, prompt: str, eos_ids: tuple[int, ...], show: bool = True) -> None:
         self.text = TextStream(tokenizer)
-        self.eos_token_id = tokenizer.eos_token_id
+        self.eos_ids = eos_ids
         self.done = False
         self.show = show
         self.print(prompt)
@@ -466,7 +469,7 @@ class StdoutStream:
         token = int(tokens[0])
         if self.done:
             return
-        self.done = token == self.eos_token_id
+        self.done = token in self.eos_ids
         self.print(self.text.push(token))
 
     def finish(self) -> None:
@@ -485,8 +488,8 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def count_new_tokens(new_tokens: torch.Tensor, eos_token_id: int | None) -> int:
-    """Tokens generated per row up to and including EOS, summed over the batch."""
-    is_eos = (new_tokens == eos_token_id).int()
+def count_new_tokens(new_tokens: torch.Tensor, eos_ids: tuple[int, ...]) -> int:
+    """Tokens generated per row up to and including the first EOS (any of eos_ids), summed over the batch."""
+    is_eos = torch.isin(new_tokens, torch.tensor(eos_ids, dtype=new_tokens.dtype, device=new_tokens.device)).int()
     after_eos = is_eos.cumsum(dim=1) - is_eos > 0
     return int((~after_eos).sum())
