@@ -171,7 +171,8 @@ class Attention(nn.Module):
         else:  # long inputs: memory linear in T, values equal within float32 rounding
             y = self.attend_in_chunks(q, k, v, alibi, mask, n_chunks)
         y = self.context(y)  # each head's output: (B, nh, T, hd)
-        return self.dense(y.transpose(1, 2).reshape(B, T, -1))  # heads concatenated, (B, T, nh·hd) -> (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # heads concatenated, (B, T, nh·hd)
+        return self.dense(y)  # (B, T, C)
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi: torch.Tensor, mask: torch.Tensor
@@ -285,6 +286,8 @@ class Bloom(nn.Module):
         slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The final hidden states, after ln_f, (B, T) -> (B, T, C); arguments as in `forward`."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids is {tuple(input_ids.shape)}, expected (batch, tokens)")
         B, T = input_ids.shape
         if slots is not None and cache is None:
             raise ValueError("slots say where tokens go in a KV cache: pass the cache too")

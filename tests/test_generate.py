@@ -338,6 +338,20 @@ def test_a_decoder_shared_by_two_threads_serves_one_and_refuses_the_other(models
     assert torch.equal(again, alone)
 
 
+def test_a_decoder_used_directly_names_its_misuse(models):
+    _, ours = models
+    decoder = Decoder(ours, 2, max_len=4)
+    with pytest.raises(RuntimeError, match=r"step\(\) continues a prompt: call prefill\(\) first"):
+        decoder.step(torch.tensor([5, 6]))
+    ids = torch.tensor([[5, 6, 7, 8, 9]] * 2)
+    with pytest.raises(ValueError, match=r"a prompt of 5 tokens does not fit this decoder's max_len=4"):
+        decoder.prefill(ids, torch.ones_like(ids))
+    with pytest.raises(ValueError, match=r"shape \(batch_size=2, T\), got \(1, 3\) and \(1, 3\)"):
+        decoder.prefill(ids[:1, :3], torch.ones_like(ids[:1, :3]))
+    logits = decoder.prefill(ids[:, :3], torch.ones_like(ids[:, :3]))
+    assert logits.shape == (2, 1, ours.config.vocab_size) and decoder.step(torch.tensor([5, 6])).shape == logits.shape
+
+
 def test_a_decoder_is_free_again_after_a_failed_call(models):
     _, ours = models
     decoder = Decoder(ours, 1)

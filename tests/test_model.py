@@ -137,6 +137,14 @@ def test_mask_of_the_wrong_shape_is_refused():
         tiny_model()(torch.randint(4, 100, (1, 5)), torch.ones(1, 4, dtype=torch.long))
 
 
+def test_input_ids_must_be_a_batch_and_may_be_empty():
+    model = Bloom(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)).eval()
+    with pytest.raises(ValueError, match=r"input_ids is \(5,\), expected \(batch, tokens\)"):
+        model(torch.zeros(5, dtype=torch.long))
+    with torch.no_grad():  # a batch of empty prompts (tokenizer.batch_encode([""])): no positions, no logits
+        assert model(torch.zeros(2, 0, dtype=torch.long)).shape == (2, 0, 64)
+
+
 def test_long_inputs_attend_in_chunks_with_the_values_of_the_whole(monkeypatch):
     """A scores budget of a few query rows forces the chunked path on a short, left-padded batch."""
     model = tiny_model(n_head=6, hidden_size=48)

@@ -159,7 +159,14 @@ class Decoder:
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run the prompt (B, T) into a cache with room for one more token; logits of its last position, (B, 1, V)."""
+        if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape or input_ids.shape[0] != self.batch_size:
+            raise ValueError(
+                f"prefill takes input_ids and attention_mask of shape (batch_size={self.batch_size}, T), got "
+                f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
+            )
         T = input_ids.shape[1]
+        if self.max_len is not None and T > self.max_len:
+            raise ValueError(f"a prompt of {T} tokens does not fit this decoder's max_len={self.max_len}")
         self._prompt_mask, self.length, self.cache = attention_mask, 0, None  # the last call's cache: not needed
         self._use(self.capacity_for(T + 1))
         with self._products():
@@ -172,6 +179,8 @@ class Decoder:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,) into the next slot; the logits after it, (B, 1, V)."""
+        if self.cache is None:
+            raise RuntimeError("step() continues a prompt: call prefill() first")
         if self.length == self.cache.max_len:
             if self.max_len is not None and self.length == self.max_len:
                 raise ValueError(f"this decoder holds at most max_len={self.max_len} slots, and they are full")
