@@ -259,6 +259,8 @@ def test_evaluate_command_help_and_bad_tasks(task_folder, local_tasks_only, caps
         (["--output", "{tmp}"], "--output {tmp}: a folder, not a file"),
         (["--include-path", "{tmp}/nowhere"], "--include-path {tmp}/nowhere: no such folder"),
         (["--limit", "1.5"], "--limit must be a whole number of documents or a fraction below 1, got 1.5"),
+        (["--limit", "inf"], "--limit must be a whole number of documents or a fraction below 1, got inf"),
+        (["--limit", "nan"], "--limit must be a whole number of documents or a fraction below 1, got nan"),
     ],
 )
 def test_evaluate_command_checks_its_files_before_the_run(local_tasks_only, capsys, tmp_path, extra, message):

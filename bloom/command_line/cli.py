@@ -413,7 +413,7 @@ def run_evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     tasks = [task for task in args.tasks.split(",") if task]
     if not tasks:
         parser.error("--tasks names no task")
-    if args.limit is not None and not (0 < args.limit < 1 or args.limit == int(args.limit) >= 1):
+    if args.limit is not None and not (0 < args.limit < 1 or (args.limit >= 1 and float(args.limit).is_integer())):
         parser.error(f"--limit must be a whole number of documents or a fraction below 1, got {args.limit:g}")
     if args.include_path is not None and not args.include_path.is_dir():
         raise FileNotFoundError(f"--include-path {args.include_path}: no such folder")
