@@ -56,7 +56,7 @@ class Bandwidth:
     decode speed is compared with the bandwidth measured just before and after its timed generation."""
 
     def __init__(self, device: torch.device, gigabytes: float = 0.5) -> None:
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         self.x = torch.ones(int(gigabytes * 1e9) // 4, device=device)
         self.x.sum()  # touches every page once
 
@@ -109,7 +109,7 @@ def measure(
     memory (RSS) on the CPU.
     """
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     before = rss_gb()
     start = time.perf_counter()
     model = load()
@@ -128,7 +128,7 @@ def measure(
     run(model, ids, mask, 2, None)  # warm-up (compiles, when asked); it reads every weight, which mmap defers
     warmup_s = time.perf_counter() - start
     if device.type == "cuda":
-        memory_gb = torch.cuda.max_memory_allocated() / 1e9
+        memory_gb = torch.cuda.max_memory_allocated(device) / 1e9
     else:  # the process's peak RSS (kilobytes on Linux) less what it held before loading
         memory_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9 - before
     bandwidth = Bandwidth(device)  # after the peak memory is taken: its 0.5 GB are not the model's
@@ -174,8 +174,9 @@ def ours_worker(args: argparse.Namespace) -> dict:
 
 
 def build_random_checkpoint(name: str, dtype: torch.dtype, folder: Path) -> Path:
-    """A checkpoint of preset `name` with random weights, in the bigscience layout (reused if present)."""
-    if (folder / "model.safetensors").is_file():
+    """A checkpoint of preset `name` with random weights, in the bigscience layout (reused if present: config.json
+    is written last, so a run interrupted while writing the weights builds it again)."""
+    if (folder / "config.json").is_file():
         return folder
     config = BloomConfig.from_name(name)
     with torch.device("meta"):
@@ -248,7 +249,9 @@ def table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
     medians = {
         impl: {key: statistics.median(r[key] for r in runs) for _, key, _ in columns} for impl, runs in results.items()
     }
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_description(args.compile)
+    device = (
+        torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_description(args.compile)
+    )
     dtype = args.dtype + (f" (stored {args.stored_dtype})" if args.stored_dtype else "")
     prompts = f"prompt {args.prompt_len}"
     if args.batch_size > 1:
