@@ -88,8 +88,10 @@ def test_an_interrupted_export_resumes_and_other_folders_are_refused(model, toke
 
     with pytest.raises(ValueError, match="already holds this export, complete"):
         export(model, token_ids, ["h.1"], out, context=8)
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"holds an export that differs in its context \("):
         export(model, token_ids, ["h.1"], out, context=4)
+    with pytest.raises(ValueError, match=r"differs in its text, number of tokens, points \("):
+        export(model, token_ids[:-1].flip(0), ["h.0"], out, context=8)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="is not empty"):
@@ -100,6 +102,27 @@ def test_an_interrupted_export_resumes_and_other_folders_are_refused(model, toke
         export(model, token_ids, ["h.7"], tmp_path / "none", context=8)
     with pytest.raises(KeyError, match="no point 'h.0'"):
         load(out, "h.0")
+
+
+def test_an_export_stopped_while_making_its_files_starts_them_again(model, token_ids, tmp_path, monkeypatch):
+    from bloom.research import activations
+
+    headers, real_header = [], activations._header
+
+    def stop_at_the_second_file(*args):
+        headers.append(args)
+        if len(headers) == 2:
+            raise KeyboardInterrupt
+        return real_header(*args)
+
+    out = tmp_path / "acts"
+    monkeypatch.setattr(activations, "_header", stop_at_the_second_file)
+    with pytest.raises(KeyboardInterrupt):
+        export(model, token_ids, ["h.1"], out, context=8)
+    monkeypatch.setattr(activations, "_header", real_header)
+    export(model, token_ids, ["h.1"], out, context=8)
+    fresh = export(model, token_ids, ["h.1"], tmp_path / "fresh", context=8)
+    assert torch.equal(load(out, "h.1")[1], load(fresh, "h.1")[1])
 
 
 def test_command_exports_the_text_in_token_order(tiny_model_folder, tmp_path, capsys):

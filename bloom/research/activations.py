@@ -102,14 +102,23 @@ def _start(out: Path, settings: dict, widths: dict[str, int], token_ids: torch.T
     """Prepare `out` and return the number of tokens already written (0 for a new export)."""
     if (out / INDEX).is_file():
         index = _read_index(out)
-        if index.get("settings") != settings:
-            raise ValueError(f"{out} holds an export with other settings ({out / INDEX}); choose another --out")
+        theirs = index.get("settings") or {}
+        if theirs != settings:
+            words = {"tokens_sha256": "text", "n_tokens": "number of tokens"}
+            differ = ", ".join(words.get(key, key) for key in settings if theirs.get(key) != settings[key])
+            raise ValueError(
+                f"{out} holds an export that differs in its {differ} ({out / INDEX}); choose another --out"
+            )
         if index["tokens_done"] == settings["n_tokens"]:
             raise ValueError(f"{out} already holds this export, complete; delete it to write it again")
-        return index["tokens_done"]
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty and holds no {INDEX}: choose an empty or new folder")
-    out.mkdir(parents=True, exist_ok=True)
+        if index["tokens_done"]:
+            return index["tokens_done"]
+    else:  # the index first: a run stopped before its files below are made makes them again when started again
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"{out} is not empty and holds no {INDEX}: choose an empty or new folder")
+        out.mkdir(parents=True, exist_ok=True)
+        files = {name: f"{name}.safetensors" for name in [TOKENS, *widths]}
+        _write_index(out, {"settings": settings, "widths": widths, "files": files, "tokens_done": 0})
     with open(out / f"{TOKENS}.safetensors", "wb") as f:
         f.write(_header(TOKENS, torch.int64, (len(token_ids),)))
         f.write(token_ids.numpy().tobytes())
@@ -118,8 +127,6 @@ def _start(out: Path, settings: dict, widths: dict[str, int], token_ids: torch.T
         with open(out / f"{name}.safetensors", "wb") as f:
             f.write(header)
             f.truncate(len(header) + len(token_ids) * width * dtype.itemsize)  # sparse until written
-    files = {name: f"{name}.safetensors" for name in [TOKENS, *widths]}
-    _write_index(out, {"settings": settings, "widths": widths, "files": files, "tokens_done": 0})
     return 0
 
 
