@@ -13,7 +13,7 @@ from tiny_checkpoint import bigscience_state, random_hf_bloom, save_bigscience, 
 
 import bloom.checkpoints.loader
 from bloom import Bloom, load_pretrained
-from bloom.checkpoints.loader import weight_files
+from bloom.checkpoints.loader import load_config, weight_files
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,17 @@ def test_hub_repo_id_from_the_local_cache(tmp_path, hf_model, ids, cache_only, l
     for revision in (None, "main", commit):
         model = load_pretrained("bigscience/bloom-tiny", revision=revision, cache_dir=tmp_path / "hub")
         assert_same_model(model, hf_model, ids)
+
+
+def test_the_config_alone_is_read_from_a_repo_whose_weights_are_not_cached(tmp_path, hf_model, cache_only):
+    """bloom activations checks its points against config.json before the weights are downloaded."""
+    repo = save_transformers(hf_model, tmp_path / "repo")
+    (repo / "model.safetensors").unlink()  # cached: config.json only
+    put_in_hub_cache(repo, tmp_path / "hub", "bigscience/bloom-tiny")
+    config = load_config("bigscience/bloom-tiny", cache_dir=tmp_path / "hub")
+    assert config.n_layer == hf_model.config.n_layer and config.hidden_size == hf_model.config.hidden_size
+    with pytest.raises(AssertionError, match="the cached snapshot should have been enough"):  # the weights: fetched
+        load_pretrained("bigscience/bloom-tiny", cache_dir=tmp_path / "hub")
 
 
 def test_the_hub_cache_is_the_one_huggingface_hub_reads(tmp_path, hf_model):

@@ -133,15 +133,21 @@ def load_pretrained(
 
 
 def load_config(
-    path_or_repo_id: str | Path,
-    *,
-    revision: str | None = None,
-    cache_dir: str | Path | None = None,
-    allow_pickle: bool = False,
+    path_or_repo_id: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None
 ) -> BloomConfig:
-    """The checkpoint's config.json, from the folder or repo `load_pretrained` would read (nothing else is read),
-    so that what depends on the model's shape can be checked before its weights are loaded."""
-    return BloomConfig.from_json(_checkpoint(path_or_repo_id, revision, cache_dir, allow_pickle)[1])
+    """The checkpoint's config.json, from the folder or repo `load_pretrained` would read, so that what depends on
+    the model's shape can be checked before its weights are loaded: a repo not in the cache gets its config.json
+    downloaded, and nothing else."""
+    folder = resolve_folder(
+        path_or_repo_id,
+        patterns=["config.json"],
+        is_complete=lambda f: (f / "config.json").is_file(),
+        revision=revision,
+        cache_dir=cache_dir,
+    )
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no config.json")
+    return BloomConfig.from_json(folder / "config.json")
 
 
 def _checkpoint(
