@@ -3,9 +3,9 @@
 Arguments follow transformers' `generate()` in name and meaning, with one difference: transformers
 samples with top_k=50 unless told otherwise; here nothing is filtered unless asked (top_k=None).
 The logits of each step go through, in transformers' order: repetition penalty, temperature, top-k,
-top-p; then argmax (greedy) or a draw (sampling). The penalty and the temperature are applied in float64
-after subtracting each row's maximum, so that no setting overflows: a temperature near 0 gives the greedy
-choice (ties shared evenly), never a float32 infinity. No step waits on the host: the arguments and the
+top-p; then argmax (greedy) or a draw (sampling). The penalty is applied in float64, and the temperature in
+float64 after subtracting each row's maximum, so that no setting overflows: a temperature near 0 gives the
+greedy choice (ties shared evenly), never a float32 infinity. No step waits on the host: the arguments and the
 prompt are checked once per call, whether every row has finished is checked every `EOS_CHECK_EVERY` steps
 (every step when streaming), and the columns generated after the last row finished are dropped at the end.
 
