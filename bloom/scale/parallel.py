@@ -84,6 +84,8 @@ def join_process_group(world_size: int, device: str) -> str:
     if not device.startswith("cuda"):
         dist.init_process_group("gloo")
         return device
+    if "LOCAL_RANK" not in os.environ:
+        raise ValueError(f"--tp {world_size} on CUDA needs LOCAL_RANK, which torchrun sets: run under torchrun")
     device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", device_id=torch.device(device))  # binds nccl to this GPU from the start
