@@ -21,10 +21,7 @@ from bloom.model import Bloom
 def decode(model: Bloom, ids: torch.Tensor, n_tokens: int, bound: int) -> tuple[float, int]:
     """Generate n_tokens greedily under max_new_tokens=bound: (seconds per decode step, cache bytes held)."""
     decoder = Decoder(model, ids.shape[0], ids.shape[1] + bound)
-    steps = generate_steps(
-        model, ids, attention_mask=None, max_new_tokens=bound, do_sample=False, temperature=1.0, top_k=None,
-        top_p=None, repetition_penalty=1.0, eos_token_id=[], pad_token_id=None, seed=None, decoder=decoder,
-    )  # fmt: skip
+    steps = generate_steps(model, ids, max_new_tokens=bound, eos_token_id=[], decoder=decoder)
     with closing(steps):
         next(steps)  # the prefill
         start = time.perf_counter()

@@ -10,7 +10,14 @@ from tiny_checkpoint import left_padded, random_hf_bloom, save_transformers
 import bloom.memory
 from bloom import load_pretrained
 from bloom.generation.decoder import MIN_CAPACITY, Decoder
-from bloom.generation.generate import apply_repetition_penalty, generate, sample, top_k_filter, top_p_filter
+from bloom.generation.generate import (
+    apply_repetition_penalty,
+    generate,
+    generate_steps,
+    sample,
+    top_k_filter,
+    top_p_filter,
+)
 from bloom.kv_cache import KVCache
 
 PAD = 3
@@ -336,6 +343,14 @@ def test_a_decoder_shared_by_two_threads_serves_one_and_refuses_the_other(models
     assert torch.equal(result["tokens"], alone)
     again = generate(ours, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], decoder=decoder)
     assert torch.equal(again, alone)
+
+
+def test_generate_steps_takes_generates_defaults(models):
+    _, ours = models
+    ids, mask = left_padded([5, 7])
+    columns = [tokens for tokens, _ in generate_steps(ours, ids, attention_mask=mask, max_new_tokens=4)]
+    out = generate(ours, ids, attention_mask=mask, max_new_tokens=4)  # without the columns after every EOS
+    assert len(columns) == 4 and torch.equal(torch.stack(columns, dim=1)[:, : out.shape[1] - 7], out[:, 7:])
 
 
 def test_a_decoder_used_directly_names_its_misuse(models):

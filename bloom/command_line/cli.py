@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "with torchrun --nproc-per-node TP (default 1)")  # fmt: skip
     gen.add_argument("--seed", type=seed, help="make sampling reproducible (0 to 2**64 - 1)")
     gen.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                     help="decode with a step compiled by torch.compile: a slow first token, and on the CPU a copy of the "
-                          "weights (default: eager, with bloom.matvec's CPU kernels)")  # fmt: skip
+                     help="decode with a step compiled by torch.compile: a slow first token, and on the CPU a copy "
+                          "of the weights (default: eager, with bloom.matvec's CPU kernels)")  # fmt: skip
     gen.set_defaults(run=run_generate)
 
     ppl = commands.add_parser(

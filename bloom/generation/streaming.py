@@ -5,14 +5,13 @@ and decoding such a prefix yields U+FFFD. `TextStream` holds text back while it 
 character, so every piece it gives out is final and the pieces join up to exactly the decoded text.
 """
 
-import inspect
 from collections.abc import Iterator
 from contextlib import closing
 
 import torch
 
 from bloom.checkpoints.tokenizer import BloomTokenizer
-from bloom.generation.generate import generate, generate_steps
+from bloom.generation.generate import generate_steps
 from bloom.model import Bloom
 
 INCOMPLETE = "\ufffd"  # what the byte-level decoder gives for a character whose bytes are not all there
@@ -57,12 +56,11 @@ def stream(
     input_ids = torch.tensor([tokenizer.encode(prompt)], device=device)
     generate_kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    arguments = inspect.signature(generate).bind(model, input_ids, max_new_tokens=max_new_tokens, **generate_kwargs)
-    arguments.apply_defaults()  # generate() owns the defaults
-    if arguments.arguments.pop("streamer") is not None:
+    if "streamer" in generate_kwargs:
         raise TypeError("stream() is itself the streamer; do not pass streamer=")
     text = TextStream(tokenizer)
-    with closing(generate_steps(**arguments.arguments)) as steps:  # hands a decoder back as soon as this ends
+    steps = generate_steps(model, input_ids, max_new_tokens=max_new_tokens, **generate_kwargs)
+    with closing(steps):  # hands a decoder back as soon as this ends
         for tokens, finished_before in steps:
             if finished_before[0]:
                 break

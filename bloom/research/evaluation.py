@@ -231,8 +231,8 @@ class BloomLM(TemplateLM):
         ids, mask = self._left_pad(prompts)  # (B, T) each
         steps = generate_steps(
             self.model, ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=1.0,
-            eos_token_id=self.eot_token_id, pad_token_id=self.tokenizer.pad_token_id, seed=None, decoder=None,
+            temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=self.eot_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
         )  # fmt: skip
         new_tokens: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
