@@ -34,10 +34,10 @@ from bloom.checkpoints.tokenizer import BloomTokenizer, left_pad, load_tokenizer
 from bloom.config import is_integer
 from bloom.generation.generate import generate_steps
 from bloom.model import Bloom
+from bloom.research.perplexity import float_logits
 
 MAX_LENGTH = 2048  # tokens per forward pass: BLOOM's training context, and the harness's default
 MAX_GEN_TOKS = 256  # new tokens when a task does not say (HFLM's default)
-LOGITS_CHUNK = 256  # positions whose (chunk, V) logits are materialised at once
 
 
 class BloomLM(TemplateLM):
@@ -268,9 +268,8 @@ class BloomLM(TemplateLM):
         """(n, C) final hidden states predicting the n continuation tokens -> (sum of log p, all argmax)."""
         targets = torch.tensor(continuation, device=hidden.device)  # (n,)
         logprob, greedy = 0.0, True
-        for i in range(0, len(continuation), LOGITS_CHUNK):
-            logits = self.model.word_embeddings.unembed(hidden[i : i + LOGITS_CHUNK]).float()  # (chunk, V)
-            chunk_targets = targets[i : i + LOGITS_CHUNK]
+        for at, logits in float_logits(self.model, hidden):  # (chunk, V)
+            chunk_targets = targets[at]
             logprobs = F.log_softmax(logits, dim=-1).gather(-1, chunk_targets[:, None])  # (chunk, 1)
             logprob += float(logprobs.sum())
             greedy = greedy and bool((logits.argmax(dim=-1) == chunk_targets).all())

@@ -9,12 +9,14 @@ the procedure of transformers' "perplexity of fixed-length models" guide, so the
 """
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from huggingface_hub.utils import tqdm
 
+from bloom.checkpoints.tokenizer import left_pad
 from bloom.memory import check_attention_fits
 from bloom.model import Bloom
 
@@ -68,13 +70,9 @@ def perplexity(
     with tqdm(total=len(windows), desc="Scoring", unit="window", disable=not progress) as bar:
         for start in range(0, len(windows), batch_size):
             batch = windows[start : start + batch_size]
-            T = max(w.end - w.begin for w in batch)
-            ids = torch.full((len(batch), T), model.config.pad_token_id or 0, device=device)  # (B, T)
-            mask = torch.zeros_like(ids)
-            for row, w in enumerate(batch):
-                ids[row, T - (w.end - w.begin) :] = tokens[w.begin : w.end]
-                mask[row, T - (w.end - w.begin) :] = 1
-            hidden = model.hidden(ids, mask)  # (B, T, C)
+            ids, mask = left_pad([list(token_ids[w.begin : w.end]) for w in batch], model.config.pad_token_id or 0)
+            T = ids.shape[1]
+            hidden = model.hidden(ids.to(device), mask.to(device))  # (B, T, C)
             for row, w in enumerate(batch):
                 offset = T - w.end  # column of token i is i + offset
                 predictors = hidden[row, w.first_scored - 1 + offset : w.end - 1 + offset]  # (n, C)
@@ -87,8 +85,11 @@ def perplexity(
 
 def _nll_sum(model: Bloom, hidden: torch.Tensor, targets: torch.Tensor) -> float:
     """Summed -log p(target) for (n, C) hidden states, in float32 logits, a chunk of positions at a time."""
-    total = 0.0
-    for i in range(0, len(targets), LOGITS_CHUNK):
-        logits = model.word_embeddings.unembed(hidden[i : i + LOGITS_CHUNK]).float()  # (chunk, V)
-        total += F.cross_entropy(logits, targets[i : i + LOGITS_CHUNK], reduction="sum").item()
-    return total
+    chunks = float_logits(model, hidden)
+    return sum(F.cross_entropy(logits, targets[at], reduction="sum").item() for at, logits in chunks)
+
+
+def float_logits(model: Bloom, hidden: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(n, C) hidden states -> their logits in float32, LOGITS_CHUNK positions at a time: (positions, (chunk, V))."""
+    for i in range(0, len(hidden), LOGITS_CHUNK):
+        yield slice(i, i + LOGITS_CHUNK), model.word_embeddings.unembed(hidden[i : i + LOGITS_CHUNK]).float()
