@@ -239,13 +239,20 @@ def _shards_from_index(folder: Path, index_path: Path) -> list[Path]:
     return shards
 
 
-def data_offsets(path: Path) -> dict[str, int]:
-    """Where each tensor's bytes start in a safetensors file: after the 8-byte header length and the JSON header,
-    at its data_offsets (which safe_open has already checked against the file)."""
+def safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """A safetensors file's tensors (name -> dtype, shape, data_offsets; no __metadata__) and where their data
+    begins: after the 8-byte header length and the JSON header."""
     with open(path, "rb") as file:
         header_bytes = int.from_bytes(file.read(8), "little")
         header = json.loads(file.read(header_bytes))
-    return {key: 8 + header_bytes + info["data_offsets"][0] for key, info in header.items() if key != "__metadata__"}
+    return {key: info for key, info in header.items() if key != "__metadata__"}, 8 + header_bytes
+
+
+def data_offsets(path: Path) -> dict[str, int]:
+    """Where each tensor's bytes start in a safetensors file, at its data_offsets (which safe_open has already
+    checked against the file)."""
+    tensors, data_start = safetensors_header(path)
+    return {key: data_start + info["data_offsets"][0] for key, info in tensors.items()}
 
 
 class _SafetensorsReader:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from huggingface_hub.utils import tqdm
 
+from bloom.checkpoints.loader import safetensors_header
 from bloom.config import read_json
 from bloom.memory import check_attention_fits
 from bloom.model import Bloom
@@ -195,11 +196,10 @@ def export(
 
 def _map(path: Path) -> torch.Tensor:
     """The single tensor of a safetensors file, memory-mapped (copy on write: edits never reach the file)."""
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        (entry,) = (v for k, v in json.loads(f.read(length)).items() if k != "__metadata__")
+    tensors, data_start = safetensors_header(path)
+    (entry,) = tensors.values()
     shape, dtype = tuple(entry["shape"]), NUMPY_DTYPES[entry["dtype"]]
-    array = np.memmap(path, dtype=dtype, mode="c", offset=8 + length, shape=shape)
+    array = np.memmap(path, dtype=dtype, mode="c", offset=data_start, shape=shape)
     tensor = torch.from_numpy(array)
     return tensor.view(torch.bfloat16) if entry["dtype"] == "BF16" else tensor
 
