@@ -38,7 +38,7 @@ class KVCache:
         n_head: int | None = None,
     ) -> None:
         """n_head: the heads this process computes (default: all; fewer when heads are split, bloom.scale.parallel)."""
-        self.batch_size, self.max_len = batch_size, max_len
+        self.max_len = max_len
         shape = (batch_size, n_head or config.n_head, max_len, config.head_dim)
         self.layers = [LayerKV(shape, dtype, device) for _ in range(config.n_layer)]
 

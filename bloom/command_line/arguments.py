@@ -22,6 +22,7 @@ from bloom.checkpoints.hub import network_error
 # Raised for what the user typed or pointed at: reported as `bloom CMD: error: ...`, exit status 2, no
 # traceback. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError, MemoryError)  # MemoryError: our estimates, before allocating
+DTYPE_CHOICES = ["fp32", "bf16", "fp16"]  # --dtype's names (bloom.checkpoints.loader.DTYPES takes more)
 
 
 class CommandParser(argparse.ArgumentParser):

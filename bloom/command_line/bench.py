@@ -26,7 +26,15 @@ from safetensors.torch import save_file
 
 from bloom import matvec
 from bloom.checkpoints.loader import DTYPES, load_pretrained, weight_files
-from bloom.command_line.arguments import USER_ERRORS, CommandParser, device, fail, int_at_least, positive_int
+from bloom.command_line.arguments import (
+    DTYPE_CHOICES,
+    USER_ERRORS,
+    CommandParser,
+    device,
+    fail,
+    int_at_least,
+    positive_int,
+)
 from bloom.config import PRESETS, BloomConfig
 from bloom.generation.decoder import Decoder
 from bloom.generation.generate import generate
@@ -354,8 +362,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", choices=PRESETS, metavar="PRESET", help="instead of --model: a preset name "
                         "(bloom-560m, bloom-7b1, ...) to build with random weights")  # fmt: skip
     parser.add_argument("--build-dir", help="where --shape checkpoints are built and kept (default: the temp dir)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16", help="default bf16")
-    parser.add_argument("--stored-dtype", choices=["fp32", "bf16", "fp16"], help="the dtype the --shape checkpoint "
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16", help="default bf16")
+    parser.add_argument("--stored-dtype", choices=DTYPE_CHOICES, help="the dtype the --shape checkpoint "
                         "is stored in, which both load into --dtype (default: --dtype)")  # fmt: skip
     parser.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="prompts of different lengths, from "

@@ -17,6 +17,7 @@ from bloom.checkpoints.hub import resolve_folder
 from bloom.checkpoints.loader import DTYPES, checkpoint_patterns, is_complete, load_config, load_pretrained
 from bloom.checkpoints.tokenizer import CONFIG_FILES, TOKENIZER_FILE, BloomTokenizer, load_tokenizer
 from bloom.command_line.arguments import (
+    DTYPE_CHOICES,
     USER_ERRORS,
     CommandParser,
     check_prompts,
@@ -42,7 +43,7 @@ from bloom.research.probe import record
 from bloom.scale.parallel import join_process_group, shared_seed
 
 MAX_NEW_TOKENS = 64
-CONTEXT, STRIDE, BATCH_SIZE = 1024, 512, 4
+CONTEXT, BATCH_SIZE = 1024, 4
 PARITY_NEW_TOKENS = 20
 PAGE_WARNING_MB = 200  # inspect.html beyond this: say that a browser may not open it
 INSPECT_TOP_K = 5  # the logit lens guesses the page shows on hover
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--file", type=Path, required=True, help="the text to score")
     ppl.add_argument("--context", type=int_at_least(2), default=CONTEXT, help=f"tokens per window (default {CONTEXT})")
     ppl.add_argument(
-        "--stride", type=int, help=f"tokens between window starts (default: half of --context, so {STRIDE} by default)"
+        "--stride", type=int, help=f"tokens between window starts (default: half of --context, so {CONTEXT // 2})"
     )
     ppl.add_argument(
         "--batch-size", type=positive_int, default=BATCH_SIZE, help=f"windows per forward (default {BATCH_SIZE})"
@@ -225,7 +226,7 @@ def add_model_arguments(command: argparse.ArgumentParser, *, quantize: bool = Tr
     """--model, --revision, --dtype, --device; and --quantize unless the command compares exact numbers."""
     command.add_argument("--model", required=True, help="checkpoint folder or hub repo id, e.g. bigscience/bloomz-560m")
     command.add_argument("--revision", help="branch, tag or commit of a hub repo")
-    command.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the checkpoint's stored dtype")
+    command.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: the checkpoint's stored dtype")
     command.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     if quantize:
         command.add_argument(
