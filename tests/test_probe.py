@@ -129,6 +129,28 @@ def test_points_that_never_run_or_have_no_heads_are_refused_before_the_forward_p
     assert all(not m._forward_hooks for m in model.modules())
 
 
+def test_double_star_matches_any_number_of_parts(model, batch):
+    ids, mask = batch
+    with torch.no_grad(), record(model, "**") as everything:
+        model(ids, mask)
+    ran = [name for name, m in model.named_modules() if name and not isinstance(m, torch.nn.ModuleList)]
+    assert sorted(everything) == sorted(ran)  # every module that runs
+    for pattern, expected in [
+        ("h.1.**", [name for name in ran if name == "h.1" or name.startswith("h.1.")]),
+        ("**.probs", [name for name in ran if name.endswith(".probs")]),
+        ("h.**.act", [name for name in ran if name.endswith("mlp.act")]),
+        ("**.h.9", []),
+    ]:
+        if not expected:
+            with pytest.raises(ValueError, match="no module of the model is named like"), record(model, pattern):
+                pass
+            continue
+        with torch.no_grad(), record(model, pattern) as seen:
+            model(ids, mask)
+        assert sorted(seen) == sorted(expected), pattern
+        assert all(torch.equal(seen[name], everything[name]) for name in expected)
+
+
 def test_record_takes_a_list_and_bad_arguments_name_themselves(model, batch):
     ids, mask = batch
     with torch.no_grad(), record(model, ["h.0", "h.1"], "ln_f") as seen:

@@ -18,7 +18,9 @@ Every submodule of `Bloom` is a place to look, named by its path (`model.named_m
     ln_f                             (B, T, C)   the final LayerNorm's output
 
 Names take shell-style wildcards per dotted part: "h.*.self_attention.probs", "h.*" (every block's
-output, not what is inside them), "h.1[0-5]". Both context managers work through forward
+output, not what is inside them), "h.1[0-5]"; "**" stands for any number of parts: "**" is every point of the
+model (TransformerLens's run_with_cache), "h.3.**" block 3 and everything in it, "**.probs" every layer's
+attention probabilities. Both context managers work through forward
 hooks, which they remove on exit; outside them the model runs exactly as written. `generate` runs them too,
 with the default eager decoder; a compiled decoder (`Decoder(..., compile=True)`) would skip them, so it refuses.
 When decoding, S is the KV cache's length, and the scores of slots not yet written mean nothing (the mask hides
@@ -54,12 +56,7 @@ CONTAINERS = (nn.ModuleList, nn.ModuleDict)
 def find(model: nn.Module, pattern: str) -> dict[str, nn.Module]:
     """The submodules whose names match `pattern`; a pattern that matches nothing is an error."""
     parts = pattern.split(".")
-
-    def matches(name: str) -> bool:
-        name_parts = name.split(".")
-        return len(name_parts) == len(parts) and all(map(fnmatch.fnmatchcase, name_parts, parts))
-
-    matched = {name: module for name, module in model.named_modules() if name and matches(name)}
+    matched = {name: module for name, module in model.named_modules() if name and matches(name.split("."), parts)}
     # a list of modules (`h`) is never called itself, so a hook on it would never fire
     found = {name: module for name, module in matched.items() if not isinstance(module, CONTAINERS)}
     if matched and not found:
@@ -71,6 +68,15 @@ def find(model: nn.Module, pattern: str) -> dict[str, nn.Module]:
         examples = "h.0, h.0.self_attention.context, h.0.mlp.act, ln_f"
         raise ValueError(f"no module of the model is named like {pattern!r} ({where}names look like: {examples})")
     return found
+
+
+def matches(name: list[str], pattern: list[str]) -> bool:
+    """Whether a name's dotted parts match a pattern's: each part a shell-style wildcard, "**" any number of parts."""
+    if not pattern:
+        return not name
+    if pattern[0] == "**":
+        return any(matches(name[i:], pattern[1:]) for i in range(len(name) + 1))
+    return bool(name) and fnmatch.fnmatchcase(name[0], pattern[0]) and matches(name[1:], pattern[1:])
 
 
 def find_all(model: nn.Module, patterns: list[str] | tuple[str, ...]) -> list[str]:
