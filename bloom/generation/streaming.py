@@ -56,7 +56,7 @@ def stream(
     input_ids = torch.tensor([tokenizer.encode(prompt)], device=device)
     generate_kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    if "streamer" in generate_kwargs:
+    if generate_kwargs.pop("streamer", None) is not None:
         raise TypeError("stream() is itself the streamer; do not pass streamer=")
     text = TextStream(tokenizer)
     steps = generate_steps(model, input_ids, max_new_tokens=max_new_tokens, **generate_kwargs)
