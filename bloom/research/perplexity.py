@@ -70,7 +70,7 @@ def perplexity(
     with tqdm(total=len(windows), desc="Scoring", unit="window", disable=not progress) as bar:
         for start in range(0, len(windows), batch_size):
             batch = windows[start : start + batch_size]
-            ids, mask = left_pad([list(token_ids[w.begin : w.end]) for w in batch], model.config.pad_token_id or 0)
+            ids, mask = left_pad([tokens[w.begin : w.end].tolist() for w in batch], model.config.pad_token_id or 0)
             T = ids.shape[1]
             hidden = model.hidden(ids.to(device), mask.to(device))  # (B, T, C)
             for row, w in enumerate(batch):
