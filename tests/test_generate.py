@@ -1,6 +1,7 @@
 """The KV-cached sampler: greedy parity with transformers, cache correctness, sampling definitions, EOS,
 memory that follows the tokens generated, arguments checked and named, one generation per decoder."""
 
+import copy
 import threading
 
 import pytest
@@ -24,9 +25,15 @@ PAD = 3
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def checkpoint(tmp_path_factory):
     hf = random_hf_bloom(hidden_size=48, n_head=6, n_layer=3)
-    return hf, load_pretrained(save_transformers(hf, tmp_path_factory.mktemp("ckpt")))
+    return hf, save_transformers(hf, tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def models(checkpoint):
+    hf, folder = checkpoint
+    return hf, load_pretrained(folder)
 
 
 def hf_generate(hf, ids, mask, **kwargs):
@@ -41,6 +48,20 @@ def test_greedy_tokens_equal_transformers(models, lengths):
     expected = hf_generate(hf, ids, mask, max_new_tokens=24, eos_token_id=None)
     got = generate(ours, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[])
     assert len(set(got[0, -24:].tolist())) > 3  # the tiny model does not just repeat one token
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lengths", [[11], [13, 5, 9, 1]])
+def test_half_precision_greedy_tokens_equal_transformers_in_that_dtype(checkpoint, dtype, lengths):
+    """The half-precision decode path (the kernels' products, the GeLU table, fp16 attention in float32, argmax in
+    the model's dtype) against transformers' BLOOM loaded in the same dtype."""
+    hf, folder = checkpoint
+    hf_half = copy.deepcopy(hf).to(dtype)
+    ids, mask = left_padded(lengths)
+    expected = hf_generate(hf_half, ids, mask, max_new_tokens=24, eos_token_id=None)
+    got = generate(load_pretrained(folder, dtype=dtype), ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[])
+    assert len(set(got[0, -24:].tolist())) > 3
     assert torch.equal(got, expected)
 
 
