@@ -486,6 +486,34 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative():
     assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -4.0, 2.0, -2.0]]
 
 
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(0.7, None, None), (1.8, None, 0.9), (0.5, 12, None), (1.3, 30, 0.8)]
+)
+def test_first_sampled_tokens_follow_transformers_warped_distribution(models, temperature, top_k, top_p):
+    """8,000 rows of one prompt each draw their first token: the frequencies are the probabilities that
+    transformers' temperature, top-k and top-p warpers give its own logits (within sampling noise), and no
+    token outside the set they keep is drawn."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    hf, ours = models
+    ids, _ = left_padded([9])
+    with torch.no_grad():
+        scores = hf(input_ids=ids).logits[:, -1].double()  # (1, V)
+    warpers = [TemperatureLogitsWarper(temperature)]
+    warpers += [TopKLogitsWarper(top_k)] if top_k is not None else []
+    warpers += [TopPLogitsWarper(top_p)] if top_p is not None else []
+    for warper in warpers:
+        scores = warper(ids, scores)
+    expected = torch.softmax(scores, dim=-1)[0].float()  # (V,)
+    rows = 8000
+    out = generate(ours, ids.expand(rows, -1), max_new_tokens=1, do_sample=True, temperature=temperature,
+                   top_k=top_k, top_p=top_p, eos_token_id=[], seed=0)  # fmt: skip
+    frequencies = torch.bincount(out[:, -1], minlength=expected.numel()).float() / rows
+    assert expected.max() < 0.9 and (expected > 0.01).sum() > 3  # a distribution, not one token
+    assert (frequencies[expected == 0] == 0).all()
+    torch.testing.assert_close(frequencies, expected, rtol=0, atol=0.02)
+
+
 def test_temperature_and_sampling_follow_the_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     generator = torch.Generator().manual_seed(0)
