@@ -70,7 +70,7 @@ def test_cast_to_the_asked_dtype(tmp_path, hf_model, ids, asked):
     folder = save_bigscience(hf_model, tmp_path, dtype=torch.float16)
     model = load_pretrained(folder, dtype=asked)
     half_reference = {k: v.float() for k, v in bigscience_state(hf_model, torch.float16).items()}
-    assert all(torch.equal(t, half_reference[k]) for k, t in model.state_dict().items())
+    assert all(t.dtype == torch.float32 and torch.equal(t, half_reference[k]) for k, t in model.state_dict().items())
 
 
 def test_cast_of_data_left_unaligned_by_the_header(tmp_path, hf_model):
@@ -84,7 +84,7 @@ def test_cast_of_data_left_unaligned_by_the_header(tmp_path, hf_model):
     shard.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + header_bytes :])
     model = load_pretrained(folder, dtype="fp32")
     half_reference = {k: v.float() for k, v in bigscience_state(hf_model, torch.float16).items()}
-    assert all(torch.equal(t, half_reference[k]) for k, t in model.state_dict().items())
+    assert all(t.dtype == torch.float32 and torch.equal(t, half_reference[k]) for k, t in model.state_dict().items())
 
 
 def test_prefix_with_a_stored_lm_head(tmp_path, hf_model, ids):
@@ -371,4 +371,4 @@ def test_cast_in_chunks_of_rows(tmp_path, hf_model, ids, monkeypatch):
     folder = save_bigscience(hf_model, tmp_path, dtype=torch.bfloat16)
     model = load_pretrained(folder, dtype="fp32")
     reference = {k: v.float() for k, v in bigscience_state(hf_model, torch.bfloat16).items()}
-    assert all(torch.equal(t, reference[k]) for k, t in model.state_dict().items())
+    assert all(t.dtype == torch.float32 and torch.equal(t, reference[k]) for k, t in model.state_dict().items())
