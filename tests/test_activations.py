@@ -135,6 +135,11 @@ def test_command_exports_the_text_in_token_order(tiny_model_folder, tmp_path, ca
     expected = load_tokenizer(tiny_model_folder).encode(text)[:50]
     tokens, rows = load(out, "h.0.mlp.act")
     assert tokens.tolist() == expected and rows.shape == (50, 4 * 48)
+    model = load_pretrained(tiny_model_folder)
+    by_hand = export(model, torch.tensor(expected), ["h.0.mlp.act"], tmp_path / "by_hand", context=16)
+    assert torch.equal(rows, load(by_hand, "h.0.mlp.act")[1])  # windows of --context 16 tokens
+    whole = export(model, torch.tensor(expected), ["h.0.mlp.act"], tmp_path / "whole", context=64)
+    assert not torch.equal(rows, load(whole, "h.0.mlp.act")[1])
     with pytest.raises(SystemExit) as exit_:  # other settings (all the tokens): refused, naming the folder
         main(argv)
     assert exit_.value.code == 2

@@ -146,11 +146,15 @@ def test_perplexity_command_prints_the_library_value(tiny_model_folder, tmp_path
     text = "Le petit prince. The little prince! 小王子。 " * 8
     (tmp_path / "text.txt").write_text(text)
     result = bloom("perplexity", "--model", str(tiny_model_folder), "--file", str(tmp_path / "text.txt"),
-                   "--context", "32", "--stride", "16", "--batch-size", "3")  # fmt: skip
+                   "--context", "32", "--stride", "12", "--batch-size", "3")  # fmt: skip
     assert result.returncode == 0, result.stderr
     tokenizer = load_tokenizer(tiny_model_folder)
-    expected = perplexity(load_pretrained(tiny_model_folder), tokenizer.encode(text), context=32, stride=16)
-    assert result.stdout.startswith(f"perplexity {expected.perplexity:.4f} | {expected.n_scored} tokens scored")
+    expected = perplexity(load_pretrained(tiny_model_folder), tokenizer.encode(text), context=32, stride=12)
+    assert result.stdout.strip() == (
+        f"perplexity {expected.perplexity:.4f} | {expected.n_scored} tokens scored in {expected.n_windows} windows"
+    )
+    default_stride = perplexity(load_pretrained(tiny_model_folder), tokenizer.encode(text), context=32, stride=16)
+    assert default_stride.n_windows != expected.n_windows  # --stride was taken, not the default
     bad = bloom("perplexity", "--model", str(tiny_model_folder), "--file", str(tmp_path / "text.txt"), "--stride", "0")
     assert bad.returncode == 2 and "--stride" in bad.stderr
     bad = bloom("perplexity", "--model", str(tiny_model_folder), "--file", str(tmp_path / "text.txt"),
