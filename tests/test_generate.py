@@ -262,6 +262,25 @@ def test_a_compiled_decoder_grows_too(models):
     assert counters["stats"]["unique_graphs"] <= 2  # the first length, then one with dynamic shapes
 
 
+def test_the_memory_checks_count_what_is_allocated_and_what_the_machine_has(models):
+    """The KV cache's estimate is the bytes its tensors take (README: 2 x layers x hidden x 2 bytes per token in
+    bf16), and the CPU's available memory lies between the kernel's free and total pages."""
+    import os
+
+    _, ours = models
+    config = ours.config
+    for dtype, n_head in [(torch.float32, config.n_head), (torch.bfloat16, config.n_head), (torch.float16, 3)]:
+        cache = KVCache(config, 5, 96, dtype, "cpu", n_head)
+        allocated = sum(t.numel() * t.element_size() for t in cache.tensors())
+        assert KVCache.nbytes(config, 5, 96, dtype, n_head) == allocated
+    per_token_bf16 = 2 * config.n_layer * config.hidden_size * 2
+    assert KVCache.nbytes(config, 1, 1, torch.bfloat16, config.n_head) == per_token_bf16
+    page = os.sysconf("SC_PAGE_SIZE")
+    free, total = os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
+    available = bloom.memory.available_memory(torch.device("cpu"))
+    assert 0.5 * free <= available <= total  # MemAvailable: free pages plus reclaimable ones (free moves meanwhile)
+
+
 def test_a_growth_that_cannot_fit_is_refused_and_keeps_the_tokens(models, monkeypatch):
     """With room for the 64-slot cache but not the 128-slot one: a MemoryError with both figures, and the tokens
     chosen so far, which are the unconstrained generation's."""
