@@ -89,6 +89,26 @@ def test_int8_halves_memory_and_stays_within_the_bound(tmp_path, seed):
     assert sure.sum() >= 8 and torch.equal(first_new[sure], expected[sure])
 
 
+def test_int8_logits_are_transformers_with_the_dequantized_weights(tmp_path):
+    """An independent check of the int8 path: transformers' BLOOM given q x scale for every weight that int8
+    holds (the embedding, which is also its LM head, and the blocks' linear layers) computes our logits."""
+    from tiny_checkpoint import left_padded
+
+    hf = random_hf_bloom(seed=7, hidden_size=64, n_head=8, n_layer=3)
+    int8 = load_pretrained(save_transformers(hf, tmp_path), dtype="fp32", quantize="int8")
+    hf_modules = dict(hf.transformer.named_modules())
+    quantized = [(name, m) for name, m in int8.named_modules() if isinstance(m, Int8Linear | Int8Embedding)]
+    assert len(quantized) == 1 + 4 * 3
+    with torch.no_grad():
+        for name, module in quantized:
+            hf_modules[name].weight.copy_(module.weight.float() * module.scale[:, None])
+        ids, mask = left_padded([16, 11, 5], vocab_size=320)
+        theirs = hf(input_ids=ids, attention_mask=mask).logits
+        ours = int8(ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], theirs[real], rtol=0, atol=1e-5)
+
+
 def test_quantizing_while_loading_equals_quantizing_the_loaded_model(tmp_path, monkeypatch):
     folder = save_bigscience(random_hf_bloom(hidden_size=64, n_head=8, n_layer=2), tmp_path, dtype=torch.float16)
     monkeypatch.setattr(bloom.checkpoints.loader, "READ_CHUNK_BYTES", 1000)  # several chunks of rows per weight
