@@ -48,6 +48,10 @@ def test_two_processes_equal_one(sharded_checkpoint, tmp_path):
     # sampling without a given seed: process 0 draws one and sends it, so every process samples alike
     first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
     assert first["seed"] == second["seed"] and torch.equal(first["sampled"], second["sampled"])
+    ids, mask = first["ids"], first["mask"]  # and they sample what one process does with that seed
+    alone = generate(whole, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=[], do_sample=True,
+                     seed=first["seed"])  # fmt: skip
+    assert torch.equal(first["sampled"], alone)
 
 
 def test_int8_and_the_compiled_step_under_two_processes(tmp_path):
