@@ -44,8 +44,9 @@ def test_each_step_and_the_cache_equal_the_step_through_the_modules(build, folde
     ids, mask = left_padded(lengths, vocab_size=1000)
     fused, modules = Decoder(model, len(lengths)), Decoder(model, len(lengths))
     # fp32: float32 rounding (the LayerNorm sums in another order); half precision: that rounding where it decides
-    # an intermediate's last bit, carried through three blocks (measured: bf16 none, fp16 0.004 in the logits)
-    tolerance = {"fp32": 1e-5, "bf16": 0.1, "fp16": 0.02}[dtype]
+    # an intermediate's last bit, carried through three blocks (measured in the logits, whose largest is about 4:
+    # bf16 none, with int8 0.018, about one bf16 step; fp16 0.0044): about twice that
+    tolerance = {"fp32": 1e-5, "bf16": 0.04, "fp16": 0.01}[dtype]
     with torch.inference_mode():
         logits = [fused.prefill(ids, mask), modules.prefill(ids, mask)]  # the prompt: through the modules, both
         for _ in range(6):
