@@ -1,7 +1,10 @@
 """Pictures: every heat map has a colour bar, PNGs have the figure's size, and no label overlaps another
 label or a panel, at bloom-560m's 16 heads and 24 layers, bloom-7b1's 32 heads and bloom's 112."""
 
+import base64
 import itertools
+import json
+import re
 import struct
 import subprocess
 import sys
@@ -11,6 +14,7 @@ import pytest
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+from bloom import load_tokenizer
 from bloom.research import viz
 
 WORDS = "The quick brown fox jumps over the lazy dog while Schwarzwälder cherry cakes wait on the sill".split()
@@ -120,4 +124,22 @@ def test_inspect_command_writes_the_pictures_and_the_page(tiny_model_folder, tmp
         if path.suffix == ".png":
             width, height = png_size(path)
             assert width >= 600 and height >= 250
-    assert "http" not in (tmp_path / "pictures" / "inspect.html").read_text()  # nothing to fetch
+    page = (tmp_path / "pictures" / "inspect.html").read_text()
+    assert "http" not in page  # nothing to fetch
+
+    # the page's data are transformers' attention probabilities and logit lens for the same prompt
+    from transformers import BloomForCausalLM
+
+    data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1))
+    ids = torch.tensor([load_tokenizer(tiny_model_folder).encode("Le petit prince.")])
+    hf = BloomForCausalLM.from_pretrained(tiny_model_folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = hf(input_ids=ids, output_attentions=True, output_hidden_states=True)
+        normed = [hf.transformer.ln_f(h) for h in out.hidden_states[:-1]] + [out.hidden_states[-1]]
+        lens = torch.stack([torch.softmax(hf.lm_head(h)[0], dim=-1).topk(data["lens_k"]).values for h in normed])
+    attention = torch.frombuffer(bytearray(base64.b64decode(data["attention"])), dtype=torch.float32)
+    expected = torch.cat([layer[0] for layer in out.attentions])  # (n_layer * nh, T, T)
+    torch.testing.assert_close(attention.view(expected.shape), expected, rtol=0, atol=1e-6)
+    lens_probs = torch.frombuffer(bytearray(base64.b64decode(data["lens_probs"])), dtype=torch.float32)
+    torch.testing.assert_close(lens_probs.view(lens.shape), lens, rtol=0, atol=1e-6)
+    assert (data["n_layer"], data["n_head"], len(data["tokens"])) == (2, 6, ids.shape[1])
