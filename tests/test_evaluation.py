@@ -161,6 +161,20 @@ def test_multiple_choice_equals_the_harness_adapter(reference, ours):
         assert ours["results"]["tiny_mc"][metric] == reference["results"]["tiny_mc"][metric]
 
 
+def test_few_shot_multiple_choice_equals_the_harness_adapter(tiny_model_folder, task_manager):
+    """--num-fewshot 2: the harness puts two other documents before each question; both adapters score that."""
+    hf = HFLM(pretrained=str(tiny_model_folder), dtype="float32", device="cpu", batch_size=2, max_length=MAX_LENGTH)
+    theirs = evaluate(hf, task_manager, tasks=["tiny_mc"], num_fewshot=2, random_seed=0, fewshot_random_seed=0)
+    mine = evaluate(BloomLM(tiny_model_folder, dtype="fp32", batch_size=3, max_length=MAX_LENGTH), task_manager,
+                    tasks=["tiny_mc"], num_fewshot=2, random_seed=0, fewshot_random_seed=0)  # fmt: skip
+    prompts = [s["arguments"][0][0] for s in sorted(mine["samples"]["tiny_mc"], key=lambda s: s["doc_id"])]
+    questions = [q for q, _ in QUESTIONS]
+    assert all(p.count("\n\n") == 2 and p.endswith(q) for p, q in zip(prompts, questions, strict=True))  # 2 shots
+    for doc_theirs, doc_mine in zip(responses(theirs, "tiny_mc"), responses(mine, "tiny_mc"), strict=True):
+        for [(logprob_theirs, greedy_theirs)], [(logprob_mine, greedy_mine)] in zip(doc_theirs, doc_mine, strict=True):
+            assert logprob_mine == pytest.approx(logprob_theirs, abs=1e-4) and greedy_mine == greedy_theirs
+
+
 def test_rolling_perplexity_equals_the_harness_adapter(reference, ours, tiny_model_folder):
     tokenizer = load_tokenizer(tiny_model_folder)
     assert max(len(tokenizer.encode(text)) for text in TEXTS) > 2 * MAX_LENGTH  # several windows
