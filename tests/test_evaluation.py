@@ -294,13 +294,26 @@ def test_evaluate_command_checks_its_files_before_the_run(local_tasks_only, caps
     assert capsys.readouterr().err.endswith(f"bloom evaluate: error: {message.format(tmp=tmp_path)}\n")
 
 
-def test_evaluate_command_with_int8_weights(tiny_model_folder, task_folder, local_tasks_only, capsys):
+def test_evaluate_command_with_int8_weights(tiny_model_folder, task_folder, local_tasks_only, capsys, monkeypatch):
+    """The harness is handed the int8 model: its embedding and linear layers in int8."""
+    import bloom.research.evaluation
     from bloom.command_line.cli import main
+    from bloom.scale.quantize import Int8Embedding, Int8Linear
 
+    handed = []
+
+    class Spy(BloomLM):
+        def __init__(self, model, **kwargs):
+            handed.append(model)
+            super().__init__(model, **kwargs)
+
+    monkeypatch.setattr(bloom.research.evaluation, "BloomLM", Spy)
     argv = ["evaluate", "--model", str(tiny_model_folder), "--tasks", "tiny_mc", "--limit", "2",
             "--include-path", str(task_folder), "--quantize", "int8"]  # fmt: skip
     assert main(argv) == 0
     assert "tiny_mc" in capsys.readouterr().out
+    (model,) = handed
+    assert isinstance(model.word_embeddings, Int8Embedding) and isinstance(model.h[0].mlp.dense_h_to_4h, Int8Linear)
 
 
 def test_evaluate_command_without_the_harness(tiny_model_folder, capsys, monkeypatch):
