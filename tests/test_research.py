@@ -392,6 +392,35 @@ def test_recording_across_generate_concatenates_to_a_full_forward(models):
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_int8_residual_components_and_attribution_are_those_of_the_dequantized_weights(tmp_path):
+    """With quantize="int8" the decomposition reads each head's slice of q · scale, the weight the int8 layer
+    multiplies by: equal to the float model given those dequantized weights."""
+    from bloom.scale.quantize import Int8Embedding, Int8Linear
+
+    torch.manual_seed(0)
+    folder = save_transformers(random_hf_bloom(vocab_size=V, hidden_size=C, n_head=N_HEAD, n_layer=N_LAYER), tmp_path)
+    int8 = load_pretrained(folder, dtype="fp32", quantize="int8")
+    twin = load_pretrained(folder, dtype="fp32")
+    with torch.no_grad():
+        for name, module in int8.named_modules():
+            if isinstance(module, Int8Linear | Int8Embedding):
+                twin.get_submodule(name).weight.copy_(module.weight.float() * module.scale[:, None])
+    ids, mask = left_padded([7, 5], vocab_size=V)
+    tokens = torch.randint(4, V, ids.shape)
+    labels, parts = residual_components(int8, ids, mask)
+    twin_labels, twin_parts = residual_components(twin, ids, mask)
+    assert labels == twin_labels
+    torch.testing.assert_close(parts, twin_parts, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), record(int8, f"h.{N_LAYER - 1}") as seen:
+        int8(ids, mask)
+    torch.testing.assert_close(parts.sum(0), seen[f"h.{N_LAYER - 1}"], rtol=1e-5, atol=1e-5)
+    _, attrib = direct_logit_attribution(int8, ids, tokens, mask)
+    torch.testing.assert_close(attrib, direct_logit_attribution(twin, ids, tokens, mask)[1], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        logits = int8(ids, mask).gather(-1, tokens[..., None])[..., 0]
+    torch.testing.assert_close(attrib.sum(0), logits, rtol=0, atol=1e-4)
+
+
 def test_research_tools_refuse_int8_weights_by_name(tmp_path):
     """int8 layers hold no float matrices to view and have no backward: each tool says so instead of returning
     the raw int8 values or failing inside autograd."""
@@ -402,10 +431,6 @@ def test_research_tools_refuse_int8_weights_by_name(tmp_path):
     message = r"needs float weights, and this model's are int8"
     with pytest.raises(ValueError, match="head_weights " + message):
         head_weights(model, 0)
-    with pytest.raises(ValueError, match="residual_components " + message):
-        residual_components(model, ids)
-    with pytest.raises(ValueError, match="direct_logit_attribution " + message):
-        direct_logit_attribution(model, ids, ids)
     with pytest.raises(ValueError, match="attribution_patching " + message):
         attribution_patching(model, ids, ids, lambda logits: logits[:, -1, 0], "h.*")
     with pytest.raises(ValueError, match=message), record(model, "h.0", grad=True):

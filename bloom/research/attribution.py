@@ -11,13 +11,16 @@ std taken from the whole residual each component c contributes γ ⊙ (c − mea
 u·ln_f(x) (u the token's unembedding row), and these plus β·u sum to the logit. The attribution is exact as a
 decomposition of this run's logit; what it is not is the effect of removing a component, which would also
 change std (use bloom.research.patching for effects).
+
+A model with int8 weights (quantize="int8") is decomposed through each head's slice of q · scale, the weight its
+`dense` multiplies by, so a large model loaded in int8 can be studied as it runs.
 """
 
 import torch
 
 from bloom.model import Bloom
-from bloom.research.probe import record, refuse_int8
-from bloom.research.weights import head_weights
+from bloom.research.probe import record
+from bloom.scale.quantize import Int8Linear
 
 
 def residual_components(
@@ -30,7 +33,6 @@ def residual_components(
     "h.{i}.attn_bias" (dense's bias) and "h.{i}.mlp" (the MLP's output, its bias included).
     K = 1 + n_layer · (nh + 2). input_ids, attention_mask (B, T) as for the model.
     """
-    refuse_int8(model, "residual_components")
     labels, parts, _ = _components(model, input_ids, attention_mask)
     return labels, parts
 
@@ -46,7 +48,6 @@ def direct_logit_attribution(
     ln_f (frozen) and u = the token's row of the unembedding. attrib.sum(0) is the logit, the model's own
     logits[b, t, tokens[b, t]]. Computed in float32.
     """
-    refuse_int8(model, "direct_logit_attribution")
     if tokens.shape != input_ids.shape:
         raise ValueError(
             f"tokens is {tuple(tokens.shape)}: one token per position, like input_ids {tuple(input_ids.shape)}"
@@ -75,9 +76,14 @@ def _components(
     embed = seen["word_embeddings_layernorm"]  # (B, T, C)
     labels, parts = ["embed"], [embed[None]]
     for i in range(len(model.h)):
-        weights = head_weights(model, i)
+        dense = model.h[i].self_attention.dense
         context = seen[f"h.{i}.self_attention.context"]  # (B, nh, T, hd)
-        heads = torch.einsum("bhtd,hdc->hbtc", context, weights["W_O"])  # (nh, B, T, C)
-        labels += [f"h.{i}.head.{h}" for h in range(heads.shape[0])] + [f"h.{i}.attn_bias", f"h.{i}.mlp"]
-        parts += [heads, weights["b_O"].expand_as(embed)[None], seen[f"h.{i}.mlp"][None]]
+        nh, hd = context.shape[1], context.shape[3]
+        weight = dense.weight  # (C, nh·hd); int8 (quantize="int8"): dequantized, q · scale, as the layer computes
+        if isinstance(dense, Int8Linear):
+            weight = weight.to(dense.scale.dtype) * dense.scale[:, None]
+        W_O = weight.view(-1, nh, hd).permute(1, 2, 0)  # (nh, hd, C), as head_weights gives it
+        heads = torch.einsum("bhtd,hdc->hbtc", context, W_O)  # (nh, B, T, C)
+        labels += [f"h.{i}.head.{h}" for h in range(nh)] + [f"h.{i}.attn_bias", f"h.{i}.mlp"]
+        parts += [heads, dense.bias.expand_as(embed)[None], seen[f"h.{i}.mlp"][None]]
     return labels, torch.cat(parts), seen[last]
