@@ -288,7 +288,7 @@ def test_a_mistyped_subcommand_is_named_with_the_closest_one(cli):
 
 def test_library_argument_names_become_flags():
     parser = CommandParser(prog="bloom perplexity")
-    for flag in ("--model", "--context", "--stride", "--batch-size", "--do-sample"):
+    for flag in ("--model", "--context", "--stride", "--batch-size", "--do-sample", "--out"):
         parser.add_argument(flag, action="store_true" if flag == "--do-sample" else "store")
     cases = {
         "stride must be in [1, context=1024], got 0": "--stride must be in [1, --context 1024], got 0",
@@ -300,6 +300,12 @@ def test_library_argument_names_become_flags():
         "this export has another context; choose another --stride": "this export has another context; choose "
         "another --stride",
         "args.batch_size_max is unknown": "args.batch_size_max is unknown",
+        # paths that begin or end with a flag's name stay paths
+        "out/a1 already holds this export": "out/a1 already holds this export",
+        "do_sample/config.json: not valid JSON": "do_sample/config.json: not valid JSON",
+        "runs/context is not empty": "runs/context is not empty",
+        "context.txt: no such file": "context.txt: no such file",
+        "batch_size.": "--batch-size.",
     }
     for library, cli_message in cases.items():
         assert in_flags(library, parser) == cli_message

@@ -109,7 +109,8 @@ def in_flags(message: str, command: argparse.ArgumentParser) -> str:
     if not flags:
         return message
     names = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
-    pattern = re.compile(rf"(?<![\w.-])(?P<name>{names})(?:=(?P<value>[^\s,;)\]]+))?(?![\w-])")
+    # not inside a word or a path: `out/acts`, `x/context`, `context.txt` stay as they are
+    pattern = re.compile(rf"(?<![\w./\\-])(?P<name>{names})(?:=(?P<value>[^\s,;)\]]+))?(?![\w/\\-]|\.\w)")
 
     def as_flag(match: re.Match) -> str:
         action, value = flags[match["name"]], match["value"]
