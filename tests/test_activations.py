@@ -1,5 +1,7 @@
 """`bloom activations`: exported rows against `record` on each window alone and transformers' hidden states."""
 
+import copy
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -9,6 +11,7 @@ from bloom import load_pretrained, load_tokenizer
 from bloom.command_line.cli import main
 from bloom.research.activations import export, load, windows
 from bloom.research.probe import patch, record
+from bloom.scale.quantize import quantize_int8
 
 POINTS = ["word_embeddings_layernorm", "h.*", "h.1.mlp.act", "h.0.self_attention.context", "ln_f"]
 NAMES = ["word_embeddings_layernorm", "h.0", "h.0.self_attention.context", "h.1", "h.1.mlp.act", "ln_f"]
@@ -88,10 +91,14 @@ def test_an_interrupted_export_resumes_and_other_folders_are_refused(model, toke
 
     with pytest.raises(ValueError, match="already holds this export, complete"):
         export(model, token_ids, ["h.1"], out, context=8)
-    with pytest.raises(ValueError, match=r"holds an export that differs in its context \("):
+    with pytest.raises(ValueError, match=r"holds an export that differs in its context \(8 there, 4 now\) \("):
         export(model, token_ids, ["h.1"], out, context=4)
-    with pytest.raises(ValueError, match=r"differs in its text, number of tokens, points \("):
+    with pytest.raises(
+        ValueError, match=r"its text, n_tokens \(45 there, 44 now\), points \(\['h.1'\] there, \['h.0'\]"
+    ):
         export(model, token_ids[:-1].flip(0), ["h.0"], out, context=8)
+    with pytest.raises(ValueError, match=r"differs in its weights \('F32' there, 'int8' now\)"):  # not resumed in int8
+        export(quantize_int8(copy.deepcopy(model)), token_ids, ["h.1"], out, context=8)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="is not empty"):
@@ -144,3 +151,7 @@ def test_command_exports_the_text_in_token_order(tiny_model_folder, tmp_path, ca
         main(argv)
     assert exit_.value.code == 2
     assert f"bloom activations: error: {out}" in capsys.readouterr().err
+    respelled = [str(tiny_model_folder) + "/." if arg == str(tiny_model_folder) else arg for arg in argv]
+    with pytest.raises(SystemExit):  # the same folder spelled otherwise: the same export
+        main([*respelled, "--max-tokens", "50"])
+    assert "already holds this export, complete" in capsys.readouterr().err

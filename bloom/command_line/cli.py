@@ -349,9 +349,12 @@ def run_activations(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         raise ValueError(f"--file {args.file}: 0 tokens, nothing to export")
     output_folder(args.out, "--out")
     model, _, _ = load(args, tokenizer)
+    model_name = args.model + (f"@{args.revision}" if args.revision else "")  # a repo at its revision
+    if Path(args.model).is_dir():  # the same folder however it is spelled
+        model_name = str(Path(args.model).resolve())
     out = bloom.research.activations.export(
         model, token_ids, args.points, args.out, context=args.context, batch_size=args.batch_size,
-        model_name=args.model, progress=True,
+        model_name=model_name, progress=True,
     )  # fmt: skip
     print(out)
     return 0

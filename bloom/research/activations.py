@@ -76,9 +76,11 @@ def _header(key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
     return len(text).to_bytes(8, "little") + text
 
 
-def _settings(model_name: str, token_ids: torch.Tensor, points: list[str], context: int, dtype: torch.dtype) -> dict:
+def _settings(model: Bloom, model_name: str, token_ids: torch.Tensor, points: list[str], context: int) -> dict:
+    dtype = model.ln_f.weight.dtype  # the activations' (the embedding may be int8)
     return {
         "model": model_name,
+        "weights": "int8" if any(t.dtype == torch.int8 for t in model.buffers()) else SAFETENSORS_DTYPES[dtype],
         "tokens_sha256": hashlib.sha256(token_ids.numpy().tobytes()).hexdigest(),
         "n_tokens": len(token_ids),
         "points": points,
@@ -105,8 +107,11 @@ def _start(out: Path, settings: dict, widths: dict[str, int], token_ids: torch.T
         index = _read_index(out)
         theirs = index.get("settings") or {}
         if theirs != settings:
-            words = {"tokens_sha256": "text", "n_tokens": "number of tokens"}
-            differ = ", ".join(words.get(key, key) for key in settings if theirs.get(key) != settings[key])
+            differ = ", ".join(
+                "text" if key == "tokens_sha256" else f"{key} ({theirs.get(key)!r} there, {settings[key]!r} now)"
+                for key in settings
+                if theirs.get(key) != settings[key]
+            )
             raise ValueError(
                 f"{out} holds an export that differs in its {differ} ({out / INDEX}); choose another --out"
             )
@@ -146,8 +151,9 @@ def export(
     """Write every token's activation row at each point into the folder `out`; returns `out`.
 
     token_ids: the text's ids (N,). model_name: what the index records as the model (the command passes
-    --model). A folder holding a half-written export of the same settings (model_name, token ids, points,
-    context, dtype) is resumed, whatever the batch size; any other non-empty folder is refused.
+    --model's folder as an absolute path, or the repo id and --revision). A folder holding a half-written export
+    of the same settings (model_name, int8 or float weights, token ids, points, context, dtype) is resumed,
+    whatever the batch size; any other non-empty folder is refused.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be 1 or more, got {batch_size}")
@@ -162,7 +168,7 @@ def export(
     with record(model, *names) as seen:  # one token, to learn each point's width before writing anything
         model.hidden(token_ids[:1, None].to(device))
     widths = {name: _rows(name, seen[name]).shape[1] for name in names}
-    settings = _settings(model_name, token_ids, names, context, dtype)
+    settings = _settings(model, model_name, token_ids, names, context)
     done = _start(out, settings, widths, token_ids, dtype)
     headers = {name: len(_header(name, dtype, (len(token_ids), widths[name]))) for name in names}
     index = _read_index(out)
