@@ -129,6 +129,20 @@ def test_download_from_the_local_cache(tiny_model_folder, tmp_path):
                             text=True, timeout=120, env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith(commit)
+    # a snapshot missing a file, as an interrupted download leaves it, is not reported complete while offline
+    for missing in ("tokenizer.json", "model.safetensors"):
+        put_in_hub_cache(tiny_model_folder, tmp_path / missing, "bigscience/bloom-tiny")
+        snapshot = tmp_path / missing / "models--bigscience--bloom-tiny" / "snapshots" / commit
+        (snapshot / missing).unlink()
+        result = subprocess.run([sys.executable, "-m", "bloom", "download", "bigscience/bloom-tiny"],
+                                capture_output=True, text=True, timeout=120,
+                                env=env | {"HF_HUB_CACHE": str(tmp_path / missing)})  # fmt: skip
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"bloom download: error: {snapshot}" in result.stderr or f"has no {missing}" in result.stderr
+        assert result.stdout == ""
+    result = subprocess.run([sys.executable, "-m", "bloom", "download", str(tiny_model_folder)], capture_output=True,
+                            text=True, timeout=120, env=env)  # fmt: skip
+    assert result.returncode == 2 and "is not a hub repo id (owner/name)" in result.stderr
 
 
 def test_perplexity_command_prints_the_library_value(tiny_model_folder, tmp_path):

@@ -14,7 +14,14 @@ import torch.distributed as dist
 import bloom.command_line.bench
 import bloom.research.activations
 from bloom.checkpoints.hub import resolve_folder
-from bloom.checkpoints.loader import DTYPES, checkpoint_patterns, is_complete, load_config, load_pretrained
+from bloom.checkpoints.loader import (
+    DTYPES,
+    checkpoint_patterns,
+    is_complete,
+    load_config,
+    load_pretrained,
+    weight_files,
+)
 from bloom.checkpoints.tokenizer import CONFIG_FILES, TOKENIZER_FILE, BloomTokenizer, load_tokenizer
 from bloom.command_line.arguments import (
     DTYPE_CHOICES,
@@ -444,12 +451,20 @@ def run_evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
 
 
 def run_download(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if not args.repo_id or Path(args.repo_id).exists():
+        raise ValueError(f"{args.repo_id!r} is not a hub repo id (owner/name): bloom download fetches from the hub")
     folder = resolve_folder(
         args.repo_id,
         patterns=checkpoint_patterns() + [TOKENIZER_FILE, *CONFIG_FILES],
         is_complete=lambda folder: is_complete(folder) and (folder / TOKENIZER_FILE).is_file(),
         revision=args.revision,
     )
+    # an unreachable hub leaves huggingface_hub with the cached snapshot, however partial: say what it lacks
+    weight_files(folder)  # names a missing shard, or pickles only
+    for needed in ("config.json", TOKENIZER_FILE):
+        if not (folder / needed).is_file():
+            raise FileNotFoundError(f"{args.repo_id}: the cached copy in {folder} has no {needed}, and the hub "
+                                    "did not provide it")  # fmt: skip
     print(folder)
     return 0
 
