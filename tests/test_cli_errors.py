@@ -7,6 +7,7 @@ Run in-process through bloom.command_line.cli.main (fast); as a subprocess only 
 
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -355,6 +356,19 @@ def test_a_repo_neither_cached_nor_reachable(cli, no_weights, tmp_path, monkeypa
     result = cli(command, *repo, *args)
     message = assert_user_error(result, command, "bigscience/not-cached", "the huggingface hub is unreachable")
     assert "\n" not in message.strip(), message  # one line, as README says of every mistake
+
+
+def test_unreadable_weights_are_named_with_the_systems_reason(tiny_model_folder, tmp_path):
+    """safetensors reports a file it may not read as not found; the error gives the system's own reason."""
+    folder = shutil.copytree(tiny_model_folder, tmp_path / "ckpt")
+    (folder / "model.safetensors").chmod(0)
+    command = [sys.executable, "-m", "bloom", "generate", "--model", str(folder), "--prompt", "x"]
+    if os.geteuid() == 0:  # root reads any file: run without the capabilities that let it
+        caps = "-dac_override,-dac_read_search"
+        command = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *command]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"{folder / 'model.safetensors'}: cannot read weights ([Errno 13] Permission denied" in result.stderr
 
 
 def test_a_closed_stdout_ends_quietly(tiny_model_folder):

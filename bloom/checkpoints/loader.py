@@ -407,6 +407,7 @@ class _open:
 
     def __enter__(self) -> _SafetensorsReader | _PickleReader:
         try:
+            open(self.path, "rb").close()  # the system's reason first (safetensors says "not found" for a permission)
             if self.path.suffix == ".bin":
                 state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
                 return _PickleReader(self.path, state)
