@@ -5,6 +5,7 @@ Run in-process through bloom.command_line.cli.main (fast); as a subprocess only 
 (torchrun, the bench worker).
 """
 
+import json
 import os
 import random
 import shutil
@@ -356,6 +357,23 @@ def test_a_repo_neither_cached_nor_reachable(cli, no_weights, tmp_path, monkeypa
     result = cli(command, *repo, *args)
     message = assert_user_error(result, command, "bigscience/not-cached", "the huggingface hub is unreachable")
     assert "\n" not in message.strip(), message  # one line, as README says of every mistake
+
+
+@pytest.mark.parametrize("command", ["generate", "perplexity", "inspect"])
+def test_a_file_as_model_and_a_tokenizer_past_the_embedding_are_named_before_the_weights(
+    cli, no_weights, tiny_model_folder, tmp_path, command
+):
+    extra = {"generate": ["--prompt", "x"], "perplexity": ["--file", tmp_path / "t.txt"],
+             "inspect": ["--prompt", "x", "--out", tmp_path / "pictures"]}[command]  # fmt: skip
+    (tmp_path / "t.txt").write_text("some text to score")
+    weights = tiny_model_folder / "model.safetensors"
+    result = cli(command, "--model", weights, *extra)
+    assert_user_error(result, command, f"--model {weights}: expected a checkpoint folder or a hub repo id")
+    small = shutil.copytree(tiny_model_folder, tmp_path / "small_vocab")
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps(config | {"vocab_size": 320}))  # fewer rows than the tokenizer has
+    result = cli(command, "--model", small, *extra)
+    assert_user_error(result, command, "the tokenizer has ids up to", "only 320 rows")
 
 
 def test_unreadable_weights_are_named_with_the_systems_reason(tiny_model_folder, tmp_path):

@@ -252,14 +252,21 @@ def load(args: argparse.Namespace, tokenizer: BloomTokenizer | None = None) -> t
     if tp > 1:
         args.device = join_process_group(tp, args.device)
     start = time.perf_counter()
-    tokenizer = tokenizer or load_tokenizer(args.model, revision=args.revision)
+    tokenizer = tokenizer or model_tokenizer(args)
+    tokenizer.check_fits(load_config(args.model, revision=args.revision).vocab_size)  # before the weights
     dtype = args.dtype and DTYPES[args.dtype]
     model = load_pretrained(
         args.model, dtype=dtype, device=args.device, revision=args.revision, progress=is_main(),
         quantize=args.quantize, tensor_parallel=tp > 1,
     )  # fmt: skip
-    tokenizer.check_fits(model.config.vocab_size)
     return model, tokenizer, time.perf_counter() - start
+
+
+def model_tokenizer(args: argparse.Namespace) -> BloomTokenizer:
+    """The tokenizer of --model (a folder or a repo id: load_tokenizer's single-file form is not one of them)."""
+    if Path(args.model).is_file():
+        raise NotADirectoryError(f"--model {args.model}: expected a checkpoint folder or a hub repo id, found a file")
+    return load_tokenizer(args.model, revision=args.revision)
 
 
 def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -329,7 +336,7 @@ def run_perplexity(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         args.stride = max(1, args.context // 2)
     if not 0 < args.stride <= args.context:
         parser.error(f"--stride must be between 1 and --context ({args.context}), got {args.stride}")
-    tokenizer = load_tokenizer(args.model, revision=args.revision)
+    tokenizer = model_tokenizer(args)
     token_ids = tokenizer.encode(text)
     if len(token_ids) < 2:  # found before the weights are read
         raise ValueError(f"--file {args.file}: {len(token_ids)} token(s); perplexity needs at least 2")
@@ -350,7 +357,7 @@ def run_activations(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         bloom.research.activations.point_names(skeleton, args.points)
     except ValueError as error:
         raise ValueError(f"--points: {error}") from None
-    tokenizer = load_tokenizer(args.model, revision=args.revision)
+    tokenizer = model_tokenizer(args)
     token_ids = tokenizer.encode(text)[: args.max_tokens]
     if not token_ids:
         raise ValueError(f"--file {args.file}: 0 tokens, nothing to export")
