@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import BloomForCausalLM
 
-from bloom import generate, load_pretrained, load_tokenizer
+from bloom import BloomConfig, generate, load_pretrained, load_tokenizer
 from bloom.checkpoints.hub import resolve_folder
-from bloom.checkpoints.loader import DTYPES, checkpoint_patterns, is_complete
+from bloom.checkpoints.loader import DTYPES, checkpoint_patterns, is_complete, load_config
 from bloom.command_line.arguments import check_prompts
 from bloom.command_line.bench import TokenClock, measure
 from bloom.research.probe import record
@@ -88,9 +89,24 @@ def run_parity(args: argparse.Namespace, tolerances: dict[torch.dtype, float]) -
     reference = args.reference or args.model
     hf_folder = reference_folder(args)  # the arguments and files are checked before any weight is read
     tokenizer = load_tokenizer(args.model, revision=args.revision)
+    config = load_config(args.model, revision=args.revision)
+    tokenizer.check_fits(config.vocab_size)
+    if args.reference:  # the same shape, or there is no layer to compare with
+        try:
+            theirs = BloomConfig.from_json(hf_folder / "config.json")
+        except (OSError, ValueError) as error:
+            raise ValueError(f"--reference {reference}: {error}") from None
+        shape = lambda c: f"{c.n_layer} layers, width {c.hidden_size}, {c.n_head} heads, {c.vocab_size} rows"  # noqa: E731
+        if shape(theirs) != shape(config):
+            raise ValueError(f"--reference {reference} has {shape(theirs)}, --model {args.model} {shape(config)}")
     model = load_pretrained(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
     dtype = model.ln_f.weight.dtype
-    hf = BloomForCausalLM.from_pretrained(hf_folder, dtype=dtype, local_files_only=True).to(args.device).eval()
+    try:
+        hf = BloomForCausalLM.from_pretrained(hf_folder, dtype=dtype, local_files_only=True).to(args.device).eval()
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # its first line says why
+        why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{'--reference' if args.reference else '--model'} {reference}: transformers cannot load "
+                         f"it ({why})") from None  # fmt: skip
     ids, mask = (t.to(args.device) for t in tokenizer.batch_encode(prompts))
     tolerance = tolerances[dtype]
 

@@ -1,5 +1,6 @@
 """`bloom parity`: passes on matching checkpoints, fails naming the first layer when one tensor differs."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,22 @@ def test_one_perturbed_tensor_fails_naming_the_first_layer(tiny_model_folder, tm
     table = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith(("h.", "ln_f", "logits"))}
     assert "beyond tolerance" not in table["h.0"] and "beyond tolerance" in table["h.1"]
     assert result.stdout.splitlines()[-1].startswith("FAIL: first tensor beyond tolerance: h.1 ")
+
+
+def test_a_reference_of_another_shape_or_a_damaged_one_is_one_line(tiny_model_folder, tmp_path):
+    deeper = shutil.copytree(tiny_model_folder, tmp_path / "deeper")
+    config = json.loads((deeper / "config.json").read_text())
+    (deeper / "config.json").write_text(json.dumps(config | {"n_layer": 3}))
+    damaged = shutil.copytree(tiny_model_folder, tmp_path / "damaged")
+    data = (damaged / "model.safetensors").read_bytes()
+    (damaged / "model.safetensors").write_bytes(data[: len(data) // 2])
+    for reference, message in [
+        (deeper, f"--reference {deeper} has 3 layers, width 48, 6 heads, 704 rows, --model {tiny_model_folder} 2"),
+        (damaged, f"--reference {damaged}: transformers cannot load it ("),
+    ]:
+        result = parity("--model", str(tiny_model_folder), "--reference", str(reference), "--dtype", "fp32")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"bloom parity: error: {message}" in result.stderr and result.stdout == ""
 
 
 def test_the_bloom_package_never_imports_transformers():

@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--reference", help="the checkpoint transformers loads (default: --model)")
     parity.add_argument("--prompt", action="append", help="a prompt; repeat for several (default: three built in)")
     parity.add_argument(
-        "--max-new-tokens", type=non_negative_int, default=PARITY_NEW_TOKENS, help=f"default {PARITY_NEW_TOKENS}"
+        "--max-new-tokens", type=positive_int, default=PARITY_NEW_TOKENS, help=f"default {PARITY_NEW_TOKENS}"
     )
     parity.set_defaults(run=run_parity)
 
