@@ -1,6 +1,9 @@
 """`bloom activations`: exported rows against `record` on each window alone and transformers' hidden states."""
 
 import copy
+import fcntl
+import os
+import shutil
 
 import pytest
 import torch
@@ -85,6 +88,18 @@ def test_an_interrupted_export_resumes_and_other_folders_are_refused(model, toke
         export(model, token_ids, ["h.1"], out, context=8, batch_size=2)
     with pytest.raises(ValueError, match="stopped at token 32 of 45"):
         load(out, "h.1")
+    damaged = shutil.copytree(out, tmp_path / "damaged")  # the same half-written export, then harmed
+    with open(damaged / "h.1.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ValueError, match=r"cannot resume: .*h.1.safetensors is not the file this export wrote"):
+        export(model, token_ids, ["h.1"], damaged, context=8, batch_size=2)
+    (damaged / "h.1.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"cannot resume: .*h.1.safetensors: No such file or directory; delete"):
+        export(model, token_ids, ["h.1"], damaged, context=8, batch_size=2)
+    for foreign in ("[]", '{"settings": {}, "widths": {}, "files": {}, "tokens_done": "abc"}'):
+        (damaged / "index.json").write_text(foreign)
+        with pytest.raises(ValueError, match=r"index.json: not an index written by bloom activations"):
+            export(model, token_ids, ["h.1"], damaged, context=8, batch_size=2)
     export(model, token_ids, ["h.1"], out, context=8, batch_size=2)
     fresh = export(model, token_ids, ["h.1"], tmp_path / "fresh", context=8, batch_size=2)
     assert torch.equal(load(out, "h.1")[1], load(fresh, "h.1")[1])
@@ -109,6 +124,20 @@ def test_an_interrupted_export_resumes_and_other_folders_are_refused(model, toke
         export(model, token_ids, ["h.7"], tmp_path / "none", context=8)
     with pytest.raises(KeyError, match="no point 'h.0'"):
         load(out, "h.0")
+
+
+def test_a_second_export_into_a_folder_being_written_is_refused(model, token_ids, tmp_path):
+    out = tmp_path / "acts"
+    out.mkdir()
+    other = os.open(out, os.O_RDONLY)  # as another export holds it
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="acts: another export is writing into it now"):
+            export(model, token_ids, ["h.1"], out, context=8)
+        assert not any(out.iterdir())  # nothing written beside the other one
+    finally:
+        os.close(other)
+    export(model, token_ids, ["h.1"], out, context=8)  # free again once it ends
 
 
 def test_an_export_stopped_while_making_its_files_starts_them_again(model, token_ids, tmp_path, monkeypatch):

@@ -18,11 +18,13 @@ without copying it. index.json is rewritten after each batch's rows are on disk:
 resumes where it stopped when run again with the same settings, and anything else in the folder is refused.
 """
 
+import fcntl
 import hashlib
 import json
+import math
 import os
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +100,42 @@ def _write_index(out: Path, index: dict) -> None:
 def _read_index(folder: Path) -> dict:
     if not (folder / INDEX).is_file():
         raise FileNotFoundError(f"{folder}: no {INDEX}, so not a folder written by bloom activations")
-    return read_json(folder / INDEX)
+    index = read_json(folder / INDEX)
+    shapes = {"settings": dict, "widths": dict, "files": dict, "tokens_done": int}
+    if not isinstance(index, dict) or any(not isinstance(index.get(key), kind) for key, kind in shapes.items()):
+        raise ValueError(f"{folder / INDEX}: not an index written by bloom activations")
+    return index
+
+
+@contextmanager
+def _only_writer(out: Path) -> Iterator[None]:
+    """Hold `out` for this export: a second export into it meanwhile is refused (an advisory lock on the folder,
+    released when the process ends, however it ends)."""
+    folder = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{out}: another export is writing into it now") from None
+        yield
+    finally:
+        os.close(folder)
+
+
+def _check_files(out: Path, widths: dict[str, int], n_tokens: int, dtype: torch.dtype) -> None:
+    """Before resuming: every file is one this export made, its header and length as written."""
+    shapes = {TOKENS: (torch.int64, (n_tokens,))} | {name: (dtype, (n_tokens, w)) for name, w in widths.items()}
+    for name, (kind, shape) in shapes.items():
+        path, header = out / f"{name}.safetensors", _header(name, kind, shape)
+        length = len(header) + math.prod(shape) * kind.itemsize
+        try:
+            with open(path, "rb") as f:
+                same = f.read(len(header)) == header and os.fstat(f.fileno()).st_size == length
+        except OSError as error:
+            raise ValueError(f"{out}: cannot resume: {path}: {error.strerror}; delete {out} to start again") from None
+        if not same:
+            raise ValueError(f"{out}: cannot resume: {path} is not the file this export wrote (changed or cut "
+                             f"short); delete {out} to start again")  # fmt: skip
 
 
 def _start(out: Path, settings: dict, widths: dict[str, int], token_ids: torch.Tensor, dtype: torch.dtype) -> int:
@@ -117,12 +154,14 @@ def _start(out: Path, settings: dict, widths: dict[str, int], token_ids: torch.T
             )
         if index["tokens_done"] == settings["n_tokens"]:
             raise ValueError(f"{out} already holds this export, complete; delete it to write it again")
+        if not 0 <= index["tokens_done"] < settings["n_tokens"]:
+            raise ValueError(f"{out / INDEX}: not an index written by bloom activations")
         if index["tokens_done"]:
+            _check_files(out, widths, len(token_ids), dtype)
             return index["tokens_done"]
     else:  # the index first: a run stopped before its files below are made makes them again when started again
         if out.exists() and any(out.iterdir()):
             raise ValueError(f"{out} is not empty and holds no {INDEX}: choose an empty or new folder")
-        out.mkdir(parents=True, exist_ok=True)
         files = {name: f"{name}.safetensors" for name in [TOKENS, *widths]}
         _write_index(out, {"settings": settings, "widths": widths, "files": files, "tokens_done": 0})
     with open(out / f"{TOKENS}.safetensors", "wb") as f:
@@ -169,34 +208,36 @@ def export(
         model.hidden(token_ids[:1, None].to(device))
     widths = {name: _rows(name, seen[name]).shape[1] for name in names}
     settings = _settings(model, model_name, token_ids, names, context)
-    done = _start(out, settings, widths, token_ids, dtype)
-    headers = {name: len(_header(name, dtype, (len(token_ids), widths[name]))) for name in names}
-    index = _read_index(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with _only_writer(out):
+        done = _start(out, settings, widths, token_ids, dtype)
+        headers = {name: len(_header(name, dtype, (len(token_ids), widths[name]))) for name in names}
+        index = _read_index(out)
 
-    todo = [w for w in windows(len(token_ids), context) if w[0] >= done]
-    with ExitStack() as stack:
-        files = {name: stack.enter_context(open(out / f"{name}.safetensors", "r+b")) for name in names}
-        with tqdm(total=len(token_ids), initial=done, desc="Exporting", unit="token", unit_scale=True,
-                  disable=not progress) as bar:  # fmt: skip
-            while todo:
-                length = todo[0][1] - todo[0][0]  # windows of one length per batch: no padding
-                batch = [w for w in todo[:batch_size] if w[1] - w[0] == length]
-                todo = todo[len(batch) :]
-                ids = torch.stack([token_ids[begin:end] for begin, end in batch]).to(device)  # (B, T)
-                with record(model, *names) as seen:
-                    model.hidden(ids)
-                begin, end = batch[0][0], batch[-1][1]
-                for name in names:
-                    rows = _rows(name, seen[name]).cpu().contiguous()  # (B·T, D), tokens begin..end in order
-                    data = rows.view(torch.int16) if dtype == torch.bfloat16 else rows  # numpy has no bf16
-                    f = files[name]
-                    f.seek(headers[name] + begin * widths[name] * dtype.itemsize)
-                    f.write(data.numpy())  # written from the tensor's memory, no copy
-                    f.flush()
-                    os.fsync(f.fileno())
-                index["tokens_done"] = end
-                _write_index(out, index)  # only after the rows are on disk
-                bar.update(end - begin)
+        todo = [w for w in windows(len(token_ids), context) if w[0] >= done]
+        with ExitStack() as stack:
+            files = {name: stack.enter_context(open(out / f"{name}.safetensors", "r+b")) for name in names}
+            with tqdm(total=len(token_ids), initial=done, desc="Exporting", unit="token", unit_scale=True,
+                      disable=not progress) as bar:  # fmt: skip
+                while todo:
+                    length = todo[0][1] - todo[0][0]  # windows of one length per batch: no padding
+                    batch = [w for w in todo[:batch_size] if w[1] - w[0] == length]
+                    todo = todo[len(batch) :]
+                    ids = torch.stack([token_ids[begin:end] for begin, end in batch]).to(device)  # (B, T)
+                    with record(model, *names) as seen:
+                        model.hidden(ids)
+                    begin, end = batch[0][0], batch[-1][1]
+                    for name in names:
+                        rows = _rows(name, seen[name]).cpu().contiguous()  # (B·T, D), tokens begin..end in order
+                        data = rows.view(torch.int16) if dtype == torch.bfloat16 else rows  # numpy has no bf16
+                        f = files[name]
+                        f.seek(headers[name] + begin * widths[name] * dtype.itemsize)
+                        f.write(data.numpy())  # written from the tensor's memory, no copy
+                        f.flush()
+                        os.fsync(f.fileno())
+                    index["tokens_done"] = end
+                    _write_index(out, index)  # only after the rows are on disk
+                    bar.update(end - begin)
     return out
 
 
