@@ -13,6 +13,7 @@ The page holds every head's probabilities: 4·n_layer·nh·T² bytes, a third mo
 import base64
 import html
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -61,5 +62,7 @@ def write(
     # when the data's tokens spell it, and a title spelling __DATA__ is never filled with the data.
     page = TEMPLATE.read_text(encoding="utf-8").replace("__DATA__", text, 1)
     page = page.replace("__TITLE__", html.escape(prompt[:60]), 1)
-    path.write_text(page, encoding="utf-8")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(page, encoding="utf-8")
+    os.replace(partial, path)  # a page is whole or not there: never half of one beside an earlier one's pictures
     return path
