@@ -52,10 +52,15 @@ def test_bench_needs_exactly_one_of_model_and_shape(tiny_model_folder):
         assert result.returncode == 2 and "exactly one of --model and --shape" in result.stderr
 
 
-def test_a_stored_dtype_is_only_for_a_built_checkpoint(tiny_model_folder):
-    command = ["bench", "--model", str(tiny_model_folder), "--stored-dtype", "fp16"]
-    result = subprocess.run([sys.executable, "-m", "bloom", *command], capture_output=True, text=True)
-    assert result.returncode == 2 and "--stored-dtype is the dtype of a --shape checkpoint" in result.stderr
+def test_a_stored_dtype_and_a_build_dir_are_only_for_a_built_checkpoint(tiny_model_folder, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    for extra, message in [
+        (["--model", str(tiny_model_folder), "--stored-dtype", "fp16"], "--stored-dtype is for a --shape checkpoint"),
+        (["--model", str(tiny_model_folder), "--build-dir", str(tmp_path)], "--build-dir is for a --shape checkpoint"),
+        (["--shape", "bloom-560m", "--build-dir", str(tmp_path / "a_file")], "a_file: a file, not a folder"),
+    ]:
+        result = subprocess.run([sys.executable, "-m", "bloom", "bench", *extra], capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr and "building" not in result.stderr
 
 
 def test_a_wide_spread_of_repeated_runs_is_flagged():

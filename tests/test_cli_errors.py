@@ -451,7 +451,8 @@ def test_torchrun_tensor_parallel_user_error(tiny_model_folder, bad_files):
 
 BAD = {  # fragments that each make a command line wrong
     "common": [["--device", "tpu"], ["--device", "cuda:99"], ["--dtype", "fp8"], ["--quantize", "int4"],
-               ["--modle", "x"], ["--revision"], ["--model", "/no/such/folder"], ["-x"], ["--", "extra"]],
+               ["--modle", "x"], ["--revision"], ["--model", "/no/such/folder"], ["--model", ""], ["-x"],
+               ["--", "extra"]],
     "generate": [["--seed", str(2**70)], ["--seed", "-1"], ["--max-new-tokens", "-5"], ["--max-new-tokens", "1e3"],
                  ["--top-p", "0"], ["--do-sample", "--top-p", "1.5"], ["--do-sample", "--top-p", "nan"],
                  ["--top-k", "0"], ["--do-sample", "--top-k", "-3"], ["--do-sample", "--temperature", "0"],
@@ -465,7 +466,7 @@ BAD = {  # fragments that each make a command line wrong
     "bench": [["--batch-size", "0"], ["--new-tokens", "1"], ["--reps", "0"], ["--runs", "-2"],
               ["--shape", "bloom-9b"], ["--model", "m", "--shape", "bloom-560m"], ["--device", "tpu"],
               ["--prompt-len", "x"]],
-    "download": [["--revison", "x"], ["extra"], ["--model", "m"]],
+    "download": [["--revison", "x"], ["extra"], ["--model", "m"], [""]],
     "activations": [["--file", "{latin1}"], ["--file", "{dir}"], ["--file", "{missing}"], ["--out", "{a_file}"],
                     ["--context", "0"], ["--batch-size", "0"], ["--max-tokens", "-1"], ["--pionts", "h.0"],
                     ["--points", "h.9"], ["--points", "h.0.self_attention.probs"], ["--points", "bogus"]],

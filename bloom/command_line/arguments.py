@@ -154,6 +154,16 @@ def seed(text: str) -> int:
 seed.__name__ = "int"
 
 
+def checkpoint(text: str) -> str:
+    """A checkpoint folder or hub repo id: not empty (an empty path would be the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: name a checkpoint folder or a hub repo id")
+    return text
+
+
+checkpoint.__name__ = "checkpoint"
+
+
 def device(text: str) -> str:
     """cpu, cuda or cuda:N, where this machine has it."""
     match = re.fullmatch(r"cpu|cuda(?::(\d+))?", text)

@@ -30,6 +30,7 @@ from bloom.command_line.arguments import (
     DTYPE_CHOICES,
     USER_ERRORS,
     CommandParser,
+    checkpoint,
     device,
     fail,
     int_at_least,
@@ -322,12 +323,15 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if (args.model is None) == (args.shape is None):
         parser.error("give exactly one of --model and --shape")
     if args.model is None:
+        if args.build_dir is not None and Path(args.build_dir).exists() and not Path(args.build_dir).is_dir():
+            parser.error(f"--build-dir {args.build_dir}: a file, not a folder")
         stored = args.stored_dtype or args.dtype
         folder = Path(args.build_dir or tempfile.gettempdir()) / f"bloom-bench-{args.shape}-{stored}"
         print(f"building a random {args.shape} checkpoint in {folder} ...", file=sys.stderr)
         args.model = build_random_checkpoint(args.shape, DTYPES[stored], folder)
-    elif args.stored_dtype:
-        parser.error("--stored-dtype is the dtype of a --shape checkpoint; a --model's is its own")
+    elif args.stored_dtype or args.build_dir:
+        flag = "--stored-dtype" if args.stored_dtype else "--build-dir"
+        parser.error(f"{flag} is for a --shape checkpoint; a --model is read where it is, in its own dtype")
     implementations = ["ours", "ours-int8"] if args.quantize else ["ours"]
     if importlib.util.find_spec("transformers") is not None:
         implementations.append("transformers")
@@ -358,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="checkpoint folder or hub repo id")
+    parser.add_argument("--model", type=checkpoint, help="checkpoint folder or hub repo id")
     parser.add_argument("--shape", choices=PRESETS, metavar="PRESET", help="instead of --model: a preset name "
                         "(bloom-560m, bloom-7b1, ...) to build with random weights")  # fmt: skip
     parser.add_argument("--build-dir", help="where --shape checkpoints are built and kept (default: the temp dir)")

@@ -28,6 +28,7 @@ from bloom.command_line.arguments import (
     USER_ERRORS,
     CommandParser,
     check_prompts,
+    checkpoint,
     device,
     fail,
     int_at_least,
@@ -181,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=PARITY_DESCRIPTION,
     )
     add_model_arguments(parity, quantize=False)  # int8 is no reimplementation of transformers' numbers
-    parity.add_argument("--reference", help="the checkpoint transformers loads (default: --model)")
+    parity.add_argument("--reference", type=checkpoint, help="the checkpoint transformers loads (default: --model)")
     parity.add_argument("--prompt", action="append", help="a prompt; repeat for several (default: three built in)")
     parity.add_argument(
         "--max-new-tokens", type=positive_int, default=PARITY_NEW_TOKENS, help=f"default {PARITY_NEW_TOKENS}"
@@ -231,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_arguments(command: argparse.ArgumentParser, *, quantize: bool = True) -> None:
     """--model, --revision, --dtype, --device; and --quantize unless the command compares exact numbers."""
-    command.add_argument("--model", required=True, help="checkpoint folder or hub repo id, e.g. bigscience/bloomz-560m")
+    command.add_argument("--model", type=checkpoint, required=True,
+                         help="checkpoint folder or hub repo id, e.g. bigscience/bloomz-560m")  # fmt: skip
     command.add_argument("--revision", help="branch, tag or commit of a hub repo")
     command.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: the checkpoint's stored dtype")
     command.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
