@@ -281,6 +281,7 @@ def test_evaluate_command_help_and_bad_tasks(task_folder, local_tasks_only, caps
         (["--limit", "1.5"], "--limit must be a whole number of documents or a fraction below 1, got 1.5"),
         (["--limit", "inf"], "--limit must be a whole number of documents or a fraction below 1, got inf"),
         (["--limit", "nan"], "--limit must be a whole number of documents or a fraction below 1, got nan"),
+        (["--limit", "1e30"], "--limit must be a whole number of documents or a fraction below 1, got 1e+30"),
     ],
 )
 def test_evaluate_command_checks_its_files_before_the_run(local_tasks_only, capsys, tmp_path, extra, message):
@@ -292,6 +293,18 @@ def test_evaluate_command_checks_its_files_before_the_run(local_tasks_only, caps
         main(argv)
     assert exit_.value.code == 2
     assert capsys.readouterr().err.endswith(f"bloom evaluate: error: {message.format(tmp=tmp_path)}\n")
+
+
+def test_more_shots_than_a_task_has_documents_names_the_flag(tiny_model_folder, task_folder, local_tasks_only, capsys):
+    from bloom.command_line.cli import main
+
+    argv = ["evaluate", "--model", str(tiny_model_folder), "--tasks", "tiny_mc", "--num-fewshot", "100",
+            "--include-path", str(task_folder)]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "bloom evaluate: error: --num-fewshot 100: a task has fewer documents to draw the examples from" in err
 
 
 def test_evaluate_command_with_int8_weights(tiny_model_folder, task_folder, local_tasks_only, capsys, monkeypatch):

@@ -433,7 +433,7 @@ def run_evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     tasks = [task for task in args.tasks.split(",") if task]
     if not tasks:
         parser.error("--tasks names no task")
-    if args.limit is not None and not (0 < args.limit < 1 or (args.limit >= 1 and float(args.limit).is_integer())):
+    if args.limit is not None and not (0 < args.limit < 1 or (1 <= args.limit <= 2**62 and args.limit.is_integer())):
         parser.error(f"--limit must be a whole number of documents or a fraction below 1, got {args.limit:g}")
     if args.include_path is not None and not args.include_path.is_dir():
         raise FileNotFoundError(f"--include-path {args.include_path}: no such folder")
@@ -447,9 +447,16 @@ def run_evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     model, tokenizer, _ = load(args)
     lm = BloomLM(model, tokenizer=tokenizer, device=args.device, batch_size=args.batch_size)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit  # below 1: a fraction
-    results = lm_eval.simple_evaluate(
-        model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=limit, task_manager=task_manager, log_samples=False
-    )
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=limit, task_manager=task_manager,
+            log_samples=False,
+        )  # fmt: skip
+    except ValueError as error:  # random.sample's words, from the harness's few-shot sampler
+        if args.num_fewshot and "Sample larger than population" in str(error):
+            raise ValueError(f"--num-fewshot {args.num_fewshot}: a task has fewer documents to draw the examples "
+                             "from") from None  # fmt: skip
+        raise
     print(lm_eval.utils.make_table(results))
     if results.get("groups"):
         print(lm_eval.utils.make_table(results, "groups"))
