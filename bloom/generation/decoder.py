@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
-import torch._inductor.config as inductor_config
 
 from bloom import matvec
 from bloom.config import is_integer
@@ -185,16 +184,20 @@ class Decoder:
             if self.max_len is not None and self.length == self.max_len:
                 raise ValueError(f"this decoder holds at most max_len={self.max_len} slots, and they are full")
             self._use(self.capacity_for(self.length + 1))
-        # inductor reads `freezing` from its global config when it compiles (the first call);
-        # torch.compile(options={"freezing": True}) does not reach it
         if self._graphed:  # the previous step's outputs are no longer needed: the graph may reuse their memory
             torch.compiler.cudagraph_mark_step_begin()
         with self._products():
             if self.fused_step is not None and self.fused_step.applies():
                 logits = self.fused_step(tokens, self.mask, self.slot, self.cache)
-            else:
+            elif self.compiled:
+                # inductor reads `freezing` from its global config when it compiles (the first call);
+                # torch.compile(options={"freezing": True}) does not reach it. Imported here: it takes ~0.9 s
+                import torch._inductor.config as inductor_config
+
                 with inductor_config.patch(freezing=self._freeze):
                     logits = self._step(tokens, self.mask, self.slot, self.cache)
+            else:
+                logits = self._step(tokens, self.mask, self.slot, self.cache)
         self.slot += 1
         self.length += 1
         return logits
