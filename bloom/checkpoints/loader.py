@@ -191,8 +191,9 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
             return [folder / single_name]
     if not allow_pickle and any(folder.glob("pytorch_model*.bin")):
         raise FileNotFoundError(
-            f"{folder}: only pickle weights (pytorch_model*.bin) found; pass allow_pickle=True to read them with "
-            "torch.load(weights_only=True), or convert them to safetensors"
+            f"{folder}: only pickle weights (pytorch_model*.bin) found; convert them to safetensors, or from Python "
+            "pass load_pretrained(..., allow_pickle=True) to read them with torch.load(weights_only=True) (the "
+            "command line never unpickles)"
         )
     raise FileNotFoundError(f"{folder}: no weights (model.safetensors or model.safetensors.index.json)")
 
