@@ -183,6 +183,7 @@ def test_a_tokenizer_with_more_ids_than_the_embedding_is_refused(cli, tmp_path):
     [
         (["--seed", str(2**70)], ["argument --seed", "between 0 and 2**64 - 1"]),
         (["--seed", "-1"], ["argument --seed"]),
+        (["--seed", "3"], ["--seed only applies when sampling: pass --do-sample"]),
         (["--max-new-tokens", "-2"], ["argument --max-new-tokens", "0 or more"]),
         (["--do-sample", "--top-p", "1.5"], ["--top-p must be in (0, 1], got 1.5"]),
         (["--do-sample", "--top-p", "0"], ["--top-p must be in (0, 1]"]),
@@ -458,7 +459,7 @@ BAD = {  # fragments that each make a command line wrong
                  ["--top-k", "0"], ["--do-sample", "--top-k", "-3"], ["--do-sample", "--temperature", "0"],
                  ["--do-sample", "--temperature", "inf"], ["--repetition-penalty", "-1"], ["--tp", "0"],
                  ["--tp", "3"], ["--prompt", ""], ["--prompt-file", "{latin1}"], ["--prompt-file", "{dir}"],
-                 ["--prompt-file", "{missing}"], ["--promt", "x"], ["--temperature", "hot"]],
+                 ["--prompt-file", "{missing}"], ["--promt", "x"], ["--temperature", "hot"], ["--seed", "3"]],
     "perplexity": [["--file", "{latin1}"], ["--file", "{dir}"], ["--stride", "0"], ["--stride", "99999"],
                    ["--context", "0"], ["--batch-size", "0"], ["--context", "-1"], ["--strde", "2"]],
     "inspect": [["--out", "{a_file}"], ["--out", "{a_file}/sub"], ["--prompt", ""], ["--outt", "x"]],
