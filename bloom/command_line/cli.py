@@ -349,7 +349,8 @@ def run_perplexity(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         model, token_ids, context=args.context, stride=args.stride, batch_size=args.batch_size,
         progress=True,
     )  # fmt: skip
-    print(f"perplexity {result.perplexity:.4f} | {result.n_scored} tokens scored in {result.n_windows} windows")
+    windows = f"{result.n_windows} window" + ("s" if result.n_windows != 1 else "")
+    print(f"perplexity {result.perplexity:.4f} | {result.n_scored} tokens scored in {windows}")
     return 0
 
 
