@@ -114,8 +114,11 @@ def test_labels_are_thinned_only_when_they_would_not_fit(monkeypatch):
 def test_inspect_command_writes_the_pictures_and_the_page(tiny_model_folder, tmp_path):
     command = [sys.executable, "-m", "bloom", "inspect", "--model", str(tiny_model_folder),
                "--prompt", "Le petit prince.", "--out", str(tmp_path / "pictures")]  # fmt: skip
+    (tmp_path / "pictures").mkdir()
+    (tmp_path / "pictures" / "attention_layer07.png").write_bytes(b"")  # left by a deeper model's run
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+    assert f"warning: {tmp_path / 'pictures'} also holds attention_layer07.png from an earlier run" in result.stderr
     written = [Path(line) for line in result.stdout.splitlines()]
     names = sorted(p.name for p in written)
     assert names == ["alibi.png", "attention_layer00.png", "attention_layer01.png", "inspect.html", "logit_lens.png"]

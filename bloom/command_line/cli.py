@@ -402,6 +402,9 @@ def run_inspect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     paths.append(page.write(args.out / "inspect.html", args.prompt, labels, attention, probs[:, 0], top))
     for path in paths:
         print(path)
+    stale = sorted(p.name for p in args.out.glob("attention_layer*.png") if p not in paths)
+    if stale:  # another model's layers, from an earlier run into this folder
+        print(f"warning: {args.out} also holds {', '.join(stale)} from an earlier run", file=sys.stderr)
     megabytes = paths[-1].stat().st_size / 1e6
     if megabytes > PAGE_WARNING_MB:  # every head of every layer is in the page
         print(f"warning: {paths[-1]} is {megabytes:.0f} MB, more than a browser tab may open; a shorter "
