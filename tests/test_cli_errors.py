@@ -375,6 +375,7 @@ def test_a_file_as_model_and_a_tokenizer_past_the_embedding_are_named_before_the
     (small / "config.json").write_text(json.dumps(config | {"vocab_size": 320}))  # fewer rows than the tokenizer has
     result = cli(command, "--model", small, *extra)
     assert_user_error(result, command, "the tokenizer has ids up to", "only 320 rows")
+    assert not (tmp_path / "pictures").exists()  # inspect's --out: made only when there is something to write
 
 
 def test_unreadable_weights_are_named_with_the_systems_reason(tiny_model_folder, tmp_path):

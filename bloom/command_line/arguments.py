@@ -222,13 +222,16 @@ def output_file(path: Path, flag: str) -> Path:
 
 
 def output_folder(path: Path, flag: str) -> Path:
-    """Create the folder given with `flag` if needed, and check that files can be written in it: before
-    any slow work, so that the work is not lost at the end."""
+    """Check, before any slow work, that the folder given with `flag` can be written in (the folder itself, or
+    where it would be made): so that the work is not lost at the end, and nothing is made for a run that fails
+    before it writes. The caller makes the folder when it writes."""
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{flag} {path}: a file, not a folder")
+    existing = next(folder for folder in [path, *path.parents] if folder.exists())
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as error:
         raise OSError(f"{flag} {path}: cannot write there ({error.strerror or error})") from None
     return path

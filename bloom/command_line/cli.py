@@ -390,6 +390,7 @@ def run_inspect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         model(ids)
     attention = torch.stack([seen[f"h.{i}.self_attention.probs"][0] for i in range(len(model.h))])  # (L, nh, T, T)
     labels = [readable(tokenizer.decode([i])) for i in ids[0].tolist()]
+    args.out.mkdir(parents=True, exist_ok=True)
     paths = [
         viz.save(viz.attention_heads(attention[i], labels, f"layer {i}"), args.out / f"attention_layer{i:02d}.png")
         for i in range(len(model.h))
