@@ -1,5 +1,6 @@
 """Tensor parallelism: 2 processes with gloo give the single-process logits and tokens, each holding its slice."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,15 @@ def test_tp_without_torchrun_is_refused(tiny_model_folder):
     result = subprocess.run([sys.executable, "-m", "bloom", "generate", "--model", str(tiny_model_folder),
                              "--prompt", "x", "--tp", "2"], capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 2 and "torchrun --nproc-per-node 2" in result.stderr
+
+
+def test_torchrun_without_tp_is_refused(tiny_model_folder, tmp_path):
+    """Each process would run the whole model and print everything: the launch is named, before any weight."""
+    (tmp_path / "t.txt").write_text("some text to score")
+    for command, message in [
+        (["generate", "--prompt", "x"], "torchrun launched 2 processes without --tp: pass --tp 2"),
+        (["perplexity", "--file", str(tmp_path / "t.txt")], "launched 2 processes, but this command runs in one"),
+    ]:
+        result = subprocess.run([sys.executable, "-m", "bloom", *command, "--model", str(tiny_model_folder)],
+                                capture_output=True, text=True, env=os.environ | {"WORLD_SIZE": "2"})  # fmt: skip
+        assert result.returncode == 2 and message in result.stderr and result.stdout == "", result.stderr

@@ -251,8 +251,13 @@ def load(args: argparse.Namespace, tokenizer: BloomTokenizer | None = None) -> t
     The tokenizer comes first: it is small, and a checkpoint without one fails before its weights are read.
     """
     tp = getattr(args, "tp", 1)  # only `generate` takes --tp
+    launched = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's processes
     if tp > 1:
         args.device = join_process_group(tp, args.device)
+    elif launched > 1:  # each process would run the whole model and print everything
+        if hasattr(args, "tp"):
+            raise ValueError(f"torchrun launched {launched} processes without --tp: pass --tp {launched}")
+        raise ValueError(f"torchrun launched {launched} processes, but this command runs in one")
     start = time.perf_counter()
     tokenizer = tokenizer or model_tokenizer(args)
     tokenizer.check_fits(load_config(args.model, revision=args.revision).vocab_size)  # before the weights
