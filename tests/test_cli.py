@@ -25,6 +25,13 @@ def expected_text(folder, prompts: list[str], max_new_tokens: int, dtype=None, *
     ]
 
 
+def test_version():
+    from importlib.metadata import version
+
+    result = bloom("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"bloom {version('bloom-pytorch')}"
+
+
 def test_help():
     result = bloom("generate", "--help")
     assert result.returncode == 0

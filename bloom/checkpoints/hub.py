@@ -55,7 +55,8 @@ def resolve_folder(
             if network is not None
             else f"the hub did not provide it ({' '.join(str(error).split())})"  # on one line
         )
-        raise FileNotFoundError(f"{repo_id}: no such local folder, and {why}") from None
+        at = "" if revision is None else f" at revision {revision!r}"
+        raise FileNotFoundError(f"{repo_id}{at}: no such local folder, and {why}") from None
 
 
 def network_error(error: BaseException) -> BaseException | None:

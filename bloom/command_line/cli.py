@@ -1,6 +1,7 @@
 """The `bloom` command line: generate, perplexity, activations, inspect, parity, bench, download, evaluate."""
 
 import argparse
+import importlib.metadata
 import importlib.util
 import inspect
 import os
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="bloom", description="BLOOM language models in plain PyTorch.")
+    parser.add_argument("--version", action="version", version=f"bloom {importlib.metadata.version('bloom-pytorch')}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     gen = commands.add_parser(
