@@ -283,6 +283,13 @@ def test_a_stray_argument_gets_the_subcommands_usage(cli):
     assert_user_error(cli("download", "bigscience/bloom-560m", "extra"), "download", "unrecognized arguments: extra")
 
 
+def test_a_value_that_begins_with_a_dash_is_shown_how_to_write(cli):
+    code, _, err = cli("generate", "--model", "m", "--prompt", "-hello")
+    assert code == 2 and "--prompt -hello: a value that begins with '-' is written --prompt=-hello" in err
+    code, _, err = cli("generate", "--model", "--promt", "x")  # two dashes: a mistyped flag, not a value
+    assert code == 2 and "unrecognized argument --promt (did you mean --prompt?)" in err
+
+
 def test_a_mistyped_subcommand_is_named_with_the_closest_one(cli):
     code, _, err = cli("generat", "--model", "m")
     assert code == 2 and "Traceback" not in err

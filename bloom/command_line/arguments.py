@@ -56,13 +56,16 @@ class CommandParser(argparse.ArgumentParser):
     def refuse_unknown_flags(self, args: list[str]) -> None:
         """Refuse the first token that argparse would take for a flag this parser does not have."""
         known = self._option_string_actions  # argparse's map of every flag of this parser
-        for arg in args:
+        for before, arg in zip([None, *args][:-1], args, strict=True):
             if arg == "--" or (self.commands is not None and not arg.startswith("-")):
                 return  # what follows belongs to the positionals, or to the subcommand
             name = arg.split("=", 1)[0]
             # as argparse reads a token: a dash and a letter, and no space (-1 and "-a b" are values)
             looks_like_a_flag = re.match(r"--?[^\W\d]", arg) and " " not in arg
             if looks_like_a_flag and name not in known:
+                # one dash after a flag that takes a value: meant as that value (a mistyped flag has two)
+                if before in known and known[before].nargs is None and not arg.startswith("--"):
+                    self.error(f"{before} {arg}: a value that begins with '-' is written {before}={arg}")
                 close = closest(name, [flag for flag in known if flag.startswith("--")])
                 self.error(f"unrecognized argument {name}" + (f" (did you mean {close}?)" if close else ""))
 
