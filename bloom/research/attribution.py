@@ -20,7 +20,7 @@ import torch
 
 from bloom.model import Bloom
 from bloom.research.probe import record
-from bloom.scale.quantize import Int8Linear
+from bloom.research.weights import output_weights
 
 
 def residual_components(
@@ -76,14 +76,9 @@ def _components(
     embed = seen["word_embeddings_layernorm"]  # (B, T, C)
     labels, parts = ["embed"], [embed[None]]
     for i in range(len(model.h)):
-        dense = model.h[i].self_attention.dense
+        attention = model.h[i].self_attention
         context = seen[f"h.{i}.self_attention.context"]  # (B, nh, T, hd)
-        nh, hd = context.shape[1], context.shape[3]
-        weight = dense.weight  # (C, nh·hd); int8 (quantize="int8"): dequantized, q · scale, as the layer computes
-        if isinstance(dense, Int8Linear):
-            weight = weight.to(dense.scale.dtype) * dense.scale[:, None]
-        W_O = weight.view(-1, nh, hd).permute(1, 2, 0)  # (nh, hd, C), as head_weights gives it
-        heads = torch.einsum("bhtd,hdc->hbtc", context, W_O)  # (nh, B, T, C)
-        labels += [f"h.{i}.head.{h}" for h in range(nh)] + [f"h.{i}.attn_bias", f"h.{i}.mlp"]
-        parts += [heads, dense.bias.expand_as(embed)[None], seen[f"h.{i}.mlp"][None]]
+        heads = torch.einsum("bhtd,hdc->hbtc", context, output_weights(attention))  # (nh, B, T, C)
+        labels += [f"h.{i}.head.{h}" for h in range(heads.shape[0])] + [f"h.{i}.attn_bias", f"h.{i}.mlp"]
+        parts += [heads, attention.dense.bias.expand_as(embed)[None], seen[f"h.{i}.mlp"][None]]
     return labels, torch.cat(parts), seen[last]

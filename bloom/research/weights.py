@@ -17,8 +17,9 @@ The circuits of a head are products of two of these ((C, C) each: computed, not 
 import torch
 
 from bloom.config import is_integer
-from bloom.model import Bloom
+from bloom.model import Attention, Bloom
 from bloom.research.probe import refuse_int8
+from bloom.scale.quantize import Int8Linear
 
 
 def head_weights(model: Bloom, layer: int) -> dict[str, torch.Tensor]:
@@ -36,9 +37,18 @@ def head_weights(model: Bloom, layer: int) -> dict[str, torch.Tensor]:
     qkv_bias = attention.query_key_value.bias.view(nh, 3, hd)  # (nh, q|k|v, hd)
     weights = {f"W_{n}": qkv_weight[:, i].transpose(1, 2) for i, n in enumerate("QKV")}  # (nh, C, hd) each
     weights |= {f"b_{n}": qkv_bias[:, i] for i, n in enumerate("QKV")}  # (nh, hd) each
-    weights["W_O"] = attention.dense.weight.view(-1, nh, hd).permute(1, 2, 0)  # (C, nh, hd) -> (nh, hd, C)
+    weights["W_O"] = output_weights(attention)
     weights["b_O"] = attention.dense.bias  # (C,)
     return weights
+
+
+def output_weights(attention: Attention) -> torch.Tensor:
+    """W_O (nh, hd, C): each head's slice of `dense`, a view of its weight; with int8 weights (quantize="int8")
+    the dequantized q · scale that the layer multiplies by, a copy."""
+    weight = attention.dense.weight  # (C, nh·hd)
+    if isinstance(attention.dense, Int8Linear):
+        weight = weight.to(attention.dense.scale.dtype) * attention.dense.scale[:, None]
+    return weight.view(-1, attention.n_head, attention.head_dim).permute(1, 2, 0)  # (C, nh, hd) -> (nh, hd, C)
 
 
 def qk_circuit(weights: dict[str, torch.Tensor], head: int) -> torch.Tensor:
