@@ -41,7 +41,7 @@ from bloom.command_line.arguments import (
     seed,
 )
 from bloom.generation.decoder import Decoder
-from bloom.generation.generate import check_sampling, generate
+from bloom.generation.generate import check_sampling, generate, resolve_eos_ids
 from bloom.generation.streaming import TextStream
 from bloom.memory import check_attention_fits
 from bloom.model import Bloom
@@ -298,15 +298,13 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     check_attention_fits(model, *input_ids.shape)  # before the prompt is echoed
     B, T = input_ids.shape
     decoder = Decoder(model, B, T + args.max_new_tokens, compile=args.compile)  # builds bloom.matvec's kernels once
-    # the tokenizer's EOS; without one, the model config's, as generate (and transformers) would take
-    eos = model.config.eos_token_id if tokenizer.eos_token_id is None else tokenizer.eos_token_id
-    eos_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+    eos_ids = resolve_eos_ids(model, tokenizer.eos_token_id)  # without the tokenizer's, the model config's
     streamer = StdoutStream(tokenizer, prompts[0], eos_ids, show=is_main()) if len(prompts) == 1 else None
     start = time.perf_counter()
     try:
         output = generate(
             model, input_ids, attention_mask=attention_mask, max_new_tokens=args.max_new_tokens,
-            do_sample=args.do_sample, eos_token_id=list(eos_ids), pad_token_id=tokenizer.pad_token_id,
+            do_sample=args.do_sample, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
             streamer=streamer, decoder=decoder, **sampling,
         )  # fmt: skip
     except MemoryError as error:  # the KV cache could not grow: print what was generated, then the error

@@ -178,10 +178,7 @@ def generate_steps(
     if seed is not None and (not is_integer(seed) or not 0 <= seed < 2**64):
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     vocab_size = model.config.vocab_size
-    if eos_token_id is None:
-        eos_ids = check_eos_ids("the model config's eos_token_id", model.config.eos_token_id, vocab_size)
-    else:
-        eos_ids = check_eos_ids("eos_token_id", eos_token_id, vocab_size)
+    eos_ids = resolve_eos_ids(model, eos_token_id)
     if pad_token_id is not None:
         check_token_id("pad_token_id", pad_token_id, vocab_size)
     elif model.config.pad_token_id is not None:
@@ -257,6 +254,13 @@ def check_token_id(name: str, value: object, vocab_size: int) -> None:
         raise ValueError(f"{name} must be an integer token id, got {value!r} ({type(value).__name__})")
     if not 0 <= value < vocab_size:
         raise ValueError(f"{name} {value} is not a token id: the model's vocabulary has ids 0..{vocab_size - 1}")
+
+
+def resolve_eos_ids(model: Bloom, eos_token_id: int | Sequence[int] | torch.Tensor | None) -> tuple[int, ...]:
+    """The ids a generation stops at: eos_token_id's, or the model config's when it is None; checked."""
+    if eos_token_id is None:
+        return check_eos_ids("the model config's eos_token_id", model.config.eos_token_id, model.config.vocab_size)
+    return check_eos_ids("eos_token_id", eos_token_id, model.config.vocab_size)
 
 
 def check_eos_ids(name: str, eos_token_id: object, vocab_size: int) -> tuple[int, ...]:
