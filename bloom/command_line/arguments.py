@@ -8,6 +8,7 @@ rewrites one into the other, and a subcommand calls the library's own checks ins
 
 import argparse
 import difflib
+import itertools
 import os
 import re
 import sys
@@ -56,7 +57,7 @@ class CommandParser(argparse.ArgumentParser):
     def refuse_unknown_flags(self, args: list[str]) -> None:
         """Refuse the first token that argparse would take for a flag this parser does not have."""
         known = self._option_string_actions  # argparse's map of every flag of this parser
-        for before, arg in zip([None, *args][:-1], args, strict=True):
+        for before, arg in itertools.pairwise([None, *args]):  # each token, and the one before it
             if arg == "--" or (self.commands is not None and not arg.startswith("-")):
                 return  # what follows belongs to the positionals, or to the subcommand
             name = arg.split("=", 1)[0]
