@@ -202,12 +202,14 @@ class Attention(nn.Module):
         """`attend`, n_chunks slices of the queries at a time, each against the keys it can see; same shapes."""
         T = q.shape[2]
         rows = math.ceil(T / n_chunks)  # chunks of about equal size
-        y = []
+        y = torch.empty_like(q)  # (B, nh, T, hd), allocated first, so that no chunk's output sits among the next's
+        # tensors in the C heap, which could then not reuse their memory (bloom.memory.keep_freed_memory)
         for a in range(0, T, rows):
             chunk_mask = mask.rows(a, min(a + rows, T))  # (B, 1, rows, S')
             S = chunk_mask.shape[-1]
-            y.append(self.attend(q[:, :, a : a + rows], k[:, :, :S], v[:, :, :S], alibi[..., :S], chunk_mask))
-        return torch.cat(y, dim=2)  # (B, nh, T, hd)
+            queries = q[:, :, a : a + rows]
+            y[:, :, a : a + rows] = self.attend(queries, k[:, :, :S], v[:, :, :S], alibi[..., :S], chunk_mask)
+        return y
 
     def probed(self) -> bool:
         """Whether a hook watches the (B, nh, T, S) taps, which then see the whole tensor, however long T."""
