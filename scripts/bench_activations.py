@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from bloom.config import BloomConfig
+from bloom.memory import keep_freed_memory
 from bloom.model import Bloom
 from bloom.research.activations import export, windows
 
@@ -38,6 +39,7 @@ def worker(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     config = SMALL if args.shape == "small" else BloomConfig.from_name(args.shape)
     model = Bloom(config).eval()
+    keep_freed_memory()  # as load_pretrained does, which `bloom activations` calls
     ids = torch.randint(0, config.vocab_size, (args.tokens,))
     before = rss_mb()
     with tempfile.TemporaryDirectory() as folder:

@@ -23,6 +23,7 @@ def child(args: argparse.Namespace) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (args.limit_gib * 2**30, args.limit_gib * 2**30))
     import bloom.model
     from bloom import Bloom, BloomConfig
+    from bloom.memory import keep_freed_memory
     from bloom.research.perplexity import perplexity
 
     if args.whole:
@@ -30,6 +31,7 @@ def child(args: argparse.Namespace) -> None:
     config = BloomConfig(hidden_size=args.hidden, n_layer=args.layers, n_head=args.heads, vocab_size=args.vocab)
     torch.manual_seed(0)
     model = Bloom(config).eval()
+    keep_freed_memory()  # as load_pretrained does, which `bloom perplexity` calls
     tokens = torch.randint(4, args.vocab, (args.tokens,)).tolist()
     start = time.perf_counter()
     result = perplexity(model, tokens, context=args.tokens, stride=args.tokens, batch_size=1)

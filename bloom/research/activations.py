@@ -26,6 +26,7 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -224,21 +225,32 @@ def export(
                     batch = [w for w in todo[:batch_size] if w[1] - w[0] == length]
                     todo = todo[len(batch) :]
                     ids = torch.stack([token_ids[begin:end] for begin, end in batch]).to(device)  # (B, T)
-                    with record(model, *names) as seen:
-                        model.hidden(ids)
                     begin, end = batch[0][0], batch[-1][1]
-                    for name in names:
-                        rows = _rows(name, seen[name]).cpu().contiguous()  # (B·T, D), tokens begin..end in order
-                        data = rows.view(torch.int16) if dtype == torch.bfloat16 else rows  # numpy has no bf16
-                        f = files[name]
-                        f.seek(headers[name] + begin * widths[name] * dtype.itemsize)
-                        f.write(data.numpy())  # written from the tensor's memory, no copy
-                        f.flush()
-                        os.fsync(f.fileno())
+                    offsets = {name: headers[name] + begin * widths[name] * dtype.itemsize for name in names}
+                    _write_batch(model, ids, files, offsets, dtype)
                     index["tokens_done"] = end
                     _write_index(out, index)  # only after the rows are on disk
                     bar.update(end - begin)
     return out
+
+
+def _write_batch(
+    model: Bloom, ids: torch.Tensor, files: dict[str, BinaryIO], offsets: dict[str, int], dtype: torch.dtype
+) -> None:
+    """Run one batch of windows (B, T) and write each point's rows (B·T, D) into its file at its offset, synced.
+    A function of its own, so that none of the batch's tensors outlives it among the next batch's, whose memory the
+    C heap then reuses (bloom.memory.keep_freed_memory; the last point's rows, alive until the next batch's were
+    made, let the peak grow with the corpus)."""
+    with record(model, *offsets) as seen:
+        model.hidden(ids)
+    for name, offset in offsets.items():
+        rows = _rows(name, seen[name]).cpu().contiguous()  # (B·T, D), the batch's tokens in order
+        data = rows.view(torch.int16) if dtype == torch.bfloat16 else rows  # numpy has no bf16
+        f = files[name]
+        f.seek(offset)
+        f.write(data.numpy())  # written from the tensor's memory, no copy
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _map(path: Path) -> torch.Tensor:
