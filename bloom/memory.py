@@ -67,7 +67,8 @@ def keep_freed_memory() -> bool:
     probabilities, the MLP's 4·C activations, the logits): each one's pages were then faulted in and zeroed again,
     which took longer than the arithmetic on them. A forward over 2 x 1024 tokens of bloom-560m in bf16 (scratch,
     fresh processes, 2 cores) took 7.4-7.9 s with 3.2 million page faults, 4.0-4.3 s with none once set; the prefill
-    of a batch of 16 prompts of 128 tokens 2.4-2.7 s against 1.9, one prompt's 200 against 165 ms.
+    of a batch of 16 prompts of 128 tokens 2.4-2.7 s against 1.9, one prompt's 200 against 165 ms, and one window
+    of 16,384 tokens (scripts/long_context.py) 24-25 s against 9.5-10.2.
     The price: memory the process freed stays its own (its resident size stays near its peak, as torch's CUDA
     caching allocator keeps GPU memory), which `available_memory` counts as available (`heap_free_bytes`).
     `bloom.load_pretrained` sets it once the weights are in memory.

@@ -94,7 +94,7 @@ def load_pretrained(
 
     Once the weights are in memory, glibc's malloc is told to keep what tensors free for the next ones
     (`bloom.memory.keep_freed_memory`): a forward pass then no longer pages its large tensors in afresh in every
-    layer (1.2-1.9x faster on the CPU), and the process keeps the memory it has freed.
+    layer (1.2-2.5x faster on the CPU), and the process keeps the memory it has freed.
     """
     target_dtype = None if dtype is None else parse_dtype(dtype)
     if quantize not in (None, "int8"):
