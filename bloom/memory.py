@@ -1,15 +1,11 @@
-"""How much memory a device has left, so that generation can refuse an allocation before the allocator fails; and
-how the C heap (glibc's malloc, under torch's CPU tensors) keeps or hands back what tensors free.
+"""How much memory a device has left, so that generation can refuse an allocation before the allocator fails.
 
 On Linux the CPU allocator overcommits: a tensor too large for the machine is often granted and then killed
 by the kernel when its pages are touched, with no Python error at all. Comparing an estimate with what is
 available first is what turns that into a message.
 """
 
-import ctypes
 import math
-import os
-import platform
 from pathlib import Path
 
 import torch
@@ -17,15 +13,6 @@ import torch
 from bloom.model import Bloom, query_chunks
 
 GB = 1e9
-_LIBC = ctypes.CDLL(None)  # this process's C library
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (glibc's malloc.h)
-KEPT_BYTES = 1 << 30  # the largest block that keep_freed_memory has malloc keep, and the free top it keeps
-
-
-class _MallocInfo(ctypes.Structure):  # glibc's struct mallinfo2
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]  # fmt: skip
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -44,49 +31,8 @@ def available_memory(device: torch.device) -> int | None:
             return None
         for line in lines:
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024 + heap_free_bytes()  # the file counts kB
+                return int(line.split()[1]) * 1024  # the file counts kB
     return None
-
-
-def heap_free_bytes() -> int:
-    """Bytes the C heap holds freed, which the next tensors reuse (glibc's mallinfo2; elsewhere 0)."""
-    mallinfo2 = getattr(_LIBC, "mallinfo2", None)
-    if mallinfo2 is None:
-        return 0
-    mallinfo2.restype = _MallocInfo
-    return mallinfo2().fordblks
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep the blocks that tensors free, up to KEPT_BYTES each, for the next tensors, instead
-    of handing them back to the kernel. Returns whether it was set (not on another C library, nor where the user
-    has set malloc's thresholds: MALLOC_*_THRESHOLD_ or GLIBC_TUNABLES).
-
-    By default glibc maps every block above 128 kB-32 MB afresh from the kernel and unmaps it when freed, and
-    trims the heap's free top. A forward pass allocates and frees large tensors in every layer (scores,
-    probabilities, the MLP's 4·C activations, the logits): each one's pages were then faulted in and zeroed again,
-    which took longer than the arithmetic on them. A forward over 2 x 1024 tokens of bloom-560m in bf16 (scratch,
-    fresh processes, 2 cores) took 7.4-7.9 s with 3.2 million page faults, 4.0-4.3 s with none once set; the prefill
-    of a batch of 16 prompts of 128 tokens 2.4-2.7 s against 1.9, one prompt's 200 against 165 ms, and one window
-    of 16,384 tokens (scripts/long_context.py) 24-25 s against 9.5-10.2.
-    The price: memory the process freed stays its own (its resident size stays near its peak, as torch's CUDA
-    caching allocator keeps GPU memory), which `available_memory` counts as available (`heap_free_bytes`).
-    `bloom.load_pretrained` sets it once the weights are in memory.
-    """
-    if platform.libc_ver()[0] != "glibc" or not hasattr(_LIBC, "mallopt"):
-        return False
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(
-        f"MALLOC_{name}_THRESHOLD_" in os.environ for name in ("MMAP", "TRIM")
-    ):
-        return False
-    return bool(_LIBC.mallopt(M_MMAP_THRESHOLD, KEPT_BYTES) and _LIBC.mallopt(M_TRIM_THRESHOLD, KEPT_BYTES))
-
-
-def release_freed_heap() -> None:
-    """Hand the C heap's free pages back to the OS (glibc's malloc_trim; elsewhere nothing)."""
-    malloc_trim = getattr(_LIBC, "malloc_trim", None)
-    if malloc_trim is not None:
-        malloc_trim(0)
 
 
 def check_fits(what: str, needed: int, device: torch.device) -> None:

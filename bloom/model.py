@@ -21,6 +21,7 @@ from torch import nn
 
 from bloom import matvec
 from bloom.config import BloomConfig
+from bloom.heap import release_freed_memory
 from bloom.kv_cache import KVCache, LayerKV
 
 
@@ -203,7 +204,7 @@ class Attention(nn.Module):
         T = q.shape[2]
         rows = math.ceil(T / n_chunks)  # chunks of about equal size
         y = torch.empty_like(q)  # (B, nh, T, hd), allocated first, so that no chunk's output sits among the next's
-        # tensors in the C heap, which could then not reuse their memory (bloom.memory.keep_freed_memory)
+        # tensors in the C heap, which could then not reuse their memory (bloom.heap)
         for a in range(0, T, rows):
             chunk_mask = mask.rows(a, min(a + rows, T))  # (B, 1, rows, S')
             S = chunk_mask.shape[-1]
@@ -307,4 +308,6 @@ class Bloom(nn.Module):
         x = self.word_embeddings_layernorm(self.word_embeddings(input_ids))  # (B, T, C)
         for i, block in enumerate(self.h):
             x = block(x, alibi, mask, None if cache is None else cache.layers[i], slots)
+        if T > 1 and not torch.compiler.is_compiling():
+            release_freed_memory()  # what the layers freed and the next reused: back to the OS (bloom.heap)
         return self.ln_f(x)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from bloom.config import BloomConfig
-from bloom.memory import keep_freed_memory
+from bloom.heap import keep_freed_memory
 from bloom.model import Bloom
 from bloom.research.activations import export, windows
 

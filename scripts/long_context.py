@@ -23,7 +23,7 @@ def child(args: argparse.Namespace) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (args.limit_gib * 2**30, args.limit_gib * 2**30))
     import bloom.model
     from bloom import Bloom, BloomConfig
-    from bloom.memory import keep_freed_memory
+    from bloom.heap import keep_freed_memory
     from bloom.research.perplexity import perplexity
 
     if args.whole:

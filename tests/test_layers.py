@@ -8,7 +8,7 @@ from pathlib import Path
 import bloom
 
 LAYERS = {
-    "core": ["config", "matvec", "model", "kv_cache", "memory"],
+    "core": ["config", "heap", "matvec", "model", "kv_cache", "memory"],
     "scale": ["quantize", "parallel"],
     "checkpoints": ["loader", "hub", "tokenizer"],
     "generation": ["decode_step", "decoder", "generate", "streaming"],

@@ -1,7 +1,7 @@
-"""The C heap after loading: freed tensors' memory is kept and reused (bloom.memory.keep_freed_memory), counted by
-heap_free_bytes (which available_memory adds), and left alone when the user has set malloc's thresholds. Each check
-runs in a fresh process, whose allocator has not been set yet, and counts the kernel's page faults (getrusage), not
-time."""
+"""The C heap (bloom.heap): after loading, a tensor's freed memory is kept and reused instead of being paged in
+afresh, a forward pass hands it back to the OS when it ends, and a user's own malloc thresholds are left alone.
+Each check runs in a fresh process, whose allocator has not been set yet, and counts the kernel's page faults
+(getrusage) and resident pages (/proc/self/statm), not time."""
 
 import os
 import platform
@@ -14,25 +14,31 @@ from tiny_checkpoint import random_hf_bloom, save_transformers
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's malloc's")
 
-MEASURE = """
+BLOCK = 64 * 2**20  # bytes: far above glibc's default threshold for mapping a block afresh (128 kB-32 MB)
+PAGES = BLOCK // os.sysconf("SC_PAGE_SIZE")
+
+MEASURE = f"""
 import resource, sys, torch
 from bloom import load_pretrained
-from bloom.memory import heap_free_bytes
 
-BLOCK = 64 * 2**20  # bytes: far above glibc's default threshold for mapping a block afresh (128 kB-32 MB)
-
-def faults_of_refilling() -> int:
+def faults_of_refilling():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(4):
-        torch.empty(BLOCK // 4).fill_(1.0)  # allocated, touched, freed
+        torch.empty({BLOCK} // 4).fill_(1.0)  # allocated, touched, freed
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
+def resident_pages():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1])
+
 print(faults_of_refilling())
-load_pretrained(sys.argv[1])
+model = load_pretrained(sys.argv[1])
 faults_of_refilling()  # the heap grows once
 print(faults_of_refilling())
-torch.empty(BLOCK // 4).fill_(1.0)
-print(heap_free_bytes())
+kept = resident_pages()
+with torch.no_grad():
+    model(torch.tensor([[5, 6, 7]]))  # a pass over 3 tokens
+print(kept - resident_pages())
 """
 
 
@@ -47,16 +53,13 @@ def checkpoint(tmp_path_factory):
     return save_transformers(random_hf_bloom(), tmp_path_factory.mktemp("tiny"))
 
 
-def test_after_loading_freed_tensors_are_reused_not_paged_in_again(checkpoint):
-    page = os.sysconf("SC_PAGE_SIZE")
-    pages = 64 * 2**20 // page
-    before, after, free = measure(checkpoint)
-    assert before >= 4 * pages * 0.9  # every refill faulted its pages in afresh
-    assert after < pages * 0.1  # the block the heap kept, reused
-    assert free >= 64 * 2**20  # the freed block, held for reuse, counted by heap_free_bytes
+def test_after_loading_freed_tensors_are_reused_and_a_forward_hands_them_back(checkpoint):
+    before, after, released = measure(checkpoint)
+    assert before >= 4 * PAGES * 0.9  # every refill faulted its pages in afresh
+    assert after < PAGES * 0.1  # the block the heap kept, reused
+    assert released >= PAGES * 0.75  # the kept block handed back when the pass ended (less the logits it made)
 
 
 def test_the_users_own_malloc_setting_is_left_alone(checkpoint):
     _, after, _ = measure(checkpoint, env=os.environ | {"MALLOC_TRIM_THRESHOLD_": str(128 * 1024)})
-    page = os.sysconf("SC_PAGE_SIZE")
-    assert after >= 4 * (64 * 2**20 // page) * 0.9  # still paged in at every refill, as the user asked
+    assert after >= 4 * PAGES * 0.9  # still paged in at every refill, as the user asked

@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 
 from bloom.checkpoints.hub import resolve_folder
 from bloom.config import BloomConfig, read_json
-from bloom.memory import keep_freed_memory, release_freed_heap
+from bloom.heap import keep_freed_memory, release_freed_memory
 from bloom.model import Bloom
 from bloom.scale.parallel import split_heads
 from bloom.scale.quantize import Int8Embedding, Int8Linear, quantize_int8, quantize_rows
@@ -93,8 +93,8 @@ def load_pretrained(
         torch.distributed group (`bloom.scale.parallel`); each process reads only its slices of the files.
 
     Once the weights are in memory, glibc's malloc is told to keep what tensors free for the next ones
-    (`bloom.memory.keep_freed_memory`): a forward pass then no longer pages its large tensors in afresh in every
-    layer (1.2-2.5x faster on the CPU), and the process keeps the memory it has freed.
+    (`bloom.heap.keep_freed_memory`), which each forward pass hands back to the OS when it ends: a pass then no
+    longer pages its large tensors in afresh in every layer (1.2-2.3x faster on the CPU).
     """
     target_dtype = None if dtype is None else parse_dtype(dtype)
     if quantize not in (None, "int8"):
@@ -130,12 +130,12 @@ def load_pretrained(
                 # each weight's float copy, freed, handed back: glibc keeps freed blocks of up to 32 MB, and the
                 # int8 weights allocated in between stop its heap from shrinking (loading bloom-560m in int8
                 # peaked at +1.14 GB instead of +0.35 GB)
-                release_freed_heap()
+                release_freed_memory()
             else:
                 # quantized, the model keeps no view of the file: its few float tensors are copied
                 state[name] = reader.read(key, target_dtype, device, parts.get(name), copy=quantize is not None)
     model.load_state_dict(state, assign=True, strict=True)
-    keep_freed_memory()  # from now on, the tensors of forward passes reuse freed memory (bloom.memory)
+    keep_freed_memory()  # from now on, the tensors of a forward pass reuse what the pass freed (bloom.heap)
     return model.eval()
 
 
