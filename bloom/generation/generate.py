@@ -121,13 +121,11 @@ def generate(
     fit (the prompt's attention, or the KV cache as it grows) and how much memory is available; its
     `sequences` attribute holds the prompt and every token chosen until then, (B, T + n).
     """
-    B = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2 else 0
-    # every step's tokens, and whether any row was still going then, written in place into columns that double when
-    # full (memory follows the tokens generated, not max_new_tokens): tensors kept per step, small as they are, sat
-    # in the C heap among the steps' freed logits and kept it from reusing them (a batch of 8 of a small model grew
-    # by ~6 MB a step, 2-3 GB over 500 steps, until the generation ended)
-    new_tokens = torch.zeros(B, 64, dtype=torch.long, device=getattr(input_ids, "device", None))
-    alive = torch.zeros(64, dtype=torch.bool, device=new_tokens.device)
+    # every step's tokens, and whether any row was still going then, written in place into columns made at the first
+    # step and doubled when full (memory follows the tokens generated, not max_new_tokens): tensors kept per step,
+    # small as they are, sat in the C heap among the steps' freed logits and kept it from reusing them (a batch of 8
+    # of a small model grew by ~6 MB a step, 2-3 GB over 500 steps, until the generation ended)
+    columns = alive = None  # (B, capacity), (capacity,)
     n = 0  # steps taken
     steps = generate_steps(
         model, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
@@ -139,29 +137,32 @@ def generate(
             for step, (tokens, finished_before) in enumerate(steps):
                 if streamer is not None and bool(finished_before.all()):
                     break  # every row had finished: a column of padding, not streamed
-                if step == len(alive):
-                    new_tokens = torch.cat([new_tokens, torch.zeros_like(new_tokens)], dim=1)
-                    alive = torch.cat([alive, torch.zeros_like(alive)])
-                new_tokens[:, step] = tokens
-                alive[step] = ~finished_before.all()
-                n = step + 1
+                if n == 0:
+                    columns, alive = tokens.new_zeros(len(tokens), 64), finished_before.new_zeros(64)
+                elif n == len(alive):
+                    columns, alive = (torch.cat([t, torch.zeros_like(t)], dim=-1) for t in (columns, alive))
+                columns[:, n] = tokens
+                alive[n] = ~finished_before.all()
+                n += 1
                 if streamer is not None:
                     streamer(tokens)
                 elif (step + 1) % EOS_CHECK_EVERY == 0 and bool(finished_before.all()):
                     break
     except MemoryError as error:
-        error.sequences = join_columns(input_ids, new_tokens[:, :n], alive[:n])
+        error.sequences = join_columns(input_ids, columns, alive, n)
         raise
-    return join_columns(input_ids, new_tokens[:, :n], alive[:n])
+    return join_columns(input_ids, columns, alive, n)
 
 
-def join_columns(input_ids: torch.Tensor, new_tokens: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-    """The prompt (B, T) and the new tokens (B, n), without the columns after every row had finished (alive (n,)
-    says whether any row was still going at each): (B, T + n')."""
-    if not alive.any():
+def join_columns(
+    input_ids: torch.Tensor, columns: torch.Tensor | None, alive: torch.Tensor | None, n: int
+) -> torch.Tensor:
+    """The prompt (B, T) and the first n new columns (B, n), without those after every row had finished (alive:
+    whether any row was still going at each step): (B, T + n')."""
+    if n == 0:
         return input_ids
-    n_used = int(alive.nonzero().max()) + 1  # the one host sync: drop all-finished columns
-    return torch.cat([input_ids, new_tokens[:, :n_used]], dim=1)
+    n_used = int(alive[:n].nonzero().max()) + 1  # the one host sync: drop all-finished columns
+    return torch.cat([input_ids, columns[:, :n_used]], dim=1)
 
 
 @torch.inference_mode()

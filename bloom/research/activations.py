@@ -239,8 +239,8 @@ def _write_batch(
 ) -> None:
     """Run one batch of windows (B, T) and write each point's rows (B·T, D) into its file at its offset, synced.
     A function of its own, so that none of the batch's tensors outlives it among the next batch's, whose memory the
-    C heap then reuses (bloom.heap; the last point's rows, alive until the next batch's were
-    made, let the peak grow with the corpus)."""
+    C heap then reuses (bloom.heap; the last point's rows, alive until the next batch's were made, let the peak grow
+    with the corpus)."""
     with record(model, *offsets) as seen:
         model.hidden(ids)
     for name, offset in offsets.items():
