@@ -49,22 +49,26 @@ def main(seq_len: int = 64, batch_size: int = 8, batches: int | None = None) -> 
     attribution_patching(model, clean, corrupt, metric, "h.*")
     print(f"attribution_patching over h.*: {time.perf_counter() - start:.0f} s, peak RSS {peak_rss() / GiB:.2f} GiB")
 
-    calls, total = 0, -(-config.n_layer * seq_len // batch_size)
+    total = -(-config.n_layer * seq_len // batch_size)
     limit = total if batches is None else min(batches, total)
+    passes = 0
 
-    def counting_metric(logits: torch.Tensor) -> torch.Tensor:
-        nonlocal calls
-        calls += 1
-        print(f"  batch {calls}/{total}: peak RSS {peak_rss() / GiB:.2f} GiB", file=sys.stderr)
-        if calls >= limit:  # this batch ran: stop before the next one
+    def count_pass(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        nonlocal passes
+        passes += 1  # the first is the clean run, the next ones the batches of patched runs
+        if passes > 1:
+            print(f"  batch {passes - 1}/{total}: peak RSS {peak_rss() / GiB:.2f} GiB", file=sys.stderr)
+        if passes > limit:  # this batch ran: stop before the next one
             raise _Enough
-        return metric(logits)
 
+    handle = model.register_forward_hook(count_pass)
     start = time.perf_counter()
     try:
-        activation_patching(model, clean, corrupt, counting_metric, "h.*", batch_size=batch_size)
+        activation_patching(model, clean, corrupt, metric, "h.*", batch_size=batch_size)
     except _Enough:
         pass
+    finally:
+        handle.remove()
     seconds = time.perf_counter() - start
     peak = peak_rss()
     print(

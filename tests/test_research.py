@@ -255,6 +255,19 @@ def prompts():
     return torch.randint(4, V, (1, 6)), torch.randint(4, V, (1, 6))
 
 
+PAIRS = 3
+GOOD, BAD = torch.tensor([17, 5, 99]), torch.tensor([42, 42, 7])  # each pair's right and wrong answer
+
+
+def pair_metric(logits):  # (N, T, V) of the N pairs, in order -> (N,)
+    return logits[:, -1].gather(1, GOOD[:, None])[:, 0] - logits[:, -1].gather(1, BAD[:, None])[:, 0]
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return torch.randint(4, V, (PAIRS, 5)), torch.randint(4, V, (PAIRS, 5))
+
+
 SWEEPS = [
     ("h.*", None),
     ("h.0.resid_mid", None),
@@ -264,48 +277,53 @@ SWEEPS = [
 
 
 @pytest.mark.parametrize(("points", "heads"), SWEEPS)
-def test_activation_patching_equals_a_loop_of_patched_transformers_runs(models, prompts, points, heads):
+@pytest.mark.parametrize("several", [False, True], ids=["one pair", "3 pairs"])
+def test_activation_patching_equals_a_loop_of_patched_transformers_runs(models, prompts, pairs, several, points, heads):
+    """Each value is the metric of transformers' run of the corrupted prompt with the clean activation put back at
+    one point (head) and position, averaged over the pairs: one run per pair, each with its own clean activation."""
     hf, ours = models
-    clean, corrupt = prompts
-    labels, values = activation_patching(ours, clean, corrupt, metric, points, batch_size=5)
-    T = clean.shape[1]
+    clean, corrupt = pairs if several else prompts
+    measure = pair_metric if several else metric
+    labels, values = activation_patching(ours, clean, corrupt, measure, points, batch_size=5)
+    N, T = clean.shape
     assert values.shape == ((len(labels), N_HEAD, T) if heads else (len(labels), T))
     _, clean_hf = run_hf(hf, clean, labels)
-    expected = torch.empty(len(labels), len(heads or [None]), T)
+    expected = torch.zeros(len(labels), len(heads or [None]), T)
     for p, name in enumerate(labels):
         for j, h in enumerate(heads or [None]):
             for t in range(T):
-                cols = (
-                    slice(None) if h is None else slice(h * HD, (h + 1) * HD)
-                )  # per head: its slice of `dense`'s input
+                cols = slice(None) if h is None else slice(h * HD, (h + 1) * HD)  # per head: its slice of dense's input
+                for i in range(N):
 
-                def put(x, name=name, t=t, cols=cols):
-                    x = x.clone()
-                    x[:, t, cols] = clean_hf[name][:, t, cols]
-                    return x
+                    def put(x, name=name, t=t, cols=cols, i=i):
+                        x = x.clone()
+                        x[:, t, cols] = clean_hf[name][i, t, cols]
+                        return x
 
-                logits, _ = run_hf(hf, corrupt, [name], edits={name: put})
-                expected[p, j, t] = metric(logits)
+                    logits, _ = run_hf(hf, corrupt[i : i + 1], [name], edits={name: put})
+                    answers = (GOOD[i], BAD[i]) if several else (17, 42)
+                    expected[p, j, t] += (logits[0, -1, answers[0]] - logits[0, -1, answers[1]]) / N
     torch.testing.assert_close(
         values[:, heads] if heads else values, expected if heads else expected[:, 0], rtol=0, atol=1e-4
     )
 
 
 @pytest.mark.parametrize("points", ["h.*", "h.*.self_attention.context", "h.1.self_attention.q", "h.*.mlp.act"])
-def test_attribution_patching_equals_the_first_order_estimate_by_hand(models, prompts, points):
+@pytest.mark.parametrize("several", [False, True], ids=["one pair", "3 pairs"])
+def test_attribution_patching_equals_the_first_order_estimate_by_hand(models, prompts, pairs, several, points):
     hf, ours = models
-    clean, corrupt = prompts
-    labels, estimates = attribution_patching(ours, clean, corrupt, metric, points)
+    clean, corrupt = pairs if several else prompts
+    measure = pair_metric if several else metric
+    labels, estimates = attribution_patching(ours, clean, corrupt, measure, points)
     _, clean_hf = run_hf(hf, clean, hf_names(labels))
     logits, corrupt_hf = run_hf(hf, corrupt, hf_names(labels), grad=True)
-    metric(logits).sum().backward()
+    measure(logits).sum().backward()
     hf.zero_grad(set_to_none=True)
     for name, estimate in zip(labels, estimates, strict=True):
         clean_value, _ = hf_view(name, clean_hf)
         corrupt_value, grad = hf_view(name, corrupt_hf)
-        by_hand = ((clean_value - corrupt_value) * grad)[0]  # (T, ...) or (nh, T, hd)
-        by_hand = by_hand.sum(-1)  # one number per position, per head for the head points
-        torch.testing.assert_close(estimate, by_hand, rtol=1e-4, atol=1e-5, msg=name)
+        by_hand = ((clean_value - corrupt_value) * grad).sum(-1)  # (N, T) or (N, nh, T): per position (and head)
+        torch.testing.assert_close(estimate, by_hand.mean(0), rtol=1e-4, atol=1e-5, msg=name)
     assert all(p.grad is None for p in ours.parameters())
 
 
@@ -318,8 +336,12 @@ def test_patching_refuses_mixed_points_bad_prompts_and_bad_metrics(models, promp
         attribution_patching(ours, clean, corrupt[:, 1:], metric, "h.*")
     with pytest.raises(ValueError, match=r"batch_size must be a positive integer, got 0"):
         activation_patching(ours, clean, corrupt, metric, "h.*", batch_size=0)
-    with pytest.raises(ValueError, match=r"metric gave \(5, 320\) for logits of 5 rows"):
+    with pytest.raises(ValueError, match=r"metric gave \(1, 320\) for the logits of 1 pair \(1, T, V\)"):
         activation_patching(ours, clean, corrupt, lambda logits: logits[:, -1], "h.*", batch_size=5)
+    with pytest.raises(ValueError, match=r"metric gave \(\) for the logits of 2 pairs"):
+        attribution_patching(ours, clean.repeat(2, 1), corrupt.repeat(2, 1), lambda logits: logits.sum(), "h.*")
+    with pytest.raises(ValueError, match=r"clean_ids \(0, 6\) .* must both be N prompts"):
+        activation_patching(ours, clean[:0], corrupt[:0], metric, "h.*")
     for sweep in (activation_patching, attribution_patching):
         with pytest.raises(ValueError, match="no points named"):
             sweep(ours, clean, corrupt, metric, [])
