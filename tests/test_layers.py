@@ -12,8 +12,8 @@ LAYERS = {
     "scale": ["quantize", "parallel"],
     "checkpoints": ["loader", "hub", "tokenizer"],
     "generation": ["decode_step", "decoder", "generate", "streaming"],
-    "research": ["probe", "lens", "weights", "attribution", "patching", "activations", "perplexity", "evaluation",
-                 "viz", "page"],
+    "research": ["probe", "lens", "weights", "attribution", "patching", "head_scores", "activations", "perplexity",
+                 "evaluation", "viz", "page"],
     "command_line": ["cli", "arguments", "bench"],
 }  # fmt: skip
 RANK = {layer: rank for rank, layer in enumerate(LAYERS)}

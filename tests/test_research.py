@@ -8,9 +8,10 @@ from tiny_checkpoint import left_padded, random_hf_bloom, save_transformers
 
 from bloom import Bloom, BloomConfig, generate, load_pretrained
 from bloom.research.attribution import direct_logit_attribution, residual_components
+from bloom.research.head_scores import head_scores
 from bloom.research.lens import logit_lens
 from bloom.research.patching import activation_patching, attribution_patching
-from bloom.research.probe import record
+from bloom.research.probe import patch, record
 from bloom.research.weights import head_weights, ov_circuit, qk_circuit
 
 N_LAYER, N_HEAD, C, V = 3, 6, 48, 320
@@ -457,3 +458,65 @@ def test_research_tools_refuse_int8_weights_by_name(tmp_path):
         attribution_patching(model, ids, ids, lambda logits: logits[:, -1, 0], "h.*")
     with pytest.raises(ValueError, match=message), record(model, "h.0", grad=True):
         pass
+
+
+def targets_by_hand(pattern, ids, mask):
+    """The pattern's targets (B, T, S), one key at a time, from the definitions in head_scores' docstring."""
+    B, T = ids.shape
+    target = torch.zeros(B, T, T)
+    for b in range(B):
+        for t in range(T):
+            for s in range(T):
+                if pattern == "previous_token":
+                    hit = s == t - 1
+                elif pattern == "duplicate_token":
+                    hit = s < t and ids[b, s] == ids[b, t]
+                else:
+                    hit = 1 <= s < t and ids[b, s - 1] == ids[b, t]
+                target[b, t, s] = float(hit and mask[b, s] == 1)
+    return target
+
+
+@pytest.mark.parametrize("pattern", ["previous_token", "duplicate_token", "induction", "own"])
+def test_head_scores_equal_transformers_attention_on_the_targets(models, pattern):
+    """Each head's score: transformers' attention probabilities on the pattern's targets (built key by key),
+    averaged over the unpadded queries that have one, on a left-padded batch of random sequences repeated twice."""
+    hf, ours = models
+    ids, mask = left_padded([10, 8, 6])
+    ids = torch.cat([ids, ids], dim=1)  # each row's tokens twice, the padding in the middle masked too
+    mask = torch.cat([mask, mask], dim=1)
+    ids[0, -1] = ids[0, -2]  # a token repeated at once: a query that is its own key's successor is no target
+    own = torch.rand(ids.shape[0], ids.shape[1], ids.shape[1], generator=torch.Generator().manual_seed(1)) < 0.2
+    scores = head_scores(ours, ids, own if pattern == "own" else pattern, mask)
+    assert scores.shape == (N_LAYER, N_HEAD)
+    target = own.float() * mask[:, None, :] if pattern == "own" else targets_by_hand(pattern, ids, mask)
+    scored = (target.sum(-1) > 0) & (mask == 1)  # (B, T)
+    with torch.no_grad():
+        attentions = hf(input_ids=ids, attention_mask=mask, output_attentions=True).attentions  # (B, nh, T, S) each
+    for layer, probs in enumerate(attentions):
+        on_target = (probs * target[:, None]).sum(-1)  # (B, nh, T)
+        expected = on_target.permute(1, 0, 2)[:, scored].mean(-1)  # (nh,)
+        torch.testing.assert_close(scores[layer], expected, rtol=0, atol=1e-5)
+
+
+def test_head_scores_find_a_head_built_to_do_the_job():
+    """A model whose every head attends to the previous token scores 1 on previous_token there and far less on
+    duplicate_token; bad arguments are refused by name."""
+    config = BloomConfig(vocab_size=V, hidden_size=C, n_head=N_HEAD, n_layer=1)
+    model = Bloom(config).eval()
+    ids = torch.randint(4, V, (2, 9), generator=torch.Generator().manual_seed(0))
+    to_previous = torch.full((9, 9), -1e4).diagonal_scatter(torch.zeros(8), -1)  # only key t - 1 (row 0: its own)
+    to_previous[0, 0] = 0
+    with patch(model, {"h.0.self_attention.scores": lambda scores: scores * 0 + to_previous}):
+        previous = head_scores(model, ids, "previous_token")
+        duplicate = head_scores(model, ids.repeat(1, 2)[:, :9], "duplicate_token")
+    torch.testing.assert_close(previous, torch.ones(1, N_HEAD))
+    assert (duplicate < 0.5).all()
+    with pytest.raises(ValueError, match=r"pattern 'induct' is not one of previous_token, duplicate_token, induction"):
+        head_scores(model, ids, "induct")
+    with pytest.raises(ValueError, match=r"pattern is \(2, 9, 8\): it must be \(B, T, T\) = \(2, 9, 9\)"):
+        head_scores(model, ids, torch.ones(2, 9, 8))
+    with pytest.raises(ValueError, match=r"no query of input_ids has a induction pattern target"):
+        head_scores(model, torch.arange(4, 13)[None], "induction")
+    with pytest.raises(ValueError, match=r"attention_mask is \(2, 8\), input_ids \(2, 9\)"):
+        head_scores(model, ids, "induction", torch.ones(2, 8))

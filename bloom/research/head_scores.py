@@ -1,0 +1,92 @@
+"""Which heads do a known job: each head's attention scored against a pattern of where that job looks.
+
+A head's score is the attention its queries give to the pattern's target keys, averaged over the queries that have
+a target (padding neither scores nor is a target): 1 for a head whose every such query looks only at its targets,
+about 0 for one that ignores them. The patterns, made from the tokens (B, T), are (B, T, S) of 0/1:
+
+    previous_token    the key just before the query: s = t - 1
+    duplicate_token   earlier keys holding the query's token: s < t, token[s] = token[t]
+    induction         earlier keys just after an earlier copy of the query's token: s < t, token[s - 1] = token[t]
+                      (in "A B ... A" the second A looks at B, and so can predict B)
+
+or a pattern of one's own, (B, T, T) of 0/1. Duplicate-token and induction heads show on a random sequence repeated
+twice, `torch.randint(4, 250000, (B, L)).repeat(1, 2)`: only its second half has targets, so only it is scored.
+TransformerLens's `detect_head` computes the same score (its error_measure "mul", without its exclusions).
+"""
+
+import torch
+
+from bloom.model import Bloom
+from bloom.research.probe import find
+
+PATTERNS = ("previous_token", "duplicate_token", "induction")
+
+
+def target_pattern(
+    pattern: str | torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The keys each query's job looks at, (B, T, S) bool, for a pattern of PATTERNS or one's own (B, T, T);
+    padded keys (attention_mask 0) are never targets."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids is {tuple(input_ids.shape)}, expected (batch, tokens)")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}: "
+                         "they must be the same shape")  # fmt: skip
+    B, T = input_ids.shape
+    if isinstance(pattern, torch.Tensor):
+        if pattern.shape != (B, T, T):
+            raise ValueError(f"pattern is {tuple(pattern.shape)}: it must be (B, T, T) = {(B, T, T)}, the keys "
+                             "each query of input_ids should attend to")  # fmt: skip
+        target = pattern.to(device=input_ids.device) != 0
+    elif pattern not in PATTERNS:
+        raise ValueError(f"pattern {pattern!r} is not one of {', '.join(PATTERNS)}, nor a (B, T, T) tensor")
+    else:
+        earlier = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril(-1)  # (T, S): s < t
+        same = input_ids[:, :, None] == input_ids[:, None, :]  # (B, T, S): key s holds query t's token
+        if pattern == "previous_token":
+            target = earlier & ~earlier.tril(-2)  # s = t - 1
+        elif pattern == "duplicate_token":
+            target = same & earlier
+        else:  # induction: key s follows a copy of the query's token, same[t, s - 1]
+            follows = torch.zeros_like(same)
+            follows[:, :, 1:] = same[:, :, :-1]
+            target = follows & earlier
+        target = target.expand(B, T, T)
+    if attention_mask is not None:
+        target = target & (attention_mask[:, None, :] != 0)
+    return target
+
+
+@torch.no_grad()
+def head_scores(
+    model: Bloom, input_ids: torch.Tensor, pattern: str | torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Every head's score for `pattern` on these tokens, (n_layer, nh): the mean over the batch's queries that have
+    a target (and are not padding) of the attention probability the head puts on their targets. One forward pass
+    without the LM head; each layer's probabilities are reduced as they are made, not kept."""
+    target = target_pattern(pattern, input_ids, attention_mask).float()  # (B, T, S)
+    scored = target.any(-1)  # (B, T): the queries with a target
+    if attention_mask is not None:
+        scored &= attention_mask != 0
+    if not scored.any():
+        name = pattern if isinstance(pattern, str) else "the given"
+        raise ValueError(f"no query of input_ids has a {name} pattern target: for duplicate_token and induction, give "
+                         "tokens that repeat (a random sequence twice)")  # fmt: skip
+    weight = scored.float() / scored.sum()  # (B, T): each scored query's share of the mean
+    layers = find(model, "h.*.self_attention.probs")
+    scores = [torch.empty(0)] * len(layers)
+
+    def score_of(layer: int):
+        def hook(module: torch.nn.Module, args: tuple, probs: torch.Tensor) -> None:  # probs (B, nh, T, S)
+            on_target = (probs.float() * target[:, None]).sum(-1)  # (B, nh, T)
+            scores[layer] = (on_target * weight[:, None]).sum((0, 2)).cpu()  # (nh,)
+
+        return hook
+
+    handles = [module.register_forward_hook(score_of(i)) for i, module in enumerate(layers.values())]
+    try:
+        model.hidden(input_ids, attention_mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(scores)
