@@ -9,6 +9,7 @@ from torch import nn
 from bloom import generate, load_pretrained, matvec
 from bloom.generation.decode_step import plan
 from bloom.generation.decoder import Decoder
+from bloom.model import MLP
 
 DTYPES_AND_QUANTIZE = [(dtype, quantize) for quantize in (None, "int8") for dtype in ("fp32", "bf16", "fp16")]
 
@@ -112,6 +113,82 @@ def test_a_weight_edited_or_replaced_during_a_generation_is_seen_by_the_next_ste
         torch.testing.assert_close(fused.step(token), through_the_modules(modules, token), rtol=0, atol=1e-5)
         model.h[1].mlp = type(model.h[1].mlp)(model.config)  # another module
         assert not fused.fused_step.applies()
+
+
+class Halved(nn.Module):
+    """A module of the user's around one of the model's: its output halved."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        return self.inner(*args) / 2
+
+
+def halve_the_mlp_output(mlp):
+    of = mlp.forward
+    mlp.forward = lambda x: of(x) / 2
+
+
+class HalvedMLP(MLP):
+    def forward(self, x):
+        return super().forward(x) / 2
+
+
+EDITS = {
+    "a forward set on a module": lambda model: halve_the_mlp_output(model.h[1].mlp),
+    "a subclass": lambda model: setattr(model.h[1].mlp, "__class__", HalvedMLP),
+    "a wrapper module": lambda model: setattr(model.h[1], "mlp", Halved(model.h[1].mlp)),
+    "a tap's forward": lambda model: setattr(model.h[1].mlp.act, "forward", lambda x: x / 2),
+}
+
+
+@pytest.mark.parametrize("edit", EDITS.values(), ids=EDITS.keys())
+def test_a_forward_of_the_users_runs_in_every_step_of_generate(folder, edit):
+    """generate on a model whose forward the user changed equals greedy decoding by whole forward passes, which can
+    only run the changed forward: the step that does the blocks' work in one call must not skip it."""
+    model = load_pretrained(folder)
+    edit(model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    generated = generate(model, ids, max_new_tokens=6, eos_token_id=[])
+    sequence = ids
+    with torch.inference_mode():
+        for _ in range(6):
+            sequence = torch.cat([sequence, model(sequence)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, sequence)
+    assert plan(model, 1) is None
+
+
+def test_a_forward_changed_on_the_class_runs_in_every_step(folder, monkeypatch):
+    model = load_pretrained(folder)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    plain = generate(model, ids, max_new_tokens=6, eos_token_id=[])
+    forward = MLP.forward
+    monkeypatch.setattr(MLP, "forward", lambda self, x: forward(self, x) / 2)
+    with torch.inference_mode():
+        by_forwards = ids
+        for _ in range(6):
+            by_forwards = torch.cat([by_forwards, model(by_forwards)[:, -1:].argmax(-1)], dim=1)
+    assert not torch.equal(by_forwards, plain)  # the change changes the tokens
+    assert torch.equal(generate(model, ids, max_new_tokens=6, eos_token_id=[]), by_forwards)
+
+
+@pytest.mark.parametrize("edit", EDITS.values(), ids=EDITS.keys())
+def test_a_forward_changed_after_the_prefill_runs_in_the_next_steps(folder, edit):
+    model = load_pretrained(folder)
+    ids, mask = left_padded([5], vocab_size=1000)
+    fused, modules = Decoder(model, 1), Decoder(model, 1)
+    with torch.inference_mode():
+        fused.prefill(ids, mask), modules.prefill(ids, mask)
+        assert fused.fused_step.applies()
+        edit(model)
+        assert not fused.fused_step.applies()
+        token = torch.tensor([7])
+        for _ in range(3):
+            logits = fused.step(token)
+            torch.testing.assert_close(logits, through_the_modules(modules, token), rtol=0, atol=1e-5)
+            token = logits[:, -1].argmax(-1)
 
 
 def test_the_plan_declines_what_the_kernel_does_not_compute(folder):

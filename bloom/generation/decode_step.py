@@ -8,9 +8,10 @@ The Decoder plans it (`plan`) when a prompt is run, from the model's layers as t
 step while it `applies`: an eager CPU decoder with the kernels, outside autograd, a model made of bloom's own layers
 (bf16, fp16 or fp32, or int8 from bloom.scale.quantize; not split over processes by bloom.scale.parallel) whose
 tensors are the kernel's shapes, dtype and layout, few enough rows for the kernels (bloom.matvec.max_rows), no
-forward hook anywhere (a probe sees the model's own forward, module by module), and the same tensors as when it was
-planned (a layer or weight replaced since then sends the rest of the generation through the model). Otherwise the
-step goes through the model.
+forward hook anywhere (a probe sees the model's own forward, module by module), the forwards it stands for as bloom
+defines them (no subclass, no forward set on a module or its class), and the same tensors as when it was planned (a
+layer or weight replaced since then sends the rest of the generation through the model). Otherwise the step goes
+through the model.
 """
 
 import math
@@ -20,8 +21,23 @@ from torch import nn
 
 from bloom import matvec
 from bloom.kv_cache import KVCache
-from bloom.model import Bloom, Linear, alibi_bias, alibi_slopes, causal_mask
+from bloom.model import MLP, Attention, Block, Bloom, Linear, Tap, alibi_bias, alibi_slopes, causal_mask
 from bloom.scale.quantize import Int8Linear
+
+# The classes whose forward the step does the work of, each with that forward as bloom defines it
+STANDS_FOR = {cls: cls.forward for cls in (Bloom, Block, Attention, MLP, Linear, Int8Linear, nn.LayerNorm, Tap)}
+
+
+def run_as_defined(modules: list[nn.Module]) -> bool:
+    """Whether calling the modules runs forwards the step does the work of: each one's class exactly one of
+    STANDS_FOR's, with the forward it had at import, and no forward of the module's own (`module.forward = ...`)."""
+    classes = set(map(type, modules))
+    return all(STANDS_FOR.get(c) is c.forward for c in classes) and not any("forward" in vars(m) for m in modules)
+
+
+def stood_for(model: Bloom) -> list[nn.Module]:
+    """The modules whose forwards the step replaces: the model and everything in its blocks."""
+    return [model, *(m for m in model.h.modules() if not isinstance(m, nn.ModuleList))]
 
 
 class DecodeStep:
@@ -32,6 +48,7 @@ class DecodeStep:
         self.model, self.blocks = model, blocks
         self.slopes = alibi_slopes(model.config.n_head)  # (nh,)
         self.modules = list(model.modules())  # whose hooks `applies` looks for
+        self.replaced = stood_for(model)  # whose forwards must stay bloom's
         # every module's submodules, parameters and buffers as (its dict, name, value), and where the tensors'
         # data are: what `applies` compares with the model's
         self.members = [(d, name, value) for m in self.modules for d in (m._modules, m._parameters, m._buffers)
@@ -40,9 +57,12 @@ class DecodeStep:
         self.addresses = [t.data_ptr() for t in self.tensors]
 
     def applies(self) -> bool:
-        """Outside autograd, no forward hook on any module (nor a global one), which this step would skip, and the
-        model made of the modules and tensors it was planned with (none replaced, no `.data` swapped)."""
+        """Outside autograd, no forward hook on any module (nor a global one), which this step would skip, the
+        forwards it does the work of unchanged, and the model made of the modules and tensors it was planned with
+        (none replaced, no `.data` swapped)."""
         if torch.is_grad_enabled():
+            return False
+        if not run_as_defined(self.replaced):
             return False
         module = torch.nn.modules.module
         if module._global_forward_hooks or module._global_forward_pre_hooks:
@@ -67,9 +87,12 @@ class DecodeStep:
 
 def plan(model: Bloom, rows: int) -> DecodeStep | None:
     """The model's decode step for `rows` rows through bloom.matvec's block kernel, or None where it does not apply
-    (a dtype, device, layer or tensor it does not take, heads split over processes, more rows than matvec.max_rows)."""
+    (a dtype, device, layer or tensor it does not take, a forward of the user's, heads split over processes, more rows
+    than matvec.max_rows)."""
     dtype = model.ln_f.weight.dtype
     if model.ln_f.weight.device.type != "cpu" or not matvec.has_block_kernel(dtype):
+        return None
+    if not run_as_defined(stood_for(model)):  # a forward of the user's: the step would skip it
         return None
     blocks = []
     for block in model.h:
