@@ -15,11 +15,12 @@ from bloom import generate, load_pretrained, matvec
 from bloom.command_line.bench import TokenClock, read_into_page_cache, spread_warnings
 
 
-def test_bench_prints_the_side_by_side_table(tiny_model_folder):
+def test_bench_prints_the_side_by_side_table(tiny_model_folder, tmp_path):
     lengths = ["--batch-size", "3", "--prompt-len", "8", "--new-tokens", "4", "--reps", "1", "--runs", "1"]
-    command = [sys.executable, "-m", "bloom", "bench", "--model", str(tiny_model_folder), "--dtype", "fp32", *lengths,
-               "--quantize", "int8"]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-P", "-m", "bloom", "bench", "--model", str(tiny_model_folder), "--dtype", "fp32",
+               *lengths, "--quantize", "int8"]  # fmt: skip
+    (tmp_path / "bloom").mkdir()  # run from beside a folder named bloom, as from a clone's parent: not the package
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("| ")}
     assert set(rows) == {"", "ours", "ours-int8", "transformers", "ours / transformers", "ours-int8 / ours"}

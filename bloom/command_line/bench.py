@@ -226,7 +226,9 @@ def read_into_page_cache(folder: Path) -> int:
 
 
 def run_worker(impl: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, "-m", "bloom.command_line.bench", "--worker", impl, "--model", str(args.model),
+    # -P: the current folder is not put first on the worker's sys.path, where a folder named bloom (the clone's)
+    # would stand for this package
+    command = [sys.executable, "-P", "-m", "bloom.command_line.bench", "--worker", impl, "--model", str(args.model),
                "--dtype", args.dtype, "--device", args.device, "--batch-size", str(args.batch_size),
                "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--reps", str(args.reps),
                "--compile" if args.compile else "--no-compile"]  # fmt: skip
