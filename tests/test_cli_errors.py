@@ -366,7 +366,8 @@ def test_a_repo_neither_cached_nor_reachable(cli, no_weights, tmp_path, monkeypa
     message = assert_user_error(result, command, "bigscience/not-cached", "the huggingface hub is unreachable")
     assert "\n" not in message.strip(), message  # one line, as README says of every mistake
     result = cli(command, *repo, *args, "--revision", "v2")
-    assert_user_error(result, command, "bigscience/not-cached at revision 'v2': no such local folder")
+    where = "neither a local folder nor in the huggingface cache"
+    assert_user_error(result, command, f"bigscience/not-cached at revision 'v2': {where}")
 
 
 @pytest.mark.parametrize("command", ["generate", "perplexity", "inspect"])

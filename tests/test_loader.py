@@ -200,13 +200,17 @@ def test_no_weights(sharded):
 def test_not_a_folder_nor_a_repo_id(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such folder"):
         load_pretrained(tmp_path / "nowhere")
+    for name in ("nowhere/", "owner/", "/name", "a/b/c", "owner/na me"):  # not repo ids: the hub is not asked
+        with pytest.raises(FileNotFoundError, match=f"{name}: no such folder, and not a hub repo id of the form"):
+            load_pretrained(name, cache_dir=tmp_path / "hub")
 
 
 def test_mistyped_relative_path_says_no_such_folder(tmp_path, monkeypatch):
     """'checkpoints/tiny' could be a repo id too: the hub is asked, and the error still names the folder."""
     monkeypatch.chdir(tmp_path)
     hub = "the (hub did not provide it|huggingface hub is unreachable)"  # online or not
-    with pytest.raises(FileNotFoundError, match=f"checkpoints/tiny: no such local folder, and {hub}"):
+    where = "neither a local folder nor in the huggingface cache"
+    with pytest.raises(FileNotFoundError, match=f"checkpoints/tiny: {where}, and {hub}"):
         load_pretrained("checkpoints/tiny", cache_dir=tmp_path / "hub")
 
 

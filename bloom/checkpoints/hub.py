@@ -9,7 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 
 
 def resolve_folder(
@@ -34,7 +35,7 @@ def resolve_folder(
             raise ValueError(f"revision={revision!r} only applies to hub repo ids, not to the local folder {path}")
         return path
     repo_id = str(path_or_repo_id)
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+    if not is_repo_id(repo_id):
         raise FileNotFoundError(f"{repo_id}: no such folder, and not a hub repo id of the form 'owner/name'")
     try:
         cached = Path(
@@ -56,7 +57,19 @@ def resolve_folder(
             else f"the hub did not provide it ({' '.join(str(error).split())})"  # on one line
         )
         at = "" if revision is None else f" at revision {revision!r}"
-        raise FileNotFoundError(f"{repo_id}{at}: no such local folder, and {why}") from None
+        where = "neither a local folder nor in the huggingface cache"
+        raise FileNotFoundError(f"{repo_id}{at}: {where}, and {why}") from None
+
+
+def is_repo_id(name: str) -> bool:
+    """Whether `name` is a hub repo id, owner/name, as huggingface_hub checks it ("folder/" is not one)."""
+    if name.count("/") != 1 or name.startswith((".", "/")):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def network_error(error: BaseException) -> BaseException | None:
