@@ -107,6 +107,17 @@ def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
 SCORES_BUDGET = 2**28
 
 
+def refuse_non_tokens(ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> None:
+    """Raise, naming the first one, where `ids` holds anything but the vocabulary's token ids (one host sync)."""
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer token ids, got {ids.dtype}")
+    outside = (ids < 0) | (ids >= vocab_size)
+    if outside.any():
+        at = tuple(int(i) for i in outside.nonzero()[0])
+        raise ValueError(f"{name}[{', '.join(map(str, at))}] = {int(ids[at])} is not a token id: the model's "
+                         f"vocabulary has ids 0..{vocab_size - 1}")  # fmt: skip
+
+
 def query_chunks(batch: int, heads: int, queries: int, keys: int) -> int:
     """The chunks of queries attention takes so that each one's float32 scores fit in SCORES_BUDGET (1: whole)."""
     return math.ceil(batch * heads * queries * keys * 4 / SCORES_BUDGET)
@@ -292,6 +303,8 @@ class Bloom(nn.Module):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids is {tuple(input_ids.shape)}, expected (batch, tokens)")
         B, T = input_ids.shape
+        if not torch.compiler.is_compiling():  # a compiled step takes the ids its caller checked
+            refuse_non_tokens(input_ids, self.config.vocab_size)
         if slots is not None and cache is None:
             raise ValueError("slots say where tokens go in a KV cache: pass the cache too")
         S = T if slots is None else cache.max_len

@@ -145,6 +145,18 @@ def test_input_ids_must_be_a_batch_and_may_be_empty():
         assert model(torch.zeros(2, 0, dtype=torch.long)).shape == (2, 0, 64)
 
 
+def test_ids_outside_the_vocabulary_are_refused_by_name():
+    """As generate refuses them: the first bad id named by its place, where the embedding would raise IndexError."""
+    model = Bloom(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)).eval()
+    for ids, message in [
+        (torch.tensor([[5, 64]]), r"input_ids\[0, 1\] = 64 is not a token id: the model's vocabulary has ids 0..63"),
+        (torch.tensor([[5, 6], [7, -2]]), r"input_ids\[1, 1\] = -2 is not a token id"),
+        (torch.tensor([[5.0, 6.0]]), r"input_ids must hold integer token ids, got torch.float32"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            model(ids)
+
+
 def test_long_inputs_attend_in_chunks_with_the_values_of_the_whole(monkeypatch):
     """A scores budget of a few query rows forces the chunked path on a short, left-padded batch."""
     model = tiny_model(n_head=6, hidden_size=48)

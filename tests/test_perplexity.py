@@ -1,6 +1,7 @@
 """Sliding-window perplexity against the same procedure run on transformers' logits."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -63,6 +64,17 @@ def test_perplexity_equals_transformers(tmp_path, context, stride, batch_size):
     assert got.n_scored == n_scored
     assert math.isclose(got.perplexity, expected, rel_tol=1e-4)
     assert math.isclose(got.perplexity, math.exp(got.nll), rel_tol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a tensor is taken as it is, without torch's copy-construct warning
+        assert perplexity(ours, ids[0], context=context, stride=stride, batch_size=batch_size) == got
+
+
+def test_token_ids_that_are_not_one_sequence_of_ids_are_refused(tmp_path):
+    model = load_pretrained(save_transformers(random_hf_bloom(hidden_size=48, n_head=6, n_layer=2), tmp_path))
+    with pytest.raises(ValueError, match=r"token_ids must be one sequence of ids, \(T,\), got \(1, 5\)"):
+        perplexity(model, torch.arange(4, 9)[None], context=4, stride=2)
+    with pytest.raises(ValueError, match=r"token_ids\[2\] = 320 is not a token id"):
+        perplexity(model, [5, 6, 320, 7], context=4, stride=2)
 
 
 def test_long_windows_equal_transformers(tmp_path):

@@ -245,6 +245,10 @@ def test_direct_logit_attribution_sums_to_the_logits_and_one_head_is_frozen_ln_f
     torch.testing.assert_close(attrib[-1], bias.detach(), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match=r"tokens is \(2, 7\)"):
         direct_logit_attribution(ours, ids, tokens[:, 1:], mask)
+    with pytest.raises(ValueError, match=r"tokens is int: one token per position, a tensor like input_ids \(2, 8\)"):
+        direct_logit_attribution(ours, ids, 5, mask)
+    with pytest.raises(ValueError, match=r"tokens\[1, 2\] = 320 is not a token id"):
+        direct_logit_attribution(ours, ids, tokens.index_put((torch.tensor(1), torch.tensor(2)), torch.tensor(V)), mask)
 
 
 def metric(logits):

@@ -27,7 +27,7 @@ from bloom import matvec
 from bloom.config import is_integer
 from bloom.generation.decoder import Decoder
 from bloom.memory import check_attention_fits
-from bloom.model import Bloom
+from bloom.model import Bloom, refuse_non_tokens
 
 EOS_CHECK_EVERY = 16
 PENALTY_RANGE = (1e-100, 1e100)  # float64 holds every float32 logit penalized by these, with no overflow or underflow
@@ -295,30 +295,21 @@ def check_eos_ids(name: str, eos_token_id: object, vocab_size: int) -> tuple[int
 def check_prompt(input_ids: object, attention_mask: object, vocab_size: int) -> None:
     """Raise, naming the argument and the row, on input_ids or a mask that generate cannot take.
 
-    One host sync for all the value checks (ids in the vocabulary, a mask of 0 and 1, no row ending in padding).
+    Two host syncs: the ids in the vocabulary (bloom.model.refuse_non_tokens), then the mask of 0 and 1 and no row
+    ending in padding.
     """
     for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask)):
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(tensor).__name__}")
     if input_ids.ndim != 2 or 0 in input_ids.shape:
         raise ValueError(f"input_ids must be (batch, tokens) with at least one token, got {tuple(input_ids.shape)}")
-    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-        raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    refuse_non_tokens(input_ids, vocab_size)
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
     if attention_mask.device != input_ids.device:
         raise ValueError(f"attention_mask is on {attention_mask.device}, input_ids on {input_ids.device}")
     not_binary = (attention_mask != 0) & (attention_mask != 1)  # (B, T)
-    lowest, highest, n_not_binary, n_ending_in_pad = torch.stack(
-        [input_ids.min().long(), input_ids.max().long(), not_binary.sum(), (attention_mask[:, -1] == 0).sum()]
-    ).tolist()  # the one host sync
-    if lowest < 0 or highest >= vocab_size:
-        bad = (input_ids < 0) | (input_ids >= vocab_size)
-        row, column = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"input_ids[{row}, {column}] = {int(input_ids[row, column])} is not a token id: the model's vocabulary "
-            f"has ids 0..{vocab_size - 1}"
-        )
+    n_not_binary, n_ending_in_pad = torch.stack([not_binary.sum(), (attention_mask[:, -1] == 0).sum()]).tolist()
     if n_not_binary:
         row, column = (int(i) for i in not_binary.nonzero()[0])
         raise ValueError(

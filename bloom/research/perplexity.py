@@ -18,7 +18,7 @@ from huggingface_hub.utils import tqdm
 
 from bloom.checkpoints.tokenizer import left_pad
 from bloom.memory import check_attention_fits
-from bloom.model import Bloom
+from bloom.model import Bloom, refuse_non_tokens
 
 LOGITS_CHUNK = 256  # positions whose (chunk, V) logits are materialised at once
 
@@ -57,15 +57,25 @@ def sliding_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
 
 @torch.inference_mode()
 def perplexity(
-    model: Bloom, token_ids: list[int], *, context: int, stride: int, batch_size: int = 4, progress: bool = False
+    model: Bloom,
+    token_ids: list[int] | torch.Tensor,
+    *,
+    context: int,
+    stride: int,
+    batch_size: int = 4,
+    progress: bool = False,
 ) -> Perplexity:
-    """Perplexity of `token_ids` under the model, windows batched `batch_size` at a time (left-padded)."""
+    """Perplexity of `token_ids` (a list, or a tensor (T,)) under the model, windows batched `batch_size` at a time
+    (left-padded)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be 1 or more, got {batch_size}")
-    windows = sliding_windows(len(token_ids), context, stride)
-    check_attention_fits(model, min(batch_size, len(windows)), max(w.end - w.begin for w in windows))
     device = model.word_embeddings.weight.device
-    tokens = torch.tensor(token_ids, device=device)
+    tokens = torch.as_tensor(token_ids, device=device)
+    if tokens.ndim != 1:
+        raise ValueError(f"token_ids must be one sequence of ids, (T,), got {tuple(tokens.shape)}")
+    refuse_non_tokens(tokens, model.config.vocab_size, "token_ids")
+    windows = sliding_windows(len(tokens), context, stride)
+    check_attention_fits(model, min(batch_size, len(windows)), max(w.end - w.begin for w in windows))
     nll, n_scored = 0.0, 0
     with tqdm(total=len(windows), desc="Scoring", unit="window", disable=not progress) as bar:
         for start in range(0, len(windows), batch_size):
