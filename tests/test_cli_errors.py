@@ -119,6 +119,7 @@ def test_attention_that_cannot_fit_is_refused_before_any_output(command, cli, ti
     [
         ("h.9", ["--points: no module of the model is named like 'h.9'", "blocks are h.0 to h."]),
         ("h.1.self_attention.probs", ["--points: point h.1.self_attention.probs", "not one row per token"]),
+        ("**", ["--points: point h.0.self_attention.scores (of the pattern '**')", "e.g. h.*, h.*.resid_mid"]),
         ("h", ["--points: 'h' names a list of modules, which is never called itself", "h.0 or h.*"]),
     ],
 )

@@ -64,6 +64,8 @@ def test_stream_refuses_a_streamer_and_unknown_arguments(tiny_model_folder, toke
         list(stream(model, tokenizer, "hi", max_new_tokens=2, streamer=print))
     with pytest.raises(TypeError):
         list(stream(model, tokenizer, "hi", max_new_tokens=2, top_q=0.5))
+    with pytest.raises(ValueError, match="prompt is '', which has no tokens"):
+        list(stream(model, tokenizer, "", max_new_tokens=2))
 
 
 def test_two_interleaved_streams_on_one_decoder(tiny_model_folder, tokenizer):

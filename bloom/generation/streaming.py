@@ -52,8 +52,10 @@ def stream(
     eos_token_id, seed, ...); the EOS token itself is not part of the text. A `decoder` passed in is held
     until the stream ends (is exhausted, closed or dropped): a second stream on it meanwhile is refused.
     """
-    device = model.word_embeddings.weight.device
-    input_ids = torch.tensor([tokenizer.encode(prompt)], device=device)
+    prompt_ids = tokenizer.encode(prompt)
+    if not prompt_ids:  # BLOOM's tokenizer adds no BOS: an empty prompt is no token at all
+        raise ValueError(f"prompt is {prompt!r}, which has no tokens: generation continues a prompt of one or more")
+    input_ids = torch.tensor([prompt_ids], device=model.word_embeddings.weight.device)
     generate_kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     if generate_kwargs.pop("streamer", None) is not None:

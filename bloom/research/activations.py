@@ -57,7 +57,11 @@ def point_names(model: Bloom, patterns: Sequence[str]) -> list[str]:
     names = find_all(model, patterns)
     for name in names:
         if name.endswith(("self_attention.probs", "self_attention.scores")):
-            raise ValueError(f"point {name}: attention over keys is (B, nh, T, S), not one row per token")
+            named_by = next((p for p in patterns if name in find_all(model, [p])), name)
+            by = "" if named_by == name else f" (of the pattern {named_by!r})"
+            raise ValueError(f"point {name}{by}: attention over keys is (B, nh, T, S), not one row per token; name "
+                             "points with one, e.g. h.*, h.*.resid_mid, h.*.mlp.act, h.*.self_attention.context "
+                             "(bloom.record keeps the attention)")  # fmt: skip
     return names
 
 

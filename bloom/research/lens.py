@@ -13,7 +13,8 @@ def logit_lens(
     """Top-k next-token probabilities of each layer's residual stream through ln_f and the LM head.
 
     Returns (probs, token_ids), each (n_layer + 1, B, T, k): row 0 reads the stream entering block 0 (the
-    embedding after its LayerNorm), row i the stream after block i; the last row is the model's own output.
+    embedding after its LayerNorm), row i >= 1 the stream after block i - 1 (`h.{i-1}`); the last row is the model's
+    own output.
     """
     with record(model, "word_embeddings_layernorm", "h.*") as seen:
         model.hidden(input_ids, attention_mask)  # the blocks only: the LM head runs below, once per layer
