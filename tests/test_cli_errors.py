@@ -92,6 +92,18 @@ def test_an_out_folder_that_cannot_be_written_is_refused_before_loading(cli, no_
                           "inspect", "--out /proc/self: cannot write there")  # fmt: skip
 
 
+def test_a_prompt_too_long_for_the_inspect_page_is_refused_before_loading(cli, no_weights, tiny_model_folder, tmp_path):
+    """The page holds every head's T × T attention (2 layers × 6 heads here: 64 bytes per T²): 200 MB at 1,767
+    tokens."""
+    words = " ".join(f"w{i}" for i in range(3000))
+    out = tmp_path / "pictures"
+    result = cli("inspect", "--model", tiny_model_folder, "--prompt", words, "--out", out)
+    heads = "(every head's T × T attention, 2 layers × 6 heads)"
+    assert_user_error(result, "inspect", "--prompt: its ", "tokens would make a page of about", heads,
+                      "a prompt of up to 1767 tokens")  # fmt: skip
+    assert not out.exists()
+
+
 def test_a_checkpoint_without_a_tokenizer_is_refused_before_its_weights(cli, no_weights, tiny_model_folder, tmp_path):
     folder = tmp_path / "no_tokenizer"
     folder.mkdir()

@@ -4,6 +4,7 @@ import argparse
 import importlib.metadata
 import importlib.util
 import inspect
+import math
 import os
 import sys
 import time
@@ -54,7 +55,7 @@ from bloom.scale.parallel import join_process_group, shared_seed
 MAX_NEW_TOKENS = 64
 CONTEXT, BATCH_SIZE = 1024, 4
 PARITY_NEW_TOKENS = 20
-PAGE_WARNING_MB = 200  # inspect.html beyond this: say that a browser may not open it
+PAGE_LIMIT_MB = 200  # an inspect.html past this would hardly open in a browser tab: refused before any work
 INSPECT_TOP_K = 5  # the logit lens guesses the page shows on hover
 # Largest difference allowed at any layer, relative to that tensor's scale: max |ours - theirs| / max |theirs|.
 # fp32: both follow the same operations (measured: bit-identical on CPU). Half precision: a few roundings may
@@ -389,8 +390,17 @@ def run_inspect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         raise ValueError("bloom inspect draws with matplotlib: pip install -e '.[viz]'")
     check_prompts([args.prompt])
     output_folder(args.out, "--out")
-    model, tokenizer, _ = load(args)
+    tokenizer = model_tokenizer(args)
     ids = torch.tensor([tokenizer.encode(args.prompt)], device=args.device)  # (1, T)
+    config = load_config(args.model, revision=args.revision)
+    megabytes = page.size_bytes(config.n_layer, config.n_head, ids.shape[1]) / 1e6
+    if megabytes > PAGE_LIMIT_MB:  # every head of every layer is in the page: its size grows with T²
+        most = math.isqrt(PAGE_LIMIT_MB * 10**6 * 3 // (16 * config.n_layer * config.n_head))
+        heads = f"{config.n_layer} layers × {config.n_head} heads"
+        raise ValueError(f"--prompt: its {ids.shape[1]} tokens would make a page of about {megabytes:.0f} MB (every "
+                         f"head's T × T attention, {heads}), more than a browser tab opens well ({PAGE_LIMIT_MB} MB): "
+                         f"a prompt of up to {most} tokens fits")  # fmt: skip
+    model, tokenizer, _ = load(args, tokenizer)
     with torch.inference_mode(), record(model, "h.*.self_attention.probs") as seen:
         model(ids)
     attention = torch.stack([seen[f"h.{i}.self_attention.probs"][0] for i in range(len(model.h))])  # (L, nh, T, T)
@@ -411,10 +421,6 @@ def run_inspect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     stale = sorted(p.name for p in args.out.glob("attention_layer*.png") if p not in paths)
     if stale:  # another model's layers, from an earlier run into this folder
         print(f"warning: {args.out} also holds {', '.join(stale)} from an earlier run", file=sys.stderr)
-    megabytes = paths[-1].stat().st_size / 1e6
-    if megabytes > PAGE_WARNING_MB:  # every head of every layer is in the page
-        print(f"warning: {paths[-1]} is {megabytes:.0f} MB, more than a browser tab may open; a shorter "
-              "--prompt makes it smaller (the size grows with layers x heads x tokens²)", file=sys.stderr)  # fmt: skip
     return 0
 
 

@@ -23,6 +23,11 @@ from bloom.model import alibi_slopes
 TEMPLATE = Path(__file__).with_name("page.html")
 
 
+def size_bytes(n_layer: int, n_head: int, n_tokens: int) -> int:
+    """About the page's size: every head's T × T probabilities, 4 bytes each and a third more in base64."""
+    return 4 * n_layer * n_head * n_tokens * n_tokens * 4 // 3
+
+
 def _float32_base64(tensor: torch.Tensor) -> str:
     return base64.b64encode(tensor.detach().float().cpu().contiguous().numpy().tobytes()).decode("ascii")
 
