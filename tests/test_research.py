@@ -397,6 +397,42 @@ def test_head_weights_reproduce_q_k_v_and_the_circuits(models):
         head_weights(ours, N_LAYER)
 
 
+@pytest.mark.parametrize("point", ["h.1", "h.0.mlp", "h.2.self_attention.context"])
+def test_a_patch_steers_every_step_of_generate_as_a_hook_steers_transformers(models, point):
+    """Activation steering: a vector added to a point's output in the prefill and every decode step gives the tokens
+    transformers' generate gives with a forward hook adding it at the same place."""
+    hf, ours = models
+    ids, mask = left_padded([6, 4], vocab_size=V)
+    direction = 3 * torch.randn(C, generator=torch.Generator().manual_seed(2))
+    if point.endswith(".context"):  # ours (B, nh, T, hd); transformers' dense input (B, T, nh·hd)
+
+        def steer_ours(x):
+            return x + heads_of(direction.expand(x.shape[0], x.shape[2], C))
+    else:
+
+        def steer_ours(x):
+            return x + direction
+
+    with patch(ours, {point: steer_ours}):
+        steered = generate(ours, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    plain = generate(ours, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    assert not torch.equal(steered, plain)  # the direction changes the tokens
+    path, reads_input = hf_place(point)
+    module = dict(hf.transformer.named_modules())[path]
+    if reads_input:
+        handle = module.register_forward_pre_hook(lambda m, args: (args[0] + direction, *args[1:]))
+    else:
+        handle = module.register_forward_hook(
+            lambda m, args, out: (out[0] + direction, *out[1:]) if isinstance(out, tuple) else out + direction
+        )
+    try:
+        theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
+                             do_sample=False, pad_token_id=3)  # fmt: skip
+    finally:
+        handle.remove()
+    assert torch.equal(steered, theirs)
+
+
 def test_recording_across_generate_concatenates_to_a_full_forward(models):
     hf, ours = models
     ids, mask = left_padded([6, 4], vocab_size=V)
