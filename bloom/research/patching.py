@@ -73,8 +73,8 @@ def activation_patching(
                 edits[name] = _put(clean[name], rows, row_pair[rows], head[mine] if per_head else None, position[mine])
         with torch.no_grad(), patch(model, edits):
             logits = model(corrupt_ids.repeat(len(patches), 1))  # (patches·N, T, V)
-        for j, logits_of_patch in enumerate(logits.split(N)):
-            values[start + j] = _checked(metric(logits_of_patch), N).float().mean().cpu()
+        means = [_checked(metric(of_patch), N).float().mean() for of_patch in logits.split(N)]  # one per patch
+        values[patches] = torch.stack(means).cpu()
     return names, values.view(len(names), n_head, T) if per_head else values.view(len(names), T)
 
 
