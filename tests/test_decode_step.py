@@ -9,7 +9,7 @@ from torch import nn
 from bloom import generate, load_pretrained, matvec
 from bloom.generation.decode_step import plan
 from bloom.generation.decoder import Decoder
-from bloom.model import MLP
+from bloom.model import MLP, Bloom
 
 DTYPES_AND_QUANTIZE = [(dtype, quantize) for quantize in (None, "int8") for dtype in ("fp32", "bf16", "fp16")]
 
@@ -136,11 +136,20 @@ class HalvedMLP(MLP):
         return super().forward(x) / 2
 
 
+SHIFT = torch.randn(160, generator=torch.Generator().manual_seed(0))  # added to a (B, T, C) output
+
+
+def moved(module, method):
+    bloom_s = getattr(module, method)
+    setattr(module, method, lambda *args, **kwargs: bloom_s(*args, **kwargs) + SHIFT)
+
+
 EDITS = {
     "a forward set on a module": lambda model: halve_the_mlp_output(model.h[1].mlp),
     "a subclass": lambda model: setattr(model.h[1].mlp, "__class__", HalvedMLP),
     "a wrapper module": lambda model: setattr(model.h[1], "mlp", Halved(model.h[1].mlp)),
     "a tap's forward": lambda model: setattr(model.h[1].mlp.act, "forward", lambda x: x / 2),
+    "the model's hidden": lambda model: moved(model, "hidden"),
 }
 
 
@@ -160,12 +169,14 @@ def test_a_forward_of_the_users_runs_in_every_step_of_generate(folder, edit):
     assert plan(model, 1) is None
 
 
-def test_a_forward_changed_on_the_class_runs_in_every_step(folder, monkeypatch):
+@pytest.mark.parametrize(("cls", "method"), [(MLP, "forward"), (Bloom, "hidden")])
+def test_a_method_changed_on_the_class_runs_in_every_step(folder, monkeypatch, cls, method):
+    """The step does the work of the blocks' forwards and of what the model's calls (Bloom.hidden)."""
     model = load_pretrained(folder)
     ids = torch.tensor([[5, 6, 7, 8]])
     plain = generate(model, ids, max_new_tokens=6, eos_token_id=[])
-    forward = MLP.forward
-    monkeypatch.setattr(MLP, "forward", lambda self, x: forward(self, x) / 2)
+    bloom_s = getattr(cls, method)
+    monkeypatch.setattr(cls, method, lambda self, *args, **kwargs: bloom_s(self, *args, **kwargs) + SHIFT)
     with torch.inference_mode():
         by_forwards = ids
         for _ in range(6):

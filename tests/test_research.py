@@ -289,8 +289,13 @@ def test_activation_patching_equals_a_loop_of_patched_transformers_runs(models, 
     hf, ours = models
     clean, corrupt = pairs if several else prompts
     measure = pair_metric if several else metric
-    labels, values = activation_patching(ours, clean, corrupt, measure, points, batch_size=5)
     N, T = clean.shape
+    # one patch's pairs per pass, and several patches' pairs in one (7 // 3 = 2 patches, 12 // 3 = 4)
+    labels, values = activation_patching(ours, clean, corrupt, measure, points, batch_size=5)
+    for batch_size in (7, 12) if several else ():
+        torch.testing.assert_close(
+            activation_patching(ours, clean, corrupt, measure, points, batch_size=batch_size)[1], values
+        )
     assert values.shape == ((len(labels), N_HEAD, T) if heads else (len(labels), T))
     _, clean_hf = run_hf(hf, clean, labels)
     expected = torch.zeros(len(labels), len(heads or [None]), T)
@@ -347,6 +352,11 @@ def test_patching_refuses_mixed_points_bad_prompts_and_bad_metrics(models, promp
         attribution_patching(ours, clean.repeat(2, 1), corrupt.repeat(2, 1), lambda logits: logits.sum(), "h.*")
     with pytest.raises(ValueError, match=r"clean_ids \(0, 6\) .* must both be N prompts"):
         activation_patching(ours, clean[:0], corrupt[:0], metric, "h.*")
+    outside = corrupt.clone()
+    outside[0, 2] = V
+    for sweep in (activation_patching, attribution_patching):
+        with pytest.raises(ValueError, match=r"corrupt_ids\[0, 2\] = 320 is not a token id"):
+            sweep(ours, clean, outside, metric, "h.*")
     for sweep in (activation_patching, attribution_patching):
         with pytest.raises(ValueError, match="no points named"):
             sweep(ours, clean, corrupt, metric, [])
@@ -544,12 +554,13 @@ def test_head_scores_find_a_head_built_to_do_the_job():
     duplicate_token; bad arguments are refused by name."""
     config = BloomConfig(vocab_size=V, hidden_size=C, n_head=N_HEAD, n_layer=1)
     model = Bloom(config).eval()
-    ids = torch.randint(4, V, (2, 9), generator=torch.Generator().manual_seed(0))
+    first = torch.randint(4, V, (2, 5), generator=torch.Generator().manual_seed(0))
+    ids = torch.cat([first, first[:, :4]], dim=1)  # (2, 9): its last 4 tokens repeat its first 4
     to_previous = torch.full((9, 9), -1e4).diagonal_scatter(torch.zeros(8), -1)  # only key t - 1 (row 0: its own)
     to_previous[0, 0] = 0
     with patch(model, {"h.0.self_attention.scores": lambda scores: scores * 0 + to_previous}):
         previous = head_scores(model, ids, "previous_token")
-        duplicate = head_scores(model, ids.repeat(1, 2)[:, :9], "duplicate_token")
+        duplicate = head_scores(model, ids, "duplicate_token")  # its earlier copy is 5 keys back, never t - 1
     torch.testing.assert_close(previous, torch.ones(1, N_HEAD))
     assert (duplicate < 0.5).all()
     with pytest.raises(ValueError, match=r"pattern 'induct' is not one of previous_token, duplicate_token, induction"):

@@ -15,6 +15,7 @@ through the model.
 """
 
 import math
+from inspect import getattr_static
 
 import torch
 from torch import nn
@@ -24,19 +25,26 @@ from bloom.kv_cache import KVCache
 from bloom.model import MLP, Attention, Block, Bloom, Linear, Tap, alibi_bias, alibi_slopes, causal_mask
 from bloom.scale.quantize import Int8Linear
 
-# The classes whose forward the step does the work of, each with that forward as bloom defines it
-STANDS_FOR = {cls: cls.forward for cls in (Bloom, Block, Attention, MLP, Linear, Int8Linear, nn.LayerNorm, Tap)}
+# The classes whose work the step does, and the methods by which they do it (forward and what it calls, as each class
+# defines or inherits them at import): a subclass, or a method replaced on a class or set on a module, is the user's
+STANDS_FOR = (Bloom, Block, Attention, MLP, Linear, Int8Linear, nn.LayerNorm, Tap)
+METHODS = {
+    cls: {name: getattr_static(cls, name) for name in {"forward", *vars(cls)} if callable(getattr(cls, name))}
+    for cls in STANDS_FOR
+}  # fmt: skip (getattr_static: a classmethod as it is stored, not bound anew)
+METHOD_NAMES = frozenset(name for methods in METHODS.values() for name in methods)
 
 
-def run_as_defined(modules: list[nn.Module]) -> bool:
-    """Whether calling the modules runs forwards the step does the work of: each one's class exactly one of
-    STANDS_FOR's, with the forward it had at import, and no forward of the module's own (`module.forward = ...`)."""
-    classes = set(map(type, modules))
-    return all(STANDS_FOR.get(c) is c.forward for c in classes) and not any("forward" in vars(m) for m in modules)
+def classes_as_defined(modules: list[nn.Module]) -> bool:
+    """Whether each module's class is exactly one of STANDS_FOR, with its methods as they were at import."""
+    return all(
+        cls in METHODS and all(getattr_static(cls, name) is method for name, method in METHODS[cls].items())
+        for cls in set(map(type, modules))
+    )
 
 
 def stood_for(model: Bloom) -> list[nn.Module]:
-    """The modules whose forwards the step replaces: the model and everything in its blocks."""
+    """The modules whose work the step does: the model and everything in its blocks."""
     return [model, *(m for m in model.h.modules() if not isinstance(m, nn.ModuleList))]
 
 
@@ -48,7 +56,10 @@ class DecodeStep:
         self.model, self.blocks = model, blocks
         self.slopes = alibi_slopes(model.config.n_head)  # (nh,)
         self.modules = list(model.modules())  # whose hooks `applies` looks for
-        self.replaced = stood_for(model)  # whose forwards must stay bloom's
+        self.replaced = stood_for(model)  # whose methods must stay bloom's
+        # and their attributes: a method set on one since (`mlp.forward = ...`) adds one
+        self.attributes = [vars(m) for m in self.replaced]
+        self.attribute_counts = list(map(len, self.attributes))
         # every module's submodules, parameters and buffers as (its dict, name, value), and where the tensors'
         # data are: what `applies` compares with the model's
         self.members = [(d, name, value) for m in self.modules for d in (m._modules, m._parameters, m._buffers)
@@ -62,7 +73,7 @@ class DecodeStep:
         (none replaced, no `.data` swapped)."""
         if torch.is_grad_enabled():
             return False
-        if not run_as_defined(self.replaced):
+        if not classes_as_defined(self.replaced) or list(map(len, self.attributes)) != self.attribute_counts:
             return False
         module = torch.nn.modules.module
         if module._global_forward_hooks or module._global_forward_pre_hooks:
@@ -92,8 +103,9 @@ def plan(model: Bloom, rows: int) -> DecodeStep | None:
     dtype = model.ln_f.weight.dtype
     if model.ln_f.weight.device.type != "cpu" or not matvec.has_block_kernel(dtype):
         return None
-    if not run_as_defined(stood_for(model)):  # a forward of the user's: the step would skip it
-        return None
+    replaced = stood_for(model)
+    if not classes_as_defined(replaced) or any(METHOD_NAMES.intersection(vars(m)) for m in replaced):
+        return None  # a method of the user's: the step would skip it
     blocks = []
     for block in model.h:
         attention, mlp = block.self_attention, block.mlp

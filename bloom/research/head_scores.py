@@ -10,12 +10,17 @@ about 0 for one that ignores them. The patterns, made from the tokens (B, T), ar
                       (in "A B ... A" the second A looks at B, and so can predict B)
 
 or a pattern of one's own, (B, T, T) of 0/1. Duplicate-token and induction heads show on a random sequence repeated
-twice, `torch.randint(4, 250000, (B, L)).repeat(1, 2)`: only its second half has targets, so only it is scored.
-TransformerLens's `detect_head` computes the same score (its error_measure "mul", without its exclusions).
+twice, `torch.randint(4, 250000, (B, L)).repeat(1, 2)`: only its second half has targets, so only it is scored. The
+mean is over all the scored queries of the batch together.
+
+TransformerLens's `detect_head` (error_measure "mul") divides by every query instead, so that its scores are ours
+times the share of queries with a target (about a half on a sequence repeated twice), and its induction pattern also
+counts the query's own key where the token before it is the same (s = t); ours takes earlier keys only.
 """
 
 import torch
 
+from bloom.memory import check_attention_fits
 from bloom.model import Bloom
 from bloom.research.probe import find
 
@@ -85,6 +90,7 @@ def head_scores(
 
     handles = [module.register_forward_hook(score_of(i)) for i, module in enumerate(layers.values())]
     try:
+        check_attention_fits(model, *input_ids.shape)  # watched, the probabilities are never taken in chunks
         model.hidden(input_ids, attention_mask)
     finally:
         for handle in handles:

@@ -8,8 +8,8 @@ over the pairs. Points with a head axis (`self_attention.q/k/v/scores/probs/cont
 per head too.
 
 - `activation_patching` runs it: one patched forward pass of the N corrupted prompts per (point, [head,] t), those
-  runs stacked along the batch axis, a forward pass of `batch_size` rows at a time, so a sweep costs
-  P·T·N/batch_size forward passes. Exact.
+  runs stacked along the batch axis, the N rows of max(batch_size // N, 1) patches in a forward pass, so a sweep
+  costs P·T / max(batch_size // N, 1) forward passes. Exact.
 - `attribution_patching` estimates it to first order, from one forward and one backward pass of the
   corrupted runs: Σ (clean − corrupt) · ∂metric/∂activation over the entries at (point, [head,] t).
   Approximate: good where the metric is close to linear in the activation, poor across a saturated softmax
@@ -27,7 +27,7 @@ import torch
 from huggingface_hub.utils import tqdm
 
 from bloom.config import is_integer
-from bloom.model import Bloom
+from bloom.model import Bloom, refuse_non_tokens
 from bloom.research.probe import find_all, is_per_head, patch, record, refuse_int8
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
@@ -114,6 +114,8 @@ def _check(
             f"clean_ids {tuple(clean_ids.shape)} and corrupt_ids {tuple(corrupt_ids.shape)} must both be N prompts "
             "of the same length, (N, T), row i of each a pair"
         )
+    refuse_non_tokens(clean_ids, model.config.vocab_size, "clean_ids")
+    refuse_non_tokens(corrupt_ids, model.config.vocab_size, "corrupt_ids")
     patterns = [points] if isinstance(points, str) else points
     names = find_all(model, patterns)
     heads = [is_per_head(name) for name in names]

@@ -73,8 +73,8 @@ def perplexity(
     tokens = torch.as_tensor(token_ids, device=device)
     if tokens.ndim != 1:
         raise ValueError(f"token_ids must be one sequence of ids, (T,), got {tuple(tokens.shape)}")
+    windows = sliding_windows(len(tokens), context, stride)  # first: an empty list is a float32 tensor
     refuse_non_tokens(tokens, model.config.vocab_size, "token_ids")
-    windows = sliding_windows(len(tokens), context, stride)
     check_attention_fits(model, min(batch_size, len(windows)), max(w.end - w.begin for w in windows))
     nll, n_scored = 0.0, 0
     with tqdm(total=len(windows), desc="Scoring", unit="window", disable=not progress) as bar:
