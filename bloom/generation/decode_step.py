@@ -8,10 +8,10 @@ The Decoder plans it (`plan`) when a prompt is run, from the model's layers as t
 step while it `applies`: an eager CPU decoder with the kernels, outside autograd, a model made of bloom's own layers
 (bf16, fp16 or fp32, or int8 from bloom.scale.quantize; not split over processes by bloom.scale.parallel) whose
 tensors are the kernel's shapes, dtype and layout, few enough rows for the kernels (bloom.matvec.max_rows), no
-forward hook anywhere (a probe sees the model's own forward, module by module), the forwards it stands for as bloom
-defines them (no subclass, no forward set on a module or its class), and the same tensors as when it was planned (a
-layer or weight replaced since then sends the rest of the generation through the model). Otherwise the step goes
-through the model.
+forward hook anywhere (a probe sees the model's own forward, module by module), the methods it does the work of as
+bloom defines them (no subclass, no forward or other method set on a module or its class), and the same tensors as
+when it was planned (a layer or weight replaced since then sends the rest of the generation through the model).
+Otherwise the step goes through the model.
 """
 
 import math
@@ -69,7 +69,7 @@ class DecodeStep:
 
     def applies(self) -> bool:
         """Outside autograd, no forward hook on any module (nor a global one), which this step would skip, the
-        forwards it does the work of unchanged, and the model made of the modules and tensors it was planned with
+        methods it does the work of unchanged, and the model made of the modules and tensors it was planned with
         (none replaced, no `.data` swapped)."""
         if torch.is_grad_enabled():
             return False
@@ -98,7 +98,7 @@ class DecodeStep:
 
 def plan(model: Bloom, rows: int) -> DecodeStep | None:
     """The model's decode step for `rows` rows through bloom.matvec's block kernel, or None where it does not apply
-    (a dtype, device, layer or tensor it does not take, a forward of the user's, heads split over processes, more rows
+    (a dtype, device, layer or tensor it does not take, a method of the user's, heads split over processes, more rows
     than matvec.max_rows)."""
     dtype = model.ln_f.weight.dtype
     if model.ln_f.weight.device.type != "cpu" or not matvec.has_block_kernel(dtype):
