@@ -1,0 +1,109 @@
+"""Where a batched decode step's time goes on the CPU: its products, its attention and its LM head, each timed alone
+through bloom.matvec's kernels, beside the whole step and the machine's bandwidth.
+
+    python scripts/decode_parts.py                        # bloom-560m, bf16, 16 prompts of 64-128 tokens
+    python scripts/decode_parts.py --batch-size 1 --dtype fp32
+
+A random model of a preset's shape (nothing to download) runs a left-padded prompt per row, as `bloom bench`'s
+batch does, then decode steps. Each part is timed over all the layers, on the decoder's own tensors (its weights,
+its KV cache, its mask), the median of `--reps`; the products and the LM head are given in GFLOP/s (2 per
+multiply-add), the attention in GB/s of keys and values read (visible slots only, as the kernel reads them).
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from bloom import Bloom, BloomConfig, matvec
+from bloom.checkpoints.loader import DTYPES
+from bloom.command_line.bench import memory_bandwidth_gb_s
+from bloom.generation.decoder import Decoder
+from bloom.model import alibi_bias, alibi_slopes, causal_mask
+
+
+def median_seconds(work, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="bloom-560m", help="a preset name (default bloom-560m)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="default bf16")
+    parser.add_argument("--batch-size", type=int, default=16, help="rows (default 16)")
+    parser.add_argument("--prompt-len", type=int, default=128, help="the longest prompt; others down to half (128)")
+    parser.add_argument("--reps", type=int, default=15, help="timings per part (default 15)")
+    args = parser.parse_args()
+
+    with torch.device("meta"):
+        model = Bloom(BloomConfig.from_name(args.shape)).to(DTYPES[args.dtype])
+    model = model.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.02)
+    B, P = args.batch_size, args.prompt_len
+    prompt = torch.randint(4, 250000, (B, P))
+    prompt_mask = torch.ones_like(prompt)
+    for row in range(1, B):  # row i: P - i·P/(2(B-1)) tokens, left-padded
+        prompt_mask[row, : P // 2 * row // (B - 1)] = 0
+    decoder = Decoder(model, B)
+    tokens = torch.full((B,), 5)
+
+    with torch.inference_mode(), matvec.decoding():
+        decoder.prefill(prompt, prompt_mask)
+        decoder.step(tokens)  # the step's plan and the kernels' first call
+        step = median_seconds(lambda: decoder.step(tokens), args.reps)
+
+        dtype, config = model.ln_f.weight.dtype, model.config
+        nh, hd = config.n_head, config.hidden_size // config.n_head
+        mask, slot = decoder.mask, decoder.slot
+        alibi = alibi_bias(mask, alibi_slopes(nh), dtype)  # (B, nh, 1, S)
+        additive = causal_mask(mask, slot, dtype)[:, :, :1]  # (B, 1, 1, S): the query at `slot`
+        x = {width: torch.randn(B, width).to(dtype) for width in (config.hidden_size, 4 * config.hidden_size)}
+        q = torch.randn(B, nh, 1, hd).to(dtype)
+        layers = [
+            layer
+            for block in model.h
+            for layer in (block.self_attention.query_key_value, block.self_attention.dense, block.mlp.dense_h_to_4h,
+                          block.mlp.dense_4h_to_h)
+        ]  # fmt: skip
+
+        def products() -> None:
+            for layer in layers:
+                matvec.linear(x[layer.weight.shape[1]], layer.weight, layer.bias)
+
+        def attention() -> None:
+            for kv in decoder.cache.layers:
+                matvec.attend(q, kv.k, kv.v, alibi, additive, hd**-0.5)
+
+        def lm_head() -> None:
+            matvec.linear(x[config.hidden_size], model.word_embeddings.weight)
+
+        parts = {name: median_seconds(work, args.reps) for name, work in
+                 [("products", products), ("attention", attention), ("LM head", lm_head)]}  # fmt: skip
+    bandwidth = memory_bandwidth_gb_s(torch.device("cpu"))
+
+    visible = int((mask[:, : int(slot) + 1] != 0).sum())  # the slots the kernel reads, over the batch
+    kv_bytes = 2 * visible * nh * hd * dtype.itemsize * config.n_layer
+    flops = {
+        "products": 2 * B * sum(layer.weight.numel() for layer in layers),
+        "LM head": 2 * B * model.word_embeddings.weight.numel(),
+    }
+    print(f"{args.shape} {args.dtype}, batch {B}, {torch.get_num_threads()} threads, sum() at {bandwidth:.1f} GB/s")
+    print(f"whole decode step: {step * 1e3:.2f} ms")
+    for name, seconds in parts.items():
+        rate = f"{flops[name] / seconds / 1e9:.0f} GFLOP/s" if name in flops else f"{kv_bytes / seconds / 1e9:.1f} GB/s"
+        print(f"  {name:10s} {seconds * 1e3:7.2f} ms  {seconds / step:4.0%} of the step  {rate}")
+    rest = step - sum(parts.values())
+    what = "embedding, LayerNorms, GeLU, residual adds, cache writes"
+    print(f"  {'the rest':10s} {rest * 1e3:7.2f} ms  {rest / step:4.0%} of the step  ({what})")
+
+
+if __name__ == "__main__":
+    main()
