@@ -521,8 +521,8 @@ def targets_by_hand(pattern, ids, mask):
                     hit = s == t - 1
                 elif pattern == "duplicate_token":
                     hit = s < t and ids[b, s] == ids[b, t]
-                else:
-                    hit = 1 <= s < t and ids[b, s - 1] == ids[b, t]
+                else:  # the key before s must be a real token too
+                    hit = 1 <= s < t and ids[b, s - 1] == ids[b, t] and mask[b, s - 1] == 1
                 target[b, t, s] = float(hit and mask[b, s] == 1)
     return target
 
@@ -536,10 +536,12 @@ def test_head_scores_equal_transformers_attention_on_the_targets(models, pattern
     ids = torch.cat([ids, ids], dim=1)  # each row's tokens twice, the padding in the middle masked too
     mask = torch.cat([mask, mask], dim=1)
     ids[0, -1] = ids[0, -2]  # a token repeated at once: a query that is its own key's successor is no target
-    own = torch.rand(ids.shape[0], ids.shape[1], ids.shape[1], generator=torch.Generator().manual_seed(1)) < 0.2
+    ids[2, [5, 15]] = 3  # a real token that is the padding's id, in both copies: padding is never a copy of it
+    generator = torch.Generator().manual_seed(1)
+    own = (torch.rand(3, 20, 20, generator=generator) * (torch.rand(3, 20, 20, generator=generator) < 0.3)).tril()
     scores = head_scores(ours, ids, own if pattern == "own" else pattern, mask)
     assert scores.shape == (N_LAYER, N_HEAD)
-    target = own.float() * mask[:, None, :] if pattern == "own" else targets_by_hand(pattern, ids, mask)
+    target = own * mask[:, None, :] if pattern == "own" else targets_by_hand(pattern, ids, mask)  # own: weights
     scored = (target.sum(-1) > 0) & (mask == 1)  # (B, T)
     with torch.no_grad():
         attentions = hf(input_ids=ids, attention_mask=mask, output_attentions=True).attentions  # (B, nh, T, S) each
@@ -565,8 +567,12 @@ def test_head_scores_find_a_head_built_to_do_the_job():
     assert (duplicate < 0.5).all()
     with pytest.raises(ValueError, match=r"pattern 'induct' is not one of previous_token, duplicate_token, induction"):
         head_scores(model, ids, "induct")
-    with pytest.raises(ValueError, match=r"pattern is \(2, 9, 8\): it must be \(B, T, T\) = \(2, 9, 9\)"):
+    with pytest.raises(ValueError, match=r"pattern is \(2, 9, 8\): it must be \(B, T, T\) = \(2, 9, 9\) or \(T, T\)"):
         head_scores(model, ids, torch.ones(2, 9, 8))
+    with pytest.raises(ValueError, match=r"pattern marks keys after their query \(s > t\)"):
+        head_scores(model, ids, torch.ones(9, 9))
+    one_for_all = torch.ones(9, 9).tril(-1).triu(-1)  # (T, T): the previous token, for every row
+    torch.testing.assert_close(head_scores(model, ids, one_for_all), head_scores(model, ids, "previous_token"))
     with pytest.raises(ValueError, match=r"no query of input_ids has a induction pattern target"):
         head_scores(model, torch.arange(4, 13)[None], "induction")
     with pytest.raises(ValueError, match=r"attention_mask is \(2, 8\), input_ids \(2, 9\)"):

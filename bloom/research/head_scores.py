@@ -9,9 +9,10 @@ about 0 for one that ignores them. The patterns, made from the tokens (B, T), ar
     induction         earlier keys just after an earlier copy of the query's token: s < t, token[s - 1] = token[t]
                       (in "A B ... A" the second A looks at B, and so can predict B)
 
-or a pattern of one's own, (B, T, T) of 0/1. Duplicate-token and induction heads show on a random sequence repeated
-twice, `torch.randint(4, 250000, (B, L)).repeat(1, 2)`: only its second half has targets, so only it is scored. The
-mean is over all the scored queries of the batch together.
+or a pattern of one's own, (B, T, T) or (T, T): 0/1, or weights, each key's probability counted times its weight
+(a key after its query, s > t, is refused: attention never sees it). Duplicate-token and induction heads show on a
+random sequence repeated twice, `torch.randint(4, 250000, (B, L)).repeat(1, 2)`: only its second half has targets,
+so only it is scored. The mean is over all the scored queries of the batch together.
 
 TransformerLens's `detect_head` (error_measure "mul") divides by every query instead, so that its scores are ours
 times the share of queries with a target (about a half on a sequence repeated twice), and its induction pattern also
@@ -30,36 +31,38 @@ PATTERNS = ("previous_token", "duplicate_token", "induction")
 def target_pattern(
     pattern: str | torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The keys each query's job looks at, (B, T, S) bool, for a pattern of PATTERNS or one's own (B, T, T);
-    padded keys (attention_mask 0) are never targets."""
+    """The weight of each key for each query's job, (B, T, S) float32: 0/1 for a pattern of PATTERNS, or one's own
+    (B, T, T) or (T, T) (the same for every row) as given. Padded keys (attention_mask 0) are never targets, nor,
+    for induction, keys that follow padding."""
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids is {tuple(input_ids.shape)}, expected (batch, tokens)")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}: "
                          "they must be the same shape")  # fmt: skip
     B, T = input_ids.shape
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask != 0  # (B, T)
+    earlier = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril(-1)  # (T, S): s < t
     if isinstance(pattern, torch.Tensor):
-        if pattern.shape != (B, T, T):
-            raise ValueError(f"pattern is {tuple(pattern.shape)}: it must be (B, T, T) = {(B, T, T)}, the keys "
-                             "each query of input_ids should attend to")  # fmt: skip
-        target = pattern.to(device=input_ids.device) != 0
+        if pattern.shape not in ((B, T, T), (T, T)):
+            raise ValueError(f"pattern is {tuple(pattern.shape)}: it must be (B, T, T) = {(B, T, T)} or (T, T), "
+                             "the keys each query of input_ids should attend to")  # fmt: skip
+        target = pattern.to(device=input_ids.device, dtype=torch.float32).expand(B, T, T)
+        if (target[:, earlier.T] != 0).any():  # any weight where s > t
+            raise ValueError("pattern marks keys after their query (s > t), which causal attention never sees")
     elif pattern not in PATTERNS:
         raise ValueError(f"pattern {pattern!r} is not one of {', '.join(PATTERNS)}, nor a (B, T, T) tensor")
     else:
-        earlier = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril(-1)  # (T, S): s < t
         same = input_ids[:, :, None] == input_ids[:, None, :]  # (B, T, S): key s holds query t's token
         if pattern == "previous_token":
             target = earlier & ~earlier.tril(-2)  # s = t - 1
         elif pattern == "duplicate_token":
             target = same & earlier
-        else:  # induction: key s follows a copy of the query's token, same[t, s - 1]
+        else:  # induction: key s follows a real copy of the query's token, same[t, s - 1]
             follows = torch.zeros_like(same)
-            follows[:, :, 1:] = same[:, :, :-1]
+            follows[:, :, 1:] = same[:, :, :-1] & real[:, None, :-1]
             target = follows & earlier
-        target = target.expand(B, T, T)
-    if attention_mask is not None:
-        target = target & (attention_mask[:, None, :] != 0)
-    return target
+        target = target.expand(B, T, T).float()
+    return target * real[:, None, :]
 
 
 @torch.no_grad()
@@ -69,8 +72,8 @@ def head_scores(
     """Every head's score for `pattern` on these tokens, (n_layer, nh): the mean over the batch's queries that have
     a target (and are not padding) of the attention probability the head puts on their targets. One forward pass
     without the LM head; each layer's probabilities are reduced as they are made, not kept."""
-    target = target_pattern(pattern, input_ids, attention_mask).float()  # (B, T, S)
-    scored = target.any(-1)  # (B, T): the queries with a target
+    target = target_pattern(pattern, input_ids, attention_mask)  # (B, T, S)
+    scored = (target != 0).any(-1)  # (B, T): the queries with a target
     if attention_mask is not None:
         scored &= attention_mask != 0
     if not scored.any():
