@@ -93,7 +93,11 @@ def test_bad_names_and_shapes_are_refused(model, batch):
         with record(model, "h.9"):
             pass
     bad_edits = [
-        ({"h.0": torch.zeros(1, 2)}, r"patch for h.0: the edit gave shape \(1, 2\), the output is \(2, 10, 64\)"),
+        (
+            {"h.0": torch.zeros(1, 2)},
+            r"patch for h.0: the edit gave shape \(1, 2\), the output is \(2, 10, 64\) "
+            r"\(a tensor stands for every call's output; generate's decode steps",
+        ),
         ({"h.0": lambda x: x[:, :1]}, r"patch for h.0: the edit gave shape \(2, 1, 64\)"),
         ({"h.0": lambda x: None}, r"patch for h.0: the edit gave NoneType"),
         ({"h.1.self_attention.context": zero_head(8)}, r"h.1.self_attention.context: zero_head\(8\): there are 8"),

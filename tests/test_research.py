@@ -318,6 +318,17 @@ def test_activation_patching_equals_a_loop_of_patched_transformers_runs(models, 
     )
 
 
+@pytest.mark.parametrize("points", ["h.*", "h.2.self_attention.context"])
+def test_a_metric_of_all_the_pairs_at_once_is_taken_as_their_mean(models, pairs, points):
+    """TransformerLens's metrics end in .mean(): a 0-dim metric gives the sweeps' values of the per-pair one."""
+    _, ours = models
+    clean, corrupt = pairs
+    for sweep in (activation_patching, attribution_patching):
+        per_pair = sweep(ours, clean, corrupt, pair_metric, points)[1]
+        at_once = sweep(ours, clean, corrupt, lambda logits: pair_metric(logits).mean(), points)[1]
+        torch.testing.assert_close(at_once, per_pair, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("points", ["h.*", "h.*.self_attention.context", "h.1.self_attention.q", "h.*.mlp.act"])
 @pytest.mark.parametrize("several", [False, True], ids=["one pair", "3 pairs"])
 def test_attribution_patching_equals_the_first_order_estimate_by_hand(models, prompts, pairs, several, points):
@@ -348,8 +359,10 @@ def test_patching_refuses_mixed_points_bad_prompts_and_bad_metrics(models, promp
         activation_patching(ours, clean, corrupt, metric, "h.*", batch_size=0)
     with pytest.raises(ValueError, match=r"metric gave \(1, 320\) for the logits of 1 pair \(1, T, V\)"):
         activation_patching(ours, clean, corrupt, lambda logits: logits[:, -1], "h.*", batch_size=5)
-    with pytest.raises(ValueError, match=r"metric gave \(\) for the logits of 2 pairs"):
-        attribution_patching(ours, clean.repeat(2, 1), corrupt.repeat(2, 1), lambda logits: logits.sum(), "h.*")
+    with pytest.raises(ValueError, match=r"metric gave \(2, 1\) for the logits of 2 pairs .* \(2,\), or of one"):
+        attribution_patching(ours, clean.repeat(2, 1), corrupt.repeat(2, 1), lambda logits: logits[:, -1, :1], "h.*")
+    with pytest.raises(ValueError, match=r"metric gave float for the logits of 1 pair"):
+        activation_patching(ours, clean, corrupt, lambda logits: float(metric(logits)), "h.*")
     with pytest.raises(ValueError, match=r"clean_ids \(0, 6\) .* must both be N prompts"):
         activation_patching(ours, clean[:0], corrupt[:0], metric, "h.*")
     outside = corrupt.clone()

@@ -18,7 +18,8 @@ per head too.
 
 A metric maps the logits of the N pairs' runs, (N, T, V) in the pairs' order, to one number per pair, (N,): e.g. a
 logit difference at the last position, `lambda logits: logits[:, -1, good] - logits[:, -1, bad]`, where good and
-bad are token ids, or (N,) tensors of them when each pair has its own answer.
+bad are token ids, or (N,) tensors of them when each pair has its own answer. It may instead return one number for
+the N pairs together (a 0-dim tensor, as TransformerLens's metrics end in `.mean()`), which is taken as their mean.
 """
 
 from collections.abc import Callable
@@ -40,6 +41,7 @@ def activation_patching(
     metric: Metric,
     points: str | list[str],
     batch_size: int = 8,
+    progress: bool = True,
 ) -> tuple[list[str], torch.Tensor]:
     """metric(corrupted runs with their clean activation at one point and position) for every point and position.
 
@@ -47,7 +49,8 @@ def activation_patching(
     when the points are per-head ones (a sweep mixing the two kinds is refused: make two calls); over N pairs,
     each value is the mean of the metric over the pairs. A forward pass runs the N pairs of max(batch_size // N, 1)
     patches, so a sweep takes ceil(P·[nh·]T / max(batch_size // N, 1)) of them; memory grows with the rows of one
-    pass times T·V for the logits. A progress bar shows on stderr when the sweep takes more than 2 seconds.
+    pass times T·V for the logits. A progress bar shows on stderr when the sweep takes more than 2 seconds, unless
+    `progress` is False.
     """
     if not (is_integer(batch_size) and batch_size >= 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -61,7 +64,8 @@ def activation_patching(
     position = torch.arange(T).repeat(len(names) * n_head)
     values = torch.empty(len(point))
     per_pass = max(batch_size // N, 1)
-    for start in tqdm(range(0, len(point), per_pass), desc="activation patching", unit="batch", delay=2):
+    passes = range(0, len(point), per_pass)
+    for start in tqdm(passes, desc="activation patching", unit="batch", delay=2, disable=not progress):
         patches = torch.arange(start, min(start + per_pass, len(point)))
         row_patch = patches.repeat_interleave(N)  # rows: a patch's N pairs in turn
         row_pair = torch.arange(N).repeat(len(patches))
@@ -98,10 +102,11 @@ def attribution_patching(
         grads = torch.autograd.grad(out.sum(), [corrupt[name] for name in names], allow_unused=True)
     estimates = []
     for name, grad in zip(names, grads, strict=True):
-        change = clean[name] - corrupt[name].detach()  # (N, T, ...) or (N, nh, T, ...)
-        product = torch.zeros_like(change) if grad is None else change * grad
+        change = clean[name].float() - corrupt[name].detach().float()  # (N, T, ...) or (N, nh, T, ...), in float32
+        product = torch.zeros_like(change) if grad is None else change * grad.float()
         per_pair = product.flatten(start_dim=3 if per_head else 2).sum(-1)  # (N, nh, T) or (N, T)
-        estimates.append(per_pair.float().mean(0))
+        # per pair, the mean; a metric of all the pairs at once (0-dim) was their mean already
+        estimates.append(per_pair.mean(0) if out.ndim else per_pair.sum(0))
     return names, torch.stack(estimates)
 
 
@@ -130,11 +135,12 @@ def _check(
 
 
 def _checked(out: object, pairs: int) -> torch.Tensor:
-    """The metric's output for the logits of `pairs` pairs' runs, which must be one value per pair."""
-    if not isinstance(out, torch.Tensor) or out.shape != (pairs,):
+    """The metric's output for the logits of `pairs` pairs' runs: one value per pair, or one for them all."""
+    if not isinstance(out, torch.Tensor) or out.shape not in ((pairs,), ()):
         found = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"metric gave {found} for the logits of {pairs} pair{'s' if pairs != 1 else ''} "
-                         f"({pairs}, T, V): it must return one value per pair")  # fmt: skip
+                         f"({pairs}, T, V): it must return a tensor of one value per pair, ({pairs},), or of one "
+                         "for them all, ()")  # fmt: skip
     return out
 
 

@@ -177,7 +177,11 @@ def patch(model: nn.Module, edits: dict[str, Edit]) -> Iterator[None]:
                 raise
             if not isinstance(new, torch.Tensor) or new.shape != output.shape:
                 found = f"shape {tuple(new.shape)}" if isinstance(new, torch.Tensor) else type(new).__name__
-                raise ValueError(f"patch for {name}: the edit gave {found}, the output is {tuple(output.shape)}")
+                hint = "" if callable(edit) else (
+                    " (a tensor stands for every call's output; generate's decode steps take one token each: edit "
+                    "them with a function of the output)"
+                )  # fmt: skip
+                raise ValueError(f"patch for {name}: the edit gave {found}, the output is {tuple(output.shape)}{hint}")
             return new.to(output.dtype)
 
         return hook
