@@ -298,7 +298,7 @@ def test_activation_patching_equals_a_loop_of_patched_transformers_runs(models, 
         )
     assert values.shape == ((len(labels), N_HEAD, T) if heads else (len(labels), T))
     _, clean_hf = run_hf(hf, clean, labels)
-    expected = torch.zeros(len(labels), len(heads or [None]), T)
+    expected = torch.zeros(N, len(labels), len(heads or [None]), T)  # each pair's
     for p, name in enumerate(labels):
         for j, h in enumerate(heads or [None]):
             for t in range(T):
@@ -312,10 +312,11 @@ def test_activation_patching_equals_a_loop_of_patched_transformers_runs(models, 
 
                     logits, _ = run_hf(hf, corrupt[i : i + 1], [name], edits={name: put})
                     answers = (GOOD[i], BAD[i]) if several else (17, 42)
-                    expected[p, j, t] += (logits[0, -1, answers[0]] - logits[0, -1, answers[1]]) / N
-    torch.testing.assert_close(
-        values[:, heads] if heads else values, expected if heads else expected[:, 0], rtol=0, atol=1e-4
-    )
+                    expected[i, p, j, t] = logits[0, -1, answers[0]] - logits[0, -1, answers[1]]
+    _, each = activation_patching(ours, clean, corrupt, measure, points, batch_size=5, per_pair=True)
+    for got, want in [(values, expected.mean(0)), (each, expected)]:  # the mean, and each pair's own
+        torch.testing.assert_close(got[..., heads, :] if heads else got, want if heads else want[..., 0, :], rtol=0,
+                                   atol=1e-4)  # fmt: skip
 
 
 @pytest.mark.parametrize("points", ["h.*", "h.2.self_attention.context"])
@@ -336,15 +337,17 @@ def test_attribution_patching_equals_the_first_order_estimate_by_hand(models, pr
     clean, corrupt = pairs if several else prompts
     measure = pair_metric if several else metric
     labels, estimates = attribution_patching(ours, clean, corrupt, measure, points)
+    _, each = attribution_patching(ours, clean, corrupt, measure, points, per_pair=True)
     _, clean_hf = run_hf(hf, clean, hf_names(labels))
     logits, corrupt_hf = run_hf(hf, corrupt, hf_names(labels), grad=True)
     measure(logits).sum().backward()
     hf.zero_grad(set_to_none=True)
-    for name, estimate in zip(labels, estimates, strict=True):
+    for p, (name, estimate) in enumerate(zip(labels, estimates, strict=True)):
         clean_value, _ = hf_view(name, clean_hf)
         corrupt_value, grad = hf_view(name, corrupt_hf)
         by_hand = ((clean_value - corrupt_value) * grad).sum(-1)  # (N, T) or (N, nh, T): per position (and head)
         torch.testing.assert_close(estimate, by_hand.mean(0), rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(each[:, p], by_hand, rtol=1e-4, atol=1e-5, msg=name)  # each pair's own
     assert all(p.grad is None for p in ours.parameters())
 
 
@@ -361,6 +364,8 @@ def test_patching_refuses_mixed_points_bad_prompts_and_bad_metrics(models, promp
         activation_patching(ours, clean, corrupt, lambda logits: logits[:, -1], "h.*", batch_size=5)
     with pytest.raises(ValueError, match=r"metric gave \(2, 1\) for the logits of 2 pairs .* \(2,\), or of one"):
         attribution_patching(ours, clean.repeat(2, 1), corrupt.repeat(2, 1), lambda logits: logits[:, -1, :1], "h.*")
+    with pytest.raises(ValueError, match=r"per_pair=True needs a metric of one value per pair"):
+        activation_patching(ours, clean, corrupt, lambda logits: metric(logits).mean(), "h.*", per_pair=True)
     with pytest.raises(ValueError, match=r"metric gave float for the logits of 1 pair"):
         activation_patching(ours, clean, corrupt, lambda logits: float(metric(logits)), "h.*")
     with pytest.raises(ValueError, match=r"clean_ids \(0, 6\) .* must both be N prompts"):

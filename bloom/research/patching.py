@@ -42,15 +42,17 @@ def activation_patching(
     points: str | list[str],
     batch_size: int = 8,
     progress: bool = True,
+    per_pair: bool = False,
 ) -> tuple[list[str], torch.Tensor]:
     """metric(corrupted runs with their clean activation at one point and position) for every point and position.
 
     Returns (labels, values): the P names of the points matching `points`, and values (P, T), or (P, nh, T)
     when the points are per-head ones (a sweep mixing the two kinds is refused: make two calls); over N pairs,
-    each value is the mean of the metric over the pairs. A forward pass runs the N pairs of max(batch_size // N, 1)
-    patches, so a sweep takes ceil(P·[nh·]T / max(batch_size // N, 1)) of them; memory grows with the rows of one
-    pass times T·V for the logits. A progress bar shows on stderr when the sweep takes more than 2 seconds, unless
-    `progress` is False.
+    each value is the mean of the metric over the pairs, or with `per_pair` each pair's own, (N, P, [nh,] T), for
+    their spread (the metric must then give one value per pair). A forward pass runs the N pairs of
+    max(batch_size // N, 1) patches, so a sweep takes ceil(P·[nh·]T / max(batch_size // N, 1)) of them; memory grows
+    with the rows of one pass times T·V for the logits. A progress bar shows on stderr when the sweep takes more than
+    2 seconds, unless `progress` is False.
     """
     if not (is_integer(batch_size) and batch_size >= 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -62,7 +64,7 @@ def activation_patching(
     point = torch.arange(len(names)).repeat_interleave(n_head * T)
     head = torch.arange(n_head).repeat_interleave(T).repeat(len(names))
     position = torch.arange(T).repeat(len(names) * n_head)
-    values = torch.empty(len(point))
+    values = torch.empty(len(point), N if per_pair else 1)  # (patches, pairs) or (patches, their mean)
     per_pass = max(batch_size // N, 1)
     passes = range(0, len(point), per_pass)
     for start in tqdm(passes, desc="activation patching", unit="batch", delay=2, disable=not progress):
@@ -77,19 +79,27 @@ def activation_patching(
                 edits[name] = _put(clean[name], rows, row_pair[rows], head[mine] if per_head else None, position[mine])
         with torch.no_grad(), patch(model, edits):
             logits = model(corrupt_ids.repeat(len(patches), 1))  # (patches·N, T, V)
-        means = [_checked(metric(of_patch), N).float().mean() for of_patch in logits.split(N)]  # one per patch
-        values[patches] = torch.stack(means).cpu()
-    return names, values.view(len(names), n_head, T) if per_head else values.view(len(names), T)
+        out = [_checked(metric(of_patch), N, per_pair).float() for of_patch in logits.split(N)]  # one per patch
+        values[patches] = torch.stack([o if per_pair else o.mean()[None] for o in out]).cpu()
+    values = values.T.reshape(-1, len(names), n_head, T)  # (N or 1, P, nh, T)
+    values = values if per_head else values[:, :, 0]
+    return names, values if per_pair else values[0]
 
 
 def attribution_patching(
-    model: Bloom, clean_ids: torch.Tensor, corrupt_ids: torch.Tensor, metric: Metric, points: str | list[str]
+    model: Bloom,
+    clean_ids: torch.Tensor,
+    corrupt_ids: torch.Tensor,
+    metric: Metric,
+    points: str | list[str],
+    per_pair: bool = False,
 ) -> tuple[list[str], torch.Tensor]:
     """The first-order estimate of `activation_patching`'s effect, metric(patched) − metric(corrupt).
 
     At the corrupted runs, Σ (clean − corrupt) · ∂metric/∂activation summed over each (point, [head,] t)'s
-    entries, and over N pairs its mean over the pairs. Returns (labels, estimates) shaped as activation_patching's
-    values. One forward and one backward pass of the N pairs (the model's parameters get no .grad).
+    entries, and over N pairs its mean over the pairs (or with `per_pair` each pair's own). Returns (labels,
+    estimates) shaped as activation_patching's values. One forward and one backward pass of the N pairs (the
+    model's parameters get no .grad).
     """
     refuse_int8(model, "attribution_patching")
     if torch.is_inference_mode_enabled():
@@ -98,16 +108,16 @@ def attribution_patching(
     with torch.no_grad(), record(model, *names) as clean:
         model(clean_ids)
     with torch.enable_grad(), record(model, *names, grad=True) as corrupt:
-        out = _checked(metric(model(corrupt_ids)), N)
+        out = _checked(metric(model(corrupt_ids)), N, per_pair)
         grads = torch.autograd.grad(out.sum(), [corrupt[name] for name in names], allow_unused=True)
     estimates = []
     for name, grad in zip(names, grads, strict=True):
         change = clean[name].float() - corrupt[name].detach().float()  # (N, T, ...) or (N, nh, T, ...), in float32
         product = torch.zeros_like(change) if grad is None else change * grad.float()
-        per_pair = product.flatten(start_dim=3 if per_head else 2).sum(-1)  # (N, nh, T) or (N, T)
+        by_pair = product.flatten(start_dim=3 if per_head else 2).sum(-1)  # (N, nh, T) or (N, T)
         # per pair, the mean; a metric of all the pairs at once (0-dim) was their mean already
-        estimates.append(per_pair.mean(0) if out.ndim else per_pair.sum(0))
-    return names, torch.stack(estimates)
+        estimates.append(by_pair if per_pair else by_pair.mean(0) if out.ndim else by_pair.sum(0))
+    return names, torch.stack(estimates, dim=1 if per_pair else 0)
 
 
 def _check(
@@ -134,8 +144,12 @@ def _check(
     return names, all(heads), tuple(clean_ids.shape)
 
 
-def _checked(out: object, pairs: int) -> torch.Tensor:
-    """The metric's output for the logits of `pairs` pairs' runs: one value per pair, or one for them all."""
+def _checked(out: object, pairs: int, per_pair: bool = False) -> torch.Tensor:
+    """The metric's output for the logits of `pairs` pairs' runs: one value per pair, or (unless each pair's values
+    are asked for) one for them all."""
+    if per_pair and isinstance(out, torch.Tensor) and out.ndim == 0:
+        raise ValueError("per_pair=True needs a metric of one value per pair, and this one gave one for them all: "
+                         "drop its reduction (.mean())")  # fmt: skip
     if not isinstance(out, torch.Tensor) or out.shape not in ((pairs,), ()):
         found = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"metric gave {found} for the logits of {pairs} pair{'s' if pairs != 1 else ''} "
