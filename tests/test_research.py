@@ -319,6 +319,38 @@ def test_activation_patching_equals_a_loop_of_patched_transformers_runs(models, 
                                    atol=1e-4)  # fmt: skip
 
 
+@pytest.mark.parametrize("points", ["h.1", "h.0.mlp", "h.2.self_attention.context"])
+@pytest.mark.parametrize("several", [False, True], ids=["one pair", "3 pairs"])
+def test_patching_every_position_at_once_equals_transformers_runs(models, prompts, pairs, several, points):
+    """all_positions: a point (a head) patched at every position in one run, as TransformerLens's *_all_pos sweeps;
+    attribution patching's estimate of it is the sum of its estimates over the positions."""
+    hf, ours = models
+    clean, corrupt = pairs if several else prompts
+    measure = pair_metric if several else metric
+    N = clean.shape[0]
+    labels, values = activation_patching(ours, clean, corrupt, measure, points, batch_size=4, all_positions=True)
+    heads = points.endswith(".context")
+    assert values.shape == ((1, N_HEAD) if heads else (1,))
+    _, clean_hf = run_hf(hf, clean, labels)
+    expected = torch.zeros(N_HEAD if heads else 1)
+    for j in range(len(expected)):
+        cols = slice(j * HD, (j + 1) * HD) if heads else slice(None)
+        for i in range(N):
+
+            def put(x, cols=cols, i=i):
+                x = x.clone()
+                x[:, :, cols] = clean_hf[labels[0]][i, :, cols]  # every position
+                return x
+
+            logits, _ = run_hf(hf, corrupt[i : i + 1], labels, edits={labels[0]: put})
+            answers = (GOOD[i], BAD[i]) if several else (17, 42)
+            expected[j] += (logits[0, -1, answers[0]] - logits[0, -1, answers[1]]) / N
+    torch.testing.assert_close(values[0], expected if heads else expected[0], rtol=0, atol=1e-4)
+    _, each_position = attribution_patching(ours, clean, corrupt, measure, points)
+    _, at_once = attribution_patching(ours, clean, corrupt, measure, points, all_positions=True)
+    torch.testing.assert_close(at_once, each_position.sum(-1), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("points", ["h.*", "h.2.self_attention.context"])
 def test_a_metric_of_all_the_pairs_at_once_is_taken_as_their_mean(models, pairs, points):
     """TransformerLens's metrics end in .mean(): a 0-dim metric gives the sweeps' values of the per-pair one."""

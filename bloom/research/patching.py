@@ -43,6 +43,7 @@ def activation_patching(
     batch_size: int = 8,
     progress: bool = True,
     per_pair: bool = False,
+    all_positions: bool = False,
 ) -> tuple[list[str], torch.Tensor]:
     """metric(corrupted runs with their clean activation at one point and position) for every point and position.
 
@@ -52,7 +53,8 @@ def activation_patching(
     their spread (the metric must then give one value per pair). A forward pass runs the N pairs of
     max(batch_size // N, 1) patches, so a sweep takes ceil(P·[nh·]T / max(batch_size // N, 1)) of them; memory grows
     with the rows of one pass times T·V for the logits. A progress bar shows on stderr when the sweep takes more than
-    2 seconds, unless `progress` is False.
+    2 seconds, unless `progress` is False. With `all_positions`, each point (and head) is patched at every position
+    at once, one patch instead of T, and the values lose their T axis: (P,) or (P, nh).
     """
     if not (is_integer(batch_size) and batch_size >= 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -60,10 +62,11 @@ def activation_patching(
     with torch.no_grad(), record(model, *names) as clean:
         model(clean_ids)
     n_head = clean[names[0]].shape[1] if per_head else 1
-    # one patch per point, head and position; a point's patches are contiguous, head-major
-    point = torch.arange(len(names)).repeat_interleave(n_head * T)
-    head = torch.arange(n_head).repeat_interleave(T).repeat(len(names))
-    position = torch.arange(T).repeat(len(names) * n_head)
+    # one patch per point, head and position (or all positions); a point's patches are contiguous, head-major
+    n_pos = 1 if all_positions else T
+    point = torch.arange(len(names)).repeat_interleave(n_head * n_pos)
+    head = torch.arange(n_head).repeat_interleave(n_pos).repeat(len(names))
+    position = torch.arange(n_pos).repeat(len(names) * n_head)
     values = torch.empty(len(point), N if per_pair else 1)  # (patches, pairs) or (patches, their mean)
     per_pass = max(batch_size // N, 1)
     passes = range(0, len(point), per_pass)
@@ -76,12 +79,14 @@ def activation_patching(
             rows = (point[row_patch] == p).nonzero()[:, 0]
             if len(rows):
                 mine = row_patch[rows]
-                edits[name] = _put(clean[name], rows, row_pair[rows], head[mine] if per_head else None, position[mine])
+                heads, positions = head[mine] if per_head else None, None if all_positions else position[mine]
+                edits[name] = _put(clean[name], rows, row_pair[rows], heads, positions)
         with torch.no_grad(), patch(model, edits):
             logits = model(corrupt_ids.repeat(len(patches), 1))  # (patches·N, T, V)
         out = [_checked(metric(of_patch), N, per_pair).float() for of_patch in logits.split(N)]  # one per patch
         values[patches] = torch.stack([o if per_pair else o.mean()[None] for o in out]).cpu()
-    values = values.T.reshape(-1, len(names), n_head, T)  # (N or 1, P, nh, T)
+    values = values.T.reshape(-1, len(names), n_head, n_pos)  # (N or 1, P, nh, T or 1)
+    values = values[..., 0] if all_positions else values
     values = values if per_head else values[:, :, 0]
     return names, values if per_pair else values[0]
 
@@ -93,13 +98,14 @@ def attribution_patching(
     metric: Metric,
     points: str | list[str],
     per_pair: bool = False,
+    all_positions: bool = False,
 ) -> tuple[list[str], torch.Tensor]:
     """The first-order estimate of `activation_patching`'s effect, metric(patched) − metric(corrupt).
 
     At the corrupted runs, Σ (clean − corrupt) · ∂metric/∂activation summed over each (point, [head,] t)'s
-    entries, and over N pairs its mean over the pairs (or with `per_pair` each pair's own). Returns (labels,
-    estimates) shaped as activation_patching's values. One forward and one backward pass of the N pairs (the
-    model's parameters get no .grad).
+    entries (with `all_positions`, over every t too), and over N pairs its mean over the pairs (or with `per_pair`
+    each pair's own). Returns (labels, estimates) shaped as activation_patching's values. One forward and one
+    backward pass of the N pairs (the model's parameters get no .grad).
     """
     refuse_int8(model, "attribution_patching")
     if torch.is_inference_mode_enabled():
@@ -115,6 +121,7 @@ def attribution_patching(
         change = clean[name].float() - corrupt[name].detach().float()  # (N, T, ...) or (N, nh, T, ...), in float32
         product = torch.zeros_like(change) if grad is None else change * grad.float()
         by_pair = product.flatten(start_dim=3 if per_head else 2).sum(-1)  # (N, nh, T) or (N, T)
+        by_pair = by_pair.sum(-1) if all_positions else by_pair
         # per pair, the mean; a metric of all the pairs at once (0-dim) was their mean already
         estimates.append(by_pair if per_pair else by_pair.mean(0) if out.ndim else by_pair.sum(0))
     return names, torch.stack(estimates, dim=1 if per_pair else 0)
@@ -159,17 +166,23 @@ def _checked(out: object, pairs: int, per_pair: bool = False) -> torch.Tensor:
 
 
 def _put(
-    clean: torch.Tensor, rows: torch.Tensor, pairs: torch.Tensor, heads: torch.Tensor | None, positions: torch.Tensor
+    clean: torch.Tensor,
+    rows: torch.Tensor,
+    pairs: torch.Tensor,
+    heads: torch.Tensor | None,
+    positions: torch.Tensor | None,
 ) -> Callable:
     """An edit writing, into each of `rows` of the output, its pair's clean activation (N, [nh,] T, ...) at its
-    (head and) position."""
+    (head and) position, or at every position (None)."""
 
     def edit(output: torch.Tensor) -> torch.Tensor:
         output = output.clone()
-        if heads is None:
-            output[rows, positions] = clean[pairs, positions]  # (n, T, ...)
+        where = (rows,) if heads is None else (rows, heads)  # (n, T, ...) or (n, nh, T, ...)
+        taken = (pairs,) if heads is None else (pairs, heads)
+        if positions is None:
+            output[where] = clean[taken]
         else:
-            output[rows, heads, positions] = clean[pairs, heads, positions]  # (n, nh, T, ...)
+            output[(*where, positions)] = clean[(*taken, positions)]
         return output
 
     return edit
