@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from bloom import Bloom, BloomConfig, matvec
+from bloom import matvec
 from bloom.checkpoints.loader import DTYPES
-from bloom.command_line.bench import memory_bandwidth_gb_s
+from bloom.command_line.bench import memory_bandwidth_gb_s, random_model
 from bloom.generation.decoder import Decoder
 from bloom.model import alibi_bias, alibi_slopes, causal_mask
 
@@ -41,12 +41,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=15, help="timings per part (default 15)")
     args = parser.parse_args()
 
-    with torch.device("meta"):
-        model = Bloom(BloomConfig.from_name(args.shape)).to(DTYPES[args.dtype])
-    model = model.to_empty(device="cpu").eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0, 0.02)
+    model = random_model(args.shape, DTYPES[args.dtype])
     B, P = args.batch_size, args.prompt_len
     prompt = torch.randint(4, 250000, (B, P))
     prompt_mask = torch.ones_like(prompt)

@@ -12,9 +12,8 @@ import time
 
 import torch
 
-from bloom import Bloom, BloomConfig
 from bloom.checkpoints.loader import DTYPES
-from bloom.command_line.bench import memory_bandwidth_gb_s
+from bloom.command_line.bench import memory_bandwidth_gb_s, random_model
 from bloom.generation.decoder import Decoder
 from bloom.scale.quantize import quantize_int8
 
@@ -31,12 +30,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    with torch.device("meta"):
-        model = Bloom(BloomConfig.from_name(args.shape)).to(DTYPES[args.dtype])
-    model = model.to_empty(device="cpu").eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0, 0.02)
+    model = random_model(args.shape, DTYPES[args.dtype])
     if args.quantize:
         quantize_int8(model)
     weight_gb = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 1e9

@@ -96,13 +96,20 @@ def test_a_hook_sends_each_step_through_the_modules(folder):
     assert calls == [(1, 3, 640)] + [(1, 1, 640)] * 3  # the prompt, then every step
 
 
-@pytest.mark.parametrize("replaced", [False, True])
-def test_a_weight_edited_or_replaced_during_a_generation_is_seen_by_the_next_step(folder, replaced):
+def prefilled_twice(folder):
+    """A model and two decoders that ran the same prompt: one to step as it would, one through the modules."""
     model = load_pretrained(folder)
     ids, mask = left_padded([5], vocab_size=1000)
     fused, modules = Decoder(model, 1), Decoder(model, 1)
     with torch.inference_mode():
         fused.prefill(ids, mask), modules.prefill(ids, mask)
+    return model, fused, modules
+
+
+@pytest.mark.parametrize("replaced", [False, True])
+def test_a_weight_edited_or_replaced_during_a_generation_is_seen_by_the_next_step(folder, replaced):
+    model, fused, modules = prefilled_twice(folder)
+    with torch.inference_mode():
         layer = model.h[2].mlp.dense_4h_to_h
         if replaced:  # another tensor: the planned step no longer applies, the steps go through the modules
             layer.weight = nn.Parameter(layer.weight * 3.0)
@@ -187,11 +194,8 @@ def test_a_method_changed_on_the_class_runs_in_every_step(folder, monkeypatch, c
 
 @pytest.mark.parametrize("edit", EDITS.values(), ids=EDITS.keys())
 def test_a_forward_changed_after_the_prefill_runs_in_the_next_steps(folder, edit):
-    model = load_pretrained(folder)
-    ids, mask = left_padded([5], vocab_size=1000)
-    fused, modules = Decoder(model, 1), Decoder(model, 1)
+    model, fused, modules = prefilled_twice(folder)
     with torch.inference_mode():
-        fused.prefill(ids, mask), modules.prefill(ids, mask)
         assert fused.fused_step.applies()
         edit(model)
         assert not fused.fused_step.applies()

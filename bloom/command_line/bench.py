@@ -182,15 +182,11 @@ def ours_worker(args: argparse.Namespace) -> dict:
                    run, args)  # fmt: skip
 
 
-def build_random_checkpoint(name: str, dtype: torch.dtype, folder: Path) -> Path:
-    """A checkpoint of preset `name` with random weights, in the bigscience layout (reused if present: config.json
-    is written last, so a run interrupted while writing the weights builds it again)."""
-    if (folder / "config.json").is_file():
-        return folder
-    config = BloomConfig.from_name(name)
+def random_model(name: str, dtype: torch.dtype) -> Bloom:
+    """A model of preset `name` on the CPU with random weights (N(0, 0.02); LayerNorms at 1 and 0), in eval mode."""
     with torch.device("meta"):
-        model = Bloom(config).to(dtype)
-    model = model.to_empty(device="cpu")  # the weights' bytes once, in their dtype (bloom-7b1: 14 GB in bf16)
+        model = Bloom(BloomConfig.from_name(name)).to(dtype)
+    model = model.to_empty(device="cpu").eval()  # the weights' bytes once, in their dtype (bloom-7b1: 14 GB in bf16)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for pname, param in model.named_parameters():
@@ -198,6 +194,16 @@ def build_random_checkpoint(name: str, dtype: torch.dtype, folder: Path) -> Path
                 param.fill_(1.0 if pname.endswith("weight") else 0.0)
             else:
                 param.normal_(0, 0.02, generator=generator)
+    return model
+
+
+def build_random_checkpoint(name: str, dtype: torch.dtype, folder: Path) -> Path:
+    """A checkpoint of preset `name` with random weights, in the bigscience layout (reused if present: config.json
+    is written last, so a run interrupted while writing the weights builds it again)."""
+    if (folder / "config.json").is_file():
+        return folder
+    config = BloomConfig.from_name(name)
+    model = random_model(name, dtype)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
     config_json = {"model_type": "bloom", "n_embed": config.hidden_size, "n_layer": config.n_layer,
