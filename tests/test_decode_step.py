@@ -6,7 +6,9 @@ import torch
 from tiny_checkpoint import left_padded, random_hf_bloom, save_transformers
 from torch import nn
 
+import bloom.model
 from bloom import generate, load_pretrained, matvec
+from bloom.generation import decode_step
 from bloom.generation.decode_step import plan
 from bloom.generation.decoder import Decoder
 from bloom.model import MLP, Bloom
@@ -190,6 +192,34 @@ def test_a_method_changed_on_the_class_runs_in_every_step(folder, monkeypatch, c
             by_forwards = torch.cat([by_forwards, model(by_forwards)[:, -1:].argmax(-1)], dim=1)
     assert not torch.equal(by_forwards, plain)  # the change changes the tokens
     assert torch.equal(generate(model, ids, max_new_tokens=6, eos_token_id=[]), by_forwards)
+
+
+def test_a_function_of_the_model_module_changed_runs_in_every_step(folder, monkeypatch):
+    """The forwards call bloom.model's functions by name: a GeLU replaced there (an ablation) is the user's too."""
+    model = load_pretrained(folder)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    plain = generate(model, ids, max_new_tokens=6, eos_token_id=[])
+    gelu = bloom.model.bloom_gelu
+    monkeypatch.setattr(bloom.model, "bloom_gelu", lambda x: gelu(x) * 3 + 1)
+    with torch.inference_mode():
+        by_forwards = ids
+        for _ in range(6):
+            by_forwards = torch.cat([by_forwards, model(by_forwards)[:, -1:].argmax(-1)], dim=1)
+    assert not torch.equal(by_forwards, plain)
+    assert torch.equal(generate(model, ids, max_new_tokens=6, eos_token_id=[]), by_forwards)
+
+
+def test_a_torch_method_changed_before_bloom_was_imported_is_the_users(folder, monkeypatch):
+    """What the step stands for was read at import: a LayerNorm.forward changed before that is no torch's."""
+    layer_norm = nn.LayerNorm.forward
+
+    def halved(self, x):
+        return layer_norm(self, x) / 2
+
+    assert decode_step.written_by_torch_or_bloom(layer_norm) and not decode_step.written_by_torch_or_bloom(halved)
+    monkeypatch.setattr(nn.LayerNorm, "forward", halved)
+    monkeypatch.setitem(decode_step.METHODS[nn.LayerNorm], "forward", halved)  # as if it had been so at import
+    assert plan(load_pretrained(folder), 1) is None
 
 
 @pytest.mark.parametrize("edit", EDITS.values(), ids=EDITS.keys())

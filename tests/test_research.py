@@ -2,6 +2,8 @@
 patching sweeps, per-head weights) against transformers' BLOOM, read and edited with its own forward hooks
 and differentiated with its own autograd, on a tiny random checkpoint with 6 heads (not a power of two)."""
 
+import copy
+
 import pytest
 import torch
 from tiny_checkpoint import left_padded, random_hf_bloom, save_transformers
@@ -381,6 +383,22 @@ def test_attribution_patching_equals_the_first_order_estimate_by_hand(models, pr
         torch.testing.assert_close(estimate, by_hand.mean(0), rtol=1e-4, atol=1e-5, msg=name)
         torch.testing.assert_close(each[:, p], by_hand, rtol=1e-4, atol=1e-5, msg=name)  # each pair's own
     assert all(p.grad is None for p in ours.parameters())
+
+
+def test_attribution_patching_sums_in_float32_in_a_half_precision_model(models, pairs):
+    """A bf16 model's activations and gradients, multiplied and summed in float32, not rounded to bf16 on the way."""
+    model = copy.deepcopy(models[1]).bfloat16()
+    clean, corrupt = pairs
+    labels, estimates = attribution_patching(model, clean, corrupt, pair_metric, "h.*")
+    assert estimates.dtype == torch.float32
+    with torch.no_grad(), record(model, "h.*") as clean_run:
+        model(clean)
+    with record(model, "h.*", grad=True) as corrupt_run:
+        pair_metric(model(corrupt)).sum().backward()
+    for p, name in enumerate(labels):
+        change = clean_run[name].float() - corrupt_run[name].detach().float()
+        by_hand = (change * corrupt_run[name].grad.float()).sum(-1).mean(0)  # (T,)
+        torch.testing.assert_close(estimates[p], by_hand, rtol=1e-5, atol=1e-6)
 
 
 def test_patching_refuses_mixed_points_bad_prompts_and_bad_metrics(models, prompts):

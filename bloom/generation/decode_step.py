@@ -15,11 +15,12 @@ Otherwise the step goes through the model.
 """
 
 import math
-from inspect import getattr_static
+from inspect import getattr_static, isfunction
 
 import torch
 from torch import nn
 
+import bloom.model
 from bloom import matvec
 from bloom.kv_cache import KVCache
 from bloom.model import MLP, Attention, Block, Bloom, Linear, Tap, alibi_bias, alibi_slopes, causal_mask
@@ -33,10 +34,22 @@ METHODS = {
     for cls in STANDS_FOR
 }  # fmt: skip (getattr_static: a classmethod as it is stored, not bound anew)
 METHOD_NAMES = frozenset(name for methods in METHODS.values() for name in methods)
+# and the functions of bloom.model that the forwards call by name (bloom.model.bloom_gelu = ... ablates the GeLU)
+FUNCTIONS = {name: f for name, f in vars(bloom.model).items() if isfunction(f) and f.__module__ == "bloom.model"}
+
+
+def written_by_torch_or_bloom(method: object) -> bool:
+    """Whether a method (or the function of a classmethod or staticmethod) comes from torch's or bloom's code, not from
+    a change made before bloom was imported (nn.LayerNorm.forward = ...)."""
+    module = getattr(getattr(method, "__func__", method), "__module__", None) or ""
+    return module.startswith(("torch.", "bloom."))
 
 
 def classes_as_defined(modules: list[nn.Module]) -> bool:
-    """Whether each module's class is exactly one of STANDS_FOR, with its methods as they were at import."""
+    """Whether each module's class is exactly one of STANDS_FOR, with its methods, and bloom.model's functions, as
+    they were at import."""
+    if any(getattr(bloom.model, name) is not f for name, f in FUNCTIONS.items()):
+        return False
     return all(
         cls in METHODS and all(getattr_static(cls, name) is method for name, method in METHODS[cls].items())
         for cls in set(map(type, modules))
@@ -106,6 +119,8 @@ def plan(model: Bloom, rows: int) -> DecodeStep | None:
     replaced = stood_for(model)
     if not classes_as_defined(replaced) or any(METHOD_NAMES.intersection(vars(m)) for m in replaced):
         return None  # a method of the user's: the step would skip it
+    if not all(written_by_torch_or_bloom(f) for methods in METHODS.values() for f in methods.values()):
+        return None  # changed before bloom was imported
     blocks = []
     for block in model.h:
         attention, mlp = block.self_attention, block.mlp

@@ -50,7 +50,7 @@ def target_pattern(
         if (target[:, earlier.T] != 0).any():  # any weight where s > t
             raise ValueError("pattern marks keys after their query (s > t), which causal attention never sees")
     elif pattern not in PATTERNS:
-        raise ValueError(f"pattern {pattern!r} is not one of {', '.join(PATTERNS)}, nor a (B, T, T) tensor")
+        raise ValueError(f"pattern {pattern!r} is not one of {', '.join(PATTERNS)}, nor a (B, T, T) or (T, T) tensor")
     else:
         same = input_ids[:, :, None] == input_ids[:, None, :]  # (B, T, S): key s holds query t's token
         if pattern == "previous_token":

@@ -84,7 +84,7 @@ def activation_patching(
         with torch.no_grad(), patch(model, edits):
             logits = model(corrupt_ids.repeat(len(patches), 1))  # (patches·N, T, V)
         out = [_checked(metric(of_patch), N, per_pair).float() for of_patch in logits.split(N)]  # one per patch
-        values[patches] = torch.stack([o if per_pair else o.mean()[None] for o in out]).cpu()
+        values[patches] = torch.stack([o.reshape(N) if per_pair else o.mean()[None] for o in out]).cpu()
     values = values.T.reshape(-1, len(names), n_head, n_pos)  # (N or 1, P, nh, T or 1)
     values = values[..., 0] if all_positions else values
     values = values if per_head else values[:, :, 0]
@@ -154,7 +154,7 @@ def _check(
 def _checked(out: object, pairs: int, per_pair: bool = False) -> torch.Tensor:
     """The metric's output for the logits of `pairs` pairs' runs: one value per pair, or (unless each pair's values
     are asked for) one for them all."""
-    if per_pair and isinstance(out, torch.Tensor) and out.ndim == 0:
+    if per_pair and pairs > 1 and isinstance(out, torch.Tensor) and out.ndim == 0:
         raise ValueError("per_pair=True needs a metric of one value per pair, and this one gave one for them all: "
                          "drop its reduction (.mean())")  # fmt: skip
     if not isinstance(out, torch.Tensor) or out.shape not in ((pairs,), ()):
