@@ -415,7 +415,10 @@ def test_patching_refuses_mixed_points_bad_prompts_and_bad_metrics(models, promp
     with pytest.raises(ValueError, match=r"metric gave \(2, 1\) for the logits of 2 pairs .* \(2,\), or of one"):
         attribution_patching(ours, clean.repeat(2, 1), corrupt.repeat(2, 1), lambda logits: logits[:, -1, :1], "h.*")
     with pytest.raises(ValueError, match=r"per_pair=True needs a metric of one value per pair"):
-        activation_patching(ours, clean, corrupt, lambda logits: metric(logits).mean(), "h.*", per_pair=True)
+        two = clean.repeat(2, 1), corrupt.repeat(2, 1)
+        activation_patching(ours, *two, lambda logits: metric(logits).mean(), "h.*", per_pair=True)
+    one = activation_patching(ours, clean, corrupt, lambda logits: metric(logits).mean(), "h.*", per_pair=True)[1]
+    torch.testing.assert_close(one[0], activation_patching(ours, clean, corrupt, metric, "h.*")[1])  # 1 pair: its own
     with pytest.raises(ValueError, match=r"metric gave float for the logits of 1 pair"):
         activation_patching(ours, clean, corrupt, lambda logits: float(metric(logits)), "h.*")
     with pytest.raises(ValueError, match=r"clean_ids \(0, 6\) .* must both be N prompts"):
