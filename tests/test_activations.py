@@ -166,8 +166,10 @@ def test_command_exports_the_text_in_token_order(tiny_model_folder, tmp_path, ca
     (tmp_path / "text.txt").write_text(text, encoding="utf-8")
     out = tmp_path / "acts"
     argv = ["activations", "--model", str(tiny_model_folder), "--file", str(tmp_path / "text.txt"),
-            "--points", "h.1", "h.*.mlp.act", "--context", "16", "--batch-size", "3", "--out", str(out)]  # fmt: skip
+            "--points", "h.1", "--context", "16", "--batch-size", "3", "--points", "h.*.mlp.act",
+            "--out", str(out)]  # fmt: skip
     assert main([*argv, "--max-tokens", "50"]) == 0
+    assert {"h.1", "h.0.mlp.act", "h.1.mlp.act"} <= {p.stem for p in out.glob("*.safetensors")}  # --points twice: all
     expected = load_tokenizer(tiny_model_folder).encode(text)[:50]
     tokens, rows = load(out, "h.0.mlp.act")
     assert tokens.tolist() == expected and rows.shape == (50, 4 * 48)

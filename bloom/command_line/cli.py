@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(acts)
     acts.add_argument("--file", type=Path, required=True, help="the text")
-    acts.add_argument("--points", nargs="+", required=True, metavar="P", help="points to record, e.g. h.11 h.*.mlp.act")
+    acts.add_argument("--points", nargs="+", action="extend", required=True, metavar="P",
+                      help="points to record, e.g. h.11 h.*.mlp.act (given twice: all of them)")  # fmt: skip
     acts.add_argument("--context", type=positive_int, default=CONTEXT, help=f"tokens per window (default {CONTEXT})")
     acts.add_argument("--out", type=Path, required=True, help="folder for the export (new, empty, or one to resume)")
     acts.add_argument(
