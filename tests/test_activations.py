@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from transformers import BloomForCausalLM
 
+import bloom.research.activations
 from bloom import load_pretrained, load_tokenizer
 from bloom.command_line.cli import main
 from bloom.research.activations import export, load, windows
@@ -159,6 +160,29 @@ def test_an_export_stopped_while_making_its_files_starts_them_again(model, token
     export(model, token_ids, ["h.1"], out, context=8)
     fresh = export(model, token_ids, ["h.1"], tmp_path / "fresh", context=8)
     assert torch.equal(load(out, "h.1")[1], load(fresh, "h.1")[1])
+
+
+def test_ctrl_c_says_how_to_finish_and_the_same_command_does(tiny_model_folder, tmp_path, capsys, monkeypatch):
+    (tmp_path / "text.txt").write_text("Le petit prince habitait une planète à peine plus grande que lui. " * 6)
+    out = tmp_path / "acts"
+    argv = ["activations", "--model", str(tiny_model_folder), "--file", str(tmp_path / "text.txt"), "--points", "h.1",
+            "--context", "8", "--batch-size", "1", "--out", str(out)]  # fmt: skip
+    write, calls = bloom.research.activations._write_batch, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        write(*args)
+
+    monkeypatch.setattr(bloom.research.activations, "_write_batch", interrupted)
+    assert main(argv) == 130
+    assert f"interrupted: {out} keeps the batches written so far; the same command again" in capsys.readouterr().err
+    monkeypatch.setattr(bloom.research.activations, "_write_batch", write)
+    assert main(argv) == 0
+    tokens, rows = load(out, "h.1")
+    model = load_pretrained(tiny_model_folder)
+    torch.testing.assert_close(rows, load(export(model, tokens, ["h.1"], tmp_path / "whole", context=8), "h.1")[1])
 
 
 def test_command_exports_the_text_in_token_order(tiny_model_folder, tmp_path, capsys):

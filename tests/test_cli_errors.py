@@ -20,6 +20,7 @@ import bloom.command_line.bench
 import bloom.command_line.cli
 from bloom.command_line.arguments import CommandParser, in_flags
 from bloom.command_line.cli import main
+from bloom.generation.decoder import Decoder
 
 
 @pytest.fixture
@@ -441,6 +442,25 @@ def test_ctrl_c_ends_quietly(cli, tiny_model_folder, monkeypatch):
     monkeypatch.setattr(bloom.command_line.cli, "load_pretrained", interrupted)
     code, _, err = cli("generate", "--model", tiny_model_folder, "--prompt", "x")
     assert code == 130 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("prompts", [["x"], ["x", "Le petit"]], ids=["streamed", "a batch"])
+def test_ctrl_c_during_generation_prints_what_was_generated(cli, tiny_model_folder, monkeypatch, prompts):
+    """Interrupted at its third decode step, a generation has 3 new tokens: it prints them, as a run of 3 does."""
+    flags = [arg for prompt in prompts for arg in ("--prompt", prompt)]
+    _, three, _ = cli("generate", "--model", tiny_model_folder, *flags, "--max-new-tokens", "3")
+    step, calls = Decoder.step, []
+
+    def interrupted(self, tokens):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step(self, tokens)
+
+    monkeypatch.setattr(Decoder, "step", interrupted)
+    code, out, err = cli("generate", "--model", tiny_model_folder, *flags, "--max-new-tokens", "20")
+    assert code == 130 and "Traceback" not in err
+    assert out == three and "interrupted after 3 new tokens" in err
 
 
 def test_a_bug_keeps_its_traceback(cli, tiny_model_folder, monkeypatch):

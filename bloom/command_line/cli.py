@@ -309,9 +309,15 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
             do_sample=args.do_sample, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
             streamer=streamer, decoder=decoder, **sampling,
         )  # fmt: skip
-    except MemoryError as error:  # the KV cache could not grow: print what was generated, then the error
-        if streamer is None and is_main() and getattr(error, "sequences", None) is not None:
-            print_rows(tokenizer, prompts, error.sequences[:, input_ids.shape[1] :])
+    except (MemoryError, KeyboardInterrupt) as error:  # the KV cache could not grow, or Ctrl-C: print what was
+        so_far = getattr(error, "sequences", None)  # generated, then the error (or exit with status 130)
+        if is_main() and streamer is not None:
+            streamer.finish()
+        elif is_main() and so_far is not None:
+            print_rows(tokenizer, prompts, so_far[:, input_ids.shape[1] :])
+        if is_main() and isinstance(error, KeyboardInterrupt):
+            new = 0 if so_far is None else so_far.shape[1] - input_ids.shape[1]
+            print(f"interrupted after {new} new tokens", file=sys.stderr)
         raise
     seconds = time.perf_counter() - start
     new_tokens = output[:, input_ids.shape[1] :]
@@ -378,10 +384,15 @@ def run_activations(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     model_name = args.model + (f"@{args.revision}" if args.revision else "")  # a repo at its revision
     if Path(args.model).is_dir():  # the same folder however it is spelled
         model_name = str(Path(args.model).resolve())
-    out = bloom.research.activations.export(
-        model, token_ids, args.points, args.out, context=args.context, batch_size=args.batch_size,
-        model_name=model_name, progress=True,
-    )  # fmt: skip
+    try:
+        out = bloom.research.activations.export(
+            model, token_ids, args.points, args.out, context=args.context, batch_size=args.batch_size,
+            model_name=model_name, progress=True,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.out} keeps the batches written so far; the same command again finishes the export",
+              file=sys.stderr)  # fmt: skip
+        raise
     print(out)
     return 0
 

@@ -118,8 +118,9 @@ def generate(
         decode with a compiled step, and reuse it across calls (one call at a time). An eager one is made otherwise.
 
     Bad arguments raise ValueError naming the argument, before any work. A MemoryError says what could not
-    fit (the prompt's attention, or the KV cache as it grows) and how much memory is available; its
-    `sequences` attribute holds the prompt and every token chosen until then, (B, T + n).
+    fit (the prompt's attention, or the KV cache as it grows) and how much memory is available. Its
+    `sequences` attribute holds the prompt and every token chosen until then, (B, T + n), as does a
+    KeyboardInterrupt's (Ctrl-C) raised during the steps.
     """
     # every step's tokens, and whether any row was still going then, written in place into columns made at the first
     # step and doubled when full (memory follows the tokens generated, not max_new_tokens): tensors kept per step,
@@ -148,7 +149,7 @@ def generate(
                     streamer(tokens)
                 elif (step + 1) % EOS_CHECK_EVERY == 0 and bool(finished_before.all()):
                     break
-    except MemoryError as error:
+    except (MemoryError, KeyboardInterrupt) as error:
         error.sequences = join_columns(input_ids, columns, alive, n)
         raise
     return join_columns(input_ids, columns, alive, n)
