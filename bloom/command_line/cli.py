@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from huggingface_hub import constants as hub_constants
 
 import bloom.command_line.bench
 import bloom.research.activations
@@ -509,8 +510,9 @@ def run_download(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     weight_files(folder)  # names a missing shard, or pickles only
     for needed in ("config.json", TOKENIZER_FILE):
         if not (folder / needed).is_file():
-            raise FileNotFoundError(f"{args.repo_id}: the cached copy in {folder} has no {needed}, and the hub "
-                                    "did not provide it")  # fmt: skip
+            why = "HF_HUB_OFFLINE is set, so the hub was not asked" if hub_constants.HF_HUB_OFFLINE else (
+                "the hub did not provide it")  # fmt: skip
+            raise FileNotFoundError(f"{args.repo_id}: the cached copy in {folder} has no {needed}, and {why}")
     print(folder)
     return 0
 
