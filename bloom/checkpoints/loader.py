@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from huggingface_hub import constants as hub_constants
 from huggingface_hub.utils import tqdm
 from safetensors import SafetensorError, safe_open
 
@@ -168,6 +169,14 @@ def _checkpoint(
         revision=revision,
         cache_dir=cache_dir,
     )
+    if not Path(path_or_repo_id).exists() and not is_complete(folder, allow_pickle):  # a partial cached snapshot
+        offline = " (HF_HUB_OFFLINE is set, so it was not asked)" if hub_constants.HF_HUB_OFFLINE else ""
+        try:
+            weight_files(folder, allow_pickle)
+        except FileNotFoundError as error:  # the file that is missing, and where it comes from
+            raise FileNotFoundError(f"{error}: the huggingface cache's copy of {path_or_repo_id}, which the hub did "
+                                    f"not complete{offline}; `bloom download {path_or_repo_id}` where the hub can be "
+                                    "reached completes it") from None  # fmt: skip
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json")
