@@ -303,8 +303,8 @@ class Bloom(nn.Module):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids is {tuple(input_ids.shape)}, expected (batch, tokens)")
         B, T = input_ids.shape
-        # checked in a whole pass, not in a cached one (generate checked its prompt; a step's token is sampled, and
-        # a GPU decoder must not wait on the host), nor in a compiled or shapes-only (meta) one
+        # checked in a whole pass (a prefill too), not in a decode step, given its slots (its token was sampled, and a
+        # GPU decoder must not wait on the host), nor in a compiled or shapes-only (meta) pass
         if slots is None and input_ids.device.type != "meta" and not torch.compiler.is_compiling():
             refuse_non_tokens(input_ids, self.config.vocab_size)
         if slots is not None and cache is None:
