@@ -401,6 +401,68 @@ def test_attribution_patching_sums_in_float32_in_a_half_precision_model(models, 
         torch.testing.assert_close(estimates[p], by_hand, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("points", ["h.*", "h.1.self_attention.context"])
+def test_patching_a_left_padded_data_set_equals_each_pair_run_alone(models, points):
+    """Pairs of 6, 3 and 5 tokens, left-padded with their mask: each pair's values are those of transformers' runs
+    of that pair alone, unpadded, patched at the same token; at its padding, its unpatched metric (activation
+    patching) and 0 (attribution patching)."""
+    hf, ours = models
+    lengths = [6, 3, 5]
+    clean, mask = left_padded(lengths, V)
+    corrupt = torch.where(mask.bool(), torch.randint(4, V, clean.shape), clean)  # the same padding
+    N, T = clean.shape
+    labels, values = activation_patching(ours, clean, corrupt, pair_metric, points, per_pair=True, attention_mask=mask)
+    _, estimates = attribution_patching(ours, clean, corrupt, pair_metric, points, per_pair=True, attention_mask=mask)
+    heads = points.endswith(".context")
+    assert values.shape == ((N, len(labels), N_HEAD, T) if heads else (N, len(labels), T))
+    for i, length in enumerate(lengths):
+        pad = T - length
+        clean_i, corrupt_i = clean[i : i + 1, pad:], corrupt[i : i + 1, pad:]  # (1, length): the pair alone
+        answers = GOOD[i], BAD[i]
+        logits, corrupt_hf = run_hf(hf, corrupt_i, hf_names(labels), grad=True)
+        unpatched = logits[0, -1, answers[0]] - logits[0, -1, answers[1]]
+        unpatched.backward()
+        hf.zero_grad(set_to_none=True)
+        _, clean_hf = run_hf(hf, clean_i, labels)
+        for p, name in enumerate(labels):
+            clean_value, _ = hf_view(name, clean_hf)
+            corrupt_value, grad = hf_view(name, corrupt_hf)
+            by_hand = ((clean_value - corrupt_value) * grad).sum(-1)[0]  # ([nh,] length)
+            torch.testing.assert_close(estimates[i, p, ..., pad:], by_hand, rtol=1e-4, atol=1e-5)
+            assert (estimates[i, p, ..., :pad] == 0).all()
+            for j in range(N_HEAD if heads else 1):
+                got = values[i, p, j] if heads else values[i, p]  # (T,)
+                torch.testing.assert_close(got[:pad], unpatched.detach().expand(pad), rtol=0, atol=1e-4)
+                cols = slice(j * HD, (j + 1) * HD) if heads else slice(None)
+                for t in range(length):
+
+                    def put(x, source=clean_hf[name], t=t, cols=cols):
+                        x = x.clone()
+                        x[:, t, cols] = source[0, t, cols]
+                        return x
+
+                    patched, _ = run_hf(hf, corrupt_i, [name], edits={name: put})
+                    want = patched[0, -1, answers[0]] - patched[0, -1, answers[1]]
+                    torch.testing.assert_close(got[pad + t], want, rtol=0, atol=1e-4)
+
+
+def test_patching_refuses_padding_without_a_mask_and_a_mask_of_another_shape(models, pairs):
+    _, ours = models
+    clean, corrupt = pairs
+    padded = corrupt.clone()
+    padded[1, :2] = ours.config.pad_token_id
+    for sweep in (activation_patching, attribution_patching):
+        with pytest.raises(ValueError, match=r"corrupt_ids\[1, 0\] is the pad token 3: pass the pairs' attention_m"):
+            sweep(ours, clean, padded, pair_metric, "h.*")
+        with pytest.raises(ValueError, match=r"attention_mask is \(3, 4\), clean_ids and corrupt_ids \(3, 5\)"):
+            sweep(ours, clean, corrupt, pair_metric, "h.*", attention_mask=torch.ones(3, 4))
+        with pytest.raises(ValueError, match=r"attention_mask must hold only 0 \(padding\) and 1"):
+            sweep(ours, clean, corrupt, pair_metric, "h.*", attention_mask=torch.full((3, 5), 2))
+    mask = torch.ones_like(padded)
+    mask[1, :2] = 0
+    activation_patching(ours, clean, padded, pair_metric, "h.*", attention_mask=mask)  # with its mask: taken
+
+
 def test_patching_refuses_mixed_points_bad_prompts_and_bad_metrics(models, prompts):
     _, ours = models
     clean, corrupt = prompts

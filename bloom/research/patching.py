@@ -1,11 +1,12 @@
 """Which activations matter for a behaviour: patch a clean run's activations into a corrupted run.
 
-Both sweeps take clean prompts and corrupted ones, N pairs of the same length (N, T) (row i of each is a pair, N = 1
-for a single pair), a metric of the logits, and probe patterns naming the points to sweep
-(bloom.research.probe). For each matching point and each position t they answer: how much does the metric move
-when the corrupted runs get their clean runs' activation at (point, t)? Over several pairs the answer is the mean
-over the pairs. Points with a head axis (`self_attention.q/k/v/scores/probs/context`, (B, nh, T, ...)) are swept
-per head too.
+Both sweeps take clean prompts and corrupted ones, N pairs (N, T) (row i of each is a pair, N = 1 for a single pair),
+a metric of the logits, and probe patterns naming the points to sweep (bloom.research.probe). Pairs of different
+lengths come left-padded with their `attention_mask` (N, T), one for both prompts of a pair, whose two prompts have
+the same length; at a pair's padding, a patch changes nothing. For each matching point and each position t they
+answer: how much does the metric move when the corrupted runs get their clean runs' activation at (point, t)?
+Over several pairs the answer is the mean over the pairs. Points with a head axis
+(`self_attention.q/k/v/scores/probs/context`, (B, nh, T, ...)) are swept per head too.
 
 - `activation_patching` runs it: one patched forward pass of the N corrupted prompts per (point, [head,] t), those
   runs stacked along the batch axis, the N rows of max(batch_size // N, 1) patches in a forward pass, so a sweep
@@ -44,6 +45,7 @@ def activation_patching(
     progress: bool = True,
     per_pair: bool = False,
     all_positions: bool = False,
+    attention_mask: torch.Tensor | None = None,
 ) -> tuple[list[str], torch.Tensor]:
     """metric(corrupted runs with their clean activation at one point and position) for every point and position.
 
@@ -54,13 +56,15 @@ def activation_patching(
     max(batch_size // N, 1) patches, so a sweep takes ceil(P·[nh·]T / max(batch_size // N, 1)) of them; memory grows
     with the rows of one pass times T·V for the logits. A progress bar shows on stderr when the sweep takes more than
     2 seconds, unless `progress` is False. With `all_positions`, each point (and head) is patched at every position
-    at once, one patch instead of T, and the values lose their T axis: (P,) or (P, nh).
+    at once, one patch instead of T, and the values lose their T axis: (P,) or (P, nh). `attention_mask` (N, T) marks
+    the real tokens of both prompts of each pair (1) and their left padding (0); a patch at a pair's padding leaves
+    its run as it was, so a position padded in some pairs averages their unpatched metric in.
     """
     if not (is_integer(batch_size) and batch_size >= 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    names, per_head, (N, T) = _check(model, clean_ids, corrupt_ids, points)
+    names, per_head, (N, T) = _check(model, clean_ids, corrupt_ids, points, attention_mask)
     with torch.no_grad(), record(model, *names) as clean:
-        model(clean_ids)
+        model(clean_ids, attention_mask)
     n_head = clean[names[0]].shape[1] if per_head else 1
     # one patch per point, head and position (or all positions); a point's patches are contiguous, head-major
     n_pos = 1 if all_positions else T
@@ -82,7 +86,8 @@ def activation_patching(
                 heads, positions = head[mine] if per_head else None, None if all_positions else position[mine]
                 edits[name] = _put(clean[name], rows, row_pair[rows], heads, positions)
         with torch.no_grad(), patch(model, edits):
-            logits = model(corrupt_ids.repeat(len(patches), 1))  # (patches·N, T, V)
+            mask = None if attention_mask is None else attention_mask.repeat(len(patches), 1)
+            logits = model(corrupt_ids.repeat(len(patches), 1), mask)  # (patches·N, T, V)
         out = [_checked(metric(of_patch), N, per_pair).float() for of_patch in logits.split(N)]  # one per patch
         values[patches] = torch.stack([o.reshape(N) if per_pair else o.mean()[None] for o in out]).cpu()
     values = values.T.reshape(-1, len(names), n_head, n_pos)  # (N or 1, P, nh, T or 1)
@@ -99,22 +104,24 @@ def attribution_patching(
     points: str | list[str],
     per_pair: bool = False,
     all_positions: bool = False,
+    attention_mask: torch.Tensor | None = None,
 ) -> tuple[list[str], torch.Tensor]:
     """The first-order estimate of `activation_patching`'s effect, metric(patched) − metric(corrupt).
 
     At the corrupted runs, Σ (clean − corrupt) · ∂metric/∂activation summed over each (point, [head,] t)'s
     entries (with `all_positions`, over every t too), and over N pairs its mean over the pairs (or with `per_pair`
-    each pair's own). Returns (labels, estimates) shaped as activation_patching's values. One forward and one
-    backward pass of the N pairs (the model's parameters get no .grad).
+    each pair's own). Returns (labels, estimates) shaped as activation_patching's values, 0 at a pair's padding
+    (`attention_mask` as there). One forward and one backward pass of the N pairs (the model's parameters get no
+    .grad).
     """
     refuse_int8(model, "attribution_patching")
     if torch.is_inference_mode_enabled():
         raise ValueError("attribution_patching needs autograd: call it outside torch.inference_mode()")
-    names, per_head, (N, _) = _check(model, clean_ids, corrupt_ids, points)
+    names, per_head, (N, _) = _check(model, clean_ids, corrupt_ids, points, attention_mask)
     with torch.no_grad(), record(model, *names) as clean:
-        model(clean_ids)
+        model(clean_ids, attention_mask)
     with torch.enable_grad(), record(model, *names, grad=True) as corrupt:
-        out = _checked(metric(model(corrupt_ids)), N, per_pair)
+        out = _checked(metric(model(corrupt_ids, attention_mask)), N, per_pair)
         grads = torch.autograd.grad(out.sum(), [corrupt[name] for name in names], allow_unused=True)
     estimates = []
     for name, grad in zip(names, grads, strict=True):
@@ -128,16 +135,28 @@ def attribution_patching(
 
 
 def _check(
-    model: Bloom, clean_ids: torch.Tensor, corrupt_ids: torch.Tensor, points: str | list[str]
+    model: Bloom,
+    clean_ids: torch.Tensor,
+    corrupt_ids: torch.Tensor,
+    points: str | list[str],
+    attention_mask: torch.Tensor | None,
 ) -> tuple[list[str], bool, tuple[int, int]]:
     """The names of the points (in the model's order), whether they are per-head points, and (N, T)."""
     if clean_ids.ndim != 2 or 0 in clean_ids.shape or clean_ids.shape != corrupt_ids.shape:
         raise ValueError(
             f"clean_ids {tuple(clean_ids.shape)} and corrupt_ids {tuple(corrupt_ids.shape)} must both be N prompts "
-            "of the same length, (N, T), row i of each a pair"
+            "of the same length, (N, T), row i of each a pair (left-padded, with their attention_mask)"
         )
     refuse_non_tokens(clean_ids, model.config.vocab_size, "clean_ids")
     refuse_non_tokens(corrupt_ids, model.config.vocab_size, "corrupt_ids")
+    if attention_mask is None:
+        _refuse_padding(clean_ids, "clean_ids", model.config.pad_token_id)
+        _refuse_padding(corrupt_ids, "corrupt_ids", model.config.pad_token_id)
+    elif attention_mask.shape != clean_ids.shape:
+        raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, clean_ids and corrupt_ids "
+                         f"{tuple(clean_ids.shape)}: one mask for both prompts of each pair")  # fmt: skip
+    elif not ((attention_mask == 0) | (attention_mask == 1)).all():
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
     patterns = [points] if isinstance(points, str) else points
     names = find_all(model, patterns)
     heads = [is_per_head(name) for name in names]
@@ -149,6 +168,15 @@ def _check(
             "sweep them in two calls"
         )
     return names, all(heads), tuple(clean_ids.shape)
+
+
+def _refuse_padding(ids: torch.Tensor, name: str, pad_token_id: int | None) -> None:
+    """Without a mask, the pad token would be attended to as a token: refuse it, naming where it is."""
+    if pad_token_id is None or not (ids == pad_token_id).any():
+        return
+    at = tuple(int(i) for i in (ids == pad_token_id).nonzero()[0])
+    raise ValueError(f"{name}[{', '.join(map(str, at))}] is the pad token {pad_token_id}: pass the pairs' "
+                     "attention_mask, or the padding is attended to as a token")  # fmt: skip
 
 
 def _checked(out: object, pairs: int, per_pair: bool = False) -> torch.Tensor:
