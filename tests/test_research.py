@@ -189,11 +189,15 @@ def test_every_logit_lens_row_is_transformers_hidden_state_through_its_ln_f_and_
 
 
 def test_record_with_grad_refuses_when_autograd_is_off(models):
+    """Under no_grad or inference_mode, the user's own or a tool's (logit_lens runs its pass under inference_mode)."""
     _, ours = models
+    refused = r"record\(grad=True\) of h.0: a forward pass ran with autograd off .* outside this record\(grad=True\)"
     for autograd_off in (torch.no_grad, torch.inference_mode):
-        with pytest.raises(ValueError, match=r"record\(grad=True\) of h.0: autograd is off"):
+        with pytest.raises(ValueError, match=refused):
             with autograd_off(), record(ours, "h.0", grad=True):
                 ours(torch.tensor([[5, 6, 7]]))
+    with pytest.raises(ValueError, match=refused), record(ours, "h.0", grad=True):
+        logit_lens(ours, torch.tensor([[5, 6, 7]]))
 
 
 def test_residual_components_sum_to_the_stream_entering_ln_f_and_heads_are_right(models):
@@ -706,7 +710,11 @@ def test_head_scores_find_a_head_built_to_do_the_job():
         head_scores(model, ids, torch.ones(9, 9))
     one_for_all = torch.ones(9, 9).tril(-1).triu(-1)  # (T, T): the previous token, for every row
     torch.testing.assert_close(head_scores(model, ids, one_for_all), head_scores(model, ids, "previous_token"))
-    with pytest.raises(ValueError, match=r"no query of input_ids has a induction pattern target"):
+    with pytest.raises(ValueError, match=r"no query of input_ids has a target of the induction pattern: give token"):
         head_scores(model, torch.arange(4, 13)[None], "induction")
+    with pytest.raises(ValueError, match=r"of the previous_token pattern: it needs two real tokens in a row"):
+        head_scores(model, ids[:, :1], "previous_token")
+    with pytest.raises(ValueError, match=r"of the given pattern: it marks no key of a real query"):
+        head_scores(model, ids, torch.zeros(9, 9))
     with pytest.raises(ValueError, match=r"attention_mask is \(2, 8\), input_ids \(2, 9\)"):
         head_scores(model, ids, "induction", torch.ones(2, 8))

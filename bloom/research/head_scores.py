@@ -26,6 +26,12 @@ from bloom.model import Bloom
 from bloom.research.probe import find
 
 PATTERNS = ("previous_token", "duplicate_token", "induction")
+NEEDS = {  # what the tokens need for some query to have a target, by pattern
+    "previous_token": "previous_token pattern: it needs two real tokens in a row",
+    "duplicate_token": "duplicate_token pattern: give tokens that repeat (a random sequence twice)",
+    "induction": "induction pattern: give tokens that repeat (a random sequence twice)",
+    None: "given pattern: it marks no key of a real query",
+}
 
 
 def target_pattern(
@@ -77,9 +83,8 @@ def head_scores(
     if attention_mask is not None:
         scored &= attention_mask != 0
     if not scored.any():
-        name = pattern if isinstance(pattern, str) else "the given"
-        raise ValueError(f"no query of input_ids has a {name} pattern target: for duplicate_token and induction, give "
-                         "tokens that repeat (a random sequence twice)")  # fmt: skip
+        needs = NEEDS[pattern if isinstance(pattern, str) else None]
+        raise ValueError(f"no query of input_ids has a target of the {needs}")
     weight = scored.float() / scored.sum()  # (B, T): each scored query's share of the mean
     layers = find(model, "h.*.self_attention.probs")
     scores = [torch.empty(0)] * len(layers)

@@ -112,9 +112,11 @@ def record(
 
     grad: keep the recorded tensors in the autograd graph, so that after the caller's `backward()` each
         one's `.grad` holds the gradient with respect to it. When the model's parameters do not require
-        gradients (`model.requires_grad_(False)`), the first recorded tensor becomes a leaf that does, and
-        everything after it is tracked; the values are unchanged. Needs autograd on (not under no_grad or
-        inference_mode), and float weights: int8 layers (quantize="int8") have no backward.
+        gradients (`model.requires_grad_(False)`), each recorded tensor that would not be tracked becomes a
+        leaf that is, and everything after it is tracked; the values are unchanged. Needs autograd on (not
+        under no_grad or inference_mode) and float weights: a model with int8 weights (quantize="int8") is
+        refused, since torch has no backward for the bf16 int8 product and the tools are checked on float
+        weights.
     every_call: each entry is the list of the module's outputs, one per call, in order (`generate`: the
         prefill, then each decode step), instead of the output of the last call.
     """
@@ -127,8 +129,9 @@ def record(
     def keep(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
             if grad and (not torch.is_grad_enabled() or torch.is_inference_mode_enabled()):
-                raise ValueError(f"record(grad=True) of {name}: autograd is off (no_grad or inference_mode; "
-                                 "generate runs under inference_mode)")  # fmt: skip
+                raise ValueError(f"record(grad=True) of {name}: a forward pass ran with autograd off (under no_grad "
+                                 "or inference_mode, as generate and the research tools run theirs): run that pass "
+                                 "outside this record(grad=True)")  # fmt: skip
             if not grad:
                 kept = output.detach()
             elif output.requires_grad:
