@@ -18,7 +18,7 @@ from bloom.generation.streaming import TextStream, stream
 from bloom.model import Bloom
 from bloom.research.attribution import direct_logit_attribution, residual_components
 from bloom.research.head_scores import head_scores
-from bloom.research.lens import logit_lens
+from bloom.research.lens import logit_lens, logit_lens_log_probs
 from bloom.research.patching import activation_patching, attribution_patching
 from bloom.research.perplexity import perplexity
 from bloom.research.probe import patch, record, zero_head
@@ -40,6 +40,7 @@ __all__ = [
     "load_pretrained",
     "load_tokenizer",
     "logit_lens",
+    "logit_lens_log_probs",
     "ov_circuit",
     "patch",
     "perplexity",

@@ -11,7 +11,7 @@ from tiny_checkpoint import left_padded, random_hf_bloom, save_transformers
 from bloom import Bloom, BloomConfig, generate, load_pretrained
 from bloom.research.attribution import direct_logit_attribution, residual_components
 from bloom.research.head_scores import head_scores
-from bloom.research.lens import logit_lens
+from bloom.research.lens import logit_lens, logit_lens_log_probs
 from bloom.research.patching import activation_patching, attribution_patching
 from bloom.research.probe import patch, record
 from bloom.research.weights import head_weights, ov_circuit, qk_circuit
@@ -176,16 +176,22 @@ def test_every_logit_lens_row_is_transformers_hidden_state_through_its_ln_f_and_
     """hidden_states[i] enters block i (i < L); the last is already through ln_f."""
     hf, ours = models
     ids, mask = left_padded([7, 4], vocab_size=V)
+    answers = torch.randint(0, V, ids.shape)  # (B, T): a token to follow at each position
     probs, tokens = logit_lens(ours, ids, mask, k=3)
+    log_probs = logit_lens_log_probs(ours, ids, answers, mask)
     with torch.no_grad():
         states = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         normed = [hf.transformer.ln_f(h) for h in states[:-1]] + [states[-1]]
         expected = [torch.topk(torch.softmax(hf.lm_head(h).float(), dim=-1), 3, dim=-1) for h in normed]
-    assert probs.shape == (N_LAYER + 1, 2, 7, 3)
+        of_answers = [torch.log_softmax(hf.lm_head(h).float(), dim=-1).gather(-1, answers[..., None]) for h in normed]
+    assert probs.shape == (N_LAYER + 1, 2, 7, 3) and log_probs.shape == (N_LAYER + 1, 2, 7)
     for row, top in enumerate(expected):
         real = mask.bool()
         assert torch.equal(tokens[row][real], top.indices[real]), f"row {row}"
         torch.testing.assert_close(probs[row][real], top.values[real], rtol=0, atol=1e-6, msg=f"row {row}")
+        torch.testing.assert_close(log_probs[row][real], of_answers[row][..., 0][real], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"tokens is \(2, 6\): one token per position, a tensor like input_ids"):
+        logit_lens_log_probs(ours, ids, answers[:, 1:], mask)
 
 
 def test_record_with_grad_refuses_when_autograd_is_off(models):

@@ -18,7 +18,8 @@ A model with int8 weights (quantize="int8") is decomposed through each head's sl
 
 import torch
 
-from bloom.model import Bloom, refuse_non_tokens
+from bloom.model import Bloom
+from bloom.research.lens import check_tokens_like
 from bloom.research.probe import record
 from bloom.research.weights import output_weights
 
@@ -48,10 +49,7 @@ def direct_logit_attribution(
     ln_f (frozen) and u = the token's row of the unembedding. attrib.sum(0) is the logit, the model's own
     logits[b, t, tokens[b, t]]. Computed in float32.
     """
-    if not isinstance(tokens, torch.Tensor) or tokens.shape != input_ids.shape:
-        found = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise ValueError(f"tokens is {found}: one token per position, a tensor like input_ids {tuple(input_ids.shape)}")
-    refuse_non_tokens(tokens, model.config.vocab_size, "tokens")
+    check_tokens_like(tokens, input_ids, model.config.vocab_size)
     labels, parts, residual = _components(model, input_ids, attention_mask)
     ln_f = model.ln_f
     residual = residual.float()
