@@ -85,10 +85,14 @@ class BloomConfig:
             raise ValueError("quantized checkpoints (quantization_config) are not supported")
 
         def pick(*names: str, default: Any = None) -> tuple[str, Any]:
-            """(the key the file uses, its value)"""
-            for name in names:
-                if name in hf_config:
-                    return name, hf_config[name]
+            """(the key the file uses, its value); two spellings that disagree are refused, since the weights'
+            shapes cannot tell which one is meant (transformers would take the other)."""
+            given = [(name, hf_config[name]) for name in names if name in hf_config]
+            if len({repr(value) for _, value in given}) > 1:
+                spelled = " and ".join(f"{name} = {value!r:.20}" for name, value in given)
+                raise ValueError(f"config gives {spelled}: two spellings of one size that disagree")
+            if given:
+                return given[0]
             if default is None:
                 raise ValueError(f"config has no {' / '.join(names)}")
             return names[0], default

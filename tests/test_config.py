@@ -53,6 +53,20 @@ def test_old_spellings_and_unused_keys_are_accepted():
 
 
 @pytest.mark.parametrize(
+    "sizes", [{"n_head": 4, "num_attention_heads": 8}, {"hidden_size": 64, "n_embed": 128}], ids=["heads", "hidden"]
+)
+def test_two_spellings_of_a_size_that_disagree_are_refused(tmp_path, sizes):
+    """The weights' shapes cannot tell 4 heads from 8: transformers would take the other spelling, a different model."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(GOOD | sizes))
+    (first, a), (second, b) = sizes.items()
+    with pytest.raises(ValueError, match=rf"config.json: config gives {first} = {a} and {second} = {b}: two spellings"):
+        BloomConfig.from_json(path)
+    agreeing = GOOD | {first: a, second: a}
+    assert BloomConfig.from_hf_config(agreeing) == BloomConfig.from_hf_config(GOOD | {first: a})
+
+
+@pytest.mark.parametrize(
     "flags,message",
     [
         ({"apply_residual_connection_post_layernorm": True}, "apply_residual_connection_post_layernorm"),
