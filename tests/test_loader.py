@@ -51,6 +51,16 @@ def test_transformers_single_file(tmp_path, hf_model, ids):
     assert_same_model(model, hf_model, ids)
 
 
+def test_a_single_file_is_read_before_an_index_left_beside_it_as_transformers_reads_it(tmp_path, hf_model, ids):
+    """An index from an earlier sharded save, whose shards are gone: transformers loads model.safetensors."""
+    folder = save_transformers(hf_model, tmp_path / "single")
+    sharded = save_transformers(hf_model, tmp_path / "sharded", max_shard_size="20KB")
+    shutil.copy(sharded / "model.safetensors.index.json", folder)
+    theirs = type(hf_model).from_pretrained(folder)
+    assert [p.name for p in weight_files(folder)] == ["model.safetensors"]
+    assert_same_model(load_pretrained(folder), theirs, ids)
+
+
 def test_transformers_sharded(tmp_path, hf_model, ids):
     folder = save_transformers(hf_model, tmp_path, max_shard_size="20KB")
     assert len(weight_files(folder)) > 2

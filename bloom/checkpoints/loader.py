@@ -184,15 +184,16 @@ def _checkpoint(
 
 
 def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
-    """The weight files of a checkpoint folder: the shards named by an index, or the single file."""
+    """The weight files of a checkpoint folder: the single file, or else the shards named by an index (the single
+    file first, as transformers looks: an index left beside it from an earlier sharded save is not read)."""
     kinds = [("model.safetensors.index.json", "model.safetensors")]
     if allow_pickle:
         kinds.append(("pytorch_model.bin.index.json", "pytorch_model.bin"))
     for index_name, single_name in kinds:
-        if (folder / index_name).is_file():
-            return _shards_from_index(folder, folder / index_name)
         if (folder / single_name).is_file():
             return [folder / single_name]
+        if (folder / index_name).is_file():
+            return _shards_from_index(folder, folder / index_name)
     if not allow_pickle and any(folder.glob("pytorch_model*.bin")):
         raise FileNotFoundError(
             f"{folder}: only pickle weights (pytorch_model*.bin) found; convert them to safetensors, or from Python "
