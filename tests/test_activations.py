@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from transformers import BloomForCausalLM
 
+import bloom.command_line.cli
 import bloom.research.activations
 from bloom import load_pretrained, load_tokenizer
 from bloom.command_line.cli import main
@@ -205,8 +206,35 @@ def test_command_exports_the_text_in_token_order(tiny_model_folder, tmp_path, ca
     with pytest.raises(SystemExit) as exit_:  # other settings (all the tokens): refused, naming the folder
         main(argv)
     assert exit_.value.code == 2
-    assert f"bloom activations: error: {out}" in capsys.readouterr().err
+    assert f"bloom activations: error: --out {out} holds an export that differs in its text" in capsys.readouterr().err
     respelled = [str(tiny_model_folder) + "/." if arg == str(tiny_model_folder) else arg for arg in argv]
     with pytest.raises(SystemExit):  # the same folder spelled otherwise: the same export
         main([*respelled, "--max-tokens", "50"])
-    assert "already holds this export, complete" in capsys.readouterr().err
+    assert f"--out {out} already holds a complete export of this text, points and context (F32 activations, F32 " \
+        "weights); delete it" in capsys.readouterr().err  # fmt: skip
+
+
+@pytest.mark.parametrize("held", ["a file", "another export", "this export, complete"])
+def test_the_command_refuses_its_out_folder_before_reading_any_weight(tmp_path, tiny_model_folder, monkeypatch,
+                                                                     capsys, held):  # fmt: skip
+    """What export refuses whatever the dtype is refused before the weights are read."""
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 4, encoding="utf-8")
+    out = tmp_path / "acts"
+    argv = ["activations", "--model", str(tiny_model_folder), "--file", str(tmp_path / "text.txt"), "--points",
+            "h.1", "--context", "8", "--out", str(out)]  # fmt: skip
+    if held == "a file":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    else:
+        assert main([*argv, "--max-tokens", "20" if held == "another export" else "1000"]) == 0
+    monkeypatch.setattr(bloom.command_line.cli, "load_pretrained", lambda *a, **k: pytest.fail("weights were read"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    refused = {
+        "a file": "is not empty and holds no index.json",
+        "another export": "holds an export that differs in its text, n_tokens (20 there",
+        "this export, complete": "already holds a complete export",
+    }
+    assert f"--out {out} {refused[held]}" in capsys.readouterr().err

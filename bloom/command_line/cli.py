@@ -373,7 +373,7 @@ def run_activations(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     with torch.device("meta"):  # the point names depend on the layer count: checked before the weights are read
         skeleton = Bloom(load_config(args.model, revision=args.revision))
     try:
-        bloom.research.activations.point_names(skeleton, args.points)
+        names = bloom.research.activations.point_names(skeleton, args.points)
     except ValueError as error:
         raise ValueError(f"--points: {error}") from None
     tokenizer = model_tokenizer(args)
@@ -381,10 +381,14 @@ def run_activations(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if not token_ids:
         raise ValueError(f"--file {args.file}: 0 tokens, nothing to export")
     output_folder(args.out, "--out")
-    model, _, _ = load(args, tokenizer)
     model_name = args.model + (f"@{args.revision}" if args.revision else "")  # a repo at its revision
     if Path(args.model).is_dir():  # the same folder however it is spelled
         model_name = str(Path(args.model).resolve())
+    try:  # what export would refuse whatever the loaded dtype, before the weights are read
+        bloom.research.activations.check_folder(args.out, model_name, token_ids, names, args.context)
+    except ValueError as error:
+        raise ValueError(f"--out {error}") from None
+    model, _, _ = load(args, tokenizer)
     try:
         out = bloom.research.activations.export(
             model, token_ids, args.points, args.out, context=args.context, batch_size=args.batch_size,

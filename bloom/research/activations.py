@@ -85,15 +85,56 @@ def _header(key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
 
 def _settings(model: Bloom, model_name: str, token_ids: torch.Tensor, points: list[str], context: int) -> dict:
     dtype = model.ln_f.weight.dtype  # the activations' (the embedding may be int8)
+    return _run_settings(model_name, token_ids, points, context) | {
+        "weights": "int8" if any(t.dtype == torch.int8 for t in model.buffers()) else SAFETENSORS_DTYPES[dtype],
+        "dtype": SAFETENSORS_DTYPES[dtype],
+    }
+
+
+def _run_settings(model_name: str, token_ids: torch.Tensor, points: list[str], context: int) -> dict:
+    """The settings known before the weights are loaded."""
     return {
         "model": model_name,
-        "weights": "int8" if any(t.dtype == torch.int8 for t in model.buffers()) else SAFETENSORS_DTYPES[dtype],
         "tokens_sha256": hashlib.sha256(token_ids.numpy().tobytes()).hexdigest(),
         "n_tokens": len(token_ids),
         "points": points,
         "context": context,
-        "dtype": SAFETENSORS_DTYPES[dtype],
     }
+
+
+def check_folder(out: Path, model_name: str, token_ids: Sequence[int], points: list[str], context: int) -> None:
+    """Refuse, before the model is loaded, a folder that `export` would refuse whatever the weights' dtype: one
+    not empty and without an index, or holding another export, or this text's export complete. `points` are the
+    names `point_names` gives."""
+    token_ids = torch.as_tensor(token_ids, dtype=torch.int64).flatten()
+    settings = _run_settings(model_name, token_ids, points, context)
+    if not (Path(out) / INDEX).is_file():
+        _refuse_foreign(Path(out))
+        return
+    index = _read_index(Path(out))
+    _refuse_other_export(Path(out), index, settings)
+    if index["tokens_done"] == settings["n_tokens"]:
+        theirs = index.get("settings") or {}
+        kinds = f"{theirs.get('dtype')} activations, {theirs.get('weights')} weights"
+        raise ValueError(f"{out} already holds a complete export of this text, points and context ({kinds}); delete "
+                         "it to write it again")  # fmt: skip
+
+
+def _refuse_foreign(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty and holds no {INDEX}: choose an empty or new folder")
+
+
+def _refuse_other_export(out: Path, index: dict, settings: dict) -> None:
+    """Refuse an index whose export differs from `settings` in any of their keys."""
+    theirs = index.get("settings") or {}
+    differ = ", ".join(
+        "text" if key == "tokens_sha256" else f"{key} ({theirs.get(key)!r} there, {settings[key]!r} now)"
+        for key in settings
+        if theirs.get(key) != settings[key]
+    )
+    if differ:
+        raise ValueError(f"{out} holds an export that differs in its {differ} ({out / INDEX}); choose another --out")
 
 
 def _write_index(out: Path, index: dict) -> None:
@@ -147,16 +188,7 @@ def _start(out: Path, settings: dict, widths: dict[str, int], token_ids: torch.T
     """Prepare `out` and return the number of tokens already written (0 for a new export)."""
     if (out / INDEX).is_file():
         index = _read_index(out)
-        theirs = index.get("settings") or {}
-        if theirs != settings:
-            differ = ", ".join(
-                "text" if key == "tokens_sha256" else f"{key} ({theirs.get(key)!r} there, {settings[key]!r} now)"
-                for key in settings
-                if theirs.get(key) != settings[key]
-            )
-            raise ValueError(
-                f"{out} holds an export that differs in its {differ} ({out / INDEX}); choose another --out"
-            )
+        _refuse_other_export(out, index, settings)
         if index["tokens_done"] == settings["n_tokens"]:
             raise ValueError(f"{out} already holds this export, complete; delete it to write it again")
         if not 0 <= index["tokens_done"] < settings["n_tokens"]:
@@ -165,8 +197,7 @@ def _start(out: Path, settings: dict, widths: dict[str, int], token_ids: torch.T
             _check_files(out, widths, len(token_ids), dtype)
             return index["tokens_done"]
     else:  # the index first: a run stopped before its files below are made makes them again when started again
-        if out.exists() and any(out.iterdir()):
-            raise ValueError(f"{out} is not empty and holds no {INDEX}: choose an empty or new folder")
+        _refuse_foreign(out)
         files = {name: f"{name}.safetensors" for name in [TOKENS, *widths]}
         _write_index(out, {"settings": settings, "widths": widths, "files": files, "tokens_done": 0})
     with open(out / f"{TOKENS}.safetensors", "wb") as f:
