@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,6 +155,19 @@ def read_json(path: Path) -> Any:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     except RecursionError:
         raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
+
+
+def write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """Write a file whole or not at all: `write(partial)` writes it beside `path`, which it then replaces. On an
+    error (a full disk) the partial file is removed, an earlier `path` is left as it was, and the OSError names
+    `path`."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror, str(path)) from None
 
 
 def _preset(hidden_size: int, n_layer: int, n_head: int) -> BloomConfig:

@@ -21,6 +21,7 @@ import bloom.command_line.cli
 from bloom.command_line.arguments import CommandParser, in_flags
 from bloom.command_line.cli import main
 from bloom.generation.decoder import Decoder
+from bloom.research.activations import load
 
 
 @pytest.fixture
@@ -552,3 +553,52 @@ def test_fuzz_bad_command_lines(cli, no_weights, tiny_model_folder, bad_files, m
         code, _, err = cli(command, *argv)
         assert code == 2 and "Traceback" not in err, (argv, err)
         assert f"bloom {command}: error: " in err.strip().splitlines()[-1], (argv, err)
+
+
+# A process whose files may not grow past `limit` bytes: its writes beyond fail as on a full disk (EFBIG, not a
+# signal), a real failure of the operating system's, not a mock.
+LIMITED = ("import resource, signal, sys\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+           "resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n")  # fmt: skip
+
+
+def run_limited(limit: int, code: str, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", LIMITED.format(limit=limit) + code, *map(str, argv)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_a_file_written_whole_or_not_at_all_keeps_the_earlier_one_and_names_itself(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text("earlier")
+    code = ("from pathlib import Path\nfrom bloom.config import write_whole\ntry:\n"
+            "    write_whole(Path(sys.argv[1]), lambda partial: partial.write_bytes(b'x' * 100_000))\n"
+            "except OSError as error:\n    print(error.errno, error.filename)\n")  # fmt: skip
+    done = run_limited(4096, code, path)
+    assert done.stdout.split() == [str(27), str(path)], done.stderr  # EFBIG, the file meant
+    assert path.read_text() == "earlier" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+CLI = "from bloom.command_line.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+
+
+def test_inspect_that_cannot_write_names_the_picture_and_leaves_none_half_written(tmp_path, tiny_model_folder):
+    out = tmp_path / "inspect"
+    done = run_limited(
+        8192, CLI, "inspect", "--model", tiny_model_folder, "--prompt", "Hello there world", "--out", out
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"bloom inspect: error: [Errno 27] File too large: '{out / 'attention_layer00.png'}'" in done.stderr
+    assert list(out.iterdir()) == []  # no partial picture
+
+
+def test_activations_that_cannot_write_name_the_file_and_the_same_command_finishes(tmp_path, tiny_model_folder):
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 4, encoding="utf-8")
+    out = tmp_path / "acts"
+    argv = ["activations", "--model", tiny_model_folder, "--file", tmp_path / "text.txt", "--points", "h.1",
+            "--context", "8", "--out", out]  # fmt: skip
+    done = run_limited(4096, CLI, *argv)  # the index and the token ids fit, the rows (tokens × 48 × 4 bytes) do not
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"[Errno 27] File too large: '{out / 'h.1.safetensors'}'" in done.stderr
+    assert f"{out} keeps the batches written so far; the same command again finishes the export" in done.stderr
+    assert main([str(arg) for arg in argv]) == 0
+    tokens, rows = load(out, "h.1")  # finished: load refuses an unfinished export
+    assert rows.shape == (len(tokens), 48)

@@ -42,6 +42,7 @@ from bloom.command_line.arguments import (
     read_text,
     seed,
 )
+from bloom.config import write_whole
 from bloom.generation.decoder import Decoder
 from bloom.generation.generate import check_sampling, generate, resolve_eos_ids
 from bloom.generation.streaming import TextStream
@@ -394,9 +395,9 @@ def run_activations(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             model, token_ids, args.points, args.out, context=args.context, batch_size=args.batch_size,
             model_name=model_name, progress=True,
         )  # fmt: skip
-    except KeyboardInterrupt:
-        print(f"interrupted: {args.out} keeps the batches written so far; the same command again finishes the export",
-              file=sys.stderr)  # fmt: skip
+    except (KeyboardInterrupt, OSError) as error:  # Ctrl-C, a full disk: what is written stays, and is resumed
+        print(f"{'interrupted: ' if isinstance(error, KeyboardInterrupt) else ''}{args.out} keeps the batches written "
+              "so far; the same command again finishes the export", file=sys.stderr)  # fmt: skip
         raise
     print(out)
     return 0
@@ -497,7 +498,7 @@ def run_evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         print(lm_eval.utils.make_table(results, "groups"))
     if args.output is not None:
         text = json.dumps(results, indent=2, default=lm_eval.utils.handle_non_serializable, ensure_ascii=False)
-        args.output.write_text(text + "\n", encoding="utf-8")
+        write_whole(args.output, lambda partial: partial.write_text(text + "\n", encoding="utf-8"))
     return 0
 
 

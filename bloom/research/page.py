@@ -13,11 +13,11 @@ The page holds every head's probabilities: 4·n_layer·nh·T² bytes, a third mo
 import base64
 import html
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from bloom.config import write_whole
 from bloom.model import alibi_slopes
 
 TEMPLATE = Path(__file__).with_name("page.html")
@@ -67,7 +67,6 @@ def write(
     # when the data's tokens spell it, and a title spelling __DATA__ is never filled with the data.
     page = TEMPLATE.read_text(encoding="utf-8").replace("__DATA__", text, 1)
     page = page.replace("__TITLE__", html.escape(prompt[:60]), 1)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(page, encoding="utf-8")
-    os.replace(partial, path)  # a page is whole or not there: never half of one beside an earlier one's pictures
+    # a page is whole or not there: never half of one beside an earlier one's pictures
+    write_whole(path, lambda partial: partial.write_text(page, encoding="utf-8"))
     return path

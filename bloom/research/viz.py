@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from bloom.config import write_whole
 from bloom.model import alibi_slopes
 
 DPI = 100
@@ -41,7 +42,7 @@ def save(fig, path: Path) -> Path:
     """Write the figure as a PNG of its own size (figsize x DPI pixels) and return the path."""
     with warnings.catch_warnings():  # BLOOM speaks 46 languages; glyphs the font lacks are drawn as boxes
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        fig.savefig(path, dpi=DPI)
+        write_whole(path, lambda partial: fig.savefig(partial, dpi=DPI, format="png"))
     return path
 
 
