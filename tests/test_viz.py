@@ -49,6 +49,13 @@ FIGURES = {
     "alibi, 112 heads, 12 tokens": lambda: viz.alibi(112, 12),
     "logit lens, 24 layers, 12 tokens": lambda: lens(24, 12),
     "logit lens, 24 layers, 90 tokens": lambda: lens(24, 90),
+    # a short prompt of a small model: narrow pictures, whose titles and colour bar labels must still fit
+    "attention, 4 heads, 1 token": lambda: attention(4, 1),
+    "attention, 16 heads, 3 tokens": lambda: attention(16, 3),
+    "alibi, 1 head, 1 token": lambda: viz.alibi(1, 1),
+    "alibi, 4 heads, 3 tokens": lambda: viz.alibi(4, 3),
+    "logit lens, 2 layers, 1 token": lambda: lens(2, 1),
+    "logit lens, 4 layers, 3 tokens": lambda: lens(4, 3),
 }
 
 

@@ -8,9 +8,12 @@ colour bar with its scale; panels of one figure share it.
 - Heat map panels are PANEL_MIN to PANEL_MAX inches square, growing with the tokens (PANEL_PER_TOKEN each).
 - Token labels are drawn on the outer panels only (keys under the lowest panel of each column, queries
   left of the first column) and thinned to every k-th token when a label would not fit in its cell.
+- Titles and colour bar labels are wrapped into lines that fit the picture's width and the bar's height, so that
+  a short prompt's narrow picture keeps them whole.
 """
 
 import math
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -26,8 +29,10 @@ LABEL_CHARS = 12  # longer labels are cut, with "…"
 LABEL_PITCH = 1.4 * LABEL_PT / 72  # inches along an axis that one label needs, with some air
 GAP_X, GAP_Y = 0.25, 0.4  # between panels: room for a panel's title above it
 MARGIN = 0.3  # around everything
-TITLE_IN = 0.6  # the figure's title
-COLORBAR_IN = 1.1  # the colour bar, its ticks and its label, right of the panels
+TITLE_PT, BAR_PT = 11, 10  # the figure's title, a colour bar's label
+LINE = 1.3 / 72  # inches a line of text takes per point of its size
+CHAR_IN = 0.62 / 72  # inches a character takes per point, at most on average (DejaVu Sans), for wrapping
+COLORBAR_IN = 1.1  # the colour bar, its ticks and a one-line label, right of the panels
 
 
 def _figure(width: float, height: float):
@@ -69,18 +74,41 @@ def _ticks(ax, axis: str, tokens: list[str], axis_inches: float) -> None:
         ax.set_yticks(positions, labels, fontsize=LABEL_PT)
 
 
-def _panel_grid(n_panels: int, panel: float, left: float, bottom: float):
-    """A figure with a grid of square panels, (rows, cols) near-square, and room for a colour bar.
+def _wrap(text: str, inches: float, points: float) -> str:
+    """`text` in lines of at most `inches` at this font size, its own line breaks kept."""
+    chars = max(8, int(inches / (CHAR_IN * points)))
+    return "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
 
-    Returns (fig, axes in row-major order, colour bar axes, cols). `left` and `bottom` are the inches kept
-    for labels left of the first column and under the lowest panels.
+
+def _lines(text: str) -> int:
+    return text.count("\n") + 1
+
+
+def _titled(width: float, body_height: float, title: str, bar_height: float, bar_label: str):
+    """A figure `width` inches wide (plus room for a colour bar label longer than one line) with `body_height`
+    inches under its title, which is wrapped to the width, as the bar's label is to `bar_height`. Returns (fig,
+    wrapped bar label, the width of the body and its bar)."""
+    bar_label = _wrap(bar_label, bar_height, BAR_PT)
+    width += (_lines(bar_label) - 1) * BAR_PT * LINE
+    title = _wrap(title, width - 2 * MARGIN, TITLE_PT)
+    height = body_height + _lines(title) * TITLE_PT * LINE + 0.2
+    fig = _figure(math.ceil(width * DPI) / DPI, math.ceil(height * DPI) / DPI)  # whole pixels
+    fig.suptitle(title, fontsize=TITLE_PT, y=1 - MARGIN / height)
+    return fig, bar_label
+
+
+def _panel_grid(n_panels: int, panel: float, left: float, bottom: float, title: str, bar_label: str):
+    """A figure with a grid of square panels, (rows, cols) near-square, a title, and room for a colour bar.
+
+    Returns (fig, axes in row-major order, colour bar axes, cols, the bar's label wrapped to its height). `left` and
+    `bottom` are the inches kept for labels left of the first column and under the lowest panels.
     """
     cols = math.ceil(math.sqrt(n_panels))
     rows = math.ceil(n_panels / cols)
     grid_w, grid_h = cols * panel + (cols - 1) * GAP_X, rows * panel + (rows - 1) * GAP_Y
-    width = MARGIN + left + grid_w + COLORBAR_IN + MARGIN
-    height = MARGIN + bottom + grid_h + GAP_Y + TITLE_IN
-    fig = _figure(width, height)
+    body_height = MARGIN + bottom + grid_h + GAP_Y
+    fig, bar_label = _titled(MARGIN + left + grid_w + COLORBAR_IN + MARGIN, body_height, title, grid_h, bar_label)
+    width, height = fig.get_size_inches()
     axes = []
     for i in range(n_panels):
         row, col = divmod(i, cols)
@@ -89,7 +117,7 @@ def _panel_grid(n_panels: int, panel: float, left: float, bottom: float):
         axes.append(fig.add_axes((x / width, y / height, panel / width, panel / height)))
     bar_x = MARGIN + left + grid_w + 0.2
     colorbar = fig.add_axes((bar_x / width, (MARGIN + bottom) / height, 0.15 / width, grid_h / height))
-    return fig, axes, colorbar, cols
+    return fig, axes, colorbar, cols, bar_label
 
 
 def _panel_inches(n_tokens: int) -> float:
@@ -100,7 +128,10 @@ def attention_heads(probs: torch.Tensor, tokens: list[str], title: str):
     """One panel per head of a layer: (nh, T, T) attention probabilities, queries down, keys across."""
     n_head, T, _ = probs.shape
     panel, room = _panel_inches(T), _label_room(tokens)
-    fig, axes, bar, cols = _panel_grid(n_head, panel, left=room, bottom=room)
+    fig, axes, bar, cols, bar_label = _panel_grid(
+        n_head, panel, room, room, f"{title}: attention of each head, queries down, keys across (heads from 0)",
+        "attention probability (0 to 1)",
+    )  # fmt: skip
     for head, ax in enumerate(axes):
         image = ax.imshow(probs[head].float().cpu().numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(f"head {head}", fontsize=8, pad=3)
@@ -110,9 +141,7 @@ def attention_heads(probs: torch.Tensor, tokens: list[str], title: str):
             _ticks(ax, "x", tokens, panel)
         if head % cols == 0:
             _ticks(ax, "y", tokens, panel)
-    fig.colorbar(image, cax=bar, label="attention probability (0 to 1)")
-    fig.suptitle(f"{title}: attention of each head, queries down, keys across (heads from 0)",
-                 y=1 - MARGIN / fig.get_figheight())  # fmt: skip
+    fig.colorbar(image, cax=bar).set_label(bar_label, fontsize=BAR_PT)
     return fig
 
 
@@ -125,17 +154,18 @@ def alibi(n_head: int, n_tokens: int):
     slopes = alibi_slopes(n_head)
     distance = torch.arange(n_tokens)[:, None] - torch.arange(n_tokens)[None, :]  # (T, T), query - key
     strongest = -slopes.max().item() * max(n_tokens - 1, 1)
-    fig, axes, bar, _ = _panel_grid(n_head, max(PANEL_MIN, _panel_inches(n_tokens) / 2), left=0, bottom=0)
+    title = (f"ALiBi bias, {n_head} head{'s' * (n_head > 1)} (from 0), {n_tokens} token{'s' * (n_tokens > 1)}; "
+             "queries down, keys across, white: masked")  # fmt: skip
+    label = "bias, relative form: -slope × (query - key)\n(the model adds slope × key; equal after softmax)"
+    panel = max(PANEL_MIN, _panel_inches(n_tokens) / 2)
+    fig, axes, bar, _, label = _panel_grid(n_head, panel, 0, 0, title, label)
     for head, ax in enumerate(axes):
         bias = (-slopes[head] * distance).masked_fill(distance < 0, float("nan"))
         image = ax.imshow(bias.numpy(), cmap="magma", vmin=strongest, vmax=0, interpolation="nearest")
         ax.set_title(f"head {head}: slope {slopes[head]:.4g}", fontsize=7, pad=3)
         ax.set_xticks([])
         ax.set_yticks([])
-    label = "bias, relative form: -slope × (query - key)\n(the model adds slope × key; equal after softmax)"
-    fig.colorbar(image, cax=bar, label=label)
-    fig.suptitle(f"ALiBi bias, {n_head} heads (from 0), {n_tokens} tokens; queries down, keys across, "
-                 "white: masked", y=1 - MARGIN / fig.get_figheight())  # fmt: skip
+    fig.colorbar(image, cax=bar).set_label(label, fontsize=BAR_PT)
     return fig
 
 
@@ -147,9 +177,11 @@ def logit_lens_grid(probs: torch.Tensor, top_tokens: list[list[str]], tokens: li
     column = 0.9 if T <= 40 else max(0.12, 36 / T)  # inches
     row = max(0.3, 1.5 / n_rows)  # inches; at least 1.5 for the grid, so that the colour bar can be read
     room = _label_room(tokens)
-    width = MARGIN + 0.6 + T * column + COLORBAR_IN + MARGIN
-    height = MARGIN + room + n_rows * row + TITLE_IN
-    fig = _figure(width, height)
+    title = "logit lens: top next token after each block h.i (from 0), read through ln_f and the LM head"
+    body_height = MARGIN + room + n_rows * row + GAP_Y
+    fig, bar_label = _titled(MARGIN + 0.6 + T * column + COLORBAR_IN + MARGIN, body_height, title, n_rows * row,
+                             "probability of the top token")  # fmt: skip
+    width, height = fig.get_size_inches()
     ax = fig.add_axes(((MARGIN + 0.6) / width, (MARGIN + room) / height, T * column / width, n_rows * row / height))
     image = ax.imshow(probs.float().cpu().numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto", origin="lower",
                       interpolation="nearest")  # fmt: skip
@@ -160,9 +192,7 @@ def logit_lens_grid(probs: torch.Tensor, top_tokens: list[list[str]], tokens: li
                 ax.text(t, layer, _short(top_tokens[layer][t])[:8], ha="center", va="center", fontsize=6, color=colour)
     _ticks(ax, "x", tokens, T * column)
     ax.set_yticks(range(n_rows), ["embed"] + [f"h.{i}" for i in range(n_rows - 1)], fontsize=LABEL_PT)
-    bar = fig.add_axes(((width - MARGIN - COLORBAR_IN + 0.2) / width, (MARGIN + room) / height, 0.15 / width,
-                        n_rows * row / height))  # fmt: skip
-    fig.colorbar(image, cax=bar, label="probability of the top token")
-    fig.suptitle("logit lens: top next token after each block h.i (from 0), read through ln_f and the LM head",
-                 y=1 - MARGIN / height)  # fmt: skip
+    bar_x = MARGIN + 0.6 + T * column + 0.2
+    bar = fig.add_axes((bar_x / width, (MARGIN + room) / height, 0.15 / width, n_rows * row / height))
+    fig.colorbar(image, cax=bar).set_label(bar_label, fontsize=BAR_PT)
     return fig
