@@ -300,8 +300,9 @@ class Bloom(nn.Module):
         slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The final hidden states, after ln_f, (B, T) -> (B, T, C); arguments as in `forward`."""
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids is {tuple(input_ids.shape)}, expected (batch, tokens)")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+            found = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids is {found}, expected a (batch, tokens) tensor")
         B, T = input_ids.shape
         # checked in a whole pass (a prefill too), not in a decode step, given its slots (its token was sampled, and a
         # GPU decoder must not wait on the host), nor in a compiled or shapes-only (meta) pass

@@ -447,6 +447,7 @@ def test_a_decoder_is_free_again_after_a_failed_call(models):
         (dict(max_new_tokens=True), "max_new_tokens must be an integer"),
         (dict(do_sample=1), "do_sample must be True or False"),
         (dict(do_sample=True, seed=2**70), "seed must be an integer in"),
+        (dict(seed=3), "seed only applies when sampling: pass do_sample=True"),
         (dict(eos_token_id=-1), "eos_token_id -1 is not a token id: the model's vocabulary has ids 0..319"),
         (dict(eos_token_id=320), "eos_token_id 320 is not a token id"),
         (dict(eos_token_id=True), "eos_token_id must be an integer token id, got True"),

@@ -232,6 +232,18 @@ def test_not_a_folder_nor_a_repo_id(tmp_path):
             load_pretrained(name, cache_dir=tmp_path / "hub")
 
 
+def test_a_folder_under_home_is_found_and_a_device_this_machine_lacks_is_refused(tmp_path, hf_model, ids,
+                                                                                 monkeypatch):  # fmt: skip
+    monkeypatch.setenv("HOME", str(tmp_path))
+    save_transformers(hf_model, tmp_path / "tiny")
+    assert_same_model(load_pretrained("~/tiny"), hf_model, ids)
+    with pytest.raises(ValueError, match=r"device 'gpu': not a device bloom runs on; use cpu, cuda or cuda:N"):
+        load_pretrained("~/tiny", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device cuda: CUDA is not available on this machine"):
+            load_pretrained("~/tiny", device="cuda")
+
+
 def test_mistyped_relative_path_says_no_such_folder(tmp_path, monkeypatch):
     """'checkpoints/tiny' could be a repo id too: the hub is asked, and the error still names the folder."""
     monkeypatch.chdir(tmp_path)

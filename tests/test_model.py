@@ -139,8 +139,10 @@ def test_mask_of_the_wrong_shape_is_refused():
 
 def test_input_ids_must_be_a_batch_and_may_be_empty():
     model = Bloom(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)).eval()
-    with pytest.raises(ValueError, match=r"input_ids is \(5,\), expected \(batch, tokens\)"):
+    with pytest.raises(ValueError, match=r"input_ids is \(5,\), expected a \(batch, tokens\) tensor"):
         model(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"input_ids is list, expected a \(batch, tokens\) tensor"):
+        model([[5, 6]])
     with torch.no_grad():  # a batch of empty prompts (tokenizer.batch_encode([""])): no positions, no logits
         assert model(torch.zeros(2, 0, dtype=torch.long)).shape == (2, 0, 64)
 

@@ -77,6 +77,8 @@ def test_token_ids_that_are_not_one_sequence_of_ids_are_refused(tmp_path):
         perplexity(model, [5, 6, 320, 7], context=4, stride=2)
     with pytest.raises(ValueError, match=r"the text has 0 token\(s\); perplexity needs at least 2"):
         perplexity(model, [], context=4, stride=2)
+    with pytest.raises(ValueError, match=r"token_ids is a str: perplexity scores token ids, e.g. tokenizer.encode"):
+        perplexity(model, "Hello world", context=4, stride=2)
 
 
 def test_long_windows_equal_transformers(tmp_path):

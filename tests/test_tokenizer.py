@@ -75,6 +75,9 @@ def test_decode_accepts_a_tensor(tok: BloomTokenizer) -> None:
     assert tok.decode(torch.tensor(ids)) == "Bonjour à tous"
     with pytest.raises(ValueError, match="1-D"):
         tok.decode(torch.tensor([ids]))
+    with pytest.raises(ValueError, match="decode takes token ids, integers >= 0, got -1"):
+        tok.decode([5, -1])
+    assert tok.decode([10**6]) == ""  # past the vocabulary (BLOOM's embedding has 200 rows more): as transformers
 
 
 @pytest.mark.parametrize("text", [*TEXTS, "Hello </s> world<pad>", "<s>x<unk>"])

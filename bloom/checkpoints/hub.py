@@ -27,7 +27,7 @@ def resolve_folder(
     `is_complete(folder)` says whether a cached snapshot already has all the
     files needed (a sharded checkpoint may be only partly cached).
     """
-    path = Path(path_or_repo_id)
+    path = Path(path_or_repo_id).expanduser()  # ~/folder, as a shell would read it
     if path.exists():
         if not path.is_dir():
             raise NotADirectoryError(f"{path}: expected a checkpoint folder, found a file")

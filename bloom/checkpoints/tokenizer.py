@@ -73,7 +73,11 @@ class BloomTokenizer:
             if ids.ndim != 1:
                 raise ValueError(f"decode expects a 1-D tensor of ids, got shape {tuple(ids.shape)}")
             ids = ids.tolist()
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = list(ids)
+        negative = [i for i in ids if i < 0]  # ids past the vocabulary decode to "", as in transformers
+        if negative:
+            raise ValueError(f"decode takes token ids, integers >= 0, got {negative[0]}")
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def batch_encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode `texts` into left-padded `input_ids` and `attention_mask`, both (B, T) int64.

@@ -16,9 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import NoReturn
 
-import torch
-
 from bloom.checkpoints.hub import network_error
+from bloom.checkpoints.loader import check_device
 
 # Raised for what the user typed or pointed at: reported as `bloom CMD: error: ...`, exit status 2, no
 # traceback. Anything else is a bug and keeps its traceback.
@@ -170,15 +169,10 @@ checkpoint.__name__ = "checkpoint"
 
 def device(text: str) -> str:
     """cpu, cuda or cuda:N, where this machine has it."""
-    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"{text!r}: not a device bloom runs on; use cpu, cuda or cuda:N")
-    if text.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine")
-        n = torch.cuda.device_count()
-        if int(match[1] or 0) >= n:
-            raise argparse.ArgumentTypeError(f"{text}: this machine has {n} GPU(s), cuda:0 to cuda:{n - 1}")
+    try:
+        check_device(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     return text
 
 

@@ -191,6 +191,8 @@ def generate_steps(
     check_sampling(do_sample, temperature, top_k, top_p, repetition_penalty, max_new_tokens)
     if seed is not None and (not is_integer(seed) or not 0 <= seed < 2**64):
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    if seed is not None and not do_sample:  # as temperature, top_k and top_p: a greedy run would ignore it
+        raise ValueError("seed only applies when sampling: pass do_sample=True")
     vocab_size = model.config.vocab_size
     eos_ids = resolve_eos_ids(model, eos_token_id)
     if pad_token_id is not None:

@@ -70,6 +70,8 @@ def perplexity(
     if batch_size < 1:
         raise ValueError(f"batch_size must be 1 or more, got {batch_size}")
     device = model.word_embeddings.weight.device
+    if isinstance(token_ids, str):
+        raise ValueError("token_ids is a str: perplexity scores token ids, e.g. tokenizer.encode(text)")
     tokens = torch.as_tensor(token_ids, device=device)
     if tokens.ndim != 1:
         raise ValueError(f"token_ids must be one sequence of ids, (T,), got {tuple(tokens.shape)}")
