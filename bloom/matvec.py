@@ -321,10 +321,19 @@ def library() -> ctypes.CDLL | None:
                 except (OSError, RuntimeError) as error:
                     warnings.warn(
                         f"bloom: the CPU decode kernels are unavailable ({error}); decoding uses torch's matmul",
-                        stacklevel=2,
+                        stacklevel=_outside_bloom(),
                     )
                 _tried = True
     return _library
+
+
+def _outside_bloom() -> int:
+    """The stack level of the first caller outside the bloom package, for a warning to name the user's line
+    rather than one of bloom's own."""
+    level, frame = 2, sys._getframe(2)  # the caller of library()
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "bloom":
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def load_or_rebuild(path: Path) -> ctypes.CDLL:
