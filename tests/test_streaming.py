@@ -1,5 +1,8 @@
 """Streaming text: pieces are final, join up to the decoded text, and never split a character."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -88,3 +91,15 @@ def test_two_interleaved_streams_on_one_decoder(tiny_model_folder, tokenizer):
     next(early)
     early.close()
     assert list(stream(model, tokenizer, "Le café", decoder=decoder, **kwargs)) == alone
+
+
+def test_a_stream_left_unfinished_when_python_exits_says_nothing(tiny_model_folder):
+    """Closed while Python tears its modules down: torch's inference_mode decorator failed there, printing
+    "Exception ignored in <generator object stream>" and a traceback after the program's own output."""
+    code = ("import sys\nfrom bloom import load_pretrained, load_tokenizer, stream\n"
+            "model, tokenizer = load_pretrained(sys.argv[1], progress=False), load_tokenizer(sys.argv[1])\n"
+            "pieces = stream(model, tokenizer, 'Hello', max_new_tokens=10)\nprint(repr(next(pieces)))\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_model_folder)], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr
+    assert "Exception ignored" not in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -166,7 +166,6 @@ def join_columns(
     return torch.cat([input_ids, columns[:, :n_used]], dim=1)
 
 
-@torch.inference_mode()
 def generate_steps(
     model: Bloom,
     input_ids: torch.Tensor,
@@ -232,7 +231,9 @@ def generate_steps(
     rows = torch.arange(B, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
 
-    with decoder.claimed():
+    # inference_mode entered here, not by torch's decorator: the decorator's wrapper, closing a generator that is
+    # still alive when Python exits, fails on torch's torn-down globals ("Exception ignored in ...")
+    with torch.inference_mode(), decoder.claimed():
         logits = decoder.prefill(input_ids, attention_mask.long())  # (B, 1, V)
         # plain greedy choices straight from the logits, without their float32 copy (bloom.matvec.argmax)
         plain_greedy = not (do_sample or seen is not None)
