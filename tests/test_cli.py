@@ -145,9 +145,9 @@ def test_download_from_the_local_cache(tiny_model_folder, tmp_path):
                                 capture_output=True, text=True, timeout=120,
                                 env=env | {"HF_HUB_CACHE": str(tmp_path / missing)})  # fmt: skip
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-        assert f"bloom download: error: {snapshot}" in result.stderr or f"has no {missing}" in result.stderr
-        if missing == "tokenizer.json":  # offline: the hub was never asked, and the error says so
-            assert "and HF_HUB_OFFLINE is set, so the hub was not asked" in result.stderr, result.stderr
+        assert str(snapshot) in result.stderr and missing in result.stderr, result.stderr
+        # offline: the hub was never asked, and the error says so
+        assert "and HF_HUB_OFFLINE is set, so the hub was not asked" in result.stderr, result.stderr
         assert result.stdout == ""
     result = subprocess.run([sys.executable, "-m", "bloom", "download", str(tiny_model_folder)], capture_output=True,
                             text=True, timeout=120, env=env)  # fmt: skip

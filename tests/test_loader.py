@@ -10,9 +10,10 @@ import torch
 from hub_cache import put_in_hub_cache
 from safetensors.torch import save_file
 from tiny_checkpoint import bigscience_state, random_hf_bloom, save_bigscience, save_transformers
+from tiny_tokenizer import build_tiny_tokenizer
 
 import bloom.checkpoints.loader
-from bloom import Bloom, load_pretrained
+from bloom import Bloom, load_pretrained, load_tokenizer
 from bloom.checkpoints.loader import load_config, weight_files
 
 
@@ -143,21 +144,24 @@ def test_the_config_alone_is_read_from_a_repo_whose_weights_are_not_cached(tmp_p
         load_pretrained("bigscience/bloom-tiny", cache_dir=tmp_path / "hub")
 
 
-def test_a_cached_snapshot_missing_a_shard_says_how_to_complete_it(tmp_path, hf_model, monkeypatch):
+@pytest.mark.parametrize("missing", ["model_00002-of-00003.safetensors", "config.json", "tokenizer.json"])
+def test_a_cached_snapshot_missing_a_file_says_how_to_complete_it(tmp_path, hf_model, monkeypatch, missing):
     """Offline, huggingface_hub hands back the partial snapshot an interrupted download left: the error names the
-    missing shard, the hub's part and `bloom download`."""
+    missing file (a shard, the config, the tokenizer), the hub's part and `bloom download`."""
     import huggingface_hub.constants
 
     repo = save_bigscience(hf_model, tmp_path / "repo", dtype=torch.float32)
+    build_tiny_tokenizer(repo)
     commit = put_in_hub_cache(repo, tmp_path / "hub", "bigscience/bloom-tiny")
     snapshot = tmp_path / "hub" / "models--bigscience--bloom-tiny" / "snapshots" / commit
-    (snapshot / "model_00002-of-00003.safetensors").unlink()
+    (snapshot / missing).unlink()
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 does
-    message = (r"model_00002-of-00003.safetensors.* the huggingface cache's copy of bigscience/bloom-tiny, which the "
-               r"hub did not complete \(HF_HUB_OFFLINE is set, so it was not asked\); `bloom download "
-               r"bigscience/bloom-tiny` where the hub can be reached completes it")  # fmt: skip
+    message = (rf"{missing}.* the huggingface cache's copy of bigscience/bloom-tiny, which the hub did not complete "
+               r"\(HF_HUB_OFFLINE is set, so it was not asked\); `bloom download bigscience/bloom-tiny` where the hub "
+               r"can be reached completes it")  # fmt: skip
+    load = load_tokenizer if missing == "tokenizer.json" else load_pretrained
     with pytest.raises(FileNotFoundError, match=message):
-        load_pretrained("bigscience/bloom-tiny", cache_dir=tmp_path / "hub")
+        load("bigscience/bloom-tiny", cache_dir=tmp_path / "hub")
 
 
 def test_the_hub_cache_is_the_one_huggingface_hub_reads(tmp_path, hf_model):

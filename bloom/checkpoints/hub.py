@@ -8,6 +8,7 @@ tried first, and only the files matching `patterns` are downloaded.
 from collections.abc import Callable
 from pathlib import Path
 
+from huggingface_hub import constants as hub_constants
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
@@ -59,6 +60,16 @@ def resolve_folder(
         at = "" if revision is None else f" at revision {revision!r}"
         where = "neither a local folder nor in the huggingface cache"
         raise FileNotFoundError(f"{repo_id}{at}: {where}, and {why}") from None
+
+
+def incomplete_cache(path_or_repo_id: str | Path) -> str:
+    """What to add to "this file is missing" when the folder is the huggingface cache's copy of a repo (not a
+    local folder): that the hub did not complete it, and how to complete it. "" for a local folder."""
+    if Path(path_or_repo_id).expanduser().exists():
+        return ""
+    offline = " (HF_HUB_OFFLINE is set, so it was not asked)" if hub_constants.HF_HUB_OFFLINE else ""
+    return (f": the huggingface cache's copy of {path_or_repo_id}, which the hub did not complete{offline}; "
+            f"`bloom download {path_or_repo_id}` where the hub can be reached completes it")  # fmt: skip
 
 
 def is_repo_id(name: str) -> bool:

@@ -29,11 +29,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from huggingface_hub import constants as hub_constants
 from huggingface_hub.utils import tqdm
 from safetensors import SafetensorError, safe_open
 
-from bloom.checkpoints.hub import resolve_folder
+from bloom.checkpoints.hub import incomplete_cache, resolve_folder
 from bloom.config import BloomConfig, read_json
 from bloom.heap import keep_freed_memory, release_freed_memory
 from bloom.model import Bloom
@@ -104,9 +103,8 @@ def load_pretrained(
         raise ValueError(f"device {error}") from None
     if quantize not in (None, "int8"):
         raise ValueError(f"unknown quantize={quantize!r}; the one scheme is 'int8'")
-    folder, config_path = _checkpoint(path_or_repo_id, revision, cache_dir, allow_pickle)
+    config_path, files = _checkpoint(path_or_repo_id, revision, cache_dir, allow_pickle)
     config = BloomConfig.from_json(config_path)
-    files = weight_files(folder, allow_pickle)
     with ExitStack() as stack:
         readers = [stack.enter_context(_open(path)) for path in files]
         _check_config_fits(config_path, config, readers)  # before a model of the config's size is built
@@ -157,14 +155,15 @@ def load_config(
         cache_dir=cache_dir,
     )
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: no config.json")
+        raise FileNotFoundError(f"{folder}: no config.json{incomplete_cache(path_or_repo_id)}")
     return BloomConfig.from_json(folder / "config.json")
 
 
 def _checkpoint(
     path_or_repo_id: str | Path, revision: str | None, cache_dir: str | Path | None, allow_pickle: bool
-) -> tuple[Path, Path]:
-    """The local folder of a checkpoint (fetched if it is a repo id not in the cache) and its config.json."""
+) -> tuple[Path, list[Path]]:
+    """The config.json and the weight files of a checkpoint, in a local folder or the huggingface cache (fetched
+    there if it is a repo id not in the cache)."""
     folder = resolve_folder(
         path_or_repo_id,
         patterns=checkpoint_patterns(allow_pickle),
@@ -172,18 +171,13 @@ def _checkpoint(
         revision=revision,
         cache_dir=cache_dir,
     )
-    if not Path(path_or_repo_id).exists() and not is_complete(folder, allow_pickle):  # a partial cached snapshot
-        offline = " (HF_HUB_OFFLINE is set, so it was not asked)" if hub_constants.HF_HUB_OFFLINE else ""
-        try:
-            weight_files(folder, allow_pickle)
-        except FileNotFoundError as error:  # the file that is missing, and where it comes from
-            raise FileNotFoundError(f"{error}: the huggingface cache's copy of {path_or_repo_id}, which the hub did "
-                                    f"not complete{offline}; `bloom download {path_or_repo_id}` where the hub can be "
-                                    "reached completes it") from None  # fmt: skip
     config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder}: no config.json")
-    return folder, config_path
+    if not config_path.is_file():  # the file that is missing, and, in a partial cached snapshot, where it comes from
+        raise FileNotFoundError(f"{folder}: no config.json{incomplete_cache(path_or_repo_id)}")
+    try:
+        return config_path, weight_files(folder, allow_pickle)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error}{incomplete_cache(path_or_repo_id)}") from None
 
 
 def check_device(device: str | torch.device) -> torch.device:

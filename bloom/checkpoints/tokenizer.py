@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from bloom.checkpoints.hub import resolve_folder
+from bloom.checkpoints.hub import incomplete_cache, resolve_folder
 from bloom.config import read_json
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -132,7 +132,7 @@ def load_tokenizer(
         )
         file = folder / TOKENIZER_FILE
         if not file.is_file():
-            raise FileNotFoundError(f"{folder}: no {TOKENIZER_FILE} in this folder")
+            raise FileNotFoundError(f"{folder}: no {TOKENIZER_FILE} in this folder{incomplete_cache(path_or_repo_id)}")
     try:
         tokenizer = Tokenizer.from_file(str(file))
     except Exception as err:  # tokenizers reports every parse error as a bare Exception

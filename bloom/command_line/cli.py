@@ -512,11 +512,14 @@ def run_download(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         revision=args.revision,
     )
     # an unreachable hub leaves huggingface_hub with the cached snapshot, however partial: say what it lacks
-    weight_files(folder)  # names a missing shard, or pickles only
+    why = "HF_HUB_OFFLINE is set, so the hub was not asked" if hub_constants.HF_HUB_OFFLINE else (
+        "the hub did not provide it")  # fmt: skip
+    try:
+        weight_files(folder)  # names a missing shard, or pickles only
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{args.repo_id}: the cached copy lacks a file ({error}), and {why}") from None
     for needed in ("config.json", TOKENIZER_FILE):
         if not (folder / needed).is_file():
-            why = "HF_HUB_OFFLINE is set, so the hub was not asked" if hub_constants.HF_HUB_OFFLINE else (
-                "the hub did not provide it")  # fmt: skip
             raise FileNotFoundError(f"{args.repo_id}: the cached copy in {folder} has no {needed}, and {why}")
     print(folder)
     return 0
