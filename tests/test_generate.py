@@ -385,6 +385,24 @@ def test_a_decoder_shared_by_two_threads_serves_one_and_refuses_the_other(models
     assert torch.equal(again, alone)
 
 
+def test_generate_steps_leave_the_callers_code_between_steps_in_its_own_autograd_mode(models):
+    """inference_mode only around each step's work: two streams interleaved and closed in either order leave the
+    caller with autograd on, and each still steps after the other is closed."""
+    _, ours = models
+    ids, mask = left_padded([6, 4])
+    alone = [t for t, _ in generate_steps(ours, ids, attention_mask=mask, max_new_tokens=3, eos_token_id=[])]
+    a = generate_steps(ours, ids, attention_mask=mask, max_new_tokens=3, eos_token_id=[])
+    b = generate_steps(ours, ids, attention_mask=mask, max_new_tokens=3, eos_token_id=[])
+    first_a, first_b = next(a)[0], next(b)[0]
+    assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+    assert (torch.ones(2, requires_grad=True) * 2).requires_grad  # the caller's autograd works between steps
+    a.close()
+    assert not torch.is_inference_mode_enabled()
+    rest_b = [t for t, _ in b]  # resumed after the other was closed
+    assert not torch.is_inference_mode_enabled()
+    assert torch.equal(first_a, alone[0]) and torch.equal(torch.stack([first_b, *rest_b]), torch.stack(alone))
+
+
 def test_generate_steps_takes_generates_defaults(models):
     _, ours = models
     ids, mask = left_padded([5, 7])

@@ -231,38 +231,43 @@ def generate_steps(
     rows = torch.arange(B, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
 
-    # inference_mode entered here, not by torch's decorator: the decorator's wrapper, closing a generator that is
-    # still alive when Python exits, fails on torch's torn-down globals ("Exception ignored in ...")
-    with torch.inference_mode(), decoder.claimed():
-        logits = decoder.prefill(input_ids, attention_mask.long())  # (B, 1, V)
-        # plain greedy choices straight from the logits, without their float32 copy (bloom.matvec.argmax)
-        plain_greedy = not (do_sample or seen is not None)
-        argmax_kernel = plain_greedy and decoder.matvec_kernels and matvec.argmax_applies(logits[:, -1])
+    # inference_mode around each step's work, never across a yield, so that the caller's code between steps runs in
+    # its own mode; and not torch's decorator, whose wrapper, closing a generator still alive when Python exits,
+    # fails on torch's torn-down globals ("Exception ignored in ...")
+    with decoder.claimed():
+        with torch.inference_mode():
+            logits = decoder.prefill(input_ids, attention_mask.long())  # (B, 1, V)
+            # plain greedy choices straight from the logits, without their float32 copy (bloom.matvec.argmax)
+            plain_greedy = not (do_sample or seen is not None)
+            argmax_kernel = plain_greedy and decoder.matvec_kernels and matvec.argmax_applies(logits[:, -1])
         for step in range(max_new_tokens):
-            if argmax_kernel:
-                tokens = matvec.argmax(logits[:, -1])
-            else:
-                scores = logits[:, -1].float()  # (B, V)
-                if seen is not None:
-                    scores = apply_repetition_penalty(scores, seen, repetition_penalty)  # float64
-                if do_sample:
-                    scores = apply_temperature(scores, temperature)
-                    if top_k is not None:
-                        scores = top_k_filter(scores, top_k)
-                    if top_p is not None and top_p < 1.0:
-                        scores = top_p_filter(scores, top_p)
-                    tokens = sample(torch.softmax(scores, dim=-1), generator)
+            with torch.inference_mode():
+                if argmax_kernel:
+                    tokens = matvec.argmax(logits[:, -1])
                 else:
-                    tokens = torch.argmax(scores, dim=-1)
-            if eos_ids:  # (otherwise no row ever finishes)
-                tokens = torch.where(finished, pad_token_id, tokens)  # (B,)
-            yield tokens, finished.clone()
-            if eos_ids:
-                finished |= torch.isin(tokens, eos)
-            if seen is not None:
-                seen[rows, tokens] = True
-            if step + 1 < max_new_tokens:
-                logits = decoder.step(tokens)  # (B, 1, V)
+                    scores = logits[:, -1].float()  # (B, V)
+                    if seen is not None:
+                        scores = apply_repetition_penalty(scores, seen, repetition_penalty)  # float64
+                    if do_sample:
+                        scores = apply_temperature(scores, temperature)
+                        if top_k is not None:
+                            scores = top_k_filter(scores, top_k)
+                        if top_p is not None and top_p < 1.0:
+                            scores = top_p_filter(scores, top_p)
+                        tokens = sample(torch.softmax(scores, dim=-1), generator)
+                    else:
+                        tokens = torch.argmax(scores, dim=-1)
+                if eos_ids:  # (otherwise no row ever finishes)
+                    tokens = torch.where(finished, pad_token_id, tokens)  # (B,)
+                finished_before = finished.clone()
+            yield tokens, finished_before
+            with torch.inference_mode():
+                if eos_ids:
+                    finished |= torch.isin(tokens, eos)
+                if seen is not None:
+                    seen[rows, tokens] = True
+                if step + 1 < max_new_tokens:
+                    logits = decoder.step(tokens)  # (B, 1, V)
 
 
 def check_token_id(name: str, value: object, vocab_size: int) -> None:
