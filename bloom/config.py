@@ -3,7 +3,8 @@
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,17 +158,31 @@ def read_json(path: Path) -> Any:
         raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
+@contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """An OSError raised inside that names no file (a write to a full disk) raised again naming `path`."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        if error.errno is None:  # a message of its own (PIL's "encoder error"): kept, the file put before it
+            raise OSError(f"{path}: {error}") from None
+        raise OSError(error.errno, error.strerror, str(path)) from None
+
+
 def write_whole(path: Path, write: Callable[[Path], object]) -> None:
-    """Write a file whole or not at all: `write(partial)` writes it beside `path`, which it then replaces. On an
-    error (a full disk) the partial file is removed, an earlier `path` is left as it was, and the OSError names
-    `path`."""
+    """Write a file whole or not at all: `write(partial)` writes it beside `path`, which it then replaces. On any
+    error (a full disk, Ctrl-C) the partial file is removed and an earlier `path` is left as it was; an OSError
+    names `path`."""
     partial = path.with_name(path.name + ".partial")
     try:
-        write(partial)
-        os.replace(partial, path)
-    except OSError as error:
+        with naming(path):
+            write(partial)
+            os.replace(partial, path)
+    except BaseException:
         partial.unlink(missing_ok=True)
-        raise OSError(error.errno, error.strerror, str(path)) from None
+        raise
 
 
 def _preset(hidden_size: int, n_layer: int, n_head: int) -> BloomConfig:

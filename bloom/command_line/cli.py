@@ -396,8 +396,11 @@ def run_activations(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             model_name=model_name, progress=True,
         )  # fmt: skip
     except (KeyboardInterrupt, OSError) as error:  # Ctrl-C, a full disk: what is written stays, and is resumed
-        print(f"{'interrupted: ' if isinstance(error, KeyboardInterrupt) else ''}{args.out} keeps the batches written "
-              "so far; the same command again finishes the export", file=sys.stderr)  # fmt: skip
+        if (args.out / bloom.research.activations.INDEX).is_file():
+            interrupted = isinstance(error, KeyboardInterrupt)
+            print(f"{'interrupted: ' if interrupted else ''}{args.out} keeps the batches written so far; "
+                  f"{'' if interrupted else 'once the cause is fixed, '}the same command again finishes the export",
+                  file=sys.stderr)  # fmt: skip
         raise
     print(out)
     return 0

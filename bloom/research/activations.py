@@ -33,7 +33,7 @@ import torch
 from huggingface_hub.utils import tqdm
 
 from bloom.checkpoints.loader import safetensors_header
-from bloom.config import read_json, write_whole
+from bloom.config import naming, read_json, write_whole
 from bloom.memory import check_attention_fits
 from bloom.model import Bloom
 from bloom.research.probe import find_all, is_per_head, record
@@ -199,12 +199,12 @@ def _start(out: Path, settings: dict, widths: dict[str, int], token_ids: torch.T
         _refuse_foreign(out)
         files = {name: f"{name}.safetensors" for name in [TOKENS, *widths]}
         _write_index(out, {"settings": settings, "widths": widths, "files": files, "tokens_done": 0})
-    with open(out / f"{TOKENS}.safetensors", "wb") as f, _naming(f.name):
+    with naming(out / f"{TOKENS}.safetensors"), open(out / f"{TOKENS}.safetensors", "wb") as f:
         f.write(_header(TOKENS, torch.int64, (len(token_ids),)))
         f.write(token_ids.numpy().tobytes())
     for name, width in widths.items():
         header = _header(name, dtype, (len(token_ids), width))
-        with open(out / f"{name}.safetensors", "wb") as f, _naming(f.name):
+        with naming(out / f"{name}.safetensors"), open(out / f"{name}.safetensors", "wb") as f:
             f.write(header)
             f.truncate(len(header) + len(token_ids) * width * dtype.itemsize)  # sparse until written
     return 0
@@ -281,22 +281,11 @@ def _write_batch(
         rows = _rows(name, seen[name]).cpu().contiguous()  # (B·T, D), the batch's tokens in order
         data = rows.view(torch.int16) if dtype == torch.bfloat16 else rows  # numpy has no bf16
         f = files[name]
-        with _naming(f.name):
+        with naming(f.name):
             f.seek(offset)
             f.write(data.numpy())  # written from the tensor's memory, no copy
             f.flush()
             os.fsync(f.fileno())
-
-
-@contextmanager
-def _naming(path: str | Path) -> Iterator[None]:
-    """An OSError of a write (a full disk), which names no file, raised naming `path`."""
-    try:
-        yield
-    except OSError as error:
-        if error.filename is not None:
-            raise
-        raise OSError(error.errno, error.strerror, str(path)) from None
 
 
 def _map(path: Path) -> torch.Tensor:
