@@ -91,11 +91,12 @@ class BloomConfig:
             """(the key the file uses, its value); two spellings that disagree are refused, since the weights'
             shapes cannot tell which one is meant (transformers would take the other)."""
             given = [(name, hf_config[name]) for name in names if name in hf_config]
-            if len({repr(value) for _, value in given}) > 1:
-                spelled = " and ".join(f"{name} = {value!r:.20}" for name, value in given)
+            values = [(name, value) for name, value in given if value is not None]  # null: as absent, as transformers
+            if len({repr(value) for _, value in values}) > 1:
+                spelled = " and ".join(f"{name} = {value!r:.20}" for name, value in values)
                 raise ValueError(f"config gives {spelled}: two spellings of one size that disagree")
             if given:
-                return given[0]
+                return (values or given)[0]  # all null: refused by name below
             if default is None:
                 raise ValueError(f"config has no {' / '.join(names)}")
             return names[0], default

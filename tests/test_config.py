@@ -64,6 +64,8 @@ def test_two_spellings_of_a_size_that_disagree_are_refused(tmp_path, sizes):
         BloomConfig.from_json(path)
     agreeing = GOOD | {first: a, second: a}
     assert BloomConfig.from_hf_config(agreeing) == BloomConfig.from_hf_config(GOOD | {first: a})
+    null = GOOD | {first: a, second: None}  # as absent, as transformers reads it
+    assert BloomConfig.from_hf_config(null) == BloomConfig.from_hf_config(GOOD | {first: a})
 
 
 @pytest.mark.parametrize(

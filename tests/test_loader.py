@@ -156,9 +156,11 @@ def test_a_cached_snapshot_missing_a_file_says_how_to_complete_it(tmp_path, hf_m
     snapshot = tmp_path / "hub" / "models--bigscience--bloom-tiny" / "snapshots" / commit
     (snapshot / missing).unlink()
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 does
-    message = (rf"{missing}.* the huggingface cache's copy of bigscience/bloom-tiny, which the hub did not complete "
-               r"\(HF_HUB_OFFLINE is set, so it was not asked\); `bloom download bigscience/bloom-tiny` where the hub "
-               r"can be reached completes it")  # fmt: skip
+    message = (
+        rf"{missing}.* the huggingface cache's copy of bigscience/bloom-tiny lacks it \(HF_HUB_OFFLINE is set, so the "
+        r"hub was not asked\); an interrupted download leaves a copy so, and `bloom download bigscience/bloom-tiny`, "
+        r"where the hub can be reached, completes it if the repo has the file"
+    )
     load = load_tokenizer if missing == "tokenizer.json" else load_pretrained
     with pytest.raises(FileNotFoundError, match=message):
         load("bigscience/bloom-tiny", cache_dir=tmp_path / "hub")
@@ -241,6 +243,9 @@ def test_a_folder_under_home_is_found_and_a_device_this_machine_lacks_is_refused
     monkeypatch.setenv("HOME", str(tmp_path))
     save_transformers(hf_model, tmp_path / "tiny")
     assert_same_model(load_pretrained("~/tiny"), hf_model, ids)
+    build_tiny_tokenizer(tmp_path / "tiny")
+    for spelled in ("~/tiny", "~/tiny/tokenizer.json"):
+        assert load_tokenizer(spelled).encode("Hello world") == load_tokenizer(tmp_path / "tiny").encode("Hello world")
     with pytest.raises(ValueError, match=r"device 'gpu': not a device bloom runs on; use cpu, cuda or cuda:N"):
         load_pretrained("~/tiny", device="gpu")
     if not torch.cuda.is_available():

@@ -64,12 +64,13 @@ def resolve_folder(
 
 def incomplete_cache(path_or_repo_id: str | Path) -> str:
     """What to add to "this file is missing" when the folder is the huggingface cache's copy of a repo (not a
-    local folder): that the hub did not complete it, and how to complete it. "" for a local folder."""
+    local folder): that an interrupted download leaves a copy so, and how to complete it. "" for a local folder."""
     if Path(path_or_repo_id).expanduser().exists():
         return ""
-    offline = " (HF_HUB_OFFLINE is set, so it was not asked)" if hub_constants.HF_HUB_OFFLINE else ""
-    return (f": the huggingface cache's copy of {path_or_repo_id}, which the hub did not complete{offline}; "
-            f"`bloom download {path_or_repo_id}` where the hub can be reached completes it")  # fmt: skip
+    offline = " (HF_HUB_OFFLINE is set, so the hub was not asked)" if hub_constants.HF_HUB_OFFLINE else ""
+    return (f": the huggingface cache's copy of {path_or_repo_id} lacks it{offline}; an interrupted download leaves "
+            f"a copy so, and `bloom download {path_or_repo_id}`, where the hub can be reached, completes it if the "
+            "repo has the file")  # fmt: skip
 
 
 def is_repo_id(name: str) -> bool:

@@ -117,7 +117,7 @@ def load_tokenizer(
     next to tokenizer.json when they name them, and otherwise from BLOOM's
     convention (<s>, </s>, <pad>, <unk>) for those of its tokens in the vocabulary.
     """
-    path = Path(path_or_repo_id)
+    path = Path(path_or_repo_id).expanduser()
     if path.is_file():
         if revision is not None:
             raise ValueError(f"revision={revision!r} only applies to hub repo ids, not to the local file {path}")
