@@ -248,6 +248,7 @@ def test_a_folder_under_home_is_found_and_a_device_this_machine_lacks_is_refused
         assert load_tokenizer(spelled).encode("Hello world") == load_tokenizer(tmp_path / "tiny").encode("Hello world")
     with pytest.raises(ValueError, match=r"device 'gpu': not a device bloom runs on; use cpu, cuda or cuda:N"):
         load_pretrained("~/tiny", device="gpu")
+    assert load_pretrained("~/tiny", device="cpu:0").ln_f.weight.device.type == "cpu"  # as torch spells it too
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"device cuda: CUDA is not available on this machine"):
             load_pretrained("~/tiny", device="cuda")

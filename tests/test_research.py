@@ -192,6 +192,8 @@ def test_every_logit_lens_row_is_transformers_hidden_state_through_its_ln_f_and_
         torch.testing.assert_close(log_probs[row][real], of_answers[row][..., 0][real], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match=r"tokens is \(2, 6\): one token per position, a tensor like input_ids"):
         logit_lens_log_probs(ours, ids, answers[:, 1:], mask)
+    with pytest.raises(ValueError, match=r"input_ids is list, expected a \(batch, tokens\) tensor"):
+        logit_lens_log_probs(ours, ids.tolist(), answers, mask)
 
 
 def test_record_with_grad_refuses_when_autograd_is_off(models):
@@ -468,6 +470,13 @@ def test_patching_refuses_padding_without_a_mask_and_a_mask_of_another_shape(mod
             sweep(ours, clean, corrupt, pair_metric, "h.*", attention_mask=torch.ones(3, 4))
         with pytest.raises(ValueError, match=r"attention_mask must hold only 0 \(padding\) and 1"):
             sweep(ours, clean, corrupt, pair_metric, "h.*", attention_mask=torch.full((3, 5), 2))
+        with pytest.raises(ValueError, match=r"attention_mask is list, clean_ids and corrupt_ids \(3, 5\)"):
+            sweep(ours, clean, corrupt, pair_metric, "h.*", attention_mask=[[1] * 5] * 3)
+        for row, bad in [(1, [1, 1, 1, 0, 0]), (2, [0, 0, 0, 0, 0]), (0, [0, 1, 0, 1, 1])]:  # right, none, holes
+            mask = torch.ones(3, 5, dtype=torch.long)
+            mask[row] = torch.tensor(bad)
+            with pytest.raises(ValueError, match=rf"attention_mask row {row} is not left padding \(0s, then 1s"):
+                sweep(ours, clean, corrupt, pair_metric, "h.*", attention_mask=mask)
     mask = torch.ones_like(padded)
     mask[1, :2] = 0
     activation_patching(ours, clean, padded, pair_metric, "h.*", attention_mask=mask)  # with its mask: taken

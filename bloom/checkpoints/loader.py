@@ -181,9 +181,9 @@ def _checkpoint(
 
 
 def check_device(device: str | torch.device) -> torch.device:
-    """The device cpu, cuda or cuda:N, where this machine has it; a ValueError saying why not otherwise."""
+    """The device cpu (cpu:0), cuda or cuda:N, where this machine has it; a ValueError saying why not otherwise."""
     text = str(device)
-    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", text)
+    match = re.fullmatch(r"cpu(?::0)?|cuda(?::(\d+))?", text)
     if match is None:
         raise ValueError(f"{text!r}: not a device bloom runs on; use cpu, cuda or cuda:N")
     if text.startswith("cuda"):

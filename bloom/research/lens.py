@@ -38,6 +38,8 @@ def logit_lens_log_probs(
 
 def check_tokens_like(tokens: torch.Tensor, input_ids: torch.Tensor, vocab_size: int) -> None:
     """Refuse `tokens` unless they are token ids shaped as input_ids, one per position."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids is {type(input_ids).__name__}, expected a (batch, tokens) tensor")
     if not isinstance(tokens, torch.Tensor) or tokens.shape != input_ids.shape:
         found = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise ValueError(f"tokens is {found}: one token per position, a tensor like input_ids {tuple(input_ids.shape)}")

@@ -152,11 +152,8 @@ def _check(
     if attention_mask is None:
         _refuse_padding(clean_ids, "clean_ids", model.config.pad_token_id)
         _refuse_padding(corrupt_ids, "corrupt_ids", model.config.pad_token_id)
-    elif attention_mask.shape != clean_ids.shape:
-        raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, clean_ids and corrupt_ids "
-                         f"{tuple(clean_ids.shape)}: one mask for both prompts of each pair")  # fmt: skip
-    elif not ((attention_mask == 0) | (attention_mask == 1)).all():
-        raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
+    else:
+        _check_mask(attention_mask, tuple(clean_ids.shape))
     patterns = [points] if isinstance(points, str) else points
     names = find_all(model, patterns)
     heads = [is_per_head(name) for name in names]
@@ -168,6 +165,21 @@ def _check(
             "sweep them in two calls"
         )
     return names, all(heads), tuple(clean_ids.shape)
+
+
+def _check_mask(mask: object, shape: tuple[int, int]) -> None:
+    """Refuse a mask that is not left padding of the pairs' (N, T) prompts: 0s, then 1s to the end of each row."""
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != shape:
+        found = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"attention_mask is {found}, clean_ids and corrupt_ids {shape}: one tensor for both prompts "
+                         "of each pair")  # fmt: skip
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
+    not_left = (mask[:, 1:] < mask[:, :-1]).any(1) | (mask[:, -1] != 1)  # (N,): a 1 before a 0, or a 0 last
+    if not_left.any():
+        raise ValueError(f"attention_mask row {int(not_left.nonzero()[0])} is not left padding (0s, then 1s to the "
+                         "end): the sweeps take tokenizer.batch_encode's, so that the last position is every pair's "
+                         "last token")  # fmt: skip
 
 
 def _refuse_padding(ids: torch.Tensor, name: str, pad_token_id: int | None) -> None:

@@ -87,7 +87,7 @@ def _lines(text: str) -> int:
 def _titled(width: float, body_height: float, title: str, bar_height: float, bar_label: str):
     """A figure `width` inches wide (plus room for a colour bar label longer than one line) with `body_height`
     inches under its title, which is wrapped to the width, as the bar's label is to `bar_height`. Returns (fig,
-    wrapped bar label, the width of the body and its bar)."""
+    the bar's label wrapped)."""
     bar_label = _wrap(bar_label, bar_height, BAR_PT)
     width += (_lines(bar_label) - 1) * BAR_PT * LINE
     title = _wrap(title, width - 2 * MARGIN, TITLE_PT)
