@@ -174,8 +174,8 @@ def naming(path: str | Path) -> Iterator[None]:
 
 def write_whole(path: Path, write: Callable[[Path], object]) -> None:
     """Write a file whole or not at all: `write(partial)` writes it beside `path`, which it then replaces. On any
-    error (a full disk, Ctrl-C) the partial file is removed and an earlier `path` is left as it was; an OSError
-    names `path`."""
+    error (a full disk, Ctrl-C) the partial file is removed and an earlier `path` is left as it was; an OSError names
+    `path` (or the partial file, where the OS named that one: a missing folder)."""
     partial = path.with_name(path.name + ".partial")
     try:
         with naming(path):

@@ -257,6 +257,9 @@ class Block(nn.Module):
 
 
 class Bloom(nn.Module):
+    """BLOOM: token ids (B, T) -> logits (B, T, V), through the embedding and its LayerNorm, the blocks, ln_f and
+    the LM head tied to the embedding."""
+
     def __init__(self, config: BloomConfig) -> None:
         super().__init__()
         self.config = config
