@@ -2,6 +2,7 @@
 
 import copy
 import fcntl
+import json
 import os
 import shutil
 
@@ -214,27 +215,51 @@ def test_command_exports_the_text_in_token_order(tiny_model_folder, tmp_path, ca
         "weights); delete it" in capsys.readouterr().err  # fmt: skip
 
 
-@pytest.mark.parametrize("held", ["a file", "another export", "this export, complete"])
+@pytest.mark.parametrize("held", ["a file", "another export", "this export, complete", "a running export"])
 def test_the_command_refuses_its_out_folder_before_reading_any_weight(tmp_path, tiny_model_folder, monkeypatch,
                                                                      capsys, held):  # fmt: skip
-    """What export refuses whatever the dtype is refused before the weights are read."""
+    """What export refuses whatever the dtype is refused before the weights are read, naming --out."""
     (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 4, encoding="utf-8")
     out = tmp_path / "acts"
     argv = ["activations", "--model", str(tiny_model_folder), "--file", str(tmp_path / "text.txt"), "--points",
             "h.1", "--context", "8", "--out", str(out)]  # fmt: skip
-    if held == "a file":
+    if held in ("a file", "a running export"):
         out.mkdir()
         (out / "notes.txt").write_text("mine")
     else:
         assert main([*argv, "--max-tokens", "20" if held == "another export" else "1000"]) == 0
     monkeypatch.setattr(bloom.command_line.cli, "load_pretrained", lambda *a, **k: pytest.fail("weights were read"))
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
+    other = os.open(out, os.O_RDONLY)  # as another export holds it, for "a running export"
+    try:
+        if held == "a running export":
+            fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+    finally:
+        os.close(other)
     assert exit_.value.code == 2
     refused = {
-        "a file": "is not empty and holds no index.json",
-        "another export": "holds an export that differs in its text, n_tokens (20 there",
-        "this export, complete": "already holds a complete export",
+        "a file": f"{out} is not empty and holds no index.json",
+        "another export": f"{out} holds an export that differs in its text, n_tokens (20 there",
+        "this export, complete": f"{out} already holds a complete export",
+        "a running export": f"{out}: another export is writing into it now",
     }
-    assert f"--out {out} {refused[held]}" in capsys.readouterr().err
+    assert f"--out {refused[held]}" in capsys.readouterr().err
+
+
+def test_a_half_written_export_of_another_dtype_is_refused_naming_out(tmp_path, tiny_model_folder, capsys):
+    """Its dtype is known once the model is loaded: refused then, still as --out's fault."""
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 4, encoding="utf-8")
+    out = tmp_path / "acts"
+    argv = ["activations", "--model", str(tiny_model_folder), "--file", str(tmp_path / "text.txt"), "--points",
+            "h.1", "--context", "8", "--batch-size", "1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    index = json.loads((out / "index.json").read_text())
+    (out / "index.json").write_text(json.dumps(index | {"tokens_done": 8}))  # as if stopped after one window
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*argv, "--dtype", "bf16"])
+    assert f"--out {out} holds an export that differs in its weights ('F32' there, 'BF16' now)" in (
+        capsys.readouterr().err
+    )

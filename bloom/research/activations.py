@@ -45,6 +45,10 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16
 NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64}
 
 
+class OutFolderError(ValueError):
+    """The export's folder is refused: it holds something else, another export, or one that cannot be resumed."""
+
+
 def windows(n_tokens: int, context: int) -> list[tuple[int, int]]:
     """(begin, end) of consecutive windows of `context` tokens covering [0, n_tokens); the last may be shorter."""
     if context < 1:
@@ -104,10 +108,13 @@ def _run_settings(model_name: str, token_ids: torch.Tensor, points: list[str], c
 
 def check_folder(out: Path, model_name: str, token_ids: Sequence[int], points: list[str], context: int) -> None:
     """Refuse, before the model is loaded, a folder that `export` would refuse whatever the weights' dtype: one
-    not empty and without an index, or holding another export, or this text's export complete. `points` are the
-    names `point_names` gives."""
+    not empty and without an index, or holding another export, or this text's export complete, or one that another
+    export is writing into now. `points` are the names `point_names` gives."""
     token_ids = torch.as_tensor(token_ids, dtype=torch.int64).flatten()
     settings = _run_settings(model_name, token_ids, points, context)
+    if Path(out).is_dir():
+        with _only_writer(Path(out)):  # a lock taken and let go: another export writing there now is refused
+            pass
     if not (Path(out) / INDEX).is_file():
         _refuse_foreign(Path(out))
         return
@@ -116,13 +123,13 @@ def check_folder(out: Path, model_name: str, token_ids: Sequence[int], points: l
     if index["tokens_done"] == settings["n_tokens"]:
         theirs = index.get("settings") or {}
         kinds = f"{theirs.get('dtype')} activations, {theirs.get('weights')} weights"
-        raise ValueError(f"{out} already holds a complete export of this text, points and context ({kinds}); delete "
-                         "it to write it again")  # fmt: skip
+        raise OutFolderError(f"{out} already holds a complete export of this text, points and context ({kinds}); "
+                             "delete it to write it again")  # fmt: skip
 
 
 def _refuse_foreign(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty and holds no {INDEX}: choose an empty or new folder")
+        raise OutFolderError(f"{out} is not empty and holds no {INDEX}: choose an empty or new folder")
 
 
 def _refuse_other_export(out: Path, index: dict, settings: dict) -> None:
@@ -134,7 +141,9 @@ def _refuse_other_export(out: Path, index: dict, settings: dict) -> None:
         if theirs.get(key) != settings[key]
     )
     if differ:
-        raise ValueError(f"{out} holds an export that differs in its {differ} ({out / INDEX}); choose another --out")
+        raise OutFolderError(
+            f"{out} holds an export that differs in its {differ} ({out / INDEX}); choose another --out"
+        )
 
 
 def _write_index(out: Path, index: dict) -> None:
@@ -148,7 +157,7 @@ def _read_index(folder: Path) -> dict:
     index = read_json(folder / INDEX)
     shapes = {"settings": dict, "widths": dict, "files": dict, "tokens_done": int}
     if not isinstance(index, dict) or any(not isinstance(index.get(key), kind) for key, kind in shapes.items()):
-        raise ValueError(f"{folder / INDEX}: not an index written by bloom activations")
+        raise OutFolderError(f"{folder / INDEX}: not an index written by bloom activations")
     return index
 
 
@@ -161,7 +170,7 @@ def _only_writer(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(f"{out}: another export is writing into it now") from None
+            raise OutFolderError(f"{out}: another export is writing into it now") from None
         yield
     finally:
         os.close(folder)
@@ -177,9 +186,11 @@ def _check_files(out: Path, widths: dict[str, int], n_tokens: int, dtype: torch.
             with open(path, "rb") as f:
                 same = f.read(len(header)) == header and os.fstat(f.fileno()).st_size == length
         except OSError as error:
-            raise ValueError(f"{out}: cannot resume: {path}: {error.strerror}; delete {out} to start again") from None
+            raise OutFolderError(
+                f"{out}: cannot resume: {path}: {error.strerror}; delete {out} to start again"
+            ) from None
         if not same:
-            raise ValueError(f"{out}: cannot resume: {path} is not the file this export wrote (changed or cut "
+            raise OutFolderError(f"{out}: cannot resume: {path} is not the file this export wrote (changed or cut "
                              f"short); delete {out} to start again")  # fmt: skip
 
 
@@ -189,9 +200,9 @@ def _start(out: Path, settings: dict, widths: dict[str, int], token_ids: torch.T
         index = _read_index(out)
         _refuse_other_export(out, index, settings)
         if index["tokens_done"] == settings["n_tokens"]:
-            raise ValueError(f"{out} already holds this export, complete; delete it to write it again")
+            raise OutFolderError(f"{out} already holds this export, complete; delete it to write it again")
         if not 0 <= index["tokens_done"] < settings["n_tokens"]:
-            raise ValueError(f"{out / INDEX}: not an index written by bloom activations")
+            raise OutFolderError(f"{out / INDEX}: not an index written by bloom activations")
         if index["tokens_done"]:
             _check_files(out, widths, len(token_ids), dtype)
             return index["tokens_done"]
