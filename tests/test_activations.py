@@ -215,7 +215,9 @@ def test_command_exports_the_text_in_token_order(tiny_model_folder, tmp_path, ca
         "weights); delete it" in capsys.readouterr().err  # fmt: skip
 
 
-@pytest.mark.parametrize("held", ["a file", "another export", "this export, complete", "a running export"])
+@pytest.mark.parametrize(
+    "held", ["a file", "another export", "this export, complete", "a running export", "an index that is not JSON"]
+)
 def test_the_command_refuses_its_out_folder_before_reading_any_weight(tmp_path, tiny_model_folder, monkeypatch,
                                                                      capsys, held):  # fmt: skip
     """What export refuses whatever the dtype is refused before the weights are read, naming --out."""
@@ -228,6 +230,8 @@ def test_the_command_refuses_its_out_folder_before_reading_any_weight(tmp_path, 
         (out / "notes.txt").write_text("mine")
     else:
         assert main([*argv, "--max-tokens", "20" if held == "another export" else "1000"]) == 0
+    if held == "an index that is not JSON":
+        (out / "index.json").write_text("{bad")
     monkeypatch.setattr(bloom.command_line.cli, "load_pretrained", lambda *a, **k: pytest.fail("weights were read"))
     capsys.readouterr()
     other = os.open(out, os.O_RDONLY)  # as another export holds it, for "a running export"
@@ -244,6 +248,7 @@ def test_the_command_refuses_its_out_folder_before_reading_any_weight(tmp_path, 
         "another export": f"{out} holds an export that differs in its text, n_tokens (20 there",
         "this export, complete": f"{out} already holds a complete export",
         "a running export": f"{out}: another export is writing into it now",
+        "an index that is not JSON": f"{out / 'index.json'}: not valid JSON",
     }
     assert f"--out {refused[held]}" in capsys.readouterr().err
 

@@ -112,8 +112,9 @@ def generate(
         transformers); an empty list never stops. pad_token_id: an id. Both default to the model config's;
         pad then defaults to the (first) EOS id. A row that produced EOS gets pad after it.
     seed: makes sampling reproducible; otherwise torch's global generator is used.
-    streamer: called with each step's new tokens, (B,), as soon as they are chosen. With a streamer, EOS is
-        checked at every step; under tensor parallelism give every process one, or none, so that all stop together.
+    streamer: called with each step's new tokens, (B,), as soon as they are chosen (inference tensors, read-only:
+        clone them to edit), in the caller's autograd mode. With a streamer, EOS is checked at every step; under
+        tensor parallelism give every process one, or none, so that all stop together.
     decoder: the decode step and KV cache to use (batch size B): pass a `Decoder(model, B, compile=True)` to
         decode with a compiled step, and reuse it across calls (one call at a time). An eager one is made otherwise.
 
@@ -185,7 +186,9 @@ def generate_steps(
     """Yield, for each new position, the chosen tokens (B,) and whether each row had finished before it.
 
     Arguments as in `generate`. Rows that finished get pad_token_id. Stops after max_new_tokens; the
-    caller decides when to stop earlier (a host sync). Holds the decoder until it ends or is closed.
+    caller decides when to stop earlier (a host sync). Holds the decoder until it ends or is closed. Each step runs
+    under inference_mode, the caller's code between steps in its own mode; the yielded tensors are inference
+    tensors (clone them to edit).
     """
     check_sampling(do_sample, temperature, top_k, top_p, repetition_penalty, max_new_tokens)
     if seed is not None and (not is_integer(seed) or not 0 <= seed < 2**64):

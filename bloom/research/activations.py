@@ -154,7 +154,10 @@ def _write_index(out: Path, index: dict) -> None:
 def _read_index(folder: Path) -> dict:
     if not (folder / INDEX).is_file():
         raise FileNotFoundError(f"{folder}: no {INDEX}, so not a folder written by bloom activations")
-    index = read_json(folder / INDEX)
+    try:
+        index = read_json(folder / INDEX)
+    except ValueError as error:  # not JSON: a refusal of the folder as the others are
+        raise OutFolderError(str(error)) from None
     shapes = {"settings": dict, "widths": dict, "files": dict, "tokens_done": int}
     if not isinstance(index, dict) or any(not isinstance(index.get(key), kind) for key, kind in shapes.items()):
         raise OutFolderError(f"{folder / INDEX}: not an index written by bloom activations")
