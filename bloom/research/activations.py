@@ -194,7 +194,7 @@ def _check_files(out: Path, widths: dict[str, int], n_tokens: int, dtype: torch.
             ) from None
         if not same:
             raise OutFolderError(f"{out}: cannot resume: {path} is not the file this export wrote (changed or cut "
-                             f"short); delete {out} to start again")  # fmt: skip
+                                 f"short); delete {out} to start again")  # fmt: skip
 
 
 def _start(out: Path, settings: dict, widths: dict[str, int], token_ids: torch.Tensor, dtype: torch.dtype) -> int:
