@@ -385,17 +385,16 @@ def run_activations(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     model_name = args.model + (f"@{args.revision}" if args.revision else "")  # a repo at its revision
     if Path(args.model).is_dir():  # the same folder however it is spelled
         model_name = str(Path(args.model).resolve())
-    try:  # what export would refuse whatever the loaded dtype, before the weights are read
-        bloom.research.activations.check_folder(args.out, model_name, token_ids, names, args.context)
-    except bloom.research.activations.OutFolderError as error:
-        raise ValueError(f"--out {error}") from None
-    model, _, _ = load(args, tokenizer)
     try:
+        # what export would refuse whatever the loaded dtype, before the weights are read; the rest (a half-written
+        # export's dtype) once they are
+        bloom.research.activations.check_folder(args.out, model_name, token_ids, names, args.context)
+        model, _, _ = load(args, tokenizer)
         out = bloom.research.activations.export(
             model, token_ids, args.points, args.out, context=args.context, batch_size=args.batch_size,
             model_name=model_name, progress=True,
         )  # fmt: skip
-    except bloom.research.activations.OutFolderError as error:  # a half-written export's dtype, known only now
+    except bloom.research.activations.OutFolderError as error:
         raise ValueError(f"--out {error}") from None
     except (KeyboardInterrupt, OSError) as error:  # Ctrl-C, a full disk: what is written stays, and is resumed
         if (args.out / bloom.research.activations.INDEX).is_file():

@@ -110,16 +110,16 @@ def check_folder(out: Path, model_name: str, token_ids: Sequence[int], points: l
     """Refuse, before the model is loaded, a folder that `export` would refuse whatever the weights' dtype: one
     not empty and without an index, or holding another export, or this text's export complete, or one that another
     export is writing into now. `points` are the names `point_names` gives."""
-    token_ids = torch.as_tensor(token_ids, dtype=torch.int64).flatten()
+    out, token_ids = Path(out), torch.as_tensor(token_ids, dtype=torch.int64).flatten()
     settings = _run_settings(model_name, token_ids, points, context)
-    if Path(out).is_dir():
-        with _only_writer(Path(out)):  # a lock taken and let go: another export writing there now is refused
+    if out.is_dir():
+        with _only_writer(out):  # a lock taken and let go: another export writing there now is refused
             pass
-    if not (Path(out) / INDEX).is_file():
-        _refuse_foreign(Path(out))
+    if not (out / INDEX).is_file():
+        _refuse_foreign(out)
         return
-    index = _read_index(Path(out))
-    _refuse_other_export(Path(out), index, settings)
+    index = _read_index(out)
+    _refuse_other_export(out, index, settings)
     if index["tokens_done"] == settings["n_tokens"]:
         theirs = index.get("settings") or {}
         kinds = f"{theirs.get('dtype')} activations, {theirs.get('weights')} weights"
