@@ -830,8 +830,42 @@ static inline __attribute__((always_inline)) void normalize512(float *p, int64_t
 }
 
 /* acc[d] = Σ p[s] · v[s][d] over n slots (in order, skipping p = 0) for hd features, 64 at a time in registers */
+/* weigh512 for bf16 values and hd a multiple of 32: each 32 values loaded at once and split into the even ones (shifted
+ * into the high half of their 32 bits) and the odd ones (the low half cleared), which are float32 as they are; p[s],
+ * a bf16 value, times a bf16 value is exact in float32, so one fused multiply-add gives the separate product and sum's
+ * result. Half the instructions of widening 16 values at a time: 24 layers of a bf16 batch of 16 from the caches
+ * (scratch), 3.2 -> 2.7 ms. */
+static inline __attribute__((always_inline)) void weigh_bf16_pairs(const float *p, const uint16_t *v, int64_t n,
+                                                                    int64_t hd, float *acc) {
+    const __m512i high_half = _mm512_set1_epi32((int)0xffff0000);
+    const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0); /* even, odd */
+    const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    for (int64_t d = 0; d < hd; d += 128) {
+        const int chunks = hd - d >= 128 ? 4 : (int)(hd - d) / 32; /* of 32 values */
+        __m512 even[4], odd[4];
+        for (int j = 0; j < 4; j++) even[j] = odd[j] = _mm512_setzero_ps();
+        for (int64_t s = 0; s < n; s++) {
+            if (p[s] == 0) continue;
+            __m512 weight = _mm512_set1_ps(p[s]);
+            for (int j = 0; j < chunks; j++) {
+                __m512i values = _mm512_loadu_si512(v + s * hd + d + 32 * j);
+                even[j] = _mm512_fmadd_ps(weight, _mm512_castsi512_ps(_mm512_slli_epi32(values, 16)), even[j]);
+                odd[j] = _mm512_fmadd_ps(weight, _mm512_castsi512_ps(_mm512_and_si512(values, high_half)), odd[j]);
+            }
+        }
+        for (int j = 0; j < chunks; j++) { /* interleaved back into order */
+            _mm512_storeu_ps(acc + d + 32 * j, _mm512_permutex2var_ps(even[j], first, odd[j]));
+            _mm512_storeu_ps(acc + d + 32 * j + 16, _mm512_permutex2var_ps(even[j], second, odd[j]));
+        }
+    }
+}
+
 static inline __attribute__((always_inline)) void weigh512(const float *p, const void *v, int64_t n, int64_t hd,
                                                             float *acc, const int dtype) {
+    if (dtype == AS_BF16 && hd % 32 == 0) {
+        weigh_bf16_pairs(p, v, n, hd, acc);
+        return;
+    }
     for (int64_t d = 0; d < hd; d += 64) {
         __mmask16 valid[4];
         __m512 sum[4];
@@ -902,7 +936,10 @@ static inline void prefetch_rows(const void *p, int64_t bytes) {
  * attention for a bf16 batch of 16 rows at 141 of 256 slots (scratch): 344 us reading every slot one at a time,
  * 229 us skipping the masked ones, 80 us on 16 lanes. The values of each tile's keys are prefetched as the keys are
  * read: 24 layers' caches of a bf16 batch of 16, read from memory at 130 and 200 slots (scratch), took 7.8 and 12.4
- * ms without it, 5.9 and 9.4 with it. Returns 1 when the scores' memory cannot be allocated. */
+ * ms without it, 5.9 and 9.4 with it; and so are those of the thread's next (row, head) pair at the same slots, which
+ * the memory then serves while this one multiplies: 24 layers of a bf16 batch of 16 at 64-141 visible slots of 160
+ * (scratch, alternated in one process, on a Zen 4 machine), 9.6-10.4 ms -> 7.0-7.4. Returns 1 when the scores'
+ * memory cannot be allocated. */
 #define ATTEND(NAME, T, TILE_FN, SUFFIX, TO_FLOAT, FROM_FLOAT, LOWEST)                                            \
     int NAME(const T *q, const T *k, const T *v, const T *alibi, const T *mask, T *y, int64_t BH, int64_t heads,  \
              int64_t S, int64_t hd, float alpha) {                                                                \
@@ -922,6 +959,10 @@ static inline void prefetch_rows(const void *p, int64_t bytes) {
                 for (int64_t s = first; s < end;) {                                                               \
                     int R = end - s >= 16 ? 16 : end - s >= 4 ? 4 : 1;                                            \
                     prefetch_rows(vi + s * hd, R * hd * sizeof(T)); /* their values, read once the softmax is done */ \
+                    if (i + threads < BH) { /* and the keys and values of this thread's next pair at these slots */   \
+                        prefetch_rows(ki + threads * S * hd + s * hd, R * hd * sizeof(T));                            \
+                        prefetch_rows(vi + threads * S * hd + s * hd, R * hd * sizeof(T));                            \
+                    }                                                                                                 \
                     const T *next = ki + (s + R) * hd; /* the keys after these, prefetched */                    \
                     if (R == 16) put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, hd, 16, 1, 1, next, ~0u), 16);  \
                     else if (R == 4) put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, hd, 4, 1, 1, next, ~0u), 4); \

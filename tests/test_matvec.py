@@ -123,7 +123,7 @@ def test_int8_products_convert_every_int8_value_exactly(build, dtype, rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("n_head, head_dim, slots", [(5, 16, 7), (16, 64, 300), (3, 40, 1), (2, 100, 45)])
+@pytest.mark.parametrize("n_head, head_dim, slots", [(5, 16, 7), (16, 64, 300), (3, 40, 1), (2, 100, 45), (2, 160, 20)])
 def test_one_query_attention_equals_the_reference_attend(build, dtype, n_head, head_dim, slots):
     attention = Attention(BloomConfig(hidden_size=n_head * head_dim, n_layer=1, n_head=n_head, vocab_size=8))
     q = torch.randn(2, n_head, 1, head_dim).to(dtype)
@@ -159,10 +159,11 @@ def test_attention_with_masked_slots_amid_visible_ones_or_no_visible_slot_equals
     torch.testing.assert_close(y, attention.attend(q, k, v, alibi, mask), rtol=rtol, atol=1e-5)
 
 
-def test_bf16_attention_keeps_a_subnormal_probability_and_a_nan_key_as_torch(build):
-    attention = Attention(BloomConfig(hidden_size=4, n_layer=1, n_head=1, vocab_size=8))
-    q, k = torch.zeros(1, 1, 1, 4, dtype=torch.bfloat16), torch.zeros(1, 1, 2, 4, dtype=torch.bfloat16)
-    v = torch.tensor([[[[0.0] * 4, [1e38] * 4]]], dtype=torch.bfloat16)
+@pytest.mark.parametrize("head_dim", [4, 32])  # 32: the values' sum over pairs of values
+def test_bf16_attention_keeps_a_subnormal_probability_and_a_nan_key_as_torch(build, head_dim):
+    attention = Attention(BloomConfig(hidden_size=head_dim, n_layer=1, n_head=1, vocab_size=8))
+    q, k = torch.zeros(1, 1, 1, head_dim, dtype=torch.bfloat16), torch.zeros(1, 1, 2, head_dim, dtype=torch.bfloat16)
+    v = torch.tensor([[[[0.0] * head_dim, [1e38] * head_dim]]], dtype=torch.bfloat16)
     alibi = torch.tensor([[[[0.0, -88.0]]]], dtype=torch.bfloat16)  # slot 1's probability: e^-88, below 2^-126
     mask = torch.zeros(1, 1, 1, 2, dtype=torch.bfloat16)
     reference = attention.attend(q, k, v, alibi, mask)
