@@ -501,7 +501,8 @@ GROUP(group_f16, tile_f16, seq_f16, float, uint16_t, X_SPAN / 2)
  * ran at 180 GFLOP/s, the 1024-wide ones at 330-400). While a tile multiplies, it prefetches the next tile's rows into
  * the L2 cache, a line a pair (into L1 they evicted what the tile reads: 10-20% slower). Streaming bloom-560m's
  * products at 16 rows on a Zen 4 core (vdpbf16ps: 234 GFLOP/s a core; scratch, alternated in one process), against
- * the 4x4 tiles: the LM head 313-323 -> 401-407 GFLOP/s, the blocks' four products 258-317 -> 284-381. */
+ * the 4x4 tiles, over several runs: the LM head 313-323 -> 366-407 GFLOP/s, the blocks' four products 258-317 ->
+ * 297-362. */
 #define LANES_MIN 8
 #define LANE_GROUPS 4
 
@@ -544,17 +545,17 @@ static int lanes_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, u
     const int64_t P = K / 2;
     uint32_t *xp = aligned_alloc(64, P * 64);
     if (!xp) return 1;
-    const __m512i row_starts = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                  _mm512_set1_epi32((int)P)); /* in pairs */
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i row_starts = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)P)); /* in pairs */
     const __mmask16 rows = (__mmask16)((1u << M) - 1);
     for (int64_t p = 0; p < P; p++) /* pair p of each row of x */
         _mm512_store_si512(xp + p * 16, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, row_starts,
                                                                     (const uint32_t *)x + p, 4));
     _Pragma("omp parallel") {
         const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
-        const int64_t tiles = N / 16, begin = 16 * (tiles * thread / threads), end = 16 * (tiles * (thread + 1) / threads);
-        const __m512i row_of_lane = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                       _mm512_set1_epi32(16));
+        const int64_t tiles = N / 16;
+        const int64_t begin = 16 * (tiles * thread / threads), end = 16 * (tiles * (thread + 1) / threads);
+        const __m512i row_of_lane = _mm512_mullo_epi32(lane, _mm512_set1_epi32(16)); /* in dots, below */
         float dots[16][16] __attribute__((aligned(64))); /* [row of W][row of x] */
         for (int64_t n = begin; n < end; n += 16) {
             __m512 acc[16];
@@ -829,7 +830,6 @@ static inline __attribute__((always_inline)) void normalize512(float *p, int64_t
     }
 }
 
-/* acc[d] = Σ p[s] · v[s][d] over n slots (in order, skipping p = 0) for hd features, 64 at a time in registers */
 /* weigh512 for bf16 values and hd a multiple of 32: each 32 values loaded at once and split into the even ones (shifted
  * into the high half of their 32 bits) and the odd ones (the low half cleared), which are float32 as they are; p[s],
  * a bf16 value, times a bf16 value is exact in float32, so one fused multiply-add gives the separate product and sum's
@@ -860,6 +860,7 @@ static inline __attribute__((always_inline)) void weigh_bf16_pairs(const float *
     }
 }
 
+/* acc[d] = Σ p[s] · v[s][d] over n slots (in order, skipping p = 0) for hd features, 64 at a time in registers */
 static inline __attribute__((always_inline)) void weigh512(const float *p, const void *v, int64_t n, int64_t hd,
                                                             float *acc, const int dtype) {
     if (dtype == AS_BF16 && hd % 32 == 0) {
