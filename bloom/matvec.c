@@ -499,10 +499,11 @@ GROUP(group_f16, tile_f16, seq_f16, float, uint16_t, X_SPAN / 2)
  * group a cache line (16 pairs) further along its rows than the one before, wrapping around: 16 rows 8 KB apart
  * (K = 4096) at the same offset fall into one set of the L1 cache, whose 8 ways then thrashed (the 4096-wide product
  * ran at 180 GFLOP/s, the 1024-wide ones at 330-400). While a tile multiplies, it prefetches the next tile's rows into
- * the L2 cache, a line a pair (into L1 they evicted what the tile reads: 10-20% slower). Streaming bloom-560m's
+ * the L2 cache, a line a pair, in the order of memory (into L1 they evicted what the tile reads: 10-20% slower; a
+ * line of each row in turn: as fast on the LM head, up to 8% slower on the blocks' products). Streaming bloom-560m's
  * products at 16 rows on a Zen 4 core (vdpbf16ps: 234 GFLOP/s a core; scratch, alternated in one process), against
- * the 4x4 tiles, over several runs: the LM head 313-323 -> 366-407 GFLOP/s, the blocks' four products 258-317 ->
- * 297-362. */
+ * the 4x4 tiles, over several runs: the LM head 313-323 -> 366-423 GFLOP/s, the blocks' four products 258-317 ->
+ * 297-394. */
 #define LANES_MIN 8
 #define LANE_GROUPS 4
 
@@ -523,7 +524,7 @@ static inline __attribute__((always_inline)) void lanes_tile(const uint32_t *xp,
     int64_t p = 0;
     for (int g = G - 1; g >= 0; g--) { /* up to the pair where group g wraps around to its rows' start */
         for (int64_t stop = P - 16 * g; p < stop; p++) {
-            _mm_prefetch(next + (p & 15) * ld + (p >> 4) * 64, _MM_HINT_T1); /* line p / 16 of row p % 16 */
+            _mm_prefetch(next + p * 64, _MM_HINT_T1); /* the next 16 rows: P lines, in order */
             for (int h = 0; h < G; h++) {
                 __m512bh xv = (__m512bh)_mm512_load_si512(xg[h]);
                 for (int r = 0; r < ROWS; r++) /* written out: the compiler would not fold the broadcast */
