@@ -503,7 +503,8 @@ GROUP(group_f16, tile_f16, seq_f16, float, uint16_t, X_SPAN / 2)
  * line of each row in turn: as fast on the LM head, up to 8% slower on the blocks' products). Streaming bloom-560m's
  * products at 16 rows on a Zen 4 core (vdpbf16ps: 234 GFLOP/s a core; scratch, alternated in one process), against
  * the 4x4 tiles, over several runs: the LM head 313-323 -> 366-423 GFLOP/s, the blocks' four products 258-317 ->
- * 297-394. */
+ * 297-394; with int8 weights, widened 16 rows at a time, the LM head 30.3-30.7 -> 24.7-24.8 ms, the blocks 38.5-38.7
+ * -> 31.6-31.8 ms. */
 #define LANES_MIN 8
 #define LANE_GROUPS 4
 
@@ -538,13 +539,15 @@ static inline __attribute__((always_inline)) void lanes_tile(const uint32_t *xp,
     }
 }
 
-/* y = x · Wᵀ + b for M rows of x, LANES_MIN <= M <= 16, and an even K; returns 1 (y not written) when the packed x
- * cannot be allocated. Each thread takes its share of the tiles of 16 rows of W, the last also the N % 16 rows left,
- * through the 4x4 tiles. */
-static int lanes_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16_t *y, int64_t M, int64_t N,
-                      int64_t K) {
+/* y = x · Wᵀ + b for M rows of bf16 x, LANES_MIN <= M <= 16, and an even K; W bf16 (scale NULL) or int8 with a scale
+ * per row, y = (x · Wᵀ) · scale + b, each tile's 16 rows then widened to bf16 first, into a buffer of the thread's own
+ * that the tile reads from the L2 cache. Returns 1 (y not written) when the scratch memory cannot be allocated. Each
+ * thread takes its share of the tiles of 16 rows of W, the last also the N % 16 rows left, through the 4x4 tiles. */
+static int lanes_bf16(const uint16_t *x, const void *w, const uint16_t *scale, const uint16_t *b, uint16_t *y,
+                      int64_t M, int64_t N, int64_t K) {
     const int64_t P = K / 2;
-    uint32_t *xp = aligned_alloc(64, P * 64);
+    const int most_threads = omp_get_max_threads();
+    uint32_t *xp = aligned_alloc(64, P * 64 + (scale ? most_threads * P * 64 : 0)); /* and the int8 tiles' buffers */
     if (!xp) return 1;
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512i row_starts = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)P)); /* in pairs */
@@ -552,25 +555,41 @@ static int lanes_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, u
     for (int64_t p = 0; p < P; p++) /* pair p of each row of x */
         _mm512_store_si512(xp + p * 16, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, row_starts,
                                                                     (const uint32_t *)x + p, 4));
+    const int8_t *w8 = w;
+    const uint16_t *w16 = w;
     _Pragma("omp parallel") {
         const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
         const int64_t tiles = N / 16;
         const int64_t begin = 16 * (tiles * thread / threads), end = 16 * (tiles * (thread + 1) / threads);
         const __m512i row_of_lane = _mm512_mullo_epi32(lane, _mm512_set1_epi32(16)); /* in dots, below */
+        uint16_t *wide = (uint16_t *)(xp + P * 16) + thread * 16 * K; /* int8 W's tile, widened */
         float dots[16][16] __attribute__((aligned(64))); /* [row of W][row of x] */
         for (int64_t n = begin; n < end; n += 16) {
             __m512 acc[16];
-            lanes_tile(xp, w + n * K, K, (const char *)(w + (n + 16) * K), acc);
+            if (scale) {
+                for (int64_t i = 0; i < 16 * K; i += 64) { /* the tile's 16 rows, contiguous in W and in wide */
+                    __mmask64 valid = 16 * K - i >= 64 ? ~0ull : (1ull << (16 * K - i)) - 1;
+                    bf16x64 v = load_int8x64_as_bf16(w8 + n * K + i, valid);
+                    _mm512_mask_storeu_epi16(wide + i, (__mmask32)valid, (__m512i)v.lo);
+                    _mm512_mask_storeu_epi16(wide + i + 32, (__mmask32)(valid >> 32), (__m512i)v.hi);
+                }
+                lanes_tile(xp, wide, K, (const char *)(w8 + (n + 16) * K), acc); /* prefetches the next 2 tiles */
+            } else {
+                lanes_tile(xp, w16 + n * K, K, (const char *)(w16 + (n + 16) * K), acc);
+            }
             for (int r = 0; r < 16; r++) _mm512_store_ps(dots[r], acc[r]);
+            __m512 factor = scale ? load512(scale, n, (__mmask16)-1, AS_BF16) : _mm512_set1_ps(1);
             __m512 bias = b ? load512(b, n, (__mmask16)-1, AS_BF16) : _mm512_setzero_ps();
             for (int m = 0; m < M; m++) { /* row m of y: lane m of each row of W's sums */
                 __m512 v = _mm512_i32gather_ps(_mm512_add_epi32(row_of_lane, _mm512_set1_epi32(m)), &dots[0][0], 4);
+                if (scale) v = _mm512_mul_ps(v, factor);
                 store512(y, m * N + n, (__mmask16)-1, _mm512_add_ps(v, bias), AS_BF16);
             }
         }
-        if (thread == threads - 1) /* the rows past the last tile */
-            for (int64_t n = 16 * tiles; n < N; n++)
-                group_bf16(x, w + n * K, NULL, K, 1, 4, 0, M, NULL, b, y, N, n, AS_BF16);
+        for (int64_t n = 16 * tiles; thread == threads - 1 && n < N; n++) { /* the rows past the last tile */
+            if (scale) group_int8(x, w8 + n * K, NULL, K, 1, 4, 0, M, scale, b, y, N, n, AS_BF16);
+            else group_bf16(x, w16 + n * K, NULL, K, 1, 4, 0, M, NULL, b, y, N, n, AS_BF16);
+        }
     }
     free(xp);
     return 0;
@@ -580,7 +599,7 @@ static int lanes_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, u
 /* bf16 x, W, b (or NULL) -> bf16 y */
 void linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16_t *y, int64_t M, int64_t N, int64_t K) {
 #ifdef HAVE_AVX512
-    if (M >= LANES_MIN && M <= 16 && K > 0 && K % 2 == 0 && !lanes_bf16(x, w, b, y, M, N, K)) return;
+    if (M >= LANES_MIN && M <= 16 && K > 0 && K % 2 == 0 && !lanes_bf16(x, w, NULL, b, y, M, N, K)) return;
 #endif
     const void *scale = NULL;
     LINEAR(group_bf16, AS_BF16)
@@ -591,8 +610,10 @@ void linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16
 void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale, const uint16_t *b, uint16_t *y,
                       int64_t M, int64_t N, int64_t K) {
 #ifdef HAVE_AVX512
-    /* More than 4 rows of x: each group of 4 rows of W is widened to bf16 once, into a buffer of the thread's own,
-     * for the bf16 tiles of every 4 rows of x (group_bf16), where the int8 tiles widened it in each: the same
+    if (M >= LANES_MIN && M <= 16 && K > 0 && K % 2 == 0 && !lanes_bf16(x, w, scale, b, y, M, N, K)) return;
+    /* 5 to 7 rows of x, or more than 16 (8 to 16: the lane tiles, lanes_bf16): each group of 4 rows of W is widened
+     * to bf16 once, into a buffer of the thread's own, for the bf16 tiles of every 4 rows of x (group_bf16), where the
+     * int8 tiles widened it in each: the same
      * products, added in the same order (bloom-560m's products streamed at 16 rows: 15 -> 18 GB/s of int8 weights;
      * 32 rows: 7 -> 10; with one buffer for both threads, 13 and 9). The tiles prefetch no W after their group's last
      * span: the next group is widened from W first, which prefetches its own rows. A thread whose buffer cannot be
