@@ -170,6 +170,18 @@ static inline bf16x64 load_int8x64_as_bf16(const int8_t *q, __mmask64 valid) { /
     return (bf16x64){(__m512bh)_mm512_unpacklo_epi8(lo, hi), (__m512bh)_mm512_unpackhi_epi8(lo, hi)};
 }
 
+/* count int8 values widened to bf16 into wide; while they are read, the same count from `ahead` (NULL: none) is
+ * prefetched */
+static inline void widen_int8(const int8_t *q, int64_t count, uint16_t *wide, const int8_t *ahead) {
+    for (int64_t i = 0; i < count; i += 64) {
+        __mmask64 valid = count - i >= 64 ? ~0ull : (1ull << (count - i)) - 1;
+        if (ahead) _mm_prefetch((const char *)(ahead + i), _MM_HINT_T0);
+        bf16x64 v = load_int8x64_as_bf16(q + i, valid);
+        _mm512_mask_storeu_epi16(wide + i, (__mmask32)valid, (__m512i)v.lo);
+        _mm512_mask_storeu_epi16(wide + i + 32, (__mmask32)(valid >> 32), (__m512i)v.hi);
+    }
+}
+
 static inline bf16x64 load_bf16x64(const uint16_t *p, __mmask64 valid) {
     return (bf16x64){load_bf16(p, (__mmask32)valid), load_bf16(p + 32, (__mmask32)(valid >> 32))};
 }
@@ -541,10 +553,12 @@ static inline __attribute__((always_inline)) void lanes_tile(const uint32_t *xp,
 
 /* y = x · Wᵀ + b for M rows of bf16 x, LANES_MIN <= M <= 16, and an even K; W bf16 (scale NULL) or int8 with a scale
  * per row, y = (x · Wᵀ) · scale + b, each tile's 16 rows then widened to bf16 first, into a buffer of the thread's own
- * that the tile reads from the L2 cache. Returns 1 (y not written) when the scratch memory cannot be allocated. Each
+ * that the tile reads from the L2 cache. Returns 1 (y not written) for other sizes, or when the scratch memory cannot
+ * be allocated. Each
  * thread takes its share of the tiles of 16 rows of W, the last also the N % 16 rows left, through the 4x4 tiles. */
 static int lanes_bf16(const uint16_t *x, const void *w, const uint16_t *scale, const uint16_t *b, uint16_t *y,
                       int64_t M, int64_t N, int64_t K) {
+    if (M < LANES_MIN || M > 16 || K <= 0 || K % 2) return 1;
     const int64_t P = K / 2;
     const int most_threads = omp_get_max_threads();
     uint32_t *xp = aligned_alloc(64, P * 64 + (scale ? most_threads * P * 64 : 0)); /* and the int8 tiles' buffers */
@@ -567,12 +581,7 @@ static int lanes_bf16(const uint16_t *x, const void *w, const uint16_t *scale, c
         for (int64_t n = begin; n < end; n += 16) {
             __m512 acc[16];
             if (scale) {
-                for (int64_t i = 0; i < 16 * K; i += 64) { /* the tile's 16 rows, contiguous in W and in wide */
-                    __mmask64 valid = 16 * K - i >= 64 ? ~0ull : (1ull << (16 * K - i)) - 1;
-                    bf16x64 v = load_int8x64_as_bf16(w8 + n * K + i, valid);
-                    _mm512_mask_storeu_epi16(wide + i, (__mmask32)valid, (__m512i)v.lo);
-                    _mm512_mask_storeu_epi16(wide + i + 32, (__mmask32)(valid >> 32), (__m512i)v.hi);
-                }
+                widen_int8(w8 + n * K, 16 * K, wide, NULL); /* the tile's 16 rows, contiguous in W and in wide */
                 lanes_tile(xp, wide, K, (const char *)(w8 + (n + 16) * K), acc); /* prefetches the next 2 tiles */
             } else {
                 lanes_tile(xp, w16 + n * K, K, (const char *)(w16 + (n + 16) * K), acc);
@@ -599,7 +608,7 @@ static int lanes_bf16(const uint16_t *x, const void *w, const uint16_t *scale, c
 /* bf16 x, W, b (or NULL) -> bf16 y */
 void linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16_t *y, int64_t M, int64_t N, int64_t K) {
 #ifdef HAVE_AVX512
-    if (M >= LANES_MIN && M <= 16 && K > 0 && K % 2 == 0 && !lanes_bf16(x, w, NULL, b, y, M, N, K)) return;
+    if (!lanes_bf16(x, w, NULL, b, y, M, N, K)) return;
 #endif
     const void *scale = NULL;
     LINEAR(group_bf16, AS_BF16)
@@ -610,7 +619,7 @@ void linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16
 void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale, const uint16_t *b, uint16_t *y,
                       int64_t M, int64_t N, int64_t K) {
 #ifdef HAVE_AVX512
-    if (M >= LANES_MIN && M <= 16 && K > 0 && K % 2 == 0 && !lanes_bf16(x, w, scale, b, y, M, N, K)) return;
+    if (!lanes_bf16(x, w, scale, b, y, M, N, K)) return;
     /* 5 to 7 rows of x, or more than 16 (8 to 16: the lane tiles, lanes_bf16): each group of 4 rows of W is widened
      * to bf16 once, into a buffer of the thread's own, for the bf16 tiles of every 4 rows of x (group_bf16), where the
      * int8 tiles widened it in each: the same
@@ -629,13 +638,7 @@ void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale,
                                m_begin + X_BLOCK < M ? m_begin + X_BLOCK : M, scale, b, y, N, n, AS_BF16);
             for (int64_t n = n_begin; wide && n < n_end;) {
                 int R = n_end - n >= 4 ? 4 : 1;
-                for (int64_t i = 0; i < R * K; i += 64) { /* the group's R rows, contiguous in W and in wide */
-                    __mmask64 valid = R * K - i >= 64 ? ~0ull : (1ull << (R * K - i)) - 1;
-                    _mm_prefetch((const char *)(w + (n + R) * K + i), _MM_HINT_T0);
-                    bf16x64 v = load_int8x64_as_bf16(w + n * K + i, valid);
-                    _mm512_mask_storeu_epi16(wide + i, (__mmask32)valid, (__m512i)v.lo);
-                    _mm512_mask_storeu_epi16(wide + i + 32, (__mmask32)(valid >> 32), (__m512i)v.hi);
-                }
+                widen_int8(w + n * K, R * K, wide, w + (n + R) * K); /* the group's R rows, contiguous */
                 for (int64_t m_begin = 0; m_begin < M; m_begin += X_BLOCK)
                     group_bf16(x, wide, NULL, K, R, 4, m_begin, m_begin + X_BLOCK < M ? m_begin + X_BLOCK : M, scale,
                                b, y, N, n, AS_BF16);
