@@ -107,7 +107,7 @@ def test_an_interrupted_export_resumes_and_other_folders_are_refused(model, toke
     fresh = export(model, token_ids, ["h.1"], tmp_path / "fresh", context=8, batch_size=2)
     assert torch.equal(load(out, "h.1")[1], load(fresh, "h.1")[1])
 
-    with pytest.raises(ValueError, match="already holds this export, complete"):
+    with pytest.raises(ValueError, match=r"already holds a complete export of this text, points and context \(F32 act"):
         export(model, token_ids, ["h.1"], out, context=8)
     with pytest.raises(ValueError, match=r"holds an export that differs in its context \(8 there, 4 now\) \("):
         export(model, token_ids, ["h.1"], out, context=4)

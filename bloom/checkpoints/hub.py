@@ -13,6 +13,8 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
+OFFLINE = "HF_HUB_OFFLINE is set, so the hub was not asked"  # why a cached copy was not completed
+
 
 def resolve_folder(
     path_or_repo_id: str | Path,
@@ -67,7 +69,7 @@ def incomplete_cache(path_or_repo_id: str | Path) -> str:
     local folder): that an interrupted download leaves a copy so, and how to complete it. "" for a local folder."""
     if Path(path_or_repo_id).expanduser().exists():
         return ""
-    offline = " (HF_HUB_OFFLINE is set, so the hub was not asked)" if hub_constants.HF_HUB_OFFLINE else ""
+    offline = f" ({OFFLINE})" if hub_constants.HF_HUB_OFFLINE else ""
     return (f": the huggingface cache's copy of {path_or_repo_id} lacks it{offline}; an interrupted download leaves "
             f"a copy so, and `bloom download {path_or_repo_id}`, where the hub can be reached, completes it if the "
             "repo has the file")  # fmt: skip

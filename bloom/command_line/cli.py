@@ -16,7 +16,7 @@ from huggingface_hub import constants as hub_constants
 
 import bloom.command_line.bench
 import bloom.research.activations
-from bloom.checkpoints.hub import resolve_folder
+from bloom.checkpoints.hub import OFFLINE, resolve_folder
 from bloom.checkpoints.loader import (
     DTYPES,
     checkpoint_patterns,
@@ -516,8 +516,7 @@ def run_download(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         revision=args.revision,
     )
     # an unreachable hub leaves huggingface_hub with the cached snapshot, however partial: say what it lacks
-    why = "HF_HUB_OFFLINE is set, so the hub was not asked" if hub_constants.HF_HUB_OFFLINE else (
-        "the hub did not provide it")  # fmt: skip
+    why = OFFLINE if hub_constants.HF_HUB_OFFLINE else "the hub did not provide it"
     try:
         weight_files(folder)  # names a missing shard, or pickles only
     except FileNotFoundError as error:

@@ -120,16 +120,20 @@ def check_folder(out: Path, model_name: str, token_ids: Sequence[int], points: l
         return
     index = _read_index(out)
     _refuse_other_export(out, index, settings)
-    if index["tokens_done"] == settings["n_tokens"]:
-        theirs = index.get("settings") or {}
-        kinds = f"{theirs.get('dtype')} activations, {theirs.get('weights')} weights"
-        raise OutFolderError(f"{out} already holds a complete export of this text, points and context ({kinds}); "
-                             "delete it to write it again")  # fmt: skip
+    _refuse_complete(out, index, settings)
 
 
 def _refuse_foreign(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         raise OutFolderError(f"{out} is not empty and holds no {INDEX}: choose an empty or new folder")
+
+
+def _refuse_complete(out: Path, index: dict, settings: dict) -> None:
+    if index["tokens_done"] == settings["n_tokens"]:
+        theirs = index.get("settings") or {}
+        kinds = f"{theirs.get('dtype')} activations, {theirs.get('weights')} weights"
+        raise OutFolderError(f"{out} already holds a complete export of this text, points and context ({kinds}); "
+                             "delete it to write it again")  # fmt: skip
 
 
 def _refuse_other_export(out: Path, index: dict, settings: dict) -> None:
@@ -202,8 +206,7 @@ def _start(out: Path, settings: dict, widths: dict[str, int], token_ids: torch.T
     if (out / INDEX).is_file():
         index = _read_index(out)
         _refuse_other_export(out, index, settings)
-        if index["tokens_done"] == settings["n_tokens"]:
-            raise OutFolderError(f"{out} already holds this export, complete; delete it to write it again")
+        _refuse_complete(out, index, settings)
         if not 0 <= index["tokens_done"] < settings["n_tokens"]:
             raise OutFolderError(f"{out / INDEX}: not an index written by bloom activations")
         if index["tokens_done"]:
