@@ -25,6 +25,11 @@ def expected_text(folder, prompts: list[str], max_new_tokens: int, dtype=None, *
     ]
 
 
+def in_rows(texts: list[str]) -> str:
+    """What `bloom generate` prints for a batch: each text under its number."""
+    return "".join(f"--- {i + 1}/{len(texts)} ---\n{text}\n" for i, text in enumerate(texts))
+
+
 def test_version():
     from importlib.metadata import version
 
@@ -100,18 +105,19 @@ def test_generate_a_batch_from_a_file_with_sampling(tiny_model_folder, tmp_path)
     expected = expected_text(
         tiny_model_folder, prompts, 8, do_sample=True, temperature=0.8, top_k=40, top_p=0.9, seed=7
     )
-    assert result.stdout == "".join(text + "\n" for text in expected)
+    assert result.stdout == in_rows(expected)
 
 
 def test_dtype(tiny_model_folder):
-    """--dtype bf16 generates what the library generates in bf16, which is not what it generates in fp32."""
-    prompts, new = ["a", "bb", "Bonjour, le monde"], 16
+    """--dtype bf16 generates what the library generates in bf16, which is not what it generates in fp32; each row is
+    printed under its number, as a prompt can hold newlines."""
+    prompts, new = ["a", "bb", "Bonjour, le monde", "Bonjour,\nle monde"], 16
     in_bf16 = expected_text(tiny_model_folder, prompts, new, dtype=torch.bfloat16)
     assert in_bf16 != expected_text(tiny_model_folder, prompts, new, dtype=torch.float32)
     argv = ["generate", "--model", str(tiny_model_folder), "--max-new-tokens", str(new), "--dtype", "bf16"]
     result = bloom(*argv, *(arg for prompt in prompts for arg in ("--prompt", prompt)))
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "".join(text + "\n" for text in in_bf16)
+    assert result.stdout == in_rows(in_bf16)
 
 
 def test_prompt_and_prompt_file_are_exclusive(tiny_model_folder, tmp_path):

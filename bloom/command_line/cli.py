@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="continue prompts, streaming the text to stdout",
         description="Continue one prompt (streamed to stdout) or several (one left-padded batch, printed when "
-        "done). Greedy unless --do-sample. The last line on stderr gives load time, token counts and tokens/s.",
+        "done, each row under a line '--- i/N ---'). Greedy unless --do-sample. The last line on stderr gives load "
+        "time, token counts and tokens/s.",
     )
     add_model_arguments(gen)
     prompts = gen.add_mutually_exclusive_group(required=True)
@@ -339,8 +340,9 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
 
 
 def print_rows(tokenizer: BloomTokenizer, prompts: list[str], new_tokens: torch.Tensor) -> None:
-    """Each prompt followed by its new tokens (B, N), one per line."""
-    for prompt, row in zip(prompts, new_tokens, strict=True):
+    """Each prompt followed by its new tokens (B, N), under a line `--- i/B ---` (the text may hold newlines)."""
+    for i, (prompt, row) in enumerate(zip(prompts, new_tokens, strict=True), start=1):
+        print(f"--- {i}/{len(prompts)} ---")
         print(prompt + tokenizer.decode(row.tolist(), skip_special_tokens=True))
 
 
