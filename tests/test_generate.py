@@ -561,3 +561,38 @@ def test_temperature_and_sampling_follow_the_distribution():
         frequencies = torch.bincount(draws, minlength=4) / draws.numel()
         torch.testing.assert_close(frequencies, probs[0], rtol=0, atol=0.015)
     assert (sample(torch.tensor([[0.0, 1.0, 0.0]]).expand(100, 3), generator) == 1).all()
+
+
+# Logits that are not finite after the prompt: a damaged checkpoint, or activations out of fp16's range.
+
+
+def test_a_weight_holding_nan_is_named(checkpoint, tmp_path):
+    hf, _ = checkpoint
+    damaged = copy.deepcopy(hf)
+    with torch.no_grad():
+        damaged.transformer.h[1].mlp.dense_4h_to_h.weight[3, 7] = float("nan")
+    ours = load_pretrained(save_transformers(damaged, tmp_path))
+    ids, mask = left_padded([5, 3])
+    with torch.no_grad():  # transformers' own forward: NaN logits, for a reason it does not say
+        assert torch.isnan(damaged(input_ids=ids, attention_mask=mask).logits[:, -1]).any(dim=-1).all()
+    with pytest.raises(ValueError, match=r"after the prompt hold NaN or inf \(rows 0, 1\): the model's "
+                                         r"h\.1\.mlp\.dense_4h_to_h\.weight holds NaN or inf, so its checkpoint is "
+                                         "damaged"):  # fmt: skip
+        generate(ours, ids, attention_mask=mask, max_new_tokens=2)
+
+
+def test_fp16_activations_that_overflow_are_told_apart_from_damaged_weights(checkpoint, tmp_path):
+    hf, _ = checkpoint
+    loud = copy.deepcopy(hf)
+    with torch.no_grad():  # finite in fp16 (below 65504), but the final LayerNorm's outputs are not
+        loud.transformer.ln_f.weight.fill_(60000.0)
+        loud.transformer.ln_f.bias.fill_(60000.0)
+    folder = save_transformers(loud, tmp_path)
+    ids, mask = left_padded([4])
+    with torch.no_grad():
+        assert not torch.isfinite(loud.half()(input_ids=ids, attention_mask=mask).logits[:, -1]).all()
+    with pytest.raises(ValueError, match=r"\(row 0\), while no weight does: the activations overflowed float16; load "
+                                         "the model in bf16"):  # fmt: skip
+        generate(load_pretrained(folder, dtype=torch.float16), ids, attention_mask=mask, max_new_tokens=2)
+    in_bf16 = generate(load_pretrained(folder, dtype=torch.bfloat16), ids, attention_mask=mask, max_new_tokens=2)
+    assert in_bf16.shape == (1, 6)  # the advice holds

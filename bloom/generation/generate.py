@@ -5,9 +5,10 @@ samples with top_k=50 unless told otherwise; here nothing is filtered unless ask
 The logits of each step go through, in transformers' order: repetition penalty, temperature, top-k,
 top-p; then argmax (greedy) or a draw (sampling). The penalty is applied in float64, and the temperature in
 float64 after subtracting each row's maximum, so that no setting overflows: a temperature near 0 gives the
-greedy choice (ties shared evenly), never a float32 infinity. No step waits on the host: the arguments and the
-prompt are checked once per call, whether every row has finished is checked every `EOS_CHECK_EVERY` steps
-(every step when streaming), and the columns generated after the last row finished are dropped at the end.
+greedy choice (ties shared evenly), never a float32 infinity. No step waits on the host: the arguments, the
+prompt and its logits (no NaN or inf) are checked once per call, whether every row has finished is checked every
+`EOS_CHECK_EVERY` steps (every step when streaming), and the columns generated after the last row finished are
+dropped at the end.
 
 Memory follows the tokens generated, not `max_new_tokens` (bloom.generation.decoder.Decoder grows the KV cache by
 doubling), so a large `max_new_tokens` costs nothing until it is used. Prompts longer than BLOOM's 2,048
@@ -118,7 +119,9 @@ def generate(
     decoder: the decode step and KV cache to use (batch size B): pass a `Decoder(model, B, compile=True)` to
         decode with a compiled step, and reuse it across calls (one call at a time). An eager one is made otherwise.
 
-    Bad arguments raise ValueError naming the argument, before any work. A MemoryError says what could not
+    Bad arguments raise ValueError naming the argument, before any work; so do logits holding NaN or inf after the
+    prompt, naming the weight that holds them (a damaged checkpoint) or else the dtype the activations overflowed
+    (fp16). A MemoryError says what could not
     fit (the prompt's attention, or the KV cache as it grows) and how much memory is available. Its
     `sequences` attribute holds the prompt and every token chosen until then, (B, T + n), as does a
     KeyboardInterrupt's (Ctrl-C) raised during the steps.
@@ -240,6 +243,8 @@ def generate_steps(
     with decoder.claimed():
         with torch.inference_mode():
             logits = decoder.prefill(input_ids, attention_mask.long())  # (B, 1, V)
+            if not bool(torch.isfinite(logits[:, -1]).all()):  # one host sync, after the prompt only
+                raise ValueError(why_not_finite(model, logits[:, -1]))
             # plain greedy choices straight from the logits, without their float32 copy (bloom.matvec.argmax)
             plain_greedy = not (do_sample or seen is not None)
             argmax_kernel = plain_greedy and decoder.matvec_kernels and matvec.argmax_applies(logits[:, -1])
@@ -271,6 +276,19 @@ def generate_steps(
                     seen[rows, tokens] = True
                 if step + 1 < max_new_tokens:
                     logits = decoder.step(tokens)  # (B, 1, V)
+
+
+def why_not_finite(model: Bloom, logits: torch.Tensor) -> str:
+    """Why logits (B, V) after the prompt hold NaN or inf: the first weight that does (a damaged checkpoint, found
+    only now, as reading every weight at load would undo the loader's lazy mapping), or else activations that left
+    the model's dtype's range. A greedy choice would otherwise be the first NaN's id, as torch.argmax picks it."""
+    rows = [i for i, finite in enumerate(torch.isfinite(logits).all(dim=-1).tolist()) if not finite]
+    what = f"the logits after the prompt hold NaN or inf (row{'s' * (len(rows) > 1)} {', '.join(map(str, rows))})"
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"{what}: the model's {name} holds NaN or inf, so its checkpoint is damaged"
+    hint = "; load the model in bf16, which has fp32's range" if logits.dtype == torch.float16 else ""
+    return f"{what}, while no weight does: the activations overflowed {str(logits.dtype).removeprefix('torch.')}{hint}"
 
 
 def check_token_id(name: str, value: object, vocab_size: int) -> None:
