@@ -15,6 +15,7 @@ import torch
 from bloom.config import BloomConfig
 from bloom.generation.decoder import Decoder
 from bloom.generation.generate import generate_steps
+from bloom.heap import keep_freed_memory
 from bloom.model import Bloom
 
 
@@ -42,6 +43,7 @@ def main() -> None:
     torch.manual_seed(0)
     config = BloomConfig(hidden_size=args.hidden, n_layer=args.layers, n_head=args.heads)
     model = Bloom(config).eval()
+    keep_freed_memory()  # as load_pretrained does, which `bloom generate` calls
     ids = torch.randint(4, 1000, (1, 8))
     print(f"random BLOOM: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {config.vocab_size}")
     print("| generated | max_new_tokens | ms / step | KV cache held | time ratio | memory ratio |")

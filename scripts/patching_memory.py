@@ -19,6 +19,7 @@ import time
 import torch
 
 from bloom import Bloom, BloomConfig
+from bloom.heap import keep_freed_memory
 from bloom.research.patching import activation_patching, attribution_patching
 
 GiB = 2**30
@@ -37,6 +38,7 @@ def main(seq_len: int = 64, batch_size: int = 8, batches: int | None = None) -> 
     torch.manual_seed(0)
     config = BloomConfig.from_name("bloom-560m")
     model = Bloom(config).eval().requires_grad_(False)  # random weights of the published shape
+    keep_freed_memory()  # as load_pretrained does
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     logits = batch_size * seq_len * config.vocab_size * 4
     bound = weights + 2 * logits + GiB // 2

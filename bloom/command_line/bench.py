@@ -39,6 +39,7 @@ from bloom.command_line.arguments import (
 from bloom.config import PRESETS, BloomConfig
 from bloom.generation.decoder import Decoder
 from bloom.generation.generate import generate
+from bloom.heap import keep_freed_memory
 from bloom.memory import available_memory
 from bloom.model import Bloom
 
@@ -183,7 +184,8 @@ def ours_worker(args: argparse.Namespace) -> dict:
 
 
 def random_model(name: str, dtype: torch.dtype) -> Bloom:
-    """A model of preset `name` on the CPU with random weights (N(0, 0.02); LayerNorms at 1 and 0), in eval mode."""
+    """A model of preset `name` on the CPU with random weights (N(0, 0.02); LayerNorms at 1 and 0), in eval mode, and
+    the C heap set as load_pretrained sets it (bloom.heap)."""
     with torch.device("meta"):
         model = Bloom(BloomConfig.from_name(name)).to(dtype)
     model = model.to_empty(device="cpu").eval()  # the weights' bytes once, in their dtype (bloom-7b1: 14 GB in bf16)
@@ -194,6 +196,7 @@ def random_model(name: str, dtype: torch.dtype) -> Bloom:
                 param.fill_(1.0 if pname.endswith("weight") else 0.0)
             else:
                 param.normal_(0, 0.02, generator=generator)
+    keep_freed_memory()
     return model
 
 
