@@ -503,8 +503,8 @@ GROUP(group_f16, tile_f16, seq_f16, float, uint16_t, X_SPAN / 2)
     }
 
 #ifdef HAVE_AVX512
-/* Products of LANES_MIN to 16 rows of bf16 x, the lanes of a register holding the rows of x instead of stretches of
- * K. x is packed by pairs, xp[p] = the pair (2p, 2p + 1) of each row of x, 16 lanes (zeros past M); each pair of a row
+/* Products of LANES_MIN or more rows of bf16 x, the lanes of a register holding 16 rows of x instead of stretches
+ * of K. x is packed by pairs, xp[p] = the pair (2p, 2p + 1) of each row of x, 16 lanes (zeros past M); each pair of a row
  * of W is broadcast from memory into the 16 lanes of a multiply-add (vdpbf16ps's {1to16}), so that acc[r] lane m sums
  * row r of W times row m of x over K with no sum across lanes at the end, where the 4x4 tiles spend about a tenth of
  * their multiply-adds' time summing lanes and placing results. A tile takes 16 rows of W, in 4 groups of 4 rows, each
@@ -586,50 +586,63 @@ static void pack_pairs(const uint32_t *x, int64_t M, int64_t P, uint32_t *xp) {
                                                                     row_starts, x + p, 4));
 }
 
-/* y = x · Wᵀ + b for M rows of bf16 x, LANES_MIN <= M <= 16, and an even K; W bf16 (scale NULL) or int8 with a scale
- * per row, y = (x · Wᵀ) · scale + b, each tile's 16 rows then widened to bf16 first, into a buffer of the thread's own
- * that the tile reads from the L2 cache. Returns 1 (y not written) for other sizes, or when the scratch memory cannot
- * be allocated. Each
- * thread takes its share of the tiles of 16 rows of W, the last also the N % 16 rows left, through the 4x4 tiles. */
+/* y = x · Wᵀ + b for M >= LANES_MIN rows of bf16 x and an even K; W bf16 (scale NULL) or int8 with a scale per row,
+ * y = (x · Wᵀ) · scale + b, each tile's 16 rows then widened to bf16 first, into a buffer of the thread's own that the
+ * tile reads from the L2 cache. Up to 16 rows of x are one block; more go in blocks of 16, each packed once, each
+ * tile of W read again from the caches for every block, and the M % 16 rows left take the 4x4 tiles on it (streamed
+ * at 24 and 28 rows, alternated in one process, those rows as a last lane block of 8 or 12 made bloom-560m's products
+ * 0-20% slower). Streamed at 20, 32 and 48 rows, against the 4x4 tiles for all rows: 20-30% faster. Returns 1 (y
+ * not written) for other sizes, or when the scratch memory cannot be allocated. Each thread takes its share of the
+ * tiles of 16 rows of W, the last also the N % 16 rows left, through the 4x4 tiles. */
 static int lanes_bf16(const uint16_t *x, const void *w, const uint16_t *scale, const uint16_t *b, uint16_t *y,
                       int64_t M, int64_t N, int64_t K) {
-    if (M < LANES_MIN || M > 16 || K <= 0 || K % 2) return 1;
+    if (M < LANES_MIN || K <= 0 || K % 2) return 1;
     const int64_t P = K / 2;
+    const int64_t lane_rows = M < 16 ? M : M / 16 * 16; /* rows in lane blocks; the rest: 4x4 tiles */
+    const int64_t blocks = (lane_rows + 15) / 16;
     const int most_threads = omp_get_max_threads();
-    uint32_t *xp = aligned_alloc(64, P * 64 + (scale ? most_threads * P * 64 : 0)); /* and the int8 tiles' buffers */
+    uint32_t *xp = aligned_alloc(64, blocks * P * 64 + (scale ? most_threads * P * 64 : 0)); /* and int8's buffers */
     if (!xp) return 1;
-    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    pack_pairs((const uint32_t *)x, M, P, xp);
+    for (int64_t block = 0; block < blocks; block++) {
+        const int64_t rows = lane_rows - 16 * block < 16 ? lane_rows - 16 * block : 16;
+        pack_pairs((const uint32_t *)x + 16 * block * P, rows, P, xp + block * P * 16);
+    }
     const int8_t *w8 = w;
     const uint16_t *w16 = w;
     _Pragma("omp parallel") {
         const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
         const int64_t tiles = N / 16;
         const int64_t begin = 16 * (tiles * thread / threads), end = 16 * (tiles * (thread + 1) / threads);
-        const __m512i row_of_lane = _mm512_mullo_epi32(lane, _mm512_set1_epi32(16)); /* in dots, below */
-        uint16_t *wide = (uint16_t *)(xp + P * 16) + thread * 16 * K; /* int8 W's tile, widened */
+        const __m512i row_of_lane = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2,
+                                                                        1, 0), _mm512_set1_epi32(16)); /* in dots */
+        uint16_t *wide = (uint16_t *)(xp + blocks * P * 16) + thread * 16 * K; /* int8 W's tile, widened */
         float dots[16][16] __attribute__((aligned(64))); /* [row of W][row of x] */
         for (int64_t n = begin; n < end; n += 16) {
-            __m512 acc[16];
-            if (scale) {
-                widen_int8(w8 + n * K, 16 * K, wide, NULL); /* the tile's 16 rows, contiguous in W and in wide */
-                lanes_tile(xp, wide, K, (const char *)(w8 + (n + 16) * K), acc); /* prefetches the next 2 tiles */
-            } else {
-                lanes_tile(xp, w16 + n * K, K, (const char *)(w16 + (n + 16) * K), acc);
-            }
-            for (int r = 0; r < 16; r++) _mm512_store_ps(dots[r], acc[r]);
+            const uint16_t *tile = w16 + n * K;
+            const char *next = scale ? (const char *)(w8 + (n + 16) * K) : (const char *)(w16 + (n + 16) * K);
+            if (scale) widen_int8(w8 + n * K, 16 * K, wide, NULL), tile = wide; /* 16 rows, contiguous in both */
             __m512 factor = scale ? load512(scale, n, (__mmask16)-1, AS_BF16) : _mm512_set1_ps(1);
             __m512 bias = b ? load512(b, n, (__mmask16)-1, AS_BF16) : _mm512_setzero_ps();
-            for (int m = 0; m < M; m++) { /* row m of y: lane m of each row of W's sums */
-                __m512 v = _mm512_i32gather_ps(_mm512_add_epi32(row_of_lane, _mm512_set1_epi32(m)), &dots[0][0], 4);
-                if (scale) v = _mm512_mul_ps(v, factor);
-                store512(y, m * N + n, (__mmask16)-1, _mm512_add_ps(v, bias), AS_BF16);
+            for (int64_t block = 0; block < blocks; block++) {
+                __m512 acc[16];
+                lanes_tile(xp + block * P * 16, tile, K, next, acc); /* each block prefetches the next tile again */
+                for (int r = 0; r < 16; r++) _mm512_store_ps(dots[r], acc[r]);
+                const int64_t first = 16 * block, rows = lane_rows - first < 16 ? lane_rows - first : 16;
+                for (int m = 0; m < rows; m++) { /* row first + m of y: lane m of each row of W's sums */
+                    __m512 v = _mm512_i32gather_ps(_mm512_add_epi32(row_of_lane, _mm512_set1_epi32(m)), &dots[0][0], 4);
+                    if (scale) v = _mm512_mul_ps(v, factor);
+                    store512(y, (first + m) * N + n, (__mmask16)-1, _mm512_add_ps(v, bias), AS_BF16);
+                }
             }
+            for (int64_t r = 0; lane_rows < M && r < 16; r += 4) /* the rows of x past the lane blocks */
+                group_bf16(x, tile + r * K, NULL, K, 4, 4, lane_rows, M, scale, b, y, N, n + r, AS_BF16);
         }
-        for (int64_t n = 16 * tiles; thread == threads - 1 && n < N; n++) { /* the rows past the last tile */
-            if (scale) group_int8(x, w8 + n * K, NULL, K, 1, 4, 0, M, scale, b, y, N, n, AS_BF16);
-            else group_bf16(x, w16 + n * K, NULL, K, 1, 4, 0, M, NULL, b, y, N, n, AS_BF16);
-        }
+        for (int64_t n = 16 * tiles; thread == threads - 1 && n < N; n++) /* the rows of W past the last tile */
+            for (int64_t m_begin = 0; m_begin < M; m_begin += X_BLOCK) {
+                int64_t m_end = m_begin + X_BLOCK < M ? m_begin + X_BLOCK : M;
+                if (scale) group_int8(x, w8 + n * K, NULL, K, 1, 4, m_begin, m_end, scale, b, y, N, n, AS_BF16);
+                else group_bf16(x, w16 + n * K, NULL, K, 1, 4, m_begin, m_end, NULL, b, y, N, n, AS_BF16);
+            }
     }
     free(xp);
     return 0;
@@ -651,9 +664,9 @@ void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale,
                       int64_t M, int64_t N, int64_t K) {
 #ifdef HAVE_AVX512
     if (!lanes_bf16(x, w, scale, b, y, M, N, K)) return;
-    /* 5 to 7 rows of x, or more than 16 (8 to 16: the lane tiles, lanes_bf16): each group of 4 rows of W is widened
-     * to bf16 once, into a buffer of the thread's own, for the bf16 tiles of every 4 rows of x (group_bf16), where the
-     * int8 tiles widened it in each: the same
+    /* 5 to 7 rows of x (8 or more: the lane tiles, lanes_bf16): each group of 4 rows of W is widened to bf16 once,
+     * into a buffer of the thread's own, for the bf16 tiles of every 4 rows of x (group_bf16), where the int8 tiles
+     * widened it in each: the same
      * products, added in the same order (bloom-560m's products streamed at 16 rows: 15 -> 18 GB/s of int8 weights;
      * 32 rows: 7 -> 10; with one buffer for both threads, 13 and 9). The tiles prefetch no W after their group's last
      * span: the next group is widened from W first, which prefetches its own rows. A thread whose buffer cannot be
