@@ -68,3 +68,18 @@ def test_the_bloom_package_never_imports_transformers():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_nan_on_either_side_fails_naming_the_first_layer_that_holds_it(tiny_model_folder, tmp_path):
+    """NaN compares false with any tolerance: it once passed as "OK"."""
+    damaged = shutil.copytree(tiny_model_folder, tmp_path / "damaged")
+    state = load_file(damaged / "model.safetensors")
+    state["transformer.h.1.mlp.dense_h_to_4h.weight"][0, 0] = float("nan")
+    save_file(state, damaged / "model.safetensors")
+    for model, reference in [(damaged, tiny_model_folder), (tiny_model_folder, damaged)]:
+        result = parity("--model", str(model), "--reference", str(reference), "--dtype", "fp32")
+        assert result.returncode == 1, result.stdout + result.stderr
+        table = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith(("h.", "logits"))}
+        assert "beyond tolerance" not in table["h.0"] and "nan" in table["h.1"] and "beyond tolerance" in table["h.1"]
+        assert "greedy: not compared, as a tensor above holds NaN or inf" in result.stdout
+        assert result.stdout.splitlines()[-1] == "FAIL: first tensor beyond tolerance: h.1 (NaN or inf on a side)"

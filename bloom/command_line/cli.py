@@ -67,9 +67,11 @@ PARITY_DESCRIPTION = """\
 Run our BLOOM and transformers' BLOOM on the same checkpoint and prompts (left-padded batch) and print, for
 the embedding LayerNorm, each block's output, ln_f and the logits, the largest absolute difference and the
 largest difference relative to the reference tensor's scale (max |ours - theirs| / max |theirs|), at real
-tokens; then the first new token where the two greedy generations differ.
+tokens; then the first new token where the two greedy generations differ (not compared when a tensor holds
+NaN or inf).
 
-Exit status 1, naming the first tensor at fault, when a relative difference exceeds the dtype's tolerance:
+Exit status 1, naming the first tensor at fault, when a relative difference exceeds the dtype's tolerance or a
+tensor holds NaN or inf on either side (the greedy tokens alone do not fail: near-ties can flip them):
 """ + ", ".join(f"{str(dtype).removeprefix('torch.')} {tol:g}" for dtype, tol in PARITY_TOLERANCES.items())
 DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(generate).parameters.items()}
 
