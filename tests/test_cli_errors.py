@@ -209,7 +209,8 @@ def test_a_tokenizer_with_more_ids_than_the_embedding_is_refused(cli, tmp_path):
         (["--do-sample", "--temperature", "nan"], ["--temperature must be a finite number > 0"]),
         (["--do-sample", "--temperature", "0"], ["--temperature must", "(greedy: without --do-sample)"]),
         (["--repetition-penalty", "inf"], ["--repetition-penalty must be a finite number > 0"]),
-        (["--top-k", "5"], ["--top-k", "only apply when sampling: pass --do-sample"]),
+        (["--top-k", "5"], ["--top-k only applies when sampling: pass --do-sample"]),
+        (["--temperature", "1.0", "--top-p", "1"], ["--temperature and --top-p only apply when sampling: pass --do-"]),
         (["--tp", "0"], ["argument --tp: must be 1 or more, got 0"]),
         (["--prompt", ""], ["--prompt number 2 is empty"]),
         (["--prompt", "caf\udce9"], ["--prompt number 2 is not UTF-8 text", "character 4"]),  # a shell's b"caf\xe9"

@@ -292,8 +292,10 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         for name in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
         if getattr(args, name) is not None
     }
-    if args.seed is not None and not args.do_sample:  # as --temperature, --top-k and --top-p
-        parser.error("--seed only applies when sampling: pass --do-sample")
+    given = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_k", "top_p", "seed") if name in sampling]
+    if given and not args.do_sample:  # even at its default value (generate() cannot tell it was given)
+        verb = "applies" if len(given) == 1 else "apply"
+        parser.error(f"{' and '.join(given)} only {verb} when sampling: pass --do-sample")
     settings = DEFAULTS | sampling  # refuse bad arguments before spending time on loading
     check_sampling(args.do_sample, settings["temperature"], settings["top_k"], settings["top_p"],
                    settings["repetition_penalty"], args.max_new_tokens)  # fmt: skip
