@@ -167,6 +167,13 @@ def test_a_byte_order_mark_is_not_part_of_the_first_prompt(cli, tiny_model_folde
     assert with_bom[0] == 0 and with_bom[:2] == without[:2]  # exit status and the generated text
 
 
+def test_a_prompt_file_splits_at_newlines_only(cli, tiny_model_folder, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Bon\x0cjour\u2028le\x85monde\r\nHello\n", encoding="utf-8")
+    code, out, _ = cli("generate", "--model", tiny_model_folder, "--max-new-tokens", "2", "--prompt-file", prompts)
+    assert code == 0 and out.startswith("--- 1/2 ---\nBon\x0cjour\u2028le\x85monde") and "\n--- 2/2 ---\nHello" in out
+
+
 def test_a_batch_whose_cache_cannot_grow_prints_what_it_generated(cli, tiny_model_folder, monkeypatch):
     """Room for the 64-slot KV cache, not the 128-slot one: each prompt's text so far, then one error line."""
     import bloom.memory

@@ -565,7 +565,7 @@ class StdoutStream:
 
 
 def read_prompts(path: Path) -> list[str]:
-    lines = read_text(path, "--prompt-file").splitlines()
+    lines = read_text(path, "--prompt-file").split("\n")  # not splitlines(): a form feed or U+2028 stays in its line
     prompts = [line for line in lines if line.strip()]
     if not prompts:
         raise ValueError(f"--prompt-file {path}: no prompts (one per line)")
