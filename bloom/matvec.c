@@ -503,20 +503,19 @@ GROUP(group_f16, tile_f16, seq_f16, float, uint16_t, X_SPAN / 2)
     }
 
 #ifdef HAVE_AVX512
-/* Products of LANES_MIN or more rows of bf16 x, the lanes of a register holding 16 rows of x instead of stretches
- * of K. x is packed by pairs, xp[p] = the pair (2p, 2p + 1) of each row of x, 16 lanes (zeros past M); each pair of a row
- * of W is broadcast from memory into the 16 lanes of a multiply-add (vdpbf16ps's {1to16}), so that acc[r] lane m sums
- * row r of W times row m of x over K with no sum across lanes at the end, where the 4x4 tiles spend about a tenth of
- * their multiply-adds' time summing lanes and placing results. A tile takes 16 rows of W, in 4 groups of 4 rows, each
- * group a cache line (16 pairs) further along its rows than the one before, wrapping around: 16 rows 8 KB apart
- * (K = 4096) at the same offset fall into one set of the L1 cache, whose 8 ways then thrashed (the 4096-wide product
- * ran at 180 GFLOP/s, the 1024-wide ones at 330-400). While a tile multiplies, it prefetches the next tile's rows into
- * the L2 cache, a line a pair, in the order of memory (into L1 they evicted what the tile reads: 10-20% slower; a
- * line of each row in turn: as fast on the LM head, up to 8% slower on the blocks' products). Streaming bloom-560m's
- * products at 16 rows on a Zen 4 core (vdpbf16ps: 234 GFLOP/s a core; scratch, alternated in one process), against
- * the 4x4 tiles, over several runs: the LM head 313-323 -> 366-423 GFLOP/s, the blocks' four products 258-317 ->
- * 297-394; with int8 weights, widened 16 rows at a time, the LM head 30.3-30.7 -> 24.7-24.8 ms, the blocks 38.5-38.7
- * -> 31.6-31.8 ms. */
+/* Products of LANES_MIN or more rows of bf16 x, the lanes of a register holding 16 rows of x instead of stretches of K.
+ * x is packed by pairs, xp[p] = the pair (2p, 2p + 1) of each row of x, 16 lanes (zeros past M); each pair of a row of
+ * W is broadcast from memory into the 16 lanes of a multiply-add (vdpbf16ps's {1to16}), so that acc[r] lane m sums row
+ * r of W times row m of x over K with no sum across lanes at the end, where the 4x4 tiles spend about a tenth of their
+ * multiply-adds' time summing lanes and placing results. A tile takes 16 rows of W, in 4 groups of 4 rows, each group a
+ * cache line (16 pairs) further along its rows than the one before, wrapping around: 16 rows 8 KB apart (K = 4096) at
+ * the same offset fall into one set of the L1 cache, whose 8 ways then thrashed (the 4096-wide product ran at 180
+ * GFLOP/s, the 1024-wide ones at 330-400). While a tile multiplies, it prefetches the next tile's rows into the L2
+ * cache, a line a pair, in the order of memory (into L1 they evicted what the tile reads: 10-20% slower; a line of each
+ * row in turn: as fast on the LM head, up to 8% slower on the blocks' products). Streaming bloom-560m's products at 16
+ * rows on a Zen 4 core (vdpbf16ps: 234 GFLOP/s a core; scratch, alternated in one process), against the 4x4 tiles, over
+ * several runs: the LM head 313-323 -> 366-423 GFLOP/s, the blocks' four products 258-317 -> 297-394; with int8
+ * weights, widened 16 rows at a time, the LM head 30.3-30.7 -> 24.7-24.8 ms, the blocks 38.5-38.7 -> 31.6-31.8 ms. */
 #define LANES_MIN 8
 #define LANE_GROUPS 4
 
@@ -552,8 +551,8 @@ static inline __attribute__((always_inline)) void lanes_tile(const uint32_t *xp,
 }
 
 /* xp[p] = the pair p of each of M rows of x (P pairs a row), 16 lanes, zeros past M: 16 pairs of the 16 rows at a
- * time, transposed in registers. (A gather per pair took about 50 cycles on a Zen 4 core, one thread packing while
- * the other waited: about 1 ms of a batch-16 step of bloom-560m, whose products pack 86,000 pairs.) */
+ * time, transposed in registers. With a gather per pair, one thread packing while the other waited, bloom-560m's
+ * products streamed at 16 rows were 2-7% slower (scratch, alternated in one process, on a Zen 4 machine). */
 static void pack_pairs(const uint32_t *x, int64_t M, int64_t P, uint32_t *xp) {
     int64_t p = 0;
     for (; p + 16 <= P; p += 16) {
@@ -570,7 +569,8 @@ static void pack_pairs(const uint32_t *x, int64_t M, int64_t P, uint32_t *xp) {
             r[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
         }
         for (int e = 0; e < 4; e++) { /* the lanes L of r[4g + e], g = 0..3, transposed: pair 4L + e of all 16 rows */
-            __m512i low01 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0x44), high01 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0xee);
+            __m512i low01 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0x44);
+            __m512i high01 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0xee);
             __m512i low23 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0x44);
             __m512i high23 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0xee);
             _mm512_store_si512(xp + (p + e) * 16, _mm512_shuffle_i32x4(low01, low23, 0x88));
@@ -579,11 +579,12 @@ static void pack_pairs(const uint32_t *x, int64_t M, int64_t P, uint32_t *xp) {
             _mm512_store_si512(xp + (p + 12 + e) * 16, _mm512_shuffle_i32x4(high01, high23, 0xdd));
         }
     }
-    const __m512i row_starts = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                  _mm512_set1_epi32((int)P));
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i row_starts = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)P));
+    const __mmask16 rows = (__mmask16)((1u << M) - 1);
     for (; p < P; p++) /* the last P % 16 pairs, one gather each */
-        _mm512_store_si512(xp + p * 16, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), (__mmask16)((1u << M) - 1),
-                                                                    row_starts, x + p, 4));
+        _mm512_store_si512(xp + p * 16, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, row_starts, x + p,
+                                                                    4));
 }
 
 /* y = x · Wᵀ + b for M >= LANES_MIN rows of bf16 x and an even K; W bf16 (scale NULL) or int8 with a scale per row,
@@ -619,7 +620,8 @@ static int lanes_bf16(const uint16_t *x, const void *w, const uint16_t *scale, c
         float dots[16][16] __attribute__((aligned(64))); /* [row of W][row of x] */
         for (int64_t n = begin; n < end; n += 16) {
             const uint16_t *tile = w16 + n * K;
-            const char *next = scale ? (const char *)(w8 + (n + 16) * K) : (const char *)(w16 + (n + 16) * K);
+            const char *next = scale ? (const char *)(w8 + (n + 16) * K) /* int8: the next 2 tiles */
+                                     : (const char *)(w16 + (n + 16) * K);
             if (scale) widen_int8(w8 + n * K, 16 * K, wide, NULL), tile = wide; /* 16 rows, contiguous in both */
             __m512 factor = scale ? load512(scale, n, (__mmask16)-1, AS_BF16) : _mm512_set1_ps(1);
             __m512 bias = b ? load512(b, n, (__mmask16)-1, AS_BF16) : _mm512_setzero_ps();
@@ -629,7 +631,8 @@ static int lanes_bf16(const uint16_t *x, const void *w, const uint16_t *scale, c
                 for (int r = 0; r < 16; r++) _mm512_store_ps(dots[r], acc[r]);
                 const int64_t first = 16 * block, rows = lane_rows - first < 16 ? lane_rows - first : 16;
                 for (int m = 0; m < rows; m++) { /* row first + m of y: lane m of each row of W's sums */
-                    __m512 v = _mm512_i32gather_ps(_mm512_add_epi32(row_of_lane, _mm512_set1_epi32(m)), &dots[0][0], 4);
+                    __m512i lanes = _mm512_add_epi32(row_of_lane, _mm512_set1_epi32(m));
+                    __m512 v = _mm512_i32gather_ps(lanes, &dots[0][0], 4);
                     if (scale) v = _mm512_mul_ps(v, factor);
                     store512(y, (first + m) * N + n, (__mmask16)-1, _mm512_add_ps(v, bias), AS_BF16);
                 }

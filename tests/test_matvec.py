@@ -82,7 +82,7 @@ void *aligned_alloc(size_t alignment, size_t size) {
 
 
 def test_int8_products_without_a_widening_buffer_equal_those_with_it(tmp_path):
-    """Beside bf16 activations of 5 to 7 rows (the lane tiles take 8 to 16), each thread widens int8 weights into a
+    """Beside bf16 activations of 5 to 7 rows (the lane tiles take 8 or more), each thread widens int8 weights into a
     buffer of its own; a thread that cannot allocate it multiplies its rows with the int8 tiles, a row of W at a time:
     the same products, added in the same order, so the same bits. The allocation is refused in a child process
     (LD_PRELOAD)."""
