@@ -41,7 +41,11 @@ SOURCE = Path(__file__).with_name("matvec.c")
 #   105 against 120, 96 tokens 118 against 129, 128 tokens 163-179 against 164-187, 192 tokens 268 against 245;
 #   the products alone, blocks and LM head timed apart (scratch): 1.07x and 1.10x torch at 96 rows, 0.98x and
 #   1.01x at 128; scripts/bench_matvec.py, the two together: 0.86-1.00x at 96, 0.75-0.82x at 128. With more rows
-#   the products are limited by the CPU's multiply-adds, not by memory, and torch's packed weights win.
+#   the products are limited by the CPU's multiply-adds, not by memory, and torch's packed weights won. Since the
+#   lane tiles take more than 16 rows (matvec.c, lanes_bf16), on a Zen 4 machine (alternated in one process): a
+#   prefill of 64 tokens 137 ms against 165, 96 tokens 198 against 222, 128 tokens 245-284 against 277-303, 192
+#   tokens 412-414 against 425-431, 256 tokens 514 against 536; scripts/bench_matvec.py 1.14x at 128 rows. The limit
+#   is 128 rows, as for int8, where the margin is still clear.
 # - int8 with bf16 activations: 1.3x at 1 row, 1.8x at 16, 3x at 32 (torch's int8 kernel stops at 16 rows), 1.3x
 #   at 96 and 128; a prefill of 32 tokens 71 ms against 89, 64 tokens 120 against 122, and with the spans 96
 #   tokens 113 against 143, 128 tokens 148 against 177, 192 tokens 237 against 227.
@@ -59,7 +63,7 @@ SOURCE = Path(__file__).with_name("matvec.c")
 # only beside fp16 at 16 rows were the loops faster (41.1 against 59.9).
 # The attention and GeLU kernels, 1-8% faster than torch's there, stay.
 MAX_ROWS = {
-    (torch.bfloat16, torch.bfloat16): 96,
+    (torch.bfloat16, torch.bfloat16): 128,
     (torch.float32, torch.float32): math.inf,
     (torch.float16, torch.float16): math.inf,
     (torch.int8, torch.bfloat16): 128,

@@ -57,8 +57,8 @@ class Decoder:
       The logits a step returns live in the graph's memory and are overwritten by the next step.
     A compiled step does not run forward hooks, so probing (bloom.research.probe) needs an eager decoder.
 
-    On the CPU an eager decoder sends a step's products of few rows (bloom.matvec.max_rows: up to 96 in bf16,
-    128 in int8, any number in fp32 and fp16), the LM head of a prefill, the one-query attention and the GeLU to
+    On the CPU an eager decoder sends a step's products of few rows (bloom.matvec.max_rows: up to 128 in bf16
+    and int8, any number in fp32 and fp16), the LM head of a prefill, the one-query attention and the GeLU to
     bloom.matvec's kernels (`matvec_kernels`, default True): they read the weights at nearly the machine's
     bandwidth, 1.6-2x faster than torch's matmul in bf16, and differ from torch by float32 rounding. Each
     prefill also plans `fused_step` (bloom.generation.decode_step): while no forward hook is registered, a step runs
