@@ -550,34 +550,42 @@ static inline __attribute__((always_inline)) void lanes_tile(const uint32_t *xp,
     }
 }
 
+/* out[j] lane i = in[i] lane j, for 16 registers of 16 32-bit values: rows interleaved by pairs, then by 64 bits,
+ * then the 128-bit lanes of four registers exchanged */
+static inline __attribute__((always_inline)) void transpose16(const __m512i in[16], __m512i out[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) { /* t[i], t[i + 1]: in[i], in[i + 1] interleaved; lane L: values 4L, 4L + 1 */
+        t[i] = _mm512_unpacklo_epi32(in[i], in[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(in[i], in[i + 1]); /* and values 4L + 2, 4L + 3 */
+    }
+    for (int g = 0; g < 4; g++) { /* u[4g + e] lane L: value 4L + e of in[4g .. 4g + 3] */
+        u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+        u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+    }
+    for (int e = 0; e < 4; e++) { /* the lanes L of u[4g + e], g = 0..3, exchanged: value 4L + e of all 16 */
+        __m512i low01 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x44);
+        __m512i high01 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xee);
+        __m512i low23 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x44);
+        __m512i high23 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xee);
+        out[e] = _mm512_shuffle_i32x4(low01, low23, 0x88);
+        out[4 + e] = _mm512_shuffle_i32x4(low01, low23, 0xdd);
+        out[8 + e] = _mm512_shuffle_i32x4(high01, high23, 0x88);
+        out[12 + e] = _mm512_shuffle_i32x4(high01, high23, 0xdd);
+    }
+}
+
 /* xp[p] = the pair p of each of M rows of x (P pairs a row), 16 lanes, zeros past M: 16 pairs of the 16 rows at a
  * time, transposed in registers. With a gather per pair, one thread packing while the other waited, bloom-560m's
  * products streamed at 16 rows were 2-7% slower (scratch, alternated in one process, on a Zen 4 machine). */
 static void pack_pairs(const uint32_t *x, int64_t M, int64_t P, uint32_t *xp) {
     int64_t p = 0;
     for (; p + 16 <= P; p += 16) {
-        __m512i r[16], t[16];
-        for (int m = 0; m < 16; m++) r[m] = m < M ? _mm512_loadu_si512(x + m * P + p) : _mm512_setzero_si512();
-        for (int m = 0; m < 16; m += 2) { /* t[m], t[m + 1]: rows m, m + 1 interleaved, pairs 4L, 4L + 1 in lane L */
-            t[m] = _mm512_unpacklo_epi32(r[m], r[m + 1]);
-            t[m + 1] = _mm512_unpackhi_epi32(r[m], r[m + 1]); /* and pairs 4L + 2, 4L + 3 */
-        }
-        for (int g = 0; g < 4; g++) { /* r[4g + e] lane L: pair 4L + e of rows 4g .. 4g + 3 */
-            r[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
-            r[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
-            r[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-            r[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-        }
-        for (int e = 0; e < 4; e++) { /* the lanes L of r[4g + e], g = 0..3, transposed: pair 4L + e of all 16 rows */
-            __m512i low01 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0x44);
-            __m512i high01 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0xee);
-            __m512i low23 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0x44);
-            __m512i high23 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0xee);
-            _mm512_store_si512(xp + (p + e) * 16, _mm512_shuffle_i32x4(low01, low23, 0x88));
-            _mm512_store_si512(xp + (p + 4 + e) * 16, _mm512_shuffle_i32x4(low01, low23, 0xdd));
-            _mm512_store_si512(xp + (p + 8 + e) * 16, _mm512_shuffle_i32x4(high01, high23, 0x88));
-            _mm512_store_si512(xp + (p + 12 + e) * 16, _mm512_shuffle_i32x4(high01, high23, 0xdd));
-        }
+        __m512i rows[16], pairs[16];
+        for (int m = 0; m < 16; m++) rows[m] = m < M ? _mm512_loadu_si512(x + m * P + p) : _mm512_setzero_si512();
+        transpose16(rows, pairs);
+        for (int q = 0; q < 16; q++) _mm512_store_si512(xp + (p + q) * 16, pairs[q]);
     }
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512i row_starts = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)P));
@@ -614,10 +622,7 @@ static int lanes_bf16(const uint16_t *x, const void *w, const uint16_t *scale, c
         const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
         const int64_t tiles = N / 16;
         const int64_t begin = 16 * (tiles * thread / threads), end = 16 * (tiles * (thread + 1) / threads);
-        const __m512i row_of_lane = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2,
-                                                                        1, 0), _mm512_set1_epi32(16)); /* in dots */
         uint16_t *wide = (uint16_t *)(xp + blocks * P * 16) + thread * 16 * K; /* int8 W's tile, widened */
-        float dots[16][16] __attribute__((aligned(64))); /* [row of W][row of x] */
         for (int64_t n = begin; n < end; n += 16) {
             const uint16_t *tile = w16 + n * K;
             const char *next = scale ? (const char *)(w8 + (n + 16) * K) /* int8: the next 2 tiles */
@@ -627,12 +632,13 @@ static int lanes_bf16(const uint16_t *x, const void *w, const uint16_t *scale, c
             __m512 bias = b ? load512(b, n, (__mmask16)-1, AS_BF16) : _mm512_setzero_ps();
             for (int64_t block = 0; block < blocks; block++) {
                 __m512 acc[16];
+                __m512i by_w[16], sums[16]; /* sums[m] lane r: row r of W times row first + m of x */
                 lanes_tile(xp + block * P * 16, tile, K, next, acc); /* each block prefetches the next tile again */
-                for (int r = 0; r < 16; r++) _mm512_store_ps(dots[r], acc[r]);
+                for (int r = 0; r < 16; r++) by_w[r] = _mm512_castps_si512(acc[r]);
+                transpose16(by_w, sums);
                 const int64_t first = 16 * block, rows = lane_rows - first < 16 ? lane_rows - first : 16;
-                for (int m = 0; m < rows; m++) { /* row first + m of y: lane m of each row of W's sums */
-                    __m512i lanes = _mm512_add_epi32(row_of_lane, _mm512_set1_epi32(m));
-                    __m512 v = _mm512_i32gather_ps(lanes, &dots[0][0], 4);
+                for (int m = 0; m < rows; m++) {
+                    __m512 v = _mm512_castsi512_ps(sums[m]);
                     if (scale) v = _mm512_mul_ps(v, factor);
                     store512(y, (first + m) * N + n, (__mmask16)-1, _mm512_add_ps(v, bias), AS_BF16);
                 }
