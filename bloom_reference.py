@@ -143,7 +143,7 @@ def run_parity(args: argparse.Namespace, tolerances: dict[torch.dtype, float]) -
         why = f"{first.max_rel:.3e} > {tolerance:g}" if math.isfinite(first.max_rel) else "NaN or inf on a side"
         print(f"FAIL: first tensor beyond tolerance: {first.name} ({why})")
         return 1
-    near_ties = f" (the greedy tokens of {differ} prompt(s) differ: near-ties in the logits)" if differ else ""
+    near_ties = f" (the greedy tokens of {differ} prompt(s) differ: probably near-ties in the logits)" if differ else ""
     print(f"OK: every tensor within tolerance{near_ties}")
     return 0
 

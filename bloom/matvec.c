@@ -504,18 +504,19 @@ GROUP(group_f16, tile_f16, seq_f16, float, uint16_t, X_SPAN / 2)
 
 #ifdef HAVE_AVX512
 /* Products of LANES_MIN or more rows of bf16 x, the lanes of a register holding 16 rows of x instead of stretches of K.
- * x is packed by pairs, xp[p] = the pair (2p, 2p + 1) of each row of x, 16 lanes (zeros past M); each pair of a row of
- * W is broadcast from memory into the 16 lanes of a multiply-add (vdpbf16ps's {1to16}), so that acc[r] lane m sums row
- * r of W times row m of x over K with no sum across lanes at the end, where the 4x4 tiles spend about a tenth of their
- * multiply-adds' time summing lanes and placing results. A tile takes 16 rows of W, in 4 groups of 4 rows, each group a
- * cache line (16 pairs) further along its rows than the one before, wrapping around: 16 rows 8 KB apart (K = 4096) at
- * the same offset fall into one set of the L1 cache, whose 8 ways then thrashed (the 4096-wide product ran at 180
- * GFLOP/s, the 1024-wide ones at 330-400). While a tile multiplies, it prefetches the next tile's rows into the L2
- * cache, a line a pair, in the order of memory (into L1 they evicted what the tile reads: 10-20% slower; a line of each
- * row in turn: as fast on the LM head, up to 8% slower on the blocks' products). Streaming bloom-560m's products at 16
- * rows on a Zen 4 core (vdpbf16ps: 234 GFLOP/s a core; scratch, alternated in one process), against the 4x4 tiles, over
- * several runs: the LM head 313-323 -> 366-423 GFLOP/s, the blocks' four products 258-317 -> 297-394; with int8
- * weights, widened 16 rows at a time, the LM head 30.3-30.7 -> 24.7-24.8 ms, the blocks 38.5-38.7 -> 31.6-31.8 ms. */
+ * x is packed by pairs, xp[p] = the pair (2p, 2p + 1) of each of 16 rows of x, 16 lanes (a block of fewer: zeros); each
+ * pair of a row of W is broadcast from memory into the 16 lanes of a multiply-add (vdpbf16ps's {1to16}), so that acc[r]
+ * lane m sums row r of W times row m of x over K with no sum across lanes at the end, where the 4x4 tiles spend about a
+ * tenth of their multiply-adds' time summing lanes and placing results. A tile takes 16 rows of W, in 4 groups of 4
+ * rows, each group a cache line (16 pairs) further along its rows than the one before, wrapping around: 16 rows 8 KB
+ * apart (K = 4096) at the same offset fall into one set of the L1 cache, whose 8 ways then thrashed (the 4096-wide
+ * product ran at 180 GFLOP/s, the 1024-wide ones at 330-400). While a tile multiplies, it prefetches the next tile's
+ * rows into the L2 cache, a line a pair, in the order of memory (into L1 they evicted what the tile reads: 10-20%
+ * slower; a line of each row in turn: as fast on the LM head, up to 8% slower on the blocks' products). Streaming
+ * bloom-560m's products at 16 rows on a Zen 4 core (vdpbf16ps: 234 GFLOP/s a core; scratch, alternated in one process),
+ * against the 4x4 tiles, over several runs: the LM head 313-323 -> 366-423 GFLOP/s, the blocks' four products 258-317
+ * -> 297-394; with int8 weights, widened 16 rows at a time, the LM head 30.3-30.7 -> 24.7-24.8 ms, the blocks 38.5-38.7
+ * -> 31.6-31.8 ms. */
 #define LANES_MIN 8
 #define LANE_GROUPS 4
 
@@ -600,9 +601,11 @@ static void pack_pairs(const uint32_t *x, int64_t M, int64_t P, uint32_t *xp) {
  * tile reads from the L2 cache. Up to 16 rows of x are one block; more go in blocks of 16, each packed once, each
  * tile of W read again from the caches for every block, and the M % 16 rows left take the 4x4 tiles on it (streamed
  * at 24 and 28 rows, alternated in one process, those rows as a last lane block of 8 or 12 made bloom-560m's products
- * 0-20% slower). Streamed at 20, 32 and 48 rows, against the 4x4 tiles for all rows: 20-30% faster. Returns 1 (y
- * not written) for other sizes, or when the scratch memory cannot be allocated. Each thread takes its share of the
- * tiles of 16 rows of W, the last also the N % 16 rows left, through the 4x4 tiles. */
+ * 0-20% slower). Streamed at 20, 32 and 48 rows, against the 4x4 tiles for all rows: 20-30% faster; at bloom-7b1's
+ * and bloom-176b's widths (K up to 57,344: a tile of 1.8 MB, read again from L3 for each block), at 32 and 96 rows,
+ * 9-31% faster. Returns 1 (y not written) for other sizes, or when the scratch memory cannot be allocated. Each thread
+ * takes its share of the tiles of 16 rows of W, the last also the N % 16 rows left, one row of W at a time through
+ * the tiles of 4 rows of x. */
 static int lanes_bf16(const uint16_t *x, const void *w, const uint16_t *scale, const uint16_t *b, uint16_t *y,
                       int64_t M, int64_t N, int64_t K) {
     if (M < LANES_MIN || K <= 0 || K % 2) return 1;
@@ -675,9 +678,9 @@ void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale,
     if (!lanes_bf16(x, w, scale, b, y, M, N, K)) return;
     /* 5 to 7 rows of x (8 or more: the lane tiles, lanes_bf16): each group of 4 rows of W is widened to bf16 once,
      * into a buffer of the thread's own, for the bf16 tiles of every 4 rows of x (group_bf16), where the int8 tiles
-     * widened it in each: the same
-     * products, added in the same order (bloom-560m's products streamed at 16 rows: 15 -> 18 GB/s of int8 weights;
-     * 32 rows: 7 -> 10; with one buffer for both threads, 13 and 9). The tiles prefetch no W after their group's last
+     * widened it in each: the same products, added in the same order (measured when this path also took 16 and 32
+     * rows: bloom-560m's products streamed at 16 rows 15 -> 18 GB/s of int8 weights, at 32 rows 7 -> 10; with one
+     * buffer for both threads, 13 and 9). The tiles prefetch no W after their group's last
      * span: the next group is widened from W first, which prefetches its own rows. A thread whose buffer cannot be
      * allocated multiplies its rows of W one at a time. */
     if (M > 4) {

@@ -45,7 +45,8 @@ SOURCE = Path(__file__).with_name("matvec.c")
 #   lane tiles take more than 16 rows (matvec.c, lanes_bf16), on a Zen 4 machine (alternated in one process): a
 #   prefill of 64 tokens 137 ms against 165, 96 tokens 198 against 222, 128 tokens 245-284 against 277-303, 192
 #   tokens 412-414 against 425-431, 256 tokens 514 against 536; scripts/bench_matvec.py 1.14x at 128 rows. The limit
-#   is 128 rows, as for int8, where the margin is still clear.
+#   is 128 rows, as for int8: the kernels lead by 6-12% in each run there (the runs' ranges overlap: the machine's
+#   noise), by 2-5% beyond, which another machine's torch could erase.
 # - int8 with bf16 activations: 1.3x at 1 row, 1.8x at 16, 3x at 32 (torch's int8 kernel stops at 16 rows), 1.3x
 #   at 96 and 128; a prefill of 32 tokens 71 ms against 89, 64 tokens 120 against 122, and with the spans 96
 #   tokens 113 against 143, 128 tokens 148 against 177, 192 tokens 237 against 227.

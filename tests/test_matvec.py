@@ -25,7 +25,7 @@ def ulp(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 16, 20, 32, 40, 139])  # 20: 16 + 4 rows; 139: 3 blocks of x
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 16, 20, 32, 40, 139])  # 20: 16 + 4; 139: 8 x 16 + 11
 @pytest.mark.parametrize("features", [7, 64, 100, 1024, 2500])  # tails of every width; 2500: in spans
 def test_products_equal_float64_within_float32_summation(build, dtype, rows, features):
     x, weight, bias = torch.randn(rows, features), torch.randn(37, features), torch.randn(37)

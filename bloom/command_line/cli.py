@@ -316,8 +316,8 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
             do_sample=args.do_sample, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
             streamer=streamer, decoder=decoder, **sampling,
         )  # fmt: skip
-    except (MemoryError, KeyboardInterrupt) as error:  # the KV cache could not grow, or Ctrl-C: print what was
-        so_far = getattr(error, "sequences", None)  # generated, then the error (or exit with status 130)
+    except (MemoryError, KeyboardInterrupt, ValueError) as error:  # the KV cache could not grow, Ctrl-C, or NaN
+        so_far = getattr(error, "sequences", None)  # logits: print what was generated, then the error (or exit 130)
         if is_main() and streamer is not None:
             streamer.finish()
         elif is_main() and so_far is not None:

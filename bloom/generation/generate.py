@@ -119,9 +119,9 @@ def generate(
     decoder: the decode step and KV cache to use (batch size B): pass a `Decoder(model, B, compile=True)` to
         decode with a compiled step, and reuse it across calls (one call at a time). An eager one is made otherwise.
 
-    Bad arguments raise ValueError naming the argument, before any work; so do logits holding NaN or inf after the
-    prompt, naming the weight that holds them (a damaged checkpoint) or else the dtype the activations overflowed
-    (fp16). A MemoryError says what could not
+    Bad arguments raise ValueError naming the argument, before any work. Logits holding NaN or inf after the prompt
+    raise ValueError too, naming the weight that holds them (a damaged checkpoint) or else the dtype the activations
+    overflowed (fp16). A MemoryError says what could not
     fit (the prompt's attention, or the KV cache as it grows) and how much memory is available. Its
     `sequences` attribute holds the prompt and every token chosen until then, (B, T + n), as does a
     KeyboardInterrupt's (Ctrl-C) raised during the steps.
@@ -281,14 +281,18 @@ def generate_steps(
 def why_not_finite(model: Bloom, logits: torch.Tensor) -> str:
     """Why logits (B, V) after the prompt hold NaN or inf: the first weight that does (a damaged checkpoint, found
     only now, as reading every weight at load would undo the loader's lazy mapping), or else activations that left
-    the model's dtype's range. A greedy choice would otherwise be the first NaN's id, as torch.argmax picks it."""
+    the model's dtype's range. A greedy choice would otherwise be the first NaN's id, as torch.argmax picks it.
+    Under tensor parallelism each process looks in its own shards only."""
     rows = [i for i, finite in enumerate(torch.isfinite(logits).all(dim=-1).tolist()) if not finite]
     what = f"the logits after the prompt hold NaN or inf (row{'s' * (len(rows) > 1)} {', '.join(map(str, rows))})"
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        pieces = tensor.detach().flatten().split(1 << 24)  # a bool copy of a piece at a time, not of the whole
+        if tensor.is_floating_point() and not all(bool(torch.isfinite(piece).all()) for piece in pieces):
             return f"{what}: the model's {name} holds NaN or inf, so its checkpoint is damaged"
+    sharded = torch.distributed.is_available() and torch.distributed.is_initialized()
+    none = "no weight of this process's shards does" if sharded else "no weight does"
     hint = "; load the model in bf16, which has fp32's range" if logits.dtype == torch.float16 else ""
-    return f"{what}, while no weight does: the activations overflowed {str(logits.dtype).removeprefix('torch.')}{hint}"
+    return f"{what}, while {none}: the activations overflowed {str(logits.dtype).removeprefix('torch.')}{hint}"
 
 
 def check_token_id(name: str, value: object, vocab_size: int) -> None:
