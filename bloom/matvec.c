@@ -428,6 +428,11 @@ static inline unsigned prefetched_rows(int R, int block, int blocks, int split) 
 #define X_BLOCK 64
 #define X_SPAN 2048
 
+/* Where the block of rows of x that starts at m_begin ends, of M rows */
+static inline int64_t x_block_end(int64_t m_begin, int64_t M) {
+    return m_begin + X_BLOCK < M ? m_begin + X_BLOCK : M;
+}
+
 /* GROUP(NAME, TILE_FN, SEQ_FN, XT, WT, SPAN) defines NAME(x, w, K, R, XB, m_begin, m_end, ...): columns n to n + R - 1
  * of rows m_begin to m_end - 1 (at most X_BLOCK) of y, from those rows of x and R rows of W (K values apart). The rows
  * of x go in blocks of XB (1, 2 or 4; the last block repeating its last row: computed, never written) through TILE_FN
@@ -493,7 +498,7 @@ GROUP(group_f16, tile_f16, seq_f16, float, uint16_t, X_SPAN / 2)
         thread_rows(N, &n_begin, &n_end);                                                                       \
         const int XB = M == 1 ? 1 : M == 2 ? 2 : 4;                                                             \
         for (int64_t m_begin = 0; m_begin < M; m_begin += X_BLOCK) {                                            \
-            int64_t m_end = m_begin + X_BLOCK < M ? m_begin + X_BLOCK : M;                                      \
+            int64_t m_end = x_block_end(m_begin, M);                                                            \
             for (int64_t n = n_begin; n < n_end;) {                                                             \
                 int R = M == 1 ? (n_end - n >= 16 ? 16 : n_end - n) : M > 4 && n_end - n >= 4 ? 4 : 1;          \
                 GROUP_FN(x, w + n * K, w + (n + R) * K, K, R, XB, m_begin, m_end, scale, b, y, N, n, DTYPE);    \
@@ -651,7 +656,7 @@ static int lanes_bf16(const uint16_t *x, const void *w, const uint16_t *scale, c
         }
         for (int64_t n = 16 * tiles; thread == threads - 1 && n < N; n++) /* the rows of W past the last tile */
             for (int64_t m_begin = 0; m_begin < M; m_begin += X_BLOCK) {
-                int64_t m_end = m_begin + X_BLOCK < M ? m_begin + X_BLOCK : M;
+                int64_t m_end = x_block_end(m_begin, M);
                 if (scale) group_int8(x, w8 + n * K, NULL, K, 1, 4, m_begin, m_end, scale, b, y, N, n, AS_BF16);
                 else group_bf16(x, w16 + n * K, NULL, K, 1, 4, m_begin, m_end, NULL, b, y, N, n, AS_BF16);
             }
@@ -690,14 +695,13 @@ void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale,
             uint16_t *wide = aligned_alloc(64, sizeof(uint16_t) * ((4 * K + 31) / 32 * 32)); /* 64-byte lines */
             for (int64_t n = n_begin; !wide && n < n_end; n++) /* no buffer: the int8 tiles, a row of W at a time */
                 for (int64_t m_begin = 0; m_begin < M; m_begin += X_BLOCK)
-                    group_int8(x, w + n * K, w + (n + 1) * K, K, 1, 4, m_begin,
-                               m_begin + X_BLOCK < M ? m_begin + X_BLOCK : M, scale, b, y, N, n, AS_BF16);
+                    group_int8(x, w + n * K, w + (n + 1) * K, K, 1, 4, m_begin, x_block_end(m_begin, M), scale, b, y,
+                               N, n, AS_BF16);
             for (int64_t n = n_begin; wide && n < n_end;) {
                 int R = n_end - n >= 4 ? 4 : 1;
                 widen_int8(w + n * K, R * K, wide, w + (n + R) * K); /* the group's R rows, contiguous */
                 for (int64_t m_begin = 0; m_begin < M; m_begin += X_BLOCK)
-                    group_bf16(x, wide, NULL, K, R, 4, m_begin, m_begin + X_BLOCK < M ? m_begin + X_BLOCK : M, scale,
-                               b, y, N, n, AS_BF16);
+                    group_bf16(x, wide, NULL, K, R, 4, m_begin, x_block_end(m_begin, M), scale, b, y, N, n, AS_BF16);
                 n += R;
             }
             free(wide);

@@ -287,12 +287,11 @@ def model_tokenizer(args: argparse.Namespace) -> BloomTokenizer:
 
 def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     prompts = check_prompts(args.prompt) if args.prompt else read_prompts(args.prompt_file)
+    sampling_only = ("temperature", "top_k", "top_p", "seed")  # a repetition penalty applies to greedy choices too
     sampling = {
-        name: getattr(args, name)
-        for name in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
-        if getattr(args, name) is not None
+        name: getattr(args, name) for name in (*sampling_only, "repetition_penalty") if getattr(args, name) is not None
     }
-    given = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_k", "top_p", "seed") if name in sampling]
+    given = [f"--{name.replace('_', '-')}" for name in sampling_only if name in sampling]
     if given and not args.do_sample:  # even at its default value (generate() cannot tell it was given)
         verb = "applies" if len(given) == 1 else "apply"
         parser.error(f"{' and '.join(given)} only {verb} when sampling: pass --do-sample")
