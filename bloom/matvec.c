@@ -890,6 +890,11 @@ ARGMAX(argmax_bf16, uint16_t, AS_BF16, bf16_to_float)
 ARGMAX(argmax_f16, uint16_t, AS_F16, f16_to_float)
 ARGMAX(argmax_f32, float, AS_F32, same_float)
 
+/* Ask for the cache lines of `bytes` from p to be brought into the L2 cache */
+static inline void prefetch_rows(const void *p, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char *)p + i, 0, 2);
+}
+
 #ifdef HAVE_AVX512
 /* score[s] = T(T(alibi[s] + alpha · score[s]) + mask[s]) for n slots, their q·k in score; returns the maximum */
 static inline __attribute__((always_inline)) float bias_and_mask512(const void *alibi, const void *mask, float *score,
@@ -921,7 +926,7 @@ static inline __attribute__((always_inline)) void normalize512(float *p, int64_t
  * result. Half the instructions of widening 16 values at a time: 24 layers of a bf16 batch of 16 from the caches
  * (scratch), 3.2 -> 2.7 ms. */
 static inline __attribute__((always_inline)) void weigh_bf16_pairs(const float *p, const uint16_t *v, int64_t n,
-                                                                    int64_t hd, float *acc) {
+                                                                    int64_t hd, float *acc, const uint16_t *next) {
     const __m512i high_half = _mm512_set1_epi32((int)0xffff0000);
     const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0); /* even, odd */
     const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
@@ -930,6 +935,7 @@ static inline __attribute__((always_inline)) void weigh_bf16_pairs(const float *
         __m512 even[4], odd[4];
         for (int j = 0; j < 4; j++) even[j] = odd[j] = _mm512_setzero_ps();
         for (int64_t s = 0; s < n; s++) {
+            if (next && d == 0) prefetch_rows(next + s * hd, hd * 2);
             if (p[s] == 0) continue;
             __m512 weight = _mm512_set1_ps(p[s]);
             for (int j = 0; j < chunks; j++) {
@@ -945,13 +951,15 @@ static inline __attribute__((always_inline)) void weigh_bf16_pairs(const float *
     }
 }
 
-/* acc[d] = Σ p[s] · v[s][d] over n slots (in order, skipping p = 0) for hd features, 64 at a time in registers */
+/* acc[d] = Σ p[s] · v[s][d] over n slots (in order, skipping p = 0) for hd features, 64 at a time in registers;
+ * `next` (or NULL): values (n, hd) to prefetch meanwhile, a slot at a time */
 static inline __attribute__((always_inline)) void weigh512(const float *p, const void *v, int64_t n, int64_t hd,
-                                                            float *acc, const int dtype) {
+                                                            float *acc, const int dtype, const void *next) {
     if (dtype == AS_BF16 && hd % 32 == 0) {
-        weigh_bf16_pairs(p, v, n, hd, acc);
+        weigh_bf16_pairs(p, v, n, hd, acc, next);
         return;
     }
+    const int64_t size = dtype == AS_F32 ? 4 : 2; /* bytes a value */
     for (int64_t d = 0; d < hd; d += 64) {
         __mmask16 valid[4];
         __m512 sum[4];
@@ -961,6 +969,7 @@ static inline __attribute__((always_inline)) void weigh512(const float *p, const
             sum[j] = _mm512_setzero_ps();
         }
         for (int64_t s = 0; s < n; s++) {
+            if (next && d == 0) prefetch_rows((const char *)next + s * hd * size, hd * size);
             if (p[s] == 0) continue;
             __m512 weight = _mm512_set1_ps(p[s]);
             for (int j = 0; j < 4; j++)
@@ -975,8 +984,8 @@ static inline __attribute__((always_inline)) void weigh512(const float *p, const
         return bias_and_mask512(alibi, mask, score, n, alpha, DTYPE);                                          \
     }                                                                                                          \
     static void normalize_##SUFFIX(float *p, int64_t n, float total) { normalize512(p, n, total, DTYPE); }     \
-    static void weigh_##SUFFIX(const float *p, const T *v, int64_t n, int64_t hd, float *acc) {                \
-        weigh512(p, v, n, hd, acc, DTYPE);                                                                     \
+    static void weigh_##SUFFIX(const float *p, const T *v, int64_t n, int64_t hd, float *acc, const T *next) { \
+        weigh512(p, v, n, hd, acc, DTYPE, next);                                                               \
     }
 #else
 #define SOFTMAX_STEPS(T, SUFFIX, DTYPE, TO_FLOAT, ROUND)                                                       \
@@ -991,9 +1000,10 @@ static inline __attribute__((always_inline)) void weigh512(const float *p, const
     static void normalize_##SUFFIX(float *p, int64_t n, float total) {                                         \
         for (int64_t s = 0; s < n; s++) p[s] = ROUND(p[s] / total);                                            \
     }                                                                                                          \
-    static void weigh_##SUFFIX(const float *p, const T *v, int64_t n, int64_t hd, float *acc) {                \
+    static void weigh_##SUFFIX(const float *p, const T *v, int64_t n, int64_t hd, float *acc, const T *next) { \
         for (int64_t d = 0; d < hd; d++) acc[d] = 0;                                                           \
         for (int64_t s = 0; s < n; s++) {                                                                      \
+            if (next) prefetch_rows(next + s * hd, hd * sizeof(T));                                            \
             if (p[s] == 0) continue;                                                                           \
             _Pragma("omp simd") for (int64_t d = 0; d < hd; d++) acc[d] += p[s] * TO_FLOAT(v[s * hd + d]);     \
         }                                                                                                      \
@@ -1002,11 +1012,6 @@ static inline __attribute__((always_inline)) void weigh512(const float *p, const
 SOFTMAX_STEPS(uint16_t, bf16, AS_BF16, bf16_to_float, round_bf16)
 SOFTMAX_STEPS(uint16_t, f16, AS_F16, f16_to_float, round_f16)
 SOFTMAX_STEPS(float, f32, AS_F32, same_float, same_float)
-
-/* Ask for the cache lines of `bytes` from p to be brought into the L2 cache */
-static inline void prefetch_rows(const void *p, int64_t bytes) {
-    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char *)p + i, 0, 2);
-}
 
 /* One query per row of the batch against its keys and values: a decode step's attention, as Attention.attend
  * computes it in the model's dtype T. For each of the BH (row, head) pairs, over the S key slots:
@@ -1022,10 +1027,12 @@ static inline void prefetch_rows(const void *p, int64_t bytes) {
  * attention for a bf16 batch of 16 rows at 141 of 256 slots (scratch): 344 us reading every slot one at a time,
  * 229 us skipping the masked ones, 80 us on 16 lanes. The values of each tile's keys are prefetched as the keys are
  * read: 24 layers' caches of a bf16 batch of 16, read from memory at 130 and 200 slots (scratch), took 7.8 and 12.4
- * ms without it, 5.9 and 9.4 with it; and so are those of the thread's next (row, head) pair at the same slots, which
- * the memory then serves while this one multiplies: 24 layers of a bf16 batch of 16 at 64-141 visible slots of 160
- * (scratch, alternated in one process, on a Zen 4 machine), 9.6-10.4 ms -> 7.0-7.4. Returns 1 when the scores'
- * memory cannot be allocated. */
+ * ms without it, 5.9 and 9.4 with it; and so are the thread's next (row, head) pair's, at the same slots, which the
+ * memory then serves while this one multiplies: 24 layers of a bf16 batch of 16 at 64-141 visible slots of 160
+ * (scratch, alternated in one process, on a Zen 4 machine), 9.6-10.4 ms -> 7.0-7.4. Its keys are asked for while
+ * this pair's keys are read, its values while this pair's values are summed, so that the requests are spread over
+ * the pair's time (both while the keys were read: 8.5, 12.0 and 6.6 ms in three runs of the same scratch, then 7.4,
+ * 10.7 and 5.9). Returns 1 when the scores' memory cannot be allocated. */
 #define ATTEND(NAME, T, TILE_FN, SUFFIX, TO_FLOAT, FROM_FLOAT, LOWEST)                                            \
     int NAME(const T *q, const T *k, const T *v, const T *alibi, const T *mask, T *y, int64_t BH, int64_t heads,  \
              int64_t S, int64_t hd, float alpha) {                                                                \
@@ -1045,10 +1052,8 @@ static inline void prefetch_rows(const void *p, int64_t bytes) {
                 for (int64_t s = first; s < end;) {                                                               \
                     int R = end - s >= 16 ? 16 : end - s >= 4 ? 4 : 1;                                            \
                     prefetch_rows(vi + s * hd, R * hd * sizeof(T)); /* their values, read once the softmax is done */ \
-                    if (i + threads < BH) { /* and the keys and values of this thread's next pair at these slots */   \
+                    if (i + threads < BH) /* and the keys of this thread's next pair at these slots */               \
                         prefetch_rows(ki + threads * S * hd + s * hd, R * hd * sizeof(T));                            \
-                        prefetch_rows(vi + threads * S * hd + s * hd, R * hd * sizeof(T));                            \
-                    }                                                                                                 \
                     const T *next = ki + (s + R) * hd; /* the keys after these, prefetched */                    \
                     if (R == 16) put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, hd, 16, 1, 1, next, ~0u), 16);  \
                     else if (R == 4) put_dots(score + s, TILE_FN(qi, ki + s * hd, hd, hd, 4, 1, 1, next, ~0u), 4); \
@@ -1059,7 +1064,8 @@ static inline void prefetch_rows(const void *p, int64_t bytes) {
                 float *p = score + first;                                                                         \
                 float max = bias_and_mask_##SUFFIX(alibi + i * S + first, mi + first, p, n, alpha);               \
                 normalize_##SUFFIX(p, n, exp_and_sum(p, n, max));                                                 \
-                weigh_##SUFFIX(p, vi + first * hd, n, hd, acc);                                                   \
+                weigh_##SUFFIX(p, vi + first * hd, n, hd, acc, /* prefetching the next pair's values */           \
+                               i + threads < BH ? vi + threads * S * hd + first * hd : NULL);                     \
                 for (int64_t d = 0; d < hd; d++) y[i * hd + d] = FROM_FLOAT(acc[d]);                              \
             }                                                                                                     \
         }                                                                                                         \
