@@ -121,10 +121,9 @@ def generate(
 
     Bad arguments raise ValueError naming the argument, before any work. Logits holding NaN or inf after the prompt
     raise ValueError too, naming the weight that holds them (a damaged checkpoint) or else the dtype the activations
-    overflowed (fp16). A MemoryError says what could not
-    fit (the prompt's attention, or the KV cache as it grows) and how much memory is available. Its
-    `sequences` attribute holds the prompt and every token chosen until then, (B, T + n), as does a
-    KeyboardInterrupt's (Ctrl-C) raised during the steps.
+    overflowed (fp16). A MemoryError says what could not fit (the prompt's attention, or the KV cache as it grows)
+    and how much memory is available. Its `sequences` attribute holds the prompt and every token chosen until then,
+    (B, T + n), as does a KeyboardInterrupt's (Ctrl-C) raised during the steps.
     """
     # every step's tokens, and whether any row was still going then, written in place into columns made at the first
     # step and doubled when full (memory follows the tokens generated, not max_new_tokens): tensors kept per step,
