@@ -25,7 +25,7 @@ def ulp(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 16, 20, 32, 40, 139])  # 20: 16 + 4; 139: 8 x 16 + 11
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 16, 17, 18, 20, 32, 40, 139])  # 17: 16 + 1; 139: 8 x 16 + 11
 @pytest.mark.parametrize("features", [7, 64, 100, 1024, 2500])  # tails of every width; 2500: in spans
 def test_products_equal_float64_within_float32_summation(build, dtype, rows, features):
     x, weight, bias = torch.randn(rows, features), torch.randn(37, features), torch.randn(37)
@@ -49,7 +49,7 @@ def test_products_over_no_features_are_the_bias(build, rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 4, 11, 16, 20, 139])
+@pytest.mark.parametrize("rows", [1, 4, 11, 16, 17, 18, 20, 139])
 @pytest.mark.parametrize("features", [33, 256, 300, 2100])  # 300: four 64-wide chunks, a tail past 32
 def test_int8_products_equal_the_dequantized_product(build, dtype, rows, features):
     q, scale = quantize_rows(torch.randn(50, features).to(dtype))
