@@ -684,13 +684,13 @@ void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale,
                       int64_t M, int64_t N, int64_t K) {
 #ifdef HAVE_AVX512
     if (!lanes_bf16(x, w, scale, b, y, M, N, K)) return;
-    /* 5 to 7 rows of x (8 or more: the lane tiles, lanes_bf16): each group of 4 rows of W is widened to bf16 once,
-     * into a buffer of the thread's own, for the bf16 tiles of every 4 rows of x (group_bf16), where the int8 tiles
-     * widened it in each: the same products, added in the same order (measured when this path also took 16 and 32
-     * rows: bloom-560m's products streamed at 16 rows 15 -> 18 GB/s of int8 weights, at 32 rows 7 -> 10; with one
-     * buffer for both threads, 13 and 9). The tiles prefetch no W after their group's last
-     * span: the next group is widened from W first, which prefetches its own rows. A thread whose buffer cannot be
-     * allocated multiplies its rows of W one at a time. */
+    /* 5 or more rows of x that the lane tiles did not take (5 to 7 rows, an odd K, or no scratch memory for
+     * lanes_bf16): each group of 4 rows of W is widened to bf16 once, into a buffer of the thread's own, for the bf16
+     * tiles of every 4 rows of x (group_bf16), where the int8 tiles widened it in each: the same products, added in the
+     * same order (measured when this path also took 16 and 32 rows: bloom-560m's products streamed at 16 rows 15 -> 18
+     * GB/s of int8 weights, at 32 rows 7 -> 10; with one buffer for both threads, 13 and 9). The tiles prefetch no W
+     * after their group's last span: the next group is widened from W first, which prefetches its own rows. A thread
+     * whose buffer cannot be allocated multiplies its rows of W one at a time. */
     if (M > 4) {
         _Pragma("omp parallel") {
             int64_t n_begin, n_end;
