@@ -1,6 +1,7 @@
 """A decode step's work on the CPU in bloom/matvec.c, compiled on first use and called through ctypes: the
-matrix-vector products of the linear layers and the LM head, the one-query attention, the GeLU, a whole block's
-step made of them (`DecodeBlock`, for bloom.generation.decode_step), and the greedy choice (`argmax`).
+matrix-vector products of the linear layers and the LM head, the one-query attention, the GeLU, the blocks' step
+made of them, all the blocks in one call (`DecodeBlocks`, for bloom.generation.decode_step), and the greedy choice
+(`argmax`).
 
 A decode step reads every weight once for one token per sequence; its speed is the speed at which the weights
 stream from memory. torch's matmul reads them at ~60% of the machine's bandwidth for so few rows, the kernels
@@ -77,9 +78,9 @@ _ATTEND_DTYPES = {torch.bfloat16: "attend_bf16", torch.float16: "attend_f16", to
 _GELU_DTYPES = {torch.bfloat16: "gelu_bf16", torch.float16: "gelu_f16", torch.float32: "gelu_f32"}
 _ARGMAX_DTYPES = {torch.bfloat16: "argmax_bf16", torch.float16: "argmax_f16", torch.float32: "argmax_f32"}
 _BLOCK_DTYPES = {
-    torch.bfloat16: "decode_block_bf16",
-    torch.float16: "decode_block_f16",
-    torch.float32: "decode_block_f32",
+    torch.bfloat16: "decode_blocks_bf16",
+    torch.float16: "decode_blocks_f16",
+    torch.float32: "decode_blocks_f32",
 }
 
 _state = threading.local()  # .decoding: whether this thread is inside decoding()
@@ -209,7 +210,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def has_block_kernel(dtype: torch.dtype) -> bool:
-    """Whether `DecodeBlock` takes activations of this dtype here (bf16, fp16, fp32, with the library built)."""
+    """Whether `DecodeBlocks` takes activations of this dtype here (bf16, fp16, fp32, with the library built)."""
     return dtype in _BLOCK_DTYPES and library() is not None
 
 
@@ -233,8 +234,7 @@ Product = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # weigh
 
 
 class DecodeBlock:
-    """A block's decode step in one call, x (M, C) -> (M, C), for M rows of one token each
-    (bloom.generation.decode_step).
+    """A block of a decode step (`DecodeBlocks` runs them), x (M, C) -> (M, C), for M rows of one token each.
 
     norms: the weights and biases of the two LayerNorms, (C,) each; products: (weight, scale or None, bias) of the
     fused qkv (3C, C), dense (C, C), dense_h_to_4h (4C, C) and dense_4h_to_h (C, 4C) layers, weights in `dtype`
@@ -260,14 +260,15 @@ class DecodeBlock:
         if not fits:
             sizes = [None if t is None else tuple(t.shape) for t in (*norms, *(t for p in products for t in p))]
             raise ValueError(f"a block of width {C} and {heads} heads with tensors of shapes {sizes}")
-        self.kernel = getattr(library(), _BLOCK_DTYPES[dtype])
+        if dtype not in _BLOCK_DTYPES:
+            raise ValueError(f"a block of {dtype} activations: the kernel takes {', '.join(map(str, _BLOCK_DTYPES))}")
         self.dtype, self.hidden, self.heads = dtype, C, heads
         self.tensors = [t.detach() for t in (*norms, *(t for p in products for t in p)) if t is not None]
         norms_at = [_pointer(t, dtype) for t in norms]
         products_at = [_product(*product, dtype) for product in products]
         self.params = _Block(*norms_at[:2], *products_at[:2], *norms_at[2:], *products_at[2:], eps=eps, alpha=alpha)
 
-    def __call__(
+    def bind(
         self,
         x: torch.Tensor,
         keys: torch.Tensor,
@@ -275,9 +276,10 @@ class DecodeBlock:
         alibi: torch.Tensor,
         mask: torch.Tensor,
         at: int,
-    ) -> torch.Tensor:
-        """x (M, C); keys, values: the layer's cache, (M, nh, S, hd) each, written at slot `at`; alibi (M, nh, S) and
-        the additive mask (M, S) of the query at that slot, in x's dtype. Every tensor contiguous, on the CPU."""
+    ) -> None:
+        """Check a step's tensors against this block and hand their addresses to its next call: x (M, C); keys,
+        values: the layer's cache, (M, nh, S, hd) each, written at slot `at`; alibi (M, nh, S) and the additive
+        mask (M, S) of the query at that slot, in x's dtype. Every tensor contiguous, on the CPU."""
         M, C, nh, S = x.shape[0], x.shape[-1], self.heads, keys.shape[2] if keys.dim() == 4 else 0
         shapes_agree = x.shape == (M, self.hidden) and keys.shape == values.shape == (M, nh, S, C // nh)
         shapes_agree &= alibi.shape == (M, nh, S) and mask.shape == (M, S)
@@ -289,12 +291,39 @@ class DecodeBlock:
                 f"a {self.dtype} block of width {self.hidden} and {nh} heads, at slot {at} of x, keys, values, "
                 f"alibi, mask: {shapes}"
             )
-        out = torch.empty_like(x)
         params = self.params
         params.keys, params.values, params.alibi, params.mask = (t.data_ptr() for t in (keys, values, alibi, mask))
         params.rows, params.hidden, params.heads, params.slots, params.slot = M, C, nh, S, at
-        if self.kernel(ctypes.byref(params), x.data_ptr(), out.data_ptr()):
-            raise MemoryError(f"a block's decode step over {S} slots: the kernel could not allocate")
+
+
+class DecodeBlocks:
+    """A decode step's blocks one after another in one call into matvec.c, x (M, C) -> (M, C): the work of each
+    block's forward for M rows of one token each (bloom.generation.decode_step), all in one dtype."""
+
+    def __init__(self, blocks: list[DecodeBlock]) -> None:
+        if not blocks or len({block.dtype for block in blocks}) != 1:
+            raise ValueError(f"blocks of one dtype, at least one: {[block.dtype for block in blocks]}")
+        self.blocks = blocks
+        self.kernel = getattr(library(), _BLOCK_DTYPES[blocks[0].dtype])
+        self.params = (ctypes.POINTER(_Block) * len(blocks))(*(ctypes.pointer(block.params) for block in blocks))
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        caches: list[tuple[torch.Tensor, torch.Tensor]],
+        alibi: torch.Tensor,
+        mask: torch.Tensor,
+        at: int,
+    ) -> torch.Tensor:
+        """x (M, C) through every block; caches: each block's (keys, values), written at slot `at`; alibi and mask:
+        as `DecodeBlock.bind` takes them, the same for every block."""
+        if len(caches) != len(self.blocks):
+            raise ValueError(f"{len(caches)} layers' keys and values for {len(self.blocks)} blocks")
+        for block, (keys, values) in zip(self.blocks, caches, strict=True):
+            block.bind(x, keys, values, alibi, mask, at)
+        out = torch.empty_like(x)
+        if self.kernel(self.params, len(self.blocks), x.data_ptr(), out.data_ptr()):
+            raise MemoryError(f"a decode step's blocks over {mask.shape[-1]} slots: the kernel could not allocate")
         return out
 
 
@@ -366,8 +395,8 @@ def load(path: Path) -> ctypes.CDLL:
     for name in _ARGMAX_DTYPES.values():  # x, rows, n, out
         getattr(lib, name).argtypes = [pointer, size, size, pointer]
         getattr(lib, name).restype = None
-    for name in _BLOCK_DTYPES.values():  # struct block *, x, out -> 1 if out of memory
-        getattr(lib, name).argtypes = [ctypes.POINTER(_Block), pointer, pointer]
+    for name in _BLOCK_DTYPES.values():  # struct block *[n], n, x, out -> 1 if out of memory
+        getattr(lib, name).argtypes = [ctypes.POINTER(ctypes.POINTER(_Block)), size, pointer, pointer]
         getattr(lib, name).restype = ctypes.c_int
     for name in _ATTEND_DTYPES.values():  # q, k, v, alibi, mask, y, BH, heads, S, hd, alpha -> 1 if out of memory
         getattr(lib, name).argtypes = [pointer] * 6 + [size] * 4 + [ctypes.c_float]

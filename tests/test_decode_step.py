@@ -1,5 +1,6 @@
-"""The decode step in one kernel call per block (bloom.generation.decode_step) against the same step through the model's
-modules (bloom.matvec's per-operation kernels), which test_matvec.py holds to torch's ops and transformers'."""
+"""The decode step in one kernel call for all blocks (bloom.generation.decode_step) against the same step through the
+model's modules (bloom.matvec's per-operation kernels), which test_matvec.py holds to torch's ops and
+transformers'."""
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ def test_each_step_and_the_cache_equal_the_step_through_the_modules(build, folde
         logits = [fused.prefill(ids, mask), modules.prefill(ids, mask)]  # the prompt: through the modules, both
         for _ in range(6):
             token = logits[1][:, -1].argmax(-1)
-            assert fused.fused_step.applies()  # this step: one call per block
+            assert fused.fused_step.applies()  # this step: one call for all blocks
             logits = [fused.step(token), through_the_modules(modules, token)]
             torch.testing.assert_close(*logits, rtol=0, atol=tolerance)
             assert (logits[0].argmax(-1) == logits[1].argmax(-1)).all()
@@ -266,12 +267,18 @@ def test_the_plan_declines_what_the_kernel_does_not_compute(folder):
     assert not step.applies()  # autograd needs the modules' ops
 
 
-def test_a_block_call_with_tensors_that_do_not_fit_is_refused(folder):
-    block = plan(load_pretrained(folder), 1).blocks[0]
+def test_a_blocks_call_with_tensors_that_do_not_fit_is_refused(folder):
+    blocks = plan(load_pretrained(folder), 1).blocks
+
+    def step(x, keys, values, alibi, mask, at):  # every layer's cache the same tensors
+        return blocks(x, [(keys, values)] * 3, alibi, mask, at)
+
     fits = dict(x=torch.randn(1, 160), keys=torch.zeros(1, 5, 8, 32), values=torch.zeros(1, 5, 8, 32),
                 alibi=torch.zeros(1, 5, 8), mask=torch.zeros(1, 8), at=7)  # fmt: skip
     with torch.inference_mode():
-        assert block(**fits).shape == (1, 160)
+        assert step(**fits).shape == (1, 160)
+        with pytest.raises(ValueError, match="2 layers' keys and values for 3 blocks"):
+            blocks(fits["x"], [(fits["keys"], fits["values"])] * 2, fits["alibi"], fits["mask"], 7)
         wrong_ones = (
             dict(at=8),
             dict(mask=torch.zeros(1, 9)),
@@ -286,4 +293,4 @@ def test_a_block_call_with_tensors_that_do_not_fit_is_refused(folder):
         )  # not the block's dtype
         for wrong in wrong_ones:  # fmt: skip
             with pytest.raises(ValueError, match="block of width 160 and 5 heads, at slot"):
-                block(**{**fits, **wrong})
+                step(**{**fits, **wrong})

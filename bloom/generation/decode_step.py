@@ -1,7 +1,7 @@
-"""A decode step on the CPU in one call into bloom.matvec per block, instead of Block.forward's ~20 torch operations
-and ~15 module calls: the kernels of a step through the model inside bloom.matvec.decoding(), and a LayerNorm of
-its own (which sums in another order than torch's: results within float32 rounding), without the ~2 ms of Python
-and dispatch they cost per step of a 24-block model (a step of bloom-560m reads its weights in 15-30 ms,
+"""A decode step on the CPU with its blocks in one call into bloom.matvec, instead of Block.forward's ~20 torch
+operations and ~15 module calls each: the kernels of a step through the model inside bloom.matvec.decoding(), and a
+LayerNorm of its own (which sums in another order than torch's: results within float32 rounding), without the ~2 ms
+of Python and dispatch they cost per step of a 24-block model (a step of bloom-560m reads its weights in 15-30 ms,
 depending on the machine's moment).
 
 The Decoder plans it (`plan`) when a prompt is run, from the model's layers as they are then, and takes it for each
@@ -66,7 +66,7 @@ class DecodeStep:
     the logits after it, (B, 1, V), its keys and values written at `slot` of every layer's cache."""
 
     def __init__(self, model: Bloom, blocks: list[matvec.DecodeBlock]) -> None:
-        self.model, self.blocks = model, blocks
+        self.model, self.blocks = model, matvec.DecodeBlocks(blocks)
         self.slopes = alibi_slopes(model.config.n_head)  # (nh,)
         self.modules = list(model.modules())  # whose hooks `applies` looks for
         self.replaced = stood_for(model)  # whose methods must stay bloom's
@@ -103,9 +103,7 @@ class DecodeStep:
         x = model.word_embeddings_layernorm(model.word_embeddings(tokens[:, None]))[:, 0]  # (B, C)
         alibi = alibi_bias(mask, self.slopes, dtype)[:, :, 0]  # (B, nh, S)
         additive_mask = causal_mask(mask, slot, dtype)[:, 0, 0]  # (B, S): the query at `slot`
-        at = int(slot)
-        for block, kv in zip(self.blocks, cache.layers, strict=True):
-            x = block(x, kv.k, kv.v, alibi, additive_mask, at)
+        x = self.blocks(x, [(kv.k, kv.v) for kv in cache.layers], alibi, additive_mask, int(slot))
         return model.word_embeddings.unembed(model.ln_f(x)[:, None])  # (B, 1, V)
 
 

@@ -172,7 +172,7 @@ class Decoder:
             logits = self.model(input_ids, attention_mask, self.cache, last_only=True)
         self.slot = torch.tensor([T], device=input_ids.device)
         self.length = T
-        # the steps' one call per block, planned from the layers as they are now
+        # the steps' one call for all blocks, planned from the layers as they are now
         self.fused_step = decode_step.plan(self.model, self.batch_size) if self.matvec_kernels else None
         return logits
 
