@@ -582,12 +582,15 @@ static inline __attribute__((always_inline)) void transpose16(const __m512i in[1
     }
 }
 
-/* xp[p] = the pair p of each of M rows of x (P pairs a row), 16 lanes, zeros past M: 16 pairs of the 16 rows at a
- * time, transposed in registers. With a gather per pair, one thread packing while the other waited, bloom-560m's
- * products streamed at 16 rows were 2-7% slower (scratch, alternated in one process, on a Zen 4 machine). */
-static void pack_pairs(const uint32_t *x, int64_t M, int64_t P, uint32_t *xp) {
-    int64_t p = 0;
-    for (; p + 16 <= P; p += 16) {
+/* xp[p] = the pair p of each of M rows of x (P pairs a row), 16 lanes, zeros past M, for p from begin (a multiple of
+ * 16) to end - 1: 16 pairs of the 16 rows at a time, transposed in registers. With a gather per pair, one thread
+ * packing while the other waited, bloom-560m's products streamed at 16 rows were 2-7% slower (scratch, alternated in
+ * one process, on a Zen 4 machine). The threads pack a share each: packed by one before they started, a bf16
+ * batch-16 step spent 0.5 ms packing (scratch, on a Zen 4 machine), and the step took 0.3-1.5 ms longer in three of
+ * four runs alternated in one process (52.1-56.6 ms). */
+static void pack_pairs(const uint32_t *x, int64_t M, int64_t P, int64_t begin, int64_t end, uint32_t *xp) {
+    int64_t p = begin;
+    for (; p + 16 <= end; p += 16) {
         __m512i rows[16], pairs[16];
         for (int m = 0; m < 16; m++) rows[m] = m < M ? _mm512_loadu_si512(x + m * P + p) : _mm512_setzero_si512();
         transpose16(rows, pairs);
@@ -596,7 +599,7 @@ static void pack_pairs(const uint32_t *x, int64_t M, int64_t P, uint32_t *xp) {
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512i row_starts = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)P));
     const __mmask16 rows = (__mmask16)((1u << M) - 1);
-    for (; p < P; p++) /* the last P % 16 pairs, one gather each */
+    for (; p < end; p++) /* the last P % 16 pairs, one gather each */
         _mm512_store_si512(xp + p * 16, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, row_starts, x + p,
                                                                     4));
 }
@@ -623,14 +626,18 @@ static int lanes_bf16(const uint16_t *x, const void *w, const uint16_t *scale, c
     const int most_threads = omp_get_max_threads();
     uint32_t *xp = aligned_alloc(64, blocks * P * 64 + (scale ? most_threads * P * 64 : 0)); /* and int8's buffers */
     if (!xp) return 1;
-    for (int64_t block = 0; block < blocks; block++) {
-        const int64_t rows = lane_rows - 16 * block < 16 ? lane_rows - 16 * block : 16;
-        pack_pairs((const uint32_t *)x + 16 * block * P, rows, P, xp + block * P * 16);
-    }
     const int8_t *w8 = w;
     const uint16_t *w16 = w;
     _Pragma("omp parallel") {
         const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
+        const int64_t chunks = (P + 15) / 16; /* of 16 pairs: each thread packs its share of every block's */
+        for (int64_t block = 0; block < blocks; block++) {
+            const int64_t rows = lane_rows - 16 * block < 16 ? lane_rows - 16 * block : 16;
+            const int64_t end = 16 * (chunks * (thread + 1) / threads);
+            pack_pairs((const uint32_t *)x + 16 * block * P, rows, P, 16 * (chunks * thread / threads),
+                       end < P ? end : P, xp + block * P * 16);
+        }
+        _Pragma("omp barrier")
         const int64_t tiles = N / 16;
         const int64_t begin = 16 * (tiles * thread / threads), end = 16 * (tiles * (thread + 1) / threads);
         uint16_t *wide = (uint16_t *)(xp + blocks * P * 16) + thread * 16 * K; /* int8 W's tile, widened */
