@@ -512,18 +512,20 @@ GROUP(group_f16, tile_f16, seq_f16, float, uint16_t, X_SPAN / 2)
  * x is packed by pairs, xp[p] = the pair (2p, 2p + 1) of each of 16 rows of x, 16 lanes (a block of fewer: zeros); each
  * pair of a row of W is broadcast from memory into the 16 lanes of a multiply-add (vdpbf16ps's {1to16}), so that acc[r]
  * lane m sums row r of W times row m of x over K with no sum across lanes at the end, where the 4x4 tiles spend about a
- * tenth of their multiply-adds' time summing lanes and placing results. A tile takes 16 rows of W, in 4 groups of 4
- * rows, each group a cache line (16 pairs) further along its rows than the one before, wrapping around: 16 rows 8 KB
- * apart (K = 4096) at the same offset fall into one set of the L1 cache, whose 8 ways then thrashed (the 4096-wide
- * product ran at 180 GFLOP/s, the 1024-wide ones at 330-400). While a tile multiplies, it prefetches the next tile's
- * rows into the L2 cache, a line a pair, in the order of memory (into L1 they evicted what the tile reads: 10-20%
- * slower; a line of each row in turn: as fast on the LM head, up to 8% slower on the blocks' products). Streaming
- * bloom-560m's products at 16 rows on a Zen 4 core (vdpbf16ps: 234 GFLOP/s a core; scratch, alternated in one process),
- * against the 4x4 tiles, over several runs: the LM head 313-323 -> 366-423 GFLOP/s, the blocks' four products 258-317
- * -> 297-394; with int8 weights, widened 16 rows at a time, the LM head 30.3-30.7 -> 24.7-24.8 ms, the blocks 38.5-38.7
- * -> 31.6-31.8 ms. */
+ * tenth of their multiply-adds' time summing lanes and placing results. A tile takes 16 rows of W, in 2 groups of 8
+ * rows, the second a cache line (16 pairs) further along its rows than the first, wrapping around: 16 rows 8 KB apart
+ * (K = 4096) at the same offset fall into one set of the L1 cache, whose 8 ways then thrashed (the 4096-wide product
+ * ran at half the rate of the 1024-wide ones). Each group loads its pair of x once for its 8 rows: in 4 groups of 4
+ * rows (a load of x per 4 multiply-adds), bloom-560m's products streamed at 16 rows ran 0-5% slower and its LM head
+ * 1-4%, and a batch-16 step took 0.5-1.3 ms longer (scratch, alternated in one process, on a Zen 4 machine; int8's
+ * blocks and LM head 2% and 1%). While a tile multiplies, it prefetches the next tile's rows into the L2 cache, a line
+ * a pair, in the order of memory (into L1 they evicted what the tile reads: 10-20% slower; a line of each row in turn:
+ * as fast on the LM head, up to 8% slower on the blocks' products). Streaming bloom-560m's products at 16 rows on a Zen
+ * 4 core (vdpbf16ps: 234 GFLOP/s a core; scratch, alternated in one process), against the 4x4 tiles, over several runs:
+ * the LM head 313-323 -> 366-423 GFLOP/s, the blocks' four products 258-317 -> 297-394; with int8 weights, widened 16
+ * rows at a time, the LM head 30.3-30.7 -> 24.7-24.8 ms, the blocks 38.5-38.7 -> 31.6-31.8 ms. */
 #define LANES_MIN 8
-#define LANE_GROUPS 4
+#define LANE_GROUPS 2
 
 /* acc[r] lane m = row r of W (16 rows, K values apart) times row m of x, from xp ([K/2][16] pairs); `next`: the
  * bytes read after these rows, prefetched */
