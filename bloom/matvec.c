@@ -526,11 +526,17 @@ GROUP(group_f16, tile_f16, seq_f16, float, uint16_t, X_SPAN / 2)
  * rows at a time, the LM head 30.3-30.7 -> 24.7-24.8 ms, the blocks 38.5-38.7 -> 31.6-31.8 ms. */
 #define LANES_MIN 8
 #define LANE_GROUPS 2
+/* Up to this K, a tile of bf16 W asks the lines of W and x that it reads a few pairs later into L1 (lanes_tile's
+ * to_l1). Alternated in one process on a Zen 4 machine (scratch): bloom-560m's 1024-wide products at 16 and 32 rows
+ * 3-11% faster, its 4096-wide one 0-4%, its LM head 3-5%, a batch-16 step 0.4-1.6 ms faster in 3 runs (53.1-58.0
+ * ms); bloom-176b's 57,344-wide product (x packed: 1.8 MB, past the L2 cache) 4-15% slower in 6 runs of 7. Not for
+ * int8: its tile, widened into a buffer just written, made its blocks 8-17% slower so. */
+#define LANES_L1_AHEAD_K 16384
 
 /* acc[r] lane m = row r of W (16 rows, K values apart) times row m of x, from xp ([K/2][16] pairs); `next`: the
- * bytes read after these rows, prefetched */
+ * bytes read after these rows, prefetched; `to_l1`: the lines of W and x read a few pairs later asked into L1 */
 static inline __attribute__((always_inline)) void lanes_tile(const uint32_t *xp, const uint16_t *w, int64_t K,
-                                                             const char *next, __m512 *acc) {
+                                                             const char *next, const int to_l1, __m512 *acc) {
     enum { G = LANE_GROUPS, ROWS = 16 / LANE_GROUPS };
     const int64_t P = K / 2, ld = 2 * K; /* pairs in a row; bytes from a row to the next */
     const uint32_t *xg[G]; /* each group's next pair of x, and of its first row of W */
@@ -547,6 +553,10 @@ static inline __attribute__((always_inline)) void lanes_tile(const uint32_t *xp,
             _mm_prefetch(next + p * 64, _MM_HINT_T1); /* the next 16 rows: P lines, in order */
             for (int h = 0; h < G; h++) {
                 __m512bh xv = (__m512bh)_mm512_load_si512(xg[h]);
+                if (to_l1) { /* x 8 pairs ahead; 2 lines ahead in one of the group's rows, each in turn */
+                    _mm_prefetch((const char *)(xg[h] + 16 * 8), _MM_HINT_T0);
+                    _mm_prefetch(wg[h] + (p % ROWS) * ld + 128, _MM_HINT_T0);
+                }
                 for (int r = 0; r < ROWS; r++) /* written out: the compiler would not fold the broadcast */
                     __asm__("vdpbf16ps %[pair]%{1to16%}, %[x], %[acc]"
                             : [acc] "+v"(acc[h * ROWS + r])
@@ -630,6 +640,7 @@ static int lanes_bf16(const uint16_t *x, const void *w, const uint16_t *scale, c
     if (!xp) return 1;
     const int8_t *w8 = w;
     const uint16_t *w16 = w;
+    const int to_l1 = !scale && K <= LANES_L1_AHEAD_K;
     _Pragma("omp parallel") {
         const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
         const int64_t chunks = (P + 15) / 16; /* of 16 pairs: each thread packs its share of every block's */
@@ -653,7 +664,7 @@ static int lanes_bf16(const uint16_t *x, const void *w, const uint16_t *scale, c
             for (int64_t block = 0; block < blocks; block++) {
                 __m512 acc[16];
                 __m512i by_w[16], sums[16]; /* sums[m] lane r: row r of W times row first + m of x */
-                lanes_tile(xp + block * P * 16, tile, K, next, acc); /* each block prefetches the next tile again */
+                lanes_tile(xp + block * P * 16, tile, K, next, to_l1, acc); /* each block prefetches the next tile */
                 for (int r = 0; r < 16; r++) by_w[r] = _mm512_castps_si512(acc[r]);
                 transpose16(by_w, sums);
                 const int64_t first = 16 * block, rows = lane_rows - first < 16 ? lane_rows - first : 16;
