@@ -1244,16 +1244,16 @@ DECODE_BLOCK(decode_block_f32, float, layer_norm_f32, add_f32, product_f32, atte
  * from Python, each after the Python that prepared it, cost 1.1 ms more a bf16 batch-16 step of bloom-560m than the
  * blocks' work (24 blocks; scratch, on a Zen 4 machine): the interpreter's code and objects are no longer in the
  * caches once a block's weights have streamed through them. */
-#define DECODE_BLOCKS(NAME, BLOCK_FN, T)                                                                          \
+#define DECODE_BLOCKS(NAME, BLOCK_FN, T)                                                                         \
     int NAME(const struct block *const *blocks, int64_t n, const T *x, T *out) {                                 \
         const int64_t M = blocks[0]->rows, C = blocks[0]->hidden;                                                \
-        /* LN output, qkv, q, context, a product's output, up; the blocks' outputs between them. On cache lines, \
-         * where the products read them (from malloc's 16-byte boundaries, fp32's loads of x straddled two lines: \
-         * a batch-16 step's blocks, 97 ms; on lines, 58) */                                                     \
+        /* LN output, qkv, q, context, a product's output, up; the blocks' outputs between them. On cache        \
+         * lines, where the products read them (from malloc's 16-byte boundaries, fp32's loads of x straddled    \
+         * two lines: a batch-16 step's blocks, 97 ms; on lines, 58) */                                          \
         T *h = aligned_alloc(64, (sizeof(T) * M * 12 * C + 63) / 64 * 64), *between = h + M * 11 * C;            \
         float *x32 = aligned_alloc(64, (sizeof(float) * M * 4 * C + 63) / 64 * 64);                              \
         int failed = !h || !x32;                                                                                 \
-        for (int64_t i = 0; i < n && !failed; i++) { /* the last block writes out */                            \
+        for (int64_t i = 0; i < n && !failed; i++) { /* the last block writes out */                             \
             T *y = (n - 1 - i) % 2 ? between : out;                                                              \
             failed = BLOCK_FN(blocks[i], x, y, h, x32);                                                          \
             x = y;                                                                                               \
