@@ -513,19 +513,24 @@ GROUP(group_f16, tile_f16, seq_f16, float, uint16_t, X_SPAN / 2)
  * pair of a row of W is broadcast from memory into the 16 lanes of a multiply-add (vdpbf16ps's {1to16}), so that acc[r]
  * lane m sums row r of W times row m of x over K with no sum across lanes at the end, where the 4x4 tiles spend about a
  * tenth of their multiply-adds' time summing lanes and placing results. A tile takes 16 rows of W, in 2 groups of 8
- * rows, the second a cache line (16 pairs) further along its rows than the first, wrapping around: 16 rows 8 KB apart
- * (K = 4096) at the same offset fall into one set of the L1 cache, whose 8 ways then thrashed (the 4096-wide product
- * ran at half the rate of the 1024-wide ones). Each group loads its pair of x once for its 8 rows: in 4 groups of 4
- * rows (a load of x per 4 multiply-adds), bloom-560m's products streamed at 16 rows ran 0-5% slower and its LM head
- * 1-4%, and a batch-16 step took 0.5-1.3 ms longer (scratch, alternated in one process, on a Zen 4 machine; int8's
- * blocks and LM head 2% and 1%). While a tile multiplies, it prefetches the next tile's rows into the L2 cache, a line
- * a pair, in the order of memory (into L1 they evicted what the tile reads: 10-20% slower; a line of each row in turn:
- * as fast on the LM head, up to 8% slower on the blocks' products). Streaming bloom-560m's products at 16 rows on a Zen
- * 4 core (vdpbf16ps: 234 GFLOP/s a core; scratch, alternated in one process), against the 4x4 tiles, over several runs:
- * the LM head 313-323 -> 366-423 GFLOP/s, the blocks' four products 258-317 -> 297-394; with int8 weights, widened 16
- * rows at a time, the LM head 30.3-30.7 -> 24.7-24.8 ms, the blocks 38.5-38.7 -> 31.6-31.8 ms. */
+ * rows, the second LANES_APART pairs further along its rows than the first, wrapping around: 16 rows 8 KB apart (K =
+ * 4096) at the same offset fall into one set of the L1 cache, whose 8 ways then thrashed (the 4096-wide product ran at
+ * half the rate of the 1024-wide ones). A group reads a line of each of its rows while the next two are asked for
+ * (to_l1), so the second group starts 4 lines on. One line on, its rows' lines fell into the sets of the first group's
+ * next lines: streamed at 8, 16 and 32 rows, the 4096-wide product ran 4-9% slower in five runs of six, 24% in one
+ * (bloom-7b1's 4096-wide products 0-14%), and a batch-16 step took 0.4-1.9 ms longer in three runs (52.9-58.7 ms;
+ * scratch, alternated in one process, on a Zen 4 machine). Each group loads its pair of x once for its 8 rows: in 4
+ * groups of 4 rows (a load of x per 4 multiply-adds), bloom-560m's products streamed at 16 rows ran 0-5% slower and its
+ * LM head 1-4%, and a batch-16 step took 0.5-1.3 ms longer (scratch, alternated in one process, on a Zen 4 machine;
+ * int8's blocks and LM head 2% and 1%). While a tile multiplies, it prefetches the next tile's rows into the L2 cache,
+ * a line a pair, in the order of memory (into L1 they evicted what the tile reads: 10-20% slower; a line of each row in
+ * turn: as fast on the LM head, up to 8% slower on the blocks' products). Streaming bloom-560m's products at 16 rows on
+ * a Zen 4 core (vdpbf16ps: 234 GFLOP/s a core; scratch, alternated in one process), against the 4x4 tiles, over several
+ * runs: the LM head 313-323 -> 366-423 GFLOP/s, the blocks' four products 258-317 -> 297-394; with int8 weights,
+ * widened 16 rows at a time, the LM head 30.3-30.7 -> 24.7-24.8 ms, the blocks 38.5-38.7 -> 31.6-31.8 ms. */
 #define LANES_MIN 8
 #define LANE_GROUPS 2
+#define LANES_APART 64 /* pairs: 4 cache lines */
 /* Up to this K, a tile of bf16 W asks the lines of W and x that it reads a few pairs later into L1 (lanes_tile's
  * to_l1). Alternated in one process on a Zen 4 machine (scratch): bloom-560m's 1024-wide products at 16 and 32 rows
  * 3-11% faster, its 4096-wide one 0-4%, its LM head 3-5%, a batch-16 step 0.4-1.6 ms faster in 3 runs (53.1-58.0
@@ -542,14 +547,14 @@ static inline __attribute__((always_inline)) void lanes_tile(const uint32_t *xp,
     const uint32_t *xg[G]; /* each group's next pair of x, and of its first row of W */
     const char *wg[G];
     for (int g = 0; g < G; g++) {
-        int64_t q = (16 * g) % P;
+        int64_t q = (LANES_APART * g) % P;
         xg[g] = xp + q * 16;
         wg[g] = (const char *)w + g * ROWS * ld + 4 * q;
     }
     for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
     int64_t p = 0;
     for (int g = G - 1; g >= 0; g--) { /* up to the pair where group g wraps around to its rows' start */
-        for (int64_t stop = P - 16 * g; p < stop; p++) {
+        for (int64_t stop = P - LANES_APART * g; p < stop; p++) {
             _mm_prefetch(next + p * 64, _MM_HINT_T1); /* the next 16 rows: P lines, in order */
             for (int h = 0; h < G; h++) {
                 __m512bh xv = (__m512bh)_mm512_load_si512(xg[h]);
