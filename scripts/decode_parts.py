@@ -1,5 +1,5 @@
-"""Where a batched decode step's time goes on the CPU: its products, its attention and its LM head, each timed alone
-through bloom.matvec's kernels, beside the whole step and the machine's bandwidth.
+"""Where a batched decode step's time goes on the CPU: each kind of product of the blocks, the attention and the LM
+head, each timed alone through bloom.matvec's kernels, beside the whole step and the machine's bandwidth.
 
     python scripts/decode_parts.py                        # bloom-560m, bf16, 16 prompts of 64-128 tokens
     python scripts/decode_parts.py --batch-size 1 --dtype fp32
@@ -7,12 +7,17 @@ through bloom.matvec's kernels, beside the whole step and the machine's bandwidt
 A random model of a preset's shape (nothing to download) runs a left-padded prompt per row, as `bloom bench`'s
 batch does, then decode steps. Each part is timed over all the layers, on the decoder's own tensors (its weights,
 its KV cache, its mask), the median of `--reps`; the products and the LM head are given in GFLOP/s (2 per
-multiply-add), the attention in GB/s of keys and values read (visible slots only, as the kernel reads them).
+multiply-add), the attention in GB/s of keys and values read (visible slots only, as the kernel reads them). The
+kernels are called as the block step calls them, with their arguments made beforehand: through bloom.matvec's
+Python functions, which allocate each output, the 96 products of bloom-560m took 1-2 ms more. What is left of the
+step is its Python and the work between the kernels.
 """
 
 import argparse
+import functools
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -30,6 +35,49 @@ def median_seconds(work, reps: int) -> float:
         work()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def calls_in_a_row(calls: list[Callable[[], object]], tensors: list[torch.Tensor]) -> Callable[[], None]:
+    """One function that makes the calls one after another; it holds the tensors their pointers point into."""
+
+    def run() -> None:
+        for call in calls:
+            call()
+
+    run.tensors = tensors
+    return run
+
+
+def products(layers: list[torch.nn.Module], x: dict[int, torch.Tensor], dtype: torch.dtype) -> Callable[[], None]:
+    """The layers' products of x (by width) through the kernel of their dtype."""
+    kernel = getattr(matvec.library(), matvec._KERNEL_DTYPES[dtype])
+    calls, tensors = [], []
+    for layer in layers:
+        N, K = layer.weight.shape
+        rows = x[K].shape[0]
+        x_read = x[K].float() if dtype == torch.float16 else x[K]  # the fp16 kernel reads x in float32
+        y = torch.empty(rows, N, dtype=dtype)
+        bias = getattr(layer, "bias", None)
+        pointers = [x_read.data_ptr(), layer.weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr()]
+        calls.append(functools.partial(kernel, *pointers, rows, N, K))
+        tensors += [x_read, y]
+    return calls_in_a_row(calls, tensors)
+
+
+def attentions(
+    caches: list, q: torch.Tensor, alibi: torch.Tensor, mask: torch.Tensor, alpha: float
+) -> Callable[[], None]:
+    """The one-query attention of q (B, nh, 1, hd) over each layer's cache, through the kernel."""
+    B, nh, _, hd = q.shape
+    S = caches[0].k.shape[2]
+    kernel = getattr(matvec.library(), matvec._ATTEND_DTYPES[q.dtype])
+    alibi, mask = alibi.expand(B, nh, 1, S).contiguous(), mask.expand(B, 1, 1, S).contiguous()
+    y = torch.empty_like(q)
+    calls = [
+        functools.partial(kernel, *(t.data_ptr() for t in (q, kv.k, kv.v, alibi, mask, y)), B * nh, nh, S, hd, alpha)
+        for kv in caches
+    ]
+    return calls_in_a_row(calls, [alibi, mask, y])
 
 
 def main() -> None:
@@ -66,41 +114,30 @@ def main() -> None:
         additive = causal_mask(mask, slot, dtype)[:, :, :1]  # (B, 1, 1, S): the query at `slot`
         x = {width: torch.randn(B, width).to(dtype) for width in (config.hidden_size, 4 * config.hidden_size)}
         q = torch.randn(B, nh, 1, hd).to(dtype)
-        layers = [
-            layer
-            for block in model.h
-            for layer in (block.self_attention.query_key_value, block.self_attention.dense, block.mlp.dense_h_to_4h,
-                          block.mlp.dense_4h_to_h)
-        ]  # fmt: skip
 
-        def products() -> None:
-            for layer in layers:
-                matvec.linear(x[layer.weight.shape[1]], layer.weight, layer.bias)
-
-        def attention() -> None:
-            for kv in decoder.cache.layers:
-                matvec.attend(q, kv.k, kv.v, alibi, additive, hd**-0.5)
-
-        def lm_head() -> None:
-            matvec.linear(x[config.hidden_size], model.word_embeddings.weight)
-
-        parts = {name: median_seconds(work, args.reps) for name, work in
-                 [("products", products), ("attention", attention), ("LM head", lm_head)]}  # fmt: skip
+        kinds = {"qkv": [], "dense": [], "h_to_4h": [], "4h_to_h": []}  # each kind's layers, one per block
+        for block in model.h:
+            attention, mlp = block.self_attention, block.mlp
+            layers = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
+            for kind, layer in zip(kinds, layers, strict=True):
+                kinds[kind].append(layer)
+        parts = {kind: median_seconds(products(layers, x, dtype), args.reps) for kind, layers in kinds.items()}
+        parts["attention"] = median_seconds(attentions(decoder.cache.layers, q, alibi, additive, hd**-0.5), args.reps)
+        lm_head = products([model.word_embeddings], x, dtype)
+        parts["LM head"] = median_seconds(lm_head, args.reps)
     bandwidth = memory_bandwidth_gb_s(torch.device("cpu"))
 
     visible = int((mask[:, : int(slot) + 1] != 0).sum())  # the slots the kernel reads, over the batch
     kv_bytes = 2 * visible * nh * hd * dtype.itemsize * config.n_layer
-    flops = {
-        "products": 2 * B * sum(layer.weight.numel() for layer in layers),
-        "LM head": 2 * B * model.word_embeddings.weight.numel(),
-    }
+    flops = {kind: 2 * B * sum(layer.weight.numel() for layer in layers) for kind, layers in kinds.items()}
+    flops["LM head"] = 2 * B * model.word_embeddings.weight.numel()
     print(f"{args.shape} {args.dtype}, batch {B}, {torch.get_num_threads()} threads, sum() at {bandwidth:.1f} GB/s")
     print(f"whole decode step: {step * 1e3:.2f} ms")
     for name, seconds in parts.items():
         rate = f"{flops[name] / seconds / 1e9:.0f} GFLOP/s" if name in flops else f"{kv_bytes / seconds / 1e9:.1f} GB/s"
         print(f"  {name:10s} {seconds * 1e3:7.2f} ms  {seconds / step:4.0%} of the step  {rate}")
     rest = step - sum(parts.values())
-    what = "embedding, LayerNorms, GeLU, residual adds, cache writes"
+    what = "Python; embedding, LayerNorms, GeLU, residual adds, cache writes"
     print(f"  {'the rest':10s} {rest * 1e3:7.2f} ms  {rest / step:4.0%} of the step  ({what})")
 
 
