@@ -1119,10 +1119,16 @@ struct block {
     struct product qkv, dense;
     const void *ln2_weight, *ln2_bias;
     struct product up, down;
-    void *keys, *values;      /* the layer's cache, (M, nh, S, hd) each */
-    const void *alibi, *mask; /* (M, nh, S) and (M, S), in T */
-    int64_t rows, hidden, heads, slots, slot;
+    void *keys, *values; /* the layer's cache, (M, nh, S, hd) each */
+    int64_t hidden, heads;
     float eps, alpha; /* LayerNorm's epsilon; 1/√hd */
+};
+
+/* What every block of a step shares: M rows, the caches' S slots, the one written, and the query's ALiBi bias and
+ * additive mask, (M, nh, S) and (M, S) in T */
+struct step {
+    const void *alibi, *mask;
+    int64_t rows, slots, slot;
 };
 
 /* LayerNorm over the C values of each of M rows: mean and variance in float32, y = T((x - mean) · rstd · w + b),
@@ -1214,8 +1220,8 @@ static void product_f32(const float *x, float *x32, const struct product *p, flo
 /* x (M, C) -> out (M, C) through one block, with scratch memory h (M · 11C values of T) and x32 (M · 4C floats);
  * returns 1 when the attention's scratch memory cannot be allocated. */
 #define DECODE_BLOCK(NAME, T, LAYER_NORM_FN, ADD_FN, PRODUCT, ATTEND_FN, GELU_FN)                                \
-    static int NAME(const struct block *p, const T *x, T *out, T *h, float *x32) {                               \
-        const int64_t M = p->rows, C = p->hidden, nh = p->heads, hd = C / nh, S = p->slots;                      \
+    static int NAME(const struct block *p, const struct step *step, const T *x, T *out, T *h, float *x32) {      \
+        const int64_t M = step->rows, C = p->hidden, nh = p->heads, hd = C / nh, S = step->slots;                \
         T *qkv = h + M * C, *q = qkv + M * 3 * C, *context = q + M * C, *a = context + M * C, *up = a + M * C;   \
         T *keys = p->keys, *values = p->values;                                                                  \
         LAYER_NORM_FN(x, p->ln1_weight, p->ln1_bias, h, M, C, p->eps);                                           \
@@ -1223,10 +1229,10 @@ static void product_f32(const float *x, float *x32, const struct product *p, flo
         for (int64_t i = 0; i < M * nh; i++) { /* qkv's features per head: [q | k | v][hd] */                    \
             const T *src = qkv + i * 3 * hd;                                                                     \
             memcpy(q + i * hd, src, sizeof(T) * hd);                                                             \
-            memcpy(keys + (i * S + p->slot) * hd, src + hd, sizeof(T) * hd);                                     \
-            memcpy(values + (i * S + p->slot) * hd, src + 2 * hd, sizeof(T) * hd);                               \
+            memcpy(keys + (i * S + step->slot) * hd, src + hd, sizeof(T) * hd);                                  \
+            memcpy(values + (i * S + step->slot) * hd, src + 2 * hd, sizeof(T) * hd);                            \
         }                                                                                                        \
-        int failed = ATTEND_FN(q, keys, values, p->alibi, p->mask, context, M * nh, nh, S, hd, p->alpha);        \
+        int failed = ATTEND_FN(q, keys, values, step->alibi, step->mask, context, M * nh, nh, S, hd, p->alpha);  \
         if (!failed) {                                                                                           \
             PRODUCT(context, x32, &p->dense, a, M, C, C);                                                        \
             ADD_FN(x, a, out, M * C);                                                                            \
@@ -1244,14 +1250,14 @@ DECODE_BLOCK(decode_block_f16, uint16_t, layer_norm_f16, add_f16, product_f16, a
 DECODE_BLOCK(decode_block_f32, float, layer_norm_f32, add_f32, product_f32, attend_f32, gelu_f32)
 
 /* The n blocks of a decode step one after another, in one call: x (M, C) through blocks[0], its output through
- * blocks[1], ..., the last block's into out (M, C); the blocks' outputs in between alternate between out and a buffer
- * of the call's. Returns 1 when scratch memory cannot be allocated (out is not complete then). A call per block
+ * blocks[1], ..., the last block's into out (M, C), with what they share in `step`; the blocks' outputs in between
+ * alternate between out and a buffer of the call's. Returns 1 when scratch memory cannot be allocated (out is not complete then). A call per block
  * from Python, each after the Python that prepared it, cost 1.1 ms more a bf16 batch-16 step of bloom-560m than the
  * blocks' work (24 blocks; scratch, on a Zen 4 machine): the interpreter's code and objects are no longer in the
  * caches once a block's weights have streamed through them. */
 #define DECODE_BLOCKS(NAME, BLOCK_FN, T)                                                                         \
-    int NAME(const struct block *const *blocks, int64_t n, const T *x, T *out) {                                 \
-        const int64_t M = blocks[0]->rows, C = blocks[0]->hidden;                                                \
+    int NAME(const struct block *const *blocks, int64_t n, const struct step *step, const T *x, T *out) {        \
+        const int64_t M = step->rows, C = blocks[0]->hidden;                                                     \
         /* LN output, qkv, q, context, a product's output, up; the blocks' outputs between them. On cache        \
          * lines, where the products read them (from malloc's 16-byte boundaries, fp32's loads of x straddled    \
          * two lines: a batch-16 step's blocks, 97 ms; on lines, 58) */                                          \
@@ -1260,7 +1266,7 @@ DECODE_BLOCK(decode_block_f32, float, layer_norm_f32, add_f32, product_f32, atte
         int failed = !h || !x32;                                                                                 \
         for (int64_t i = 0; i < n && !failed; i++) { /* the last block writes out */                             \
             T *y = (n - 1 - i) % 2 ? between : out;                                                              \
-            failed = BLOCK_FN(blocks[i], x, y, h, x32);                                                          \
+            failed = BLOCK_FN(blocks[i], step, x, y, h, x32);                                                    \
             x = y;                                                                                               \
         }                                                                                                        \
         free(h);                                                                                                 \

@@ -224,9 +224,16 @@ class _Block(ctypes.Structure):  # matvec.c's struct block
         *((name, _Product) for name in ("qkv", "dense")),
         *((name, ctypes.c_void_p) for name in ("ln2_weight", "ln2_bias")),
         *((name, _Product) for name in ("up", "down")),
-        *((name, ctypes.c_void_p) for name in ("keys", "values", "alibi", "mask")),
-        *((name, ctypes.c_int64) for name in ("rows", "hidden", "heads", "slots", "slot")),
+        *((name, ctypes.c_void_p) for name in ("keys", "values")),
+        *((name, ctypes.c_int64) for name in ("hidden", "heads")),
         *((name, ctypes.c_float) for name in ("eps", "alpha")),
+    ]
+
+
+class _Step(ctypes.Structure):  # matvec.c's struct step
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in ("alibi", "mask")),
+        *((name, ctypes.c_int64) for name in ("rows", "slots", "slot")),
     ]
 
 
@@ -266,34 +273,18 @@ class DecodeBlock:
         self.tensors = [t.detach() for t in (*norms, *(t for p in products for t in p)) if t is not None]
         norms_at = [_pointer(t, dtype) for t in norms]
         products_at = [_product(*product, dtype) for product in products]
-        self.params = _Block(*norms_at[:2], *products_at[:2], *norms_at[2:], *products_at[2:], eps=eps, alpha=alpha)
+        tensors_at = (*norms_at[:2], *products_at[:2], *norms_at[2:], *products_at[2:])  # in struct block's order
+        self.params = _Block(*tensors_at, hidden=C, heads=heads, eps=eps, alpha=alpha)
 
-    def bind(
-        self,
-        x: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        alibi: torch.Tensor,
-        mask: torch.Tensor,
-        at: int,
-    ) -> None:
-        """Check a step's tensors against this block and hand their addresses to its next call: x (M, C); keys,
-        values: the layer's cache, (M, nh, S, hd) each, written at slot `at`; alibi (M, nh, S) and the additive
-        mask (M, S) of the query at that slot, in x's dtype. Every tensor contiguous, on the CPU."""
-        M, C, nh, S = x.shape[0], x.shape[-1], self.heads, keys.shape[2] if keys.dim() == 4 else 0
-        shapes_agree = x.shape == (M, self.hidden) and keys.shape == values.shape == (M, nh, S, C // nh)
-        shapes_agree &= alibi.shape == (M, nh, S) and mask.shape == (M, S)
-        tensors = (x, keys, values, alibi, mask)
-        laid_out = all(t.dtype == self.dtype and t.is_contiguous() and t.device.type == "cpu" for t in tensors)
-        if not (shapes_agree and laid_out and 0 <= at < S):
-            shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in tensors)
-            raise ValueError(
-                f"a {self.dtype} block of width {self.hidden} and {nh} heads, at slot {at} of x, keys, values, "
-                f"alibi, mask: {shapes}"
-            )
-        params = self.params
-        params.keys, params.values, params.alibi, params.mask = (t.data_ptr() for t in (keys, values, alibi, mask))
-        params.rows, params.hidden, params.heads, params.slots, params.slot = M, C, nh, S, at
+    def bind(self, keys: torch.Tensor, values: torch.Tensor, rows: int, slots: int) -> bool:
+        """Whether the layer's cache fits a step of `rows` rows over `slots` slots, keys and values (rows, nh,
+        slots, hd) each, contiguous, in the block's dtype, on the CPU; if so, hand their addresses to its next
+        call."""
+        shape = (rows, self.heads, slots, self.hidden // self.heads)
+        if not all(t.shape == shape and _laid_out(t, self.dtype) for t in (keys, values)):
+            return False
+        self.params.keys, self.params.values = keys.data_ptr(), values.data_ptr()
+        return True
 
 
 class DecodeBlocks:
@@ -301,11 +292,14 @@ class DecodeBlocks:
     block's forward for M rows of one token each (bloom.generation.decode_step), all in one dtype."""
 
     def __init__(self, blocks: list[DecodeBlock]) -> None:
-        if not blocks or len({block.dtype for block in blocks}) != 1:
-            raise ValueError(f"blocks of one dtype, at least one: {[block.dtype for block in blocks]}")
+        kinds = {(block.dtype, block.hidden, block.heads) for block in blocks}
+        if len(kinds) != 1:
+            raise ValueError(f"blocks of one dtype, width and number of heads, at least one: {sorted(map(str, kinds))}")
         self.blocks = blocks
-        self.kernel = getattr(library(), _BLOCK_DTYPES[blocks[0].dtype])
+        self.dtype, self.hidden, self.heads = kinds.pop()
+        self.kernel = getattr(library(), _BLOCK_DTYPES[self.dtype])
         self.params = (ctypes.POINTER(_Block) * len(blocks))(*(ctypes.pointer(block.params) for block in blocks))
+        self.step = _Step()
 
     def __call__(
         self,
@@ -315,16 +309,31 @@ class DecodeBlocks:
         mask: torch.Tensor,
         at: int,
     ) -> torch.Tensor:
-        """x (M, C) through every block; caches: each block's (keys, values), written at slot `at`; alibi and mask:
-        as `DecodeBlock.bind` takes them, the same for every block."""
+        """x (M, C) through every block; caches: each block's (keys, values), (M, nh, S, hd) each, written at slot
+        `at`; alibi (M, nh, S) and the additive mask (M, S) of the query at that slot, the same for every block.
+        Every tensor in the blocks' dtype, contiguous, on the CPU."""
         if len(caches) != len(self.blocks):
             raise ValueError(f"{len(caches)} layers' keys and values for {len(self.blocks)} blocks")
-        for block, (keys, values) in zip(self.blocks, caches, strict=True):
-            block.bind(x, keys, values, alibi, mask, at)
+        M, S, nh = x.shape[0] if x.dim() else 0, mask.shape[-1] if mask.dim() else 0, self.heads
+        fits = x.shape == (M, self.hidden) and alibi.shape == (M, nh, S) and mask.shape == (M, S) and 0 <= at < S
+        fits &= all(_laid_out(t, self.dtype) for t in (x, alibi, mask))
+        for i, (block, (keys, values)) in enumerate(zip(self.blocks, caches, strict=True)):
+            if not (fits and block.bind(keys, values, M, S)):
+                shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in (x, keys, values, alibi, mask))
+                raise ValueError(
+                    f"layer {i}: a {self.dtype} block of width {self.hidden} and {nh} heads, at slot {at} of x, keys, "
+                    f"values, alibi, mask: {shapes}"
+                )
+        step = self.step
+        step.alibi, step.mask, step.rows, step.slots, step.slot = alibi.data_ptr(), mask.data_ptr(), M, S, at
         out = torch.empty_like(x)
-        if self.kernel(self.params, len(self.blocks), x.data_ptr(), out.data_ptr()):
-            raise MemoryError(f"a decode step's blocks over {mask.shape[-1]} slots: the kernel could not allocate")
+        if self.kernel(self.params, len(self.blocks), ctypes.byref(step), x.data_ptr(), out.data_ptr()):
+            raise MemoryError(f"a decode step's blocks over {S} slots: the kernel could not allocate")
         return out
+
+
+def _laid_out(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    return t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu"
 
 
 def _product(weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype):
@@ -395,8 +404,9 @@ def load(path: Path) -> ctypes.CDLL:
     for name in _ARGMAX_DTYPES.values():  # x, rows, n, out
         getattr(lib, name).argtypes = [pointer, size, size, pointer]
         getattr(lib, name).restype = None
-    for name in _BLOCK_DTYPES.values():  # struct block *[n], n, x, out -> 1 if out of memory
-        getattr(lib, name).argtypes = [ctypes.POINTER(ctypes.POINTER(_Block)), size, pointer, pointer]
+    for name in _BLOCK_DTYPES.values():  # struct block *[n], n, struct step *, x, out -> 1 if out of memory
+        blocks_at, step_at = ctypes.POINTER(ctypes.POINTER(_Block)), ctypes.POINTER(_Step)
+        getattr(lib, name).argtypes = [blocks_at, size, step_at, pointer, pointer]
         getattr(lib, name).restype = ctypes.c_int
     for name in _ATTEND_DTYPES.values():  # q, k, v, alibi, mask, y, BH, heads, S, hd, alpha -> 1 if out of memory
         getattr(lib, name).argtypes = [pointer] * 6 + [size] * 4 + [ctypes.c_float]

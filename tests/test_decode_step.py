@@ -279,6 +279,9 @@ def test_a_blocks_call_with_tensors_that_do_not_fit_is_refused(folder):
         assert step(**fits).shape == (1, 160)
         with pytest.raises(ValueError, match="2 layers' keys and values for 3 blocks"):
             blocks(fits["x"], [(fits["keys"], fits["values"])] * 2, fits["alibi"], fits["mask"], 7)
+        last_too_short = [(fits["keys"], fits["values"])] * 2 + [(fits["keys"][:, :, :7], fits["values"][:, :, :7])]
+        with pytest.raises(ValueError, match=r"layer 2: .* \(1, 5, 7, 32\)"):  # the layer named, its cache shown
+            blocks(fits["x"], last_too_short, fits["alibi"], fits["mask"], 5)
         wrong_ones = (
             dict(at=8),
             dict(mask=torch.zeros(1, 9)),
