@@ -1251,10 +1251,10 @@ DECODE_BLOCK(decode_block_f32, float, layer_norm_f32, add_f32, product_f32, atte
 
 /* The n blocks of a decode step one after another, in one call: x (M, C) through blocks[0], its output through
  * blocks[1], ..., the last block's into out (M, C), with what they share in `step`; the blocks' outputs in between
- * alternate between out and a buffer of the call's. Returns 1 when scratch memory cannot be allocated (out is not complete then). A call per block
- * from Python, each after the Python that prepared it, cost 1.1 ms more a bf16 batch-16 step of bloom-560m than the
- * blocks' work (24 blocks; scratch, on a Zen 4 machine): the interpreter's code and objects are no longer in the
- * caches once a block's weights have streamed through them. */
+ * alternate between out and a buffer of the call's. Returns 1 when scratch memory cannot be allocated (out is not
+ * complete then). A call per block from Python, each after the Python that prepared it, cost 1.1 ms more a bf16
+ * batch-16 step of bloom-560m than the blocks' work (24 blocks; scratch, on a Zen 4 machine): the interpreter's code
+ * and objects are no longer in the caches once a block's weights have streamed through them. */
 #define DECODE_BLOCKS(NAME, BLOCK_FN, T)                                                                         \
     int NAME(const struct block *const *blocks, int64_t n, const struct step *step, const T *x, T *out) {        \
         const int64_t M = step->rows, C = blocks[0]->hidden;                                                     \

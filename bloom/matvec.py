@@ -320,8 +320,9 @@ class DecodeBlocks:
         for i, (block, (keys, values)) in enumerate(zip(self.blocks, caches, strict=True)):
             if not (fits and block.bind(keys, values, M, S)):
                 shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in (x, keys, values, alibi, mask))
+                where = f"layer {i}: " if fits else ""  # a layer's cache, or what all the layers share
                 raise ValueError(
-                    f"layer {i}: a {self.dtype} block of width {self.hidden} and {nh} heads, at slot {at} of x, keys, "
+                    f"{where}a {self.dtype} block of width {self.hidden} and {nh} heads, at slot {at} of x, keys, "
                     f"values, alibi, mask: {shapes}"
                 )
         step = self.step

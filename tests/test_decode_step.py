@@ -297,3 +297,5 @@ def test_a_blocks_call_with_tensors_that_do_not_fit_is_refused(folder):
         for wrong in wrong_ones:  # fmt: skip
             with pytest.raises(ValueError, match="block of width 160 and 5 heads, at slot"):
                 step(**{**fits, **wrong})
+        with pytest.raises(ValueError, match="^a torch.float32 block"):  # no layer named: all of them share the mask
+            step(**{**fits, "mask": torch.zeros(1, 9)})
