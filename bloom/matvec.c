@@ -513,9 +513,9 @@ GROUP(group_f16, tile_f16, seq_f16, float, uint16_t, X_SPAN / 2)
  * pair of a row of W is broadcast from memory into the 16 lanes of a multiply-add (vdpbf16ps's {1to16}), so that acc[r]
  * lane m sums row r of W times row m of x over K with no sum across lanes at the end, where the 4x4 tiles spend about a
  * tenth of their multiply-adds' time summing lanes and placing results. A tile takes 16 rows of W, in 2 groups of 8
- * rows, the second LANES_APART pairs further along its rows than the first, wrapping around: 16 rows 8 KB apart (K =
- * 4096) at the same offset fall into one set of the L1 cache, whose 8 ways then thrashed (the 4096-wide product ran at
- * half the rate of the 1024-wide ones). A group reads a line of each of its rows while the next two are asked for
+ * rows, the second LANES_APART pairs further along its rows than the first, wrapping around: 16 rows 8 KB apart
+ * (K = 4096) at the same offset fall into one set of the L1 cache, whose 8 ways then thrashed (the 4096-wide product
+ * ran at half the rate of the 1024-wide ones). A group reads a line of each of its rows while the next two are asked for
  * (to_l1), so the second group starts 4 lines on. One line on, its rows' lines fell into the sets of the first group's
  * next lines: streamed at 8, 16 and 32 rows, the 4096-wide product ran 4-9% slower in five runs of six, 24% in one
  * (bloom-7b1's 4096-wide products 0-14%), and a batch-16 step took 0.4-1.9 ms longer in three runs (52.9-58.7 ms;
