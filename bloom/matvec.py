@@ -334,6 +334,7 @@ class DecodeBlocks:
 
 
 def _laid_out(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the kernels can read t as it is: of `dtype`, contiguous, on the CPU."""
     return t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu"
 
 
@@ -346,7 +347,7 @@ def _product(weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tenso
 def _pointer(t: torch.Tensor | None, dtype: torch.dtype) -> int | None:
     if t is None:
         return None
-    if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+    if not _laid_out(t, dtype):
         raise ValueError(
             f"a {tuple(t.shape)} {t.dtype} tensor on {t.device} where the kernel reads a contiguous {dtype} one "
             "on the CPU"
