@@ -10,7 +10,9 @@ its KV cache, its mask), the median of `--reps`; the products and the LM head ar
 multiply-add), the attention in GB/s of keys and values read (visible slots only, as the kernel reads them). The
 kernels are called as the block step calls them, with their arguments made beforehand: through bloom.matvec's
 Python functions, which allocate each output, the 96 products of bloom-560m took 1-2 ms more. What is left of the
-step is its Python and the work between the kernels.
+step is its Python and the work between the kernels. Beside them, torch's own matmul of two 2048 x 2048 squares in the
+same dtype, the shape in which the multiply-adds are easiest to keep busy: each product's rate is also given as a
+share of it, and the step as it would be with every product at that rate.
 """
 
 import argparse
@@ -62,6 +64,14 @@ def products(layers: list[torch.nn.Module], x: dict[int, torch.Tensor], dtype: t
         calls.append(functools.partial(kernel, *pointers, rows, N, K))
         tensors += [x_read, y]
     return calls_in_a_row(calls, tensors)
+
+
+def square_matmul_gflop_s(dtype: torch.dtype, reps: int, n: int = 2048) -> float:
+    """torch's own matmul of two n x n matrices in `dtype`, in GFLOP/s: the rate the machine's multiply-adds reach in
+    the most favourable shape, against which a decode step's products of few rows are measured."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # its first call sets up oneDNN's kernels
+    return 2 * n**3 / median_seconds(lambda: a @ b, reps) / 1e9
 
 
 def attentions(
@@ -126,19 +136,31 @@ def main() -> None:
         lm_head = products([model.word_embeddings], x, dtype)
         parts["LM head"] = median_seconds(lm_head, args.reps)
     bandwidth = memory_bandwidth_gb_s(torch.device("cpu"))
+    ceiling = square_matmul_gflop_s(dtype, args.reps)
 
     visible = int((mask[:, : int(slot) + 1] != 0).sum())  # the slots the kernel reads, over the batch
     kv_bytes = 2 * visible * nh * hd * dtype.itemsize * config.n_layer
     flops = {kind: 2 * B * sum(layer.weight.numel() for layer in layers) for kind, layers in kinds.items()}
     flops["LM head"] = 2 * B * model.word_embeddings.weight.numel()
     print(f"{args.shape} {args.dtype}, batch {B}, {torch.get_num_threads()} threads, sum() at {bandwidth:.1f} GB/s")
+    print(f"torch's matmul of 2048 x 2048 squares in {args.dtype}: {ceiling:.0f} GFLOP/s (below: the products' share)")
     print(f"whole decode step: {step * 1e3:.2f} ms")
     for name, seconds in parts.items():
-        rate = f"{flops[name] / seconds / 1e9:.0f} GFLOP/s" if name in flops else f"{kv_bytes / seconds / 1e9:.1f} GB/s"
+        if name in flops:
+            gflop_s = flops[name] / seconds / 1e9
+            rate = f"{gflop_s:.0f} GFLOP/s ({gflop_s / ceiling:.0%})"
+        else:
+            rate = f"{kv_bytes / seconds / 1e9:.1f} GB/s"
         print(f"  {name:10s} {seconds * 1e3:7.2f} ms  {seconds / step:4.0%} of the step  {rate}")
     rest = step - sum(parts.values())
     what = "Python; embedding, LayerNorms, GeLU, residual adds, cache writes"
     print(f"  {'the rest':10s} {rest * 1e3:7.2f} ms  {rest / step:4.0%} of the step  ({what})")
+    gflop = sum(flops.values()) / 1e9
+    at_ceiling = gflop / ceiling + parts["attention"] + rest
+    print(
+        f"the products' {gflop:.1f} GFLOP at the squares' rate: {gflop / ceiling * 1e3:.1f} ms; with the attention "
+        f"and the rest as measured, a step of {at_ceiling * 1e3:.1f} ms"
+    )
 
 
 if __name__ == "__main__":
