@@ -11,8 +11,9 @@ multiply-add), the attention in GB/s of keys and values read (visible slots only
 kernels are called as the block step calls them, with their arguments made beforehand: through bloom.matvec's
 Python functions, which allocate each output, the 96 products of bloom-560m took 1-2 ms more. What is left of the
 step is its Python and the work between the kernels. Beside them, torch's own matmul of two 2048 x 2048 squares in the
-same dtype, the shape in which the multiply-adds are easiest to keep busy: each product's rate is also given as a
-share of it, and the step as it would be with every product at that rate.
+dtype the kernels multiply in (bf16, or float32 for fp32 and fp16), the shape in which the multiply-adds are easiest
+to keep busy: each product's rate is also given as a share of it, and the step as it would be with every product at
+that rate.
 """
 
 import argparse
@@ -136,14 +137,18 @@ def main() -> None:
         lm_head = products([model.word_embeddings], x, dtype)
         parts["LM head"] = median_seconds(lm_head, args.reps)
     bandwidth = memory_bandwidth_gb_s(torch.device("cpu"))
-    ceiling = square_matmul_gflop_s(dtype, args.reps)
+    # the multiply-adds the kernels do: bf16's in bf16, fp32's and fp16's in float32 (fp16 is widened first; torch's
+    # own fp16 matmul on the CPU runs at under 1 GFLOP/s, no ceiling)
+    multiplied_in = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    ceiling = square_matmul_gflop_s(multiplied_in, args.reps)
 
     visible = int((mask[:, : int(slot) + 1] != 0).sum())  # the slots the kernel reads, over the batch
     kv_bytes = 2 * visible * nh * hd * dtype.itemsize * config.n_layer
     flops = {kind: 2 * B * sum(layer.weight.numel() for layer in layers) for kind, layers in kinds.items()}
     flops["LM head"] = 2 * B * model.word_embeddings.weight.numel()
     print(f"{args.shape} {args.dtype}, batch {B}, {torch.get_num_threads()} threads, sum() at {bandwidth:.1f} GB/s")
-    print(f"torch's matmul of 2048 x 2048 squares in {args.dtype}: {ceiling:.0f} GFLOP/s (below: the products' share)")
+    squares = f"torch's matmul of 2048 x 2048 squares in {str(multiplied_in).removeprefix('torch.')}"
+    print(f"{squares}: {ceiling:.0f} GFLOP/s (below: the products' share)")
     print(f"whole decode step: {step * 1e3:.2f} ms")
     for name, seconds in parts.items():
         if name in flops:
