@@ -71,7 +71,7 @@ def square_matmul_gflop_s(dtype: torch.dtype, reps: int, n: int = 2048) -> float
     """torch's own matmul of two n x n matrices in `dtype`, in GFLOP/s: the rate the machine's multiply-adds reach in
     the most favourable shape, against which a decode step's products of few rows are measured."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b  # its first call sets up oneDNN's kernels
+    a @ b  # the first call, with its one-time setup, untimed
     return 2 * n**3 / median_seconds(lambda: a @ b, reps) / 1e9
 
 
