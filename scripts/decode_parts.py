@@ -67,12 +67,15 @@ def products(layers: list[torch.nn.Module], x: dict[int, torch.Tensor], dtype: t
     return calls_in_a_row(calls, tensors)
 
 
-def square_matmul_gflop_s(dtype: torch.dtype, reps: int, n: int = 2048) -> float:
-    """torch's own matmul of two n x n matrices in `dtype`, in GFLOP/s: the rate the machine's multiply-adds reach in
-    the most favourable shape, against which a decode step's products of few rows are measured."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+SQUARE = 2048  # rows and columns of the matrices of square_matmul_gflop_s
+
+
+def square_matmul_gflop_s(dtype: torch.dtype, reps: int) -> float:
+    """torch's own matmul of two SQUARE x SQUARE matrices in `dtype`, in GFLOP/s: the rate the machine's multiply-adds
+    reach in the most favourable shape, against which a decode step's products of few rows are measured."""
+    a, b = torch.randn(SQUARE, SQUARE).to(dtype), torch.randn(SQUARE, SQUARE).to(dtype)
     a @ b  # the first call, with its one-time setup, untimed
-    return 2 * n**3 / median_seconds(lambda: a @ b, reps) / 1e9
+    return 2 * SQUARE**3 / median_seconds(lambda: a @ b, reps) / 1e9
 
 
 def attentions(
@@ -139,15 +142,15 @@ def main() -> None:
     bandwidth = memory_bandwidth_gb_s(torch.device("cpu"))
     # the multiply-adds the kernels do: bf16's in bf16, fp32's and fp16's in float32 (fp16 is widened first; torch's
     # own fp16 matmul on the CPU runs at under 1 GFLOP/s, no ceiling)
-    multiplied_in = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-    ceiling = square_matmul_gflop_s(multiplied_in, args.reps)
+    multiplied_in = "bf16" if dtype == torch.bfloat16 else "fp32"  # the names of DTYPES (--dtype may be bfloat16)
+    ceiling = square_matmul_gflop_s(DTYPES[multiplied_in], args.reps)
 
     visible = int((mask[:, : int(slot) + 1] != 0).sum())  # the slots the kernel reads, over the batch
     kv_bytes = 2 * visible * nh * hd * dtype.itemsize * config.n_layer
     flops = {kind: 2 * B * sum(layer.weight.numel() for layer in layers) for kind, layers in kinds.items()}
     flops["LM head"] = 2 * B * model.word_embeddings.weight.numel()
     print(f"{args.shape} {args.dtype}, batch {B}, {torch.get_num_threads()} threads, sum() at {bandwidth:.1f} GB/s")
-    squares = f"torch's matmul of 2048 x 2048 squares in {str(multiplied_in).removeprefix('torch.')}"
+    squares = f"torch's matmul of {SQUARE} x {SQUARE} squares in {multiplied_in}"
     print(f"{squares}: {ceiling:.0f} GFLOP/s (below: the products' share)")
     print(f"whole decode step: {step * 1e3:.2f} ms")
     for name, seconds in parts.items():
@@ -161,10 +164,11 @@ def main() -> None:
     what = "Python; embedding, LayerNorms, GeLU, residual adds, cache writes"
     print(f"  {'the rest':10s} {rest * 1e3:7.2f} ms  {rest / step:4.0%} of the step  ({what})")
     gflop = sum(flops.values()) / 1e9
-    at_ceiling = gflop / ceiling + parts["attention"] + rest
+    products_at_squares = gflop / ceiling  # every product at the squares' rate
+    step_at_squares = products_at_squares + parts["attention"] + rest
     print(
-        f"the products' {gflop:.1f} GFLOP at the squares' rate: {gflop / ceiling * 1e3:.1f} ms; with the attention "
-        f"and the rest as measured, a step of {at_ceiling * 1e3:.1f} ms"
+        f"the products' {gflop:.1f} GFLOP at the squares' rate: {products_at_squares * 1e3:.1f} ms; with the "
+        f"attention and the rest as measured, a step of {step_at_squares * 1e3:.1f} ms"
     )
 
 
