@@ -12,8 +12,10 @@ transformers'.
 
 The library is built once per machine and source, with the system's C compiler (`cc`, or $CC) for this CPU
 (-march=native), into ~/.cache/bloom (or $XDG_CACHE_HOME/bloom), and takes about a second. Without a compiler,
-or on another OS, a warning says so once and the work stays torch's. Without AVX-512 BF16 the products are
-portable loops, slower than torch's matmul, so they stay torch's (`max_rows`); the rest goes to the kernels."""
+or on another OS, a warning says so once and the work stays torch's. The products are AVX-512 BF16 tiles where the
+CPU has it, AVX2 tiles where it has AVX2 and FMA (3-4x torch's bf16 and fp16 matmul at a batch's rows there, which
+have no AVX-512 BF16 for oneDNN), and elsewhere portable loops, slower than torch's matmul, so that products then stay
+torch's (`max_rows`); the rest goes to the kernels."""
 
 import ctypes
 import hashlib
@@ -56,21 +58,35 @@ SOURCE = Path(__file__).with_name("matvec.c")
 #   batch of 16 prompts of 128 tokens 4972 against 6530.
 # - fp16: torch's matmul reads 0.4 GB/s at a prefill's 128 rows (the kernels 2.1); int8 weights beside fp16 or
 #   fp32 activations are converted whole at every call there: always the kernels.
-# These are the AVX-512 tiles' limits. The portable loops, built where the CPU lacks AVX-512 BF16, take no
-# products (`max_rows`): with the library built for x86-64-v3 (AVX2) on the same machine, torch limited to AVX2
-# (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2), a bloom-560m decode step took 141 ms against 115 with
-# torch's products in fp32, 198 against 33 in bf16, 161 against 33 in fp16. int8 weights beside fp16 or fp32
-# activations, whose torch path converts the whole weight at every call, were still faster through torch at one row
-# (6 blocks' products: 16.0 and 17.1 ms against the loops' 25.2), and at 16 rows beside fp32 (33.5 against 41.2);
-# only beside fp16 at 16 rows were the loops faster (41.1 against 59.9).
-# The attention and GeLU kernels, 1-8% faster than torch's there, stay.
+# These are the AVX-512 tiles' limits. The AVX2 tiles, built where the CPU has AVX2 and FMA but not AVX-512 BF16,
+# were measured on a Zen 4 machine whose AVX-512 its hypervisor hid (2 cores), against torch's own choice of kernels
+# there, bloom-560m's products and a quarter of its LM head alternated in one process (scratch): torch's bf16 and fp16
+# matmul, with no AVX-512 BF16 for oneDNN, ran at 31-34 GFLOP/s at every size from 16 rows to 512, the kernels at
+# 108-125; bf16 at 1 row 33.6 against 31.0 GB/s. Int8 weights: 1.3-1.6x torch beside bf16 x at 1, 16 and 128 rows,
+# 2.7-17x beside fp16 and fp32 x. fp32: 1.7x at 1 row, 1.4x at 32, 1.1x at 64 and 128, 0.7x at 512 (torch's packed
+# weights ahead again): 128 rows.
+# The portable loops, built where the CPU lacks AVX2 too, take no products (`max_rows`): built for x86-64-v3 before
+# there were AVX2 tiles, on an AVX-512 machine with torch limited to AVX2 (ATEN_CPU_CAPABILITY=avx2,
+# ONEDNN_MAX_CPU_ISA=AVX2), they took 141 ms for a bloom-560m decode step against 115 with torch's products in fp32,
+# 198 against 33 in bf16, 161 against 33 in fp16. The attention and GeLU kernels, 1-8% faster than torch's there, stay.
+TILES = {2: "avx512", 1: "avx2", 0: "portable"}  # matvec.c's vector_tiles(): which tiles the products are
 MAX_ROWS = {
-    (torch.bfloat16, torch.bfloat16): 128,
-    (torch.float32, torch.float32): math.inf,
-    (torch.float16, torch.float16): math.inf,
-    (torch.int8, torch.bfloat16): 128,
-    (torch.int8, torch.float16): math.inf,
-    (torch.int8, torch.float32): math.inf,
+    "avx512": {
+        (torch.bfloat16, torch.bfloat16): 128,
+        (torch.float32, torch.float32): math.inf,
+        (torch.float16, torch.float16): math.inf,
+        (torch.int8, torch.bfloat16): 128,
+        (torch.int8, torch.float16): math.inf,
+        (torch.int8, torch.float32): math.inf,
+    },
+    "avx2": {
+        (torch.bfloat16, torch.bfloat16): math.inf,
+        (torch.float32, torch.float32): 128,
+        (torch.float16, torch.float16): math.inf,
+        (torch.int8, torch.bfloat16): math.inf,
+        (torch.int8, torch.float16): math.inf,
+        (torch.int8, torch.float32): math.inf,
+    },
 }
 _KERNEL_DTYPES = {torch.bfloat16: "linear_bf16", torch.float16: "linear_f16", torch.float32: "linear_f32"}
 _INT8_KERNELS = {torch.bfloat16: "linear_int8_bf16", torch.float16: "linear_int8_f16", torch.float32: "linear_int8_f32"}
@@ -108,10 +124,10 @@ def _generating(*tensors: torch.Tensor) -> bool:
 
 
 def max_rows(weight_dtype: torch.dtype, x_dtype: torch.dtype) -> float:
-    """Rows of x up to which the kernels take a product: MAX_ROWS (0 for dtypes without a kernel) where the library
-    has the AVX-512 tiles, 0 where it has the portable loops, which torch's ops outrun or at best match."""
+    """Rows of x up to which the kernels take a product: MAX_ROWS of the library's tiles (0 for dtypes without a
+    kernel), 0 where it has the portable loops, which torch's ops outrun or at best match."""
     lib = library()
-    return MAX_ROWS.get((weight_dtype, x_dtype), 0) if lib is not None and lib.has_vector_tiles else 0
+    return MAX_ROWS.get(lib.tiles, {}).get((weight_dtype, x_dtype), 0) if lib is not None else 0
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -414,7 +430,7 @@ def load(path: Path) -> ctypes.CDLL:
         getattr(lib, name).argtypes = [pointer] * 6 + [size] * 4 + [ctypes.c_float]
         getattr(lib, name).restype = ctypes.c_int
     lib.vector_tiles.argtypes, lib.vector_tiles.restype = [], ctypes.c_int
-    lib.has_vector_tiles = bool(lib.vector_tiles())  # asked once: `max_rows` reads it for every product
+    lib.tiles = TILES[lib.vector_tiles()]  # asked once: `max_rows` reads it for every product
     return lib
 
 

@@ -7,7 +7,7 @@ weights read per second by each, the ratio, and the share of the machine's bandw
     python scripts/bench_matvec.py                      # bf16, fp16, fp32 and int8; 1, 2, 4, 8, 16, 32 rows
     python scripts/bench_matvec.py --dtypes bf16 --rows 1
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python scripts/bench_matvec.py --march x86-64-v3
-        # as on a CPU without AVX-512 BF16: the kernels' portable loops, torch's ops limited to AVX2
+        # as on a CPU with AVX2 but not AVX-512: the kernels' AVX2 tiles, torch's ops limited to AVX2
 """
 
 import argparse
@@ -58,7 +58,7 @@ def main() -> None:
         raise SystemExit("bloom.matvec's kernels could not be built here (see the warning): nothing to measure")
     torch.manual_seed(0)
     bandwidth = memory_bandwidth_gb_s(torch.device("cpu"))
-    tiles = "AVX-512 tiles" if matvec.library().has_vector_tiles else "portable loops"
+    tiles = {"avx512": "AVX-512 tiles", "avx2": "AVX2 tiles"}.get(matvec.library().tiles, "portable loops")
     print(f"{torch.get_num_threads()} threads, {tiles}, memory bandwidth (sum over 0.5 GB) {bandwidth:.1f} GB/s")
     print("| weights | rows | torch GB/s | kernels GB/s | kernels / torch | kernels' share of bandwidth |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -117,7 +117,7 @@ def main() -> None:
         decoder.step(tokens)  # the step's plan and the kernels' first call
         if decoder.fused_step is None or not decoder.fused_step.applies():  # then the parts below are not the step's
             raise SystemExit(f"a decode step of {args.dtype}, batch {B}, does not run in bloom.matvec's block kernels "
-                             "here (bloom.generation.decode_step.plan: too many rows, or no AVX-512 tiles): no parts "
+                             "here (bloom.generation.decode_step.plan: too many rows, or portable loops): no parts "
                              "to time")  # fmt: skip
         step = median_seconds(lambda: decoder.step(tokens), args.reps)
 

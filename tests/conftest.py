@@ -74,12 +74,12 @@ def eos_model_folder(tmp_path_factory):
     return folder
 
 
-BUILDS = ["native", "x86-64-v2"]  # this CPU's vector code (AVX-512 BF16 here), and the portable loops
+BUILDS = ["native", "x86-64-v3", "x86-64-v2"]  # this CPU's vector code, the AVX2 tiles, the portable loops
 
 
 @pytest.fixture(scope="session")
 def libraries(tmp_path_factory):
-    """The library compiled once for each target of BUILDS (the portable one only on x86-64)."""
+    """The library compiled once for each target of BUILDS (the AVX2 and portable ones only on x86-64)."""
     targets = BUILDS if os.uname().machine == "x86_64" else ["native"]
     return {target: matvec.load(matvec.build(target, tmp_path_factory.mktemp(target))) for target in targets}
 
@@ -88,7 +88,7 @@ def libraries(tmp_path_factory):
 def build(request, libraries, monkeypatch):
     """The library of one target, put where `matvec.library()` returns it."""
     if request.param not in libraries:
-        pytest.skip("the portable build is compiled for x86-64")
+        pytest.skip("the AVX2 and portable builds are compiled for x86-64")
     monkeypatch.setattr(matvec, "_library", libraries[request.param])
     monkeypatch.setattr(matvec, "_tried", True)
     return request.param

@@ -87,7 +87,7 @@ def test_int8_products_without_a_widening_buffer_equal_those_with_it(tmp_path):
     the same products, added in the same order, so the same bits. The allocation is refused in a child process
     (LD_PRELOAD)."""
     lib = matvec.library()
-    if lib is None or not lib.has_vector_tiles:
+    if lib is None or lib.tiles != "avx512":
         pytest.skip("the widening buffer belongs to the AVX-512 tiles")
     shim = tmp_path / "refuse.so"
     source = tmp_path / "refuse.c"
@@ -226,21 +226,23 @@ def test_layers_use_the_kernels_only_while_decoding_and_without_autograd(monkeyp
     assert linear.weight.grad is not None and torch.equal(y, outside)
 
 
-def test_only_the_vector_tiles_take_products_and_both_builds_attend(build, tiny_model_folder):
-    """Without AVX-512 BF16 the library is the portable loops, which torch's matmul outruns: products stay torch's,
-    through the layers and the block step alike."""
-    has_tiles = matvec.library().has_vector_tiles
+def test_the_tiles_are_the_cpus_and_take_products_up_to_their_rows_and_every_build_attends(build, tiny_model_folder):
+    """Each build holds the widest tiles its target has: AVX-512 BF16 ones, AVX2 ones, or portable loops, which
+    torch's matmul outruns: products then stay torch's, through the layers and the block step alike."""
+    tiles = matvec.library().tiles
+    with open("/proc/cpuinfo") as cpuinfo:
+        flags = set(next((line for line in cpuinfo if line.startswith("flags")), "").split())  # x86's
+    native = "avx512" if {"avx512f", "avx512bw", "avx512_bf16", "avx512vbmi"} <= flags else "avx2"
+    native = native if {"avx2", "fma", "f16c"} <= flags else "portable"
+    assert tiles == {"native": native, "x86-64-v3": "avx2", "x86-64-v2": "portable"}[build]
     weights = (torch.randn(48, 64), torch.zeros(48, 64, dtype=torch.int8))  # fp32, and int8 beside fp32 x
     q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 4, 9, 16)
     with matvec.decoding(), torch.no_grad():
         takes_products = [matvec.applies(torch.randn(rows, 64), w) for rows in (1, 300) for w in weights]
         attends = matvec.attends(q, k)
-    assert takes_products == [has_tiles] * 4 and attends  # fp32's tiles: any number of rows
-    assert (plan(load_pretrained(tiny_model_folder), 1) is not None) == has_tiles
-    with open("/proc/cpuinfo") as cpuinfo:
-        flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()  # x86's
-    cpu_tiles = {"avx512f", "avx512bw", "avx512_bf16", "avx512vbmi"} <= set(flags)
-    assert has_tiles == (build == "native" and cpu_tiles)
+    vector = tiles != "portable"  # fp32's AVX-512 tiles take any number of rows, its AVX2 tiles up to 128
+    assert takes_products == [vector, vector, tiles == "avx512", vector] and attends
+    assert (plan(load_pretrained(tiny_model_folder), 1) is not None) == vector
 
 
 def test_decoding_is_per_thread():

@@ -249,13 +249,16 @@ def run_worker(impl: str, args: argparse.Namespace) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+KERNELS = {"avx512": "AVX-512", "avx2": "AVX2"}  # bloom.matvec's tiles, as the bench names them
+
+
 def cpu_description(compiled: bool) -> str:
     """The CPU's threads, and which of bloom.matvec's kernels ours decodes with there (a compiled step: none)."""
     library = None if compiled else matvec.library()
     if library is None:
         kernels = "no decode kernels"
-    elif library.has_vector_tiles:
-        kernels = "AVX-512 decode kernels"
+    elif library.tiles != "portable":
+        kernels = f"{KERNELS[library.tiles]} decode kernels"
     else:  # bloom.matvec.max_rows
         kernels = "portable decode kernels, torch's products"
     return f"CPU ({torch.get_num_threads()} threads, {kernels})"

@@ -57,14 +57,15 @@ class Decoder:
       The logits a step returns live in the graph's memory and are overwritten by the next step.
     A compiled step does not run forward hooks, so probing (bloom.research.probe) needs an eager decoder.
 
-    On the CPU an eager decoder sends a step's products of few rows (bloom.matvec.max_rows: up to 128 in bf16
-    and int8, any number in fp32 and fp16), the LM head of a prefill, the one-query attention and the GeLU to
-    bloom.matvec's kernels (`matvec_kernels`, default True): they read the weights at nearly the machine's
-    bandwidth, 1.6-2x faster than torch's matmul in bf16, and differ from torch by float32 rounding. Each
-    prefill also plans `fused_step` (bloom.generation.decode_step): while no forward hook is registered, a step runs
-    each block as one kernel call instead of through its modules, the same computation without ~2 ms of Python.
-    On a CPU without AVX-512 BF16 the kernels are portable loops that torch's matmul outruns: there the products,
-    the LM head included, stay torch's and no block step is planned; the attention and the GeLU still go to them.
+    On the CPU an eager decoder sends a step's products of few rows (bloom.matvec.max_rows: with AVX-512 BF16 up
+    to 128 in bf16 and int8, any number in fp32 and fp16; with AVX2 up to 128 in fp32, any number otherwise), the
+    LM head of a prefill, the one-query attention and the GeLU to bloom.matvec's kernels (`matvec_kernels`, default
+    True): they read the weights at nearly the machine's bandwidth, 1.6-2x faster than torch's matmul in bf16 (3-4x
+    at a batch's rows on an AVX2 CPU), and differ from torch by float32 rounding. Each prefill also plans
+    `fused_step` (bloom.generation.decode_step): while no forward hook is registered, a step runs each block as one
+    kernel call instead of through its modules, the same computation without ~2 ms of Python.
+    On a CPU without AVX2 the kernels are portable loops that torch's matmul outruns: there the products, the LM
+    head included, stay torch's and no block step is planned; the attention and the GeLU still go to them.
     matvec_kernels=False keeps torch's ops: each step's logits are then transformers' own, and `generate` takes its
     greedy tokens with torch's argmax instead of bloom.matvec.argmax (the same tokens).
     """
