@@ -602,6 +602,9 @@ static inline int64_t x_block_end(int64_t m_begin, int64_t M) {
 GROUP(group_bf16, tile_bf16, seq_bf16, uint16_t, uint16_t, X_SPAN / 2)
 GROUP(group_int8, tile_int8, seq_int8, uint16_t, int8_t, X_SPAN / 2) /* as the bf16 that int8 is widened to */
 GROUP(group_int8_f32, tile_int8_f32, seq_int8_f32, float, int8_t, X_SPAN)
+#ifdef HAVE_AVX2 /* beside bf16 x widened to float32 (linear_int8_bf16): group_int8's spans, so its order of sums */
+GROUP(group_int8_x32, tile_int8_f32, seq_int8_f32, float, int8_t, X_SPAN / 2)
+#endif
 GROUP(group_f32, tile_f32, seq_f32, float, float, X_SPAN / 4)
 GROUP(group_f16, tile_f16, seq_f16, float, uint16_t, X_SPAN / 2)
 
@@ -847,6 +850,20 @@ void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale,
             }
             free(wide);
         }
+        return;
+    }
+#elif defined(HAVE_AVX2)
+    /* x widened to float32 once, where the int8 tiles widen it beside every row of W (bloom-560m's products and a
+     * quarter of its LM head, alternated in one process, scratch: 1 row 40.3 -> 42.2 GFLOP/s, 16 rows 93.4 -> 105.0);
+     * without memory for it, as they do: the same sums in the same order */
+    float *x32 = aligned_alloc(64, (sizeof(float) * M * K + 63) / 64 * 64);
+    if (x32) {
+        for (int64_t i = 0; i < M * K; i++) x32[i] = bf16_to_float(x[i]);
+        {
+            const float *x = x32; /* what LINEAR reads */
+            LINEAR(group_int8_x32, AS_BF16)
+        }
+        free(x32);
         return;
     }
 #endif

@@ -82,13 +82,13 @@ void *aligned_alloc(size_t alignment, size_t size) {
 
 
 def test_int8_products_without_a_widening_buffer_equal_those_with_it(tmp_path):
-    """Beside bf16 activations of 5 to 7 rows (the lane tiles take 8 or more), each thread widens int8 weights into a
-    buffer of its own; a thread that cannot allocate it multiplies its rows with the int8 tiles, a row of W at a time:
-    the same products, added in the same order, so the same bits. The allocation is refused in a child process
-    (LD_PRELOAD)."""
+    """Beside bf16 activations of 5 to 7 rows, the AVX-512 tiles widen int8 weights into a buffer of each thread's
+    own (their lane tiles take 8 rows or more), the AVX2 tiles widen x to float32 once; without the buffer, the int8
+    tiles multiply the rows of W as they are: the same products, added in the same order, so the same bits. The
+    allocation is refused in a child process (LD_PRELOAD)."""
     lib = matvec.library()
-    if lib is None or lib.tiles != "avx512":
-        pytest.skip("the widening buffer belongs to the AVX-512 tiles")
+    if lib is None or lib.tiles == "portable":
+        pytest.skip("the widening buffers belong to the AVX-512 and AVX2 tiles")
     shim = tmp_path / "refuse.so"
     source = tmp_path / "refuse.c"
     source.write_text(REFUSE_ONE_ALLOCATION)
@@ -102,7 +102,10 @@ def test_int8_products_without_a_widening_buffer_equal_those_with_it(tmp_path):
         f"x, bias = torch.randn({rows}, {features}).bfloat16(), torch.randn({n}).bfloat16()\n"
         "sys.stdout.buffer.write(matvec.int8_linear(x, q, scale, bias).view(torch.int16).numpy().tobytes())\n"
     )
-    buffer_bytes = 2 * ((4 * features + 31) // 32 * 32)  # linear_int8_bf16's buffer: a group of 4 rows, as bf16
+    buffer_bytes = {  # linear_int8_bf16's buffer: a group of 4 rows of W as bf16, or x as float32
+        "avx512": 2 * ((4 * features + 31) // 32 * 32),
+        "avx2": (4 * rows * features + 63) // 64 * 64,
+    }[lib.tiles]
     outputs = {}
     for refused in (0, buffer_bytes):
         env = {**os.environ, "LD_PRELOAD": str(shim), "REFUSED_SIZE": str(refused)}
