@@ -99,7 +99,18 @@ _BLOCK_DTYPES = {
     torch.float32: "decode_blocks_f32",
 }
 
+
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
 _state = threading.local()  # .decoding: whether this thread is inside decoding()
+# an x86 CPU without AVX-512 BF16, where torch's bf16 matmul and bmm run without bf16 instructions (`upcasts`)
+_NO_BF16_INSTRUCTIONS = platform.machine() in ("x86_64", "AMD64") and "avx512_bf16" not in _cpu_features().split()
 _library: ctypes.CDLL | None = None
 _tried = False
 _build_lock = threading.Lock()
@@ -189,10 +200,13 @@ def attend(
 
 
 def upcasts(t: torch.Tensor) -> bool:
-    """Whether attention's batched products take `t`, fp16 on the CPU within generation (a prefill's), in float32:
-    torch's fp16 bmm is slow on the CPU (448 of a 128-token bloom-560m prefill's 843 ms, the float32 one ~4 ms).
-    Each product is still rounded to fp16 once, as torch's fp16 product is: equal within float32 rounding."""
-    return t.dtype == torch.float16 and _generating(t)
+    """Whether attention's batched products take `t`, fp16 on the CPU within generation (a prefill's), or bf16 on an
+    x86 CPU without AVX-512 BF16, in float32: torch's fp16 bmm is slow on the CPU (448 of a 128-token bloom-560m
+    prefill's 843 ms, the float32 one ~4 ms), and so is its bf16 bmm where oneDNN has no bf16 instructions to use
+    (1.1 s of such a prefill's 2.15 s on an AVX2 machine). Each product is still rounded to the dtype once, as
+    torch's half-precision product is: equal within float32 rounding."""
+    slow = t.dtype == torch.float16 or (t.dtype == torch.bfloat16 and _NO_BF16_INSTRUCTIONS)
+    return slow and _generating(t)
 
 
 def gelu_applies(x: torch.Tensor) -> bool:
@@ -460,11 +474,3 @@ def build(march: str = "native", folder: Path | None = None) -> Path:
             raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {done.stderr.strip()[-500:]}")
         os.replace(built, path)
     return path
-
-
-def _cpu_features() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return ""
