@@ -11,9 +11,9 @@ multiply-add), the attention in GB/s of keys and values read (visible slots only
 kernels are called as the block step calls them, with their arguments made beforehand: through bloom.matvec's
 Python functions, which allocate each output, the 96 products of bloom-560m took 1-2 ms more. What is left of the
 step is its Python and the work between the kernels. Beside them, torch's own matmul of two 2048 x 2048 squares in the
-dtype the kernels multiply in (bf16, or float32 for fp32 and fp16), the shape in which the multiply-adds are easiest
-to keep busy: each product's rate is also given as a share of it, and the step as it would be with every product at
-that rate.
+dtype the kernels multiply in (bf16 in the AVX-512 tiles, float32 for fp32 and fp16 and in the AVX2 tiles), the shape
+in which the multiply-adds are easiest to keep busy: each product's rate is also given as a share of it, and the step
+as it would be with every product at that rate.
 """
 
 import argparse
@@ -140,9 +140,11 @@ def main() -> None:
         lm_head = products([model.word_embeddings], x, dtype)
         parts["LM head"] = median_seconds(lm_head, args.reps)
     bandwidth = memory_bandwidth_gb_s(torch.device("cpu"))
-    # the multiply-adds the kernels do: bf16's in bf16, fp32's and fp16's in float32 (fp16 is widened first; torch's
-    # own fp16 matmul on the CPU runs at under 1 GFLOP/s, no ceiling)
-    multiplied_in = "bf16" if dtype == torch.bfloat16 else "fp32"  # the names of DTYPES (--dtype may be bfloat16)
+    # the multiply-adds the kernels do: bf16's in bf16 in the AVX-512 tiles; fp32's, fp16's and every AVX2 tile's in
+    # float32 (their weights are widened first; torch's own fp16 matmul on the CPU runs at under 1 GFLOP/s, and its
+    # bf16 one at ~0.3 without AVX-512 BF16: no ceiling)
+    in_bf16 = dtype == torch.bfloat16 and matvec.library().tiles == "avx512"
+    multiplied_in = "bf16" if in_bf16 else "fp32"  # the names of DTYPES (--dtype may be bfloat16)
     ceiling = square_matmul_gflop_s(DTYPES[multiplied_in], args.reps)
 
     visible = int((mask[:, : int(slot) + 1] != 0).sum())  # the slots the kernel reads, over the batch
