@@ -1173,6 +1173,63 @@ static inline __attribute__((always_inline)) void weigh512(const float *p, const
         weigh512(p, v, n, hd, acc, DTYPE, next);                                                               \
     }
 #else
+#ifdef HAVE_AVX2
+/* 8 values of `dtype` from element i of p as float32 */
+static inline __m256 load8(const void *p, int64_t i, const int dtype) {
+    if (dtype == AS_F32) return _mm256_loadu_ps((const float *)p + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+    return dtype == AS_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+}
+
+/* acc[d] = Σ p[s] · v[s][d] over n slots (in order, skipping p = 0) for hd features, in registers: 64 at a time, then
+ * 8, then the hd % 8 left one at a time; `next` (or NULL): values (n, hd) to prefetch meanwhile, a slot at a time.
+ * The plain loop below kept the sums in memory, a load and a store of each beside every slot's multiply-add: 24
+ * layers' bf16 attention over 160 slots, heads of 64, alternated in one process on the AVX2 machine (scratch), 12.58
+ * -> 9.27 ms at 16 rows, 1.32 -> 0.86 ms at 1. */
+static inline __attribute__((always_inline)) void weigh_slots(const float *p, const void *v, int64_t n, int64_t hd,
+                                                               float *acc, const int dtype, const void *next) {
+    const int64_t size = dtype == AS_F32 ? 4 : 2;
+    int64_t d = 0;
+    for (; d + 64 <= hd; d += 64) {
+        __m256 sums[8];
+        for (int j = 0; j < 8; j++) sums[j] = _mm256_setzero_ps();
+        for (int64_t s = 0; s < n; s++) {
+            if (next && d == 0) prefetch_rows((const char *)next + s * hd * size, hd * size);
+            if (p[s] == 0) continue;
+            __m256 weight = _mm256_set1_ps(p[s]);
+            for (int j = 0; j < 8; j++) sums[j] = _mm256_fmadd_ps(weight, load8(v, s * hd + d + 8 * j, dtype), sums[j]);
+        }
+        for (int j = 0; j < 8; j++) _mm256_storeu_ps(acc + d + 8 * j, sums[j]);
+    }
+    for (; d + 8 <= hd; d += 8) {
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t s = 0; s < n; s++) {
+            if (next && d == 0) prefetch_rows((const char *)next + s * hd * size, hd * size);
+            if (p[s] != 0) sum = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), load8(v, s * hd + d, dtype), sum);
+        }
+        _mm256_storeu_ps(acc + d, sum);
+    }
+    for (; d < hd; d++) {
+        float sum = 0;
+        for (int64_t s = 0; s < n; s++)
+            if (p[s] != 0) sum += p[s] * value_at(v, s * hd + d, dtype);
+        acc[d] = sum;
+    }
+}
+#else
+/* acc[d] = Σ p[s] · v[s][d] over n slots (in order, skipping p = 0) for hd features; `next` (or NULL): values (n, hd)
+ * to prefetch meanwhile, a slot at a time */
+static inline __attribute__((always_inline)) void weigh_slots(const float *p, const void *v, int64_t n, int64_t hd,
+                                                               float *acc, const int dtype, const void *next) {
+    const int64_t size = dtype == AS_F32 ? 4 : 2;
+    for (int64_t d = 0; d < hd; d++) acc[d] = 0;
+    for (int64_t s = 0; s < n; s++) {
+        if (next) prefetch_rows((const char *)next + s * hd * size, hd * size);
+        if (p[s] == 0) continue;
+        _Pragma("omp simd") for (int64_t d = 0; d < hd; d++) acc[d] += p[s] * value_at(v, s * hd + d, dtype);
+    }
+}
+#endif
 #define SOFTMAX_STEPS(T, SUFFIX, DTYPE, TO_FLOAT, ROUND)                                                       \
     static float bias_and_mask_##SUFFIX(const T *alibi, const T *mask, float *score, int64_t n, float alpha) { \
         float max = -INFINITY;                                                                                 \
@@ -1186,12 +1243,7 @@ static inline __attribute__((always_inline)) void weigh512(const float *p, const
         for (int64_t s = 0; s < n; s++) p[s] = ROUND(p[s] / total);                                            \
     }                                                                                                          \
     static void weigh_##SUFFIX(const float *p, const T *v, int64_t n, int64_t hd, float *acc, const T *next) { \
-        for (int64_t d = 0; d < hd; d++) acc[d] = 0;                                                           \
-        for (int64_t s = 0; s < n; s++) {                                                                      \
-            if (next) prefetch_rows(next + s * hd, hd * sizeof(T));                                            \
-            if (p[s] == 0) continue;                                                                           \
-            _Pragma("omp simd") for (int64_t d = 0; d < hd; d++) acc[d] += p[s] * TO_FLOAT(v[s * hd + d]);     \
-        }                                                                                                      \
+        weigh_slots(p, v, n, hd, acc, DTYPE, next);                                                            \
     }
 #endif
 SOFTMAX_STEPS(uint16_t, bf16, AS_BF16, bf16_to_float, round_bf16)
