@@ -1177,8 +1177,8 @@ static inline __attribute__((always_inline)) void weigh512(const float *p, const
 /* 8 values of `dtype` from element i of p as float32 */
 static inline __m256 load8(const void *p, int64_t i, const int dtype) {
     if (dtype == AS_F32) return _mm256_loadu_ps((const float *)p + i);
-    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
-    return dtype == AS_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+    const uint16_t *h = (const uint16_t *)p + i;
+    return dtype == AS_BF16 ? load8_bf16(h) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
 }
 
 /* acc[d] = Σ p[s] · v[s][d] over n slots (in order, skipping p = 0) for hd features, in registers: 64 at a time, then
