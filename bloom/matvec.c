@@ -15,8 +15,8 @@
  * by bloom/matvec.py, for the machine it runs on (-march=native): with AVX512-BF16 (and AVX512-VBMI, for the
  * int8 weights' conversion) the bf16 and int8 products use vdpbf16ps, the fp16 and fp32 ones AVX-512 FMAs; with
  * AVX2, FMA and F16C, 8-lane multiply-adds of float32; elsewhere plain loops that the compiler vectorizes, slower
- * than torch's matmul, so that bloom/matvec.py sends them no products (`vector_tiles` below). Built against the OpenMP runtime torch has loaded (same
- * soname), it shares torch's threads. */
+ * than torch's matmul, so that bloom/matvec.py sends them no products (`vector_tiles` below). Built against the
+ * OpenMP runtime torch has loaded (same soname), it shares torch's threads. */
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
@@ -351,13 +351,17 @@ static inline void load16_bf16_pairs(const uint16_t *p, __m256 v[2]) {
     v[0] = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
     v[1] = _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32((int)0xffff0000u)));
 }
-static inline __m256 load8_bf16(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+/* 8 values of `dtype` from element i of p as float32, in order */
+static inline __m256 load8(const void *p, int64_t i, const int dtype) {
+    if (dtype == AS_F32) return _mm256_loadu_ps((const float *)p + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+    return dtype == AS_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
 }
-static inline void load16_bf16(const uint16_t *p, __m256 v[2]) { v[0] = load8_bf16(p), v[1] = load8_bf16(p + 8); }
+static inline void load16_bf16(const uint16_t *p, __m256 v[2]) {
+    v[0] = load8(p, 0, AS_BF16), v[1] = load8(p, 8, AS_BF16);
+}
 static inline void load16_f16(const uint16_t *p, __m256 v[2]) {
-    v[0] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-    v[1] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
+    v[0] = load8(p, 0, AS_F16), v[1] = load8(p, 8, AS_F16);
 }
 static inline void load16_int8(const int8_t *p, __m256 v[2]) {
     __m128i bytes = _mm_loadu_si128((const __m128i *)p);
@@ -1174,13 +1178,6 @@ static inline __attribute__((always_inline)) void weigh512(const float *p, const
     }
 #else
 #ifdef HAVE_AVX2
-/* 8 values of `dtype` from element i of p as float32 */
-static inline __m256 load8(const void *p, int64_t i, const int dtype) {
-    if (dtype == AS_F32) return _mm256_loadu_ps((const float *)p + i);
-    const uint16_t *h = (const uint16_t *)p + i;
-    return dtype == AS_BF16 ? load8_bf16(h) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
-}
-
 /* acc[d] = Σ p[s] · v[s][d] over n slots (in order, skipping p = 0) for hd features, in registers: 64 at a time, then
  * 8, then the hd % 8 left one at a time; `next` (or NULL): values (n, hd) to prefetch meanwhile, a slot at a time.
  * The plain loop below kept the sums in memory, a load and a store of each beside every slot's multiply-add: 24

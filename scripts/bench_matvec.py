@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from bloom import matvec
-from bloom.command_line.bench import memory_bandwidth_gb_s
+from bloom.command_line.bench import KERNELS, memory_bandwidth_gb_s
 from bloom.scale.quantize import int8_matmul, quantize_rows
 
 HIDDEN, LAYERS, VOCAB = 1024, 24, 250880
@@ -58,7 +58,8 @@ def main() -> None:
         raise SystemExit("bloom.matvec's kernels could not be built here (see the warning): nothing to measure")
     torch.manual_seed(0)
     bandwidth = memory_bandwidth_gb_s(torch.device("cpu"))
-    tiles = {"avx512": "AVX-512 tiles", "avx2": "AVX2 tiles"}.get(matvec.library().tiles, "portable loops")
+    kind = matvec.library().tiles
+    tiles = f"{KERNELS[kind]} tiles" if kind in KERNELS else "portable loops"
     print(f"{torch.get_num_threads()} threads, {tiles}, memory bandwidth (sum over 0.5 GB) {bandwidth:.1f} GB/s")
     print("| weights | rows | torch GB/s | kernels GB/s | kernels / torch | kernels' share of bandwidth |")
     print("|---|---:|---:|---:|---:|---:|")
