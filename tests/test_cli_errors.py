@@ -495,14 +495,17 @@ def test_a_failing_bench_worker_is_reported_in_one_line(cli, tiny_model_folder, 
 
 
 def test_torchrun_tensor_parallel_user_error(tiny_model_folder, bad_files):
-    """Under torchrun each process reports the error in one line; no traceback comes from bloom. (torchrun's
-    launcher then prints its own ChildFailedError report, which bloom cannot silence.)"""
+    """Under torchrun each process that gets to the error reports it in one line; no traceback comes from bloom.
+    (torchrun's launcher then prints its own ChildFailedError report, which bloom cannot silence. It stops the other
+    process as soon as one fails, so the second may be stopped before it reports: once in seven CI runs.)"""
     prompt_file = bad_files / "latin1.txt"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "bloom", "generate",
                "--model", str(tiny_model_folder), "--tp", "2", "--prompt-file", str(prompt_file)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert result.stderr.count(f"bloom generate: error: --prompt-file {prompt_file}: not UTF-8 text") == 2
+    message = f"bloom generate: error: --prompt-file {prompt_file}: not UTF-8 text"
+    reports = [line for line in result.stderr.splitlines() if "bloom generate: error" in line]
+    assert 1 <= len(reports) <= 2 and all(message in line for line in reports), result.stderr[-3000:]
     assert f"{os.sep}bloom{os.sep}" not in "".join(line for line in result.stderr.splitlines() if "File " in line)
 
 
