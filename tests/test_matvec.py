@@ -126,6 +126,60 @@ def test_int8_products_convert_every_int8_value_exactly(build, dtype, rows):
     assert ((matvec.int8_linear(x, q, scale).double() - exact).abs() <= 2 * sum_error + ulp(exact, dtype)).all()
 
 
+def in_units(x: torch.Tensor) -> torch.Tensor:
+    """A row of x (K,) rounded, to nearest even, to multiples of 2^(e - 15), its largest |x| < 2^e: the int16 values of
+    the AVX2 tiles' single row of bf16 x, in float64."""
+    unit = 2.0 ** (torch.frexp(x.double().abs().max()).exponent - 15)
+    return torch.round(x.double() / unit) * unit
+
+
+# magnitudes from 2^-120 to 2^100 (bf16 has float32's range); 8200 features: two 4096-value chunks of int32 sums and
+# a tail of 8
+@pytest.mark.parametrize("magnitude", [2.0**-120, 2.0**-30, 1.0, 2.0**100])
+@pytest.mark.parametrize("features", [40, 1000, 8200])
+def test_int8_products_of_a_single_row_of_bf16_within_the_rounding_to_units(build, magnitude, features):
+    """A single row of bf16 x beside int8 W: where the tiles are AVX2's, x's values within 2^8 of its largest are
+    multiplied exactly and smaller ones as rounded to 2^-15 of it, the products added exactly in integers; elsewhere
+    (and for a row whose largest |x| is below 2^-112) as bf16 values in float32 sums. Either way within the
+    rounding's bound of the dequantized product."""
+    torch.manual_seed(features)
+    # values spread over 2^-20 to 2^4 of the magnitude, so that many lie far below the row's largest
+    x = (torch.randn(1, features) * 2.0 ** torch.randint(-20, 5, (1, features)) * magnitude).bfloat16()
+    q = torch.randint(-128, 128, (70, features), dtype=torch.int8)
+    scale, bias = torch.rand(70).add(0.5).bfloat16(), torch.randn(70).mul(magnitude).bfloat16()
+    y = matvec.int8_linear(x, q, scale, bias).double()
+    exact = (x.double() @ q.double().T) * scale.double() + bias.double()
+    from_units = (in_units(x[0]) @ q.double().T) * scale.double() + bias.double()
+    # float32: the sums of values and of 4096-value chunks; ulp: y's rounding to bf16, once
+    sum_error = features * torch.finfo(torch.float32).eps * (x.double().abs() @ q.double().abs().T) * scale.double()
+    rounding = (in_units(x[0]) - x[0].double()).abs() @ q.double().abs().T * scale.double()  # x in units
+    assert ((y - exact).abs() <= rounding + sum_error + ulp(exact, torch.bfloat16)).all()
+    if matvec.library().tiles == "avx2" and x.double().abs().max() >= 2.0**-112:  # below, the unit: not a normal float
+        assert rounding.max() > 0  # some values rounded: a test of the rounding
+        chunk_error = 3 * torch.finfo(torch.float32).eps * (in_units(x[0]).abs() @ q.double().abs().T)
+        assert ((y - from_units).abs() <= chunk_error * scale.double() + ulp(from_units, torch.bfloat16)).all()
+
+
+@pytest.mark.parametrize("weight", [-128, 127])
+def test_int8_products_of_a_single_row_at_their_largest_stay_within_the_integers(build, weight):
+    # every x at 32640 units (1.9921875: the largest bf16 below 2) times every weight at its extreme, over 16400
+    # features: the AVX2 tiles' int32 sums of 4096 values hold 128 pairs of products of 2^22 at most in a lane (over
+    # twice as many values, they would overflow here)
+    x, q = torch.full((1, 16400), 1.9921875).bfloat16(), torch.full((3, 16400), weight, dtype=torch.int8)
+    y = matvec.int8_linear(x, q, torch.ones(3).bfloat16())
+    assert torch.equal(y, torch.full((1, 3), 16400 * weight * 1.9921875).bfloat16())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_int8_products_of_a_single_row_carry_infinities_and_nans(build, bad):
+    # the integers of the AVX2 tiles hold neither: such a row goes through the float32 tiles, as in torch
+    x, q = torch.randn(1, 300).bfloat16(), torch.randint(-127, 128, (20, 300), dtype=torch.int8)
+    x[0, 77] = bad
+    y = matvec.int8_linear(x, q, torch.ones(20).bfloat16())
+    expected = (x.float() @ q.float().T).bfloat16()  # NaN, or ±inf (NaN where q is 0 there)
+    assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y[~y.isnan()], expected[~expected.isnan()])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n_head, head_dim, slots", [(5, 16, 7), (16, 64, 300), (3, 40, 1), (2, 100, 45), (2, 160, 20)])
 def test_one_query_attention_equals_the_reference_attend(build, dtype, n_head, head_dim, slots):
