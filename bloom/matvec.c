@@ -900,19 +900,35 @@ static dots16 rows_in_integers(const int16_t *x16, const int8_t *w, int64_t K, i
  * x16: then the float32 tiles take it */
 static int int8_row_in_integers(const uint16_t *x, const int8_t *w, const uint16_t *scale, const uint16_t *b,
                                 uint16_t *y, int64_t N, int64_t K) {
-    float largest = 0;
-    for (int64_t k = 0; k < K; k++) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), infinity = _mm256_set1_ps(INFINITY);
+    __m256 largest8 = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 v = _mm256_and_ps(load8(x, k, AS_BF16), magnitude);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, infinity, _CMP_NLT_UQ)); /* inf or NaN */
+        largest8 = _mm256_max_ps(largest8, v);
+    }
+    float lanes[8], largest = 0;
+    _mm256_storeu_ps(lanes, largest8);
+    for (int i = 0; i < 8; i++) largest = lanes[i] > largest ? lanes[i] : largest;
+    for (; k < K; k++) {
         float v = fabsf(bf16_to_float(x[k]));
-        if (!(v <= FLT_MAX)) return 0; /* inf or NaN */
+        if (!(v <= FLT_MAX)) return 0;
         largest = v > largest ? v : largest;
     }
+    if (_mm256_movemask_ps(bad)) return 0;
     int e;
     frexpf(largest, &e); /* largest < 2^e (0: e = 0) */
     if (e - 15 < -126) return 0;
     int16_t *x16 = aligned_alloc(64, (sizeof(int16_t) * K + 63) / 64 * 64);
     if (!x16) return 0;
     const float in_units = ldexpf(1.0f, 15 - e), unit = ldexpf(1.0f, e - 15); /* |x| · in_units < 2^15 */
-    for (int64_t k = 0; k < K; k++) x16[k] = (int16_t)lrintf(bf16_to_float(x[k]) * in_units); /* to nearest even */
+    for (k = 0; k + 8 <= K; k += 8) { /* to nearest even, as lrintf */
+        __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, k, AS_BF16), _mm256_set1_ps(in_units)));
+        __m128i pairs = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)); /* in order */
+        _mm_storeu_si128((__m128i *)(x16 + k), pairs);
+    }
+    for (; k < K; k++) x16[k] = (int16_t)lrintf(bf16_to_float(x[k]) * in_units);
     _Pragma("omp parallel") {
         int64_t n_begin, n_end;
         thread_rows(N, &n_begin, &n_end);
