@@ -883,7 +883,8 @@ static dots16 rows_in_integers(const int16_t *x16, const int8_t *w, int64_t K, i
                 }
             if (k < stop) { /* an odd chunk of 16 */
                 __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wr + k)));
-                pairs[0] = _mm256_add_epi32(pairs[0], _mm256_madd_epi16(wv, _mm256_load_si256((const __m256i *)(x16 + k))));
+                __m256i xv = _mm256_load_si256((const __m256i *)(x16 + k));
+                pairs[0] = _mm256_add_epi32(pairs[0], _mm256_madd_epi16(wv, xv));
                 k += 16;
             }
             sums = _mm256_add_ps(sums, _mm256_add_ps(_mm256_cvtepi32_ps(pairs[0]), _mm256_cvtepi32_ps(pairs[1])));
