@@ -136,7 +136,7 @@ def in_units(x: torch.Tensor) -> torch.Tensor:
 # magnitudes from 2^-120 to 2^100 (bf16 has float32's range); 8200 features: two 4096-value chunks of int32 sums and
 # a tail of 8
 @pytest.mark.parametrize("magnitude", [2.0**-120, 2.0**-30, 1.0, 2.0**100])
-@pytest.mark.parametrize("features", [40, 1000, 8200])
+@pytest.mark.parametrize("features", [40, 1010, 8200])  # 1010: an odd chunk of 16 and a tail of 2
 def test_int8_products_of_a_single_row_of_bf16_within_the_rounding_to_units(build, magnitude, features):
     """A single row of bf16 x beside int8 W: where the tiles are AVX2's, x's values within 2^8 of its largest are
     multiplied exactly and smaller ones as rounded to 2^-15 of it, the products added exactly in integers; elsewhere
