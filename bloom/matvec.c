@@ -853,16 +853,20 @@ void linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16
 }
 
 #ifdef HAVE_AVX2
-/* A single row of bf16 x beside int8 W on AVX2, multiplied in integers: x as int16 multiples of a power of two, the
- * unit, and W widened to int16, vpmaddwd makes 16 products and adds them in pairs, exactly, in one instruction. Widened
- * to float32, W takes a widening, a conversion and a multiply-add per 8 weights, and the conversions held the tiles
- * below the memory's speed (one core, from the L2 cache, scratch: 17.6 -> 32 G weights/s; a whole int8 decode step
- * of bloom-560m at batch 1, alternated in one process: 25.6 -> 18.3 ms). With unit = 2^(e - 15) for the row's
- * largest |x| < 2^e, every value within a factor 2^8 of the largest is a multiple of it (a bf16 has 8 significant
- * bits), read exactly; smaller ones are rounded to the nearest multiple, by 2^-15 of the largest at most. In a chunk
- * of INT_CHUNK values each int32 lane adds 128 pairs of products, each pair below 2 · 2^7 · 2^15 = 2^23: no
- * overflow; the chunks add up in float32. */
-#define INT_CHUNK 4096
+/* bf16 x beside int8 W on AVX2, multiplied in integers: each row of x as int16 multiples of a power of two, its unit,
+ * and W widened to int16, vpmaddwd makes 16 products and adds them in pairs, exactly, in one instruction. Widened to
+ * float32, W takes a widening, a conversion and a multiply-add per 8 weights, and the conversions held the tiles below
+ * the memory's speed at one row (one core, from the L2 cache, scratch: 17.6 -> 32 G weights/s; a whole int8 decode
+ * step of bloom-560m at batch 1, alternated in one process: 25.6 -> 18.3 ms) and at 2 rows (bloom-560m's products
+ * and a quarter of its LM head, alternated in one process: 33 -> 51 GFLOP/s), below the multiply-adds' at more (16
+ * rows 105 -> 126 GFLOP/s, 128 rows 103 -> 157). With unit = 2^(e - 15) for a row's largest |x| < 2^e, every value
+ * within a factor 2^8 of the largest is a multiple of it (a bf16 has 8 significant bits), read exactly; smaller ones
+ * are rounded to the nearest multiple, by 2^-15 of the largest at most. Each product is below 2^7 · 2^15, and a lane
+ * of an int32 sum adds 128 pairs of them at most (a chunk of INT_CHUNK values in 16 sums of 2 rows by 8 lanes, or a
+ * single row's 2 alternate sums by 8 lanes): no overflow; the chunks add up in float32. A single row reads W a row
+ * at a time (rows_in_integers); more rows go in tiles of 4 rows of W by 2 of x over a chunk, the chunk of the 4 rows
+ * staying in the L1 cache while the tiles of the next rows of x read it. */
+#define INT_CHUNK 2048
 
 /* dots.lane[r] = row r of W (R rows, up to 16) · x16, in units */
 static dots16 rows_in_integers(const int16_t *x16, const int8_t *w, int64_t K, int R) {
@@ -896,11 +900,39 @@ static dots16 rows_in_integers(const int16_t *x16, const int8_t *w, int64_t K, i
     return dots;
 }
 
-/* y = (x · Wᵀ) · scale + b for one row of bf16 x, through rows_in_integers; 0 (nothing written) where x holds an
- * infinity or NaN, its largest |x| is below 2^-111 (the unit would not be a normal float), or there is no memory for
- * x16: then the float32 tiles take it */
-static int int8_row_in_integers(const uint16_t *x, const int8_t *w, const uint16_t *scale, const uint16_t *b,
-                                uint16_t *y, int64_t N, int64_t K) {
+/* R rows of W (1 or 4, ld values apart) by rows x0 and x1 of x16 over `width` values, at most INT_CHUNK:
+ * dots.lane[r * 2 + m], in units */
+static inline __attribute__((always_inline)) dots16 tile_in_integers(const int16_t *x0, const int16_t *x1,
+                                                                    const int8_t *w, int64_t width, int64_t ld,
+                                                                    const int R) {
+    dots16 dots = {{0}}; /* add_dots adds every lane */
+    const int64_t K16 = width & ~(int64_t)15;
+    __m256i sums[4][2];
+    for (int r = 0; r < R; r++) sums[r][0] = sums[r][1] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < K16; k += 16) {
+        __m256i xv0 = _mm256_load_si256((const __m256i *)(x0 + k));
+        __m256i xv1 = _mm256_load_si256((const __m256i *)(x1 + k));
+        for (int r = 0; r < R; r++) {
+            __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + r * ld + k)));
+            sums[r][0] = _mm256_add_epi32(sums[r][0], _mm256_madd_epi16(wv, xv0));
+            sums[r][1] = _mm256_add_epi32(sums[r][1], _mm256_madd_epi16(wv, xv1));
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        int32_t tail[2] = {0, 0}; /* the width % 16 values left */
+        for (int64_t k = K16; k < width; k++) {
+            tail[0] += (int32_t)w[r * ld + k] * x0[k];
+            tail[1] += (int32_t)w[r * ld + k] * x1[k];
+        }
+        dots.lane[r * 2] = sum8(_mm256_cvtepi32_ps(sums[r][0])) + (float)tail[0];
+        dots.lane[r * 2 + 1] = sum8(_mm256_cvtepi32_ps(sums[r][1])) + (float)tail[1];
+    }
+    return dots;
+}
+
+/* A row of bf16 x (K values) as int16 multiples of its unit, into x16; returns the unit, or 0 where the row holds an
+ * infinity or NaN or its largest |x| is below 2^-112 (the unit would not be a normal float) */
+static float row_in_units(const uint16_t *x, int64_t K, int16_t *x16) {
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), infinity = _mm256_set1_ps(INFINITY);
     __m256 largest8 = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
     int64_t k = 0;
@@ -917,31 +949,69 @@ static int int8_row_in_integers(const uint16_t *x, const int8_t *w, const uint16
         if (!(v <= FLT_MAX)) return 0;
         largest = v > largest ? v : largest;
     }
-    if (_mm256_movemask_ps(bad)) return 0;
     int e;
     frexpf(largest, &e); /* largest < 2^e (0: e = 0) */
-    if (e - 15 < -126) return 0;
-    int16_t *x16 = aligned_alloc(64, (sizeof(int16_t) * K + 63) / 64 * 64);
-    if (!x16) return 0;
-    const float in_units = ldexpf(1.0f, 15 - e), unit = ldexpf(1.0f, e - 15); /* |x| · in_units < 2^15 */
+    if (_mm256_movemask_ps(bad) || e - 15 < -126) return 0;
+    const float in_units = ldexpf(1.0f, 15 - e); /* |x| · in_units < 2^15 */
     for (k = 0; k + 8 <= K; k += 8) { /* to nearest even, as lrintf */
         __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, k, AS_BF16), _mm256_set1_ps(in_units)));
         __m128i pairs = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)); /* in order */
         _mm_storeu_si128((__m128i *)(x16 + k), pairs);
     }
     for (; k < K; k++) x16[k] = (int16_t)lrintf(bf16_to_float(x[k]) * in_units);
-    _Pragma("omp parallel") {
-        int64_t n_begin, n_end;
-        thread_rows(N, &n_begin, &n_end);
-        for (int64_t n = n_begin; n < n_end; n += 16) {
-            const int R = n_end - n < 16 ? n_end - n : 16;
-            dots16 dots = rows_in_integers(x16, w + n * K, K, R);
-            for (int r = 0; r < R; r++) dots.lane[r] *= unit; /* a power of two: exact */
-            store_dots(dots, R, 1, 1, scale, b, y, N, 0, n, AS_BF16);
+    return ldexpf(1.0f, e - 15);
+}
+
+/* y = (x · Wᵀ) · scale + b for M rows of bf16 x in integers: a single row through rows_in_integers, more in tiles of
+ * 4 rows of W by 2 of x; 0 (nothing written) where a row has no unit (row_in_units) or there is no memory for x16:
+ * then the float32 tiles take them */
+static int int8_in_integers(const uint16_t *x, const int8_t *w, const uint16_t *scale, const uint16_t *b,
+                            uint16_t *y, int64_t M, int64_t N, int64_t K) {
+    const int64_t ldx = (K + 15) & ~(int64_t)15; /* each row of x16 on 32 bytes, for the aligned loads */
+    int16_t *x16 = aligned_alloc(64, (sizeof(int16_t) * M * ldx + 63) / 64 * 64);
+    float *units = malloc(sizeof(float) * M);
+    int done = x16 && units;
+    for (int64_t m = 0; done && m < M; m++) done = (units[m] = row_in_units(x + m * K, K, x16 + m * ldx)) != 0;
+    if (done) {
+        _Pragma("omp parallel") {
+            int64_t n_begin, n_end;
+            thread_rows(N, &n_begin, &n_end);
+            for (int64_t n = n_begin; M == 1 && n < n_end; n += 16) {
+                const int R = n_end - n < 16 ? n_end - n : 16;
+                dots16 dots = rows_in_integers(x16, w + n * K, K, R);
+                for (int r = 0; r < R; r++) dots.lane[r] *= units[0]; /* a power of two: exact */
+                store_dots(dots, R, 1, 1, scale, b, y, N, 0, n, AS_BF16);
+            }
+            for (int64_t n = n_begin; M > 1 && n < n_end;) {
+                const int R = n_end - n >= 4 ? 4 : 1;
+                for (int64_t m_begin = 0; m_begin < M; m_begin += X_BLOCK) {
+                    const int64_t m_end = x_block_end(m_begin, M);
+                    dots16 sums[X_BLOCK / 2]; /* of each pair of rows of x, over the chunks so far */
+                    for (int64_t k = 0; k < K; k += INT_CHUNK) { /* a chunk of R rows of W in the L1 cache */
+                        const int64_t width = K - k < INT_CHUNK ? K - k : INT_CHUNK;
+                        for (int64_t m0 = m_begin; m0 < m_end; m0 += 2) { /* an odd block's last row twice */
+                            const int16_t *x0 = x16 + m0 * ldx + k, *x1 = m0 + 1 < m_end ? x0 + ldx : x0;
+                            dots16 dots = R == 4 ? tile_in_integers(x0, x1, w + n * K + k, width, K, 4)
+                                                 : tile_in_integers(x0, x1, w + n * K + k, width, K, 1);
+                            const int64_t pair = (m0 - m_begin) / 2;
+                            sums[pair] = k ? add_dots(sums[pair], dots) : dots;
+                        }
+                    }
+                    for (int64_t m0 = m_begin; m0 < m_end; m0 += 2) {
+                        const int rows = m_end - m0 < 2 ? m_end - m0 : 2;
+                        dots16 *dots = &sums[(m0 - m_begin) / 2];
+                        for (int r = 0; r < R; r++)
+                            for (int m = 0; m < rows; m++) dots->lane[r * 2 + m] *= units[m0 + m];
+                        store_dots(*dots, R, 2, rows, scale, b, y, N, m0, n, AS_BF16);
+                    }
+                }
+                n += R;
+            }
         }
     }
     free(x16);
-    return 1;
+    free(units);
+    return done;
 }
 #endif
 
@@ -979,10 +1049,10 @@ void linear_int8_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scale,
         return;
     }
 #elif defined(HAVE_AVX2)
-    if (M == 1 && int8_row_in_integers(x, w, scale, b, y, N, K)) return;
-    /* x widened to float32 once, where the int8 tiles widen it beside every row of W (bloom-560m's products and a
-     * quarter of its LM head, alternated in one process, scratch: 1 row 40.3 -> 42.2 GFLOP/s, 16 rows 93.4 -> 105.0);
-     * without memory for it, as they do: the same sums in the same order */
+    if (int8_in_integers(x, w, scale, b, y, M, N, K)) return;
+    /* Where x cannot go in integers: x widened to float32 once, where the int8 tiles widen it beside every row of W
+     * (bloom-560m's products and a quarter of its LM head, alternated in one process, scratch: 1 row 40.3 -> 42.2
+     * GFLOP/s, 16 rows 93.4 -> 105.0); without memory for it, as they do: the same sums in the same order */
     float *x32 = aligned_alloc(64, (sizeof(float) * M * K + 63) / 64 * 64);
     if (x32) {
         for (int64_t i = 0; i < M * K; i++) x32[i] = bf16_to_float(x[i]);

@@ -6,9 +6,9 @@ made of them, all the blocks in one call (`DecodeBlocks`, for bloom.generation.d
 A decode step reads every weight once for one token per sequence; its speed is the speed at which the weights
 stream from memory. torch's matmul reads them at ~60% of the machine's bandwidth for so few rows, the kernels
 of matvec.c at 80-95% (`python scripts/bench_matvec.py`). They compute the same products in float32 with another
-order of additions, so their results differ from torch's by float32 rounding (int8 weights beside a single row of bf16
-activations on AVX2: in integers, that row's values below 2^-8 of its largest rounded; bloom.scale.quantize): they
-are used only inside
+order of additions, so their results differ from torch's by float32 rounding (int8 weights beside bf16 activations on
+AVX2: in integers, each row's values below 2^-8 of its largest rounded; bloom.scale.quantize): they are used only
+inside
 `decoding()`, which generation enters (bloom.generation.decoder), and a plain forward pass stays op for op
 transformers'.
 

@@ -62,19 +62,23 @@ def test_int8_products_equal_the_dequantized_product(build, dtype, rows, feature
     assert torch.equal(matvec.int8_linear(x, q, scale), matvec.int8_linear(x, q, scale, torch.zeros(50).to(dtype)))
 
 
-REFUSE_ONE_ALLOCATION = r"""
+REFUSE_ALLOCATIONS = r"""
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
-/* aligned_alloc, except that it returns NULL for the size in $REFUSED_SIZE, saying so on stderr */
+/* aligned_alloc, except that it returns NULL for the sizes in $REFUSED_SIZES (separated by commas), saying so on
+ * stderr */
 void *aligned_alloc(size_t alignment, size_t size) {
     static void *(*real)(size_t, size_t);
     if (!real) real = (void *(*)(size_t, size_t))dlsym(RTLD_NEXT, "aligned_alloc");
-    const char *refused = getenv("REFUSED_SIZE");
-    if (refused && (size_t)atoll(refused) == size) {
-        fprintf(stderr, "refused %zu bytes\n", size);
-        return NULL;
+    for (const char *p = getenv("REFUSED_SIZES"); p && *p;) {
+        char *end;
+        if ((size_t)strtoull(p, &end, 10) == size) {
+            fprintf(stderr, "refused %zu bytes\n", size);
+            return NULL;
+        }
+        p = *end == ',' ? end + 1 : NULL;
     }
     return real(alignment, size);
 }
@@ -83,15 +87,16 @@ void *aligned_alloc(size_t alignment, size_t size) {
 
 def test_int8_products_without_a_widening_buffer_equal_those_with_it(tmp_path):
     """Beside bf16 activations of 5 to 7 rows, the AVX-512 tiles widen int8 weights into a buffer of each thread's
-    own (their lane tiles take 8 rows or more), the AVX2 tiles widen x to float32 once; without the buffer, the int8
-    tiles multiply the rows of W as they are: the same products, added in the same order, so the same bits. The
-    allocation is refused in a child process (LD_PRELOAD)."""
+    own (their lane tiles take 8 rows or more); the AVX2 tiles, where they cannot multiply in integers (here: no
+    memory for x as int16), widen x to float32 once. Without the buffer, the int8 tiles multiply the rows of W as they
+    are: the same products, added in the same order, so the same bits. The allocations are refused in a child
+    process (LD_PRELOAD)."""
     lib = matvec.library()
     if lib is None or lib.tiles == "portable":
         pytest.skip("the widening buffers belong to the AVX-512 and AVX2 tiles")
     shim = tmp_path / "refuse.so"
     source = tmp_path / "refuse.c"
-    source.write_text(REFUSE_ONE_ALLOCATION)
+    source.write_text(REFUSE_ALLOCATIONS)
     subprocess.run([os.environ.get("CC", "cc"), "-shared", "-fPIC", str(source), "-o", str(shim), "-ldl"], check=True)
     rows, features, n = 6, 2100, 90
     code = (
@@ -102,17 +107,20 @@ def test_int8_products_without_a_widening_buffer_equal_those_with_it(tmp_path):
         f"x, bias = torch.randn({rows}, {features}).bfloat16(), torch.randn({n}).bfloat16()\n"
         "sys.stdout.buffer.write(matvec.int8_linear(x, q, scale, bias).view(torch.int16).numpy().tobytes())\n"
     )
-    buffer_bytes = {  # linear_int8_bf16's buffer: a group of 4 rows of W as bf16, or x as float32
-        "avx512": 2 * ((4 * features + 31) // 32 * 32),
-        "avx2": (4 * rows * features + 63) // 64 * 64,
+    # linear_int8_bf16's buffer: a group of 4 rows of W as bf16, or x as float32; and those refused in both runs:
+    # with AVX2, x as int16 (rows of 32-byte multiples)
+    buffer_bytes, always_refused = {
+        "avx512": (2 * ((4 * features + 31) // 32 * 32), []),
+        "avx2": ((4 * rows * features + 63) // 64 * 64, [(2 * rows * ((features + 15) // 16 * 16) + 63) // 64 * 64]),
     }[lib.tiles]
     outputs = {}
-    for refused in (0, buffer_bytes):
-        env = {**os.environ, "LD_PRELOAD": str(shim), "REFUSED_SIZE": str(refused)}
+    for refused in (always_refused, [*always_refused, buffer_bytes]):
+        env = {**os.environ, "LD_PRELOAD": str(shim), "REFUSED_SIZES": ",".join(map(str, refused))}
         run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True)
-        assert (b"refused" in run.stderr) == bool(refused), run.stderr.decode()[-2000:]  # the fallback ran, or not
-        outputs[refused] = run.stdout
-    assert len(outputs[0]) == rows * n * 2 and outputs[0] == outputs[buffer_bytes]
+        assert run.stderr.count(b"refused") == len(refused), run.stderr.decode()[-2000:]  # the fallbacks ran
+        outputs[len(refused)] = run.stdout
+    assert len(outputs[len(always_refused)]) == rows * n * 2
+    assert outputs[len(always_refused)] == outputs[len(always_refused) + 1]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -127,47 +135,49 @@ def test_int8_products_convert_every_int8_value_exactly(build, dtype, rows):
 
 
 def in_units(x: torch.Tensor) -> torch.Tensor:
-    """A row of x (K,) rounded, to nearest even, to multiples of 2^(e - 15), its largest |x| < 2^e: the int16 values of
-    the AVX2 tiles' single row of bf16 x, in float64."""
-    unit = 2.0 ** (torch.frexp(x.double().abs().max()).exponent - 15)
+    """Each row of x (M, K) rounded, to nearest even, to multiples of 2^(e - 15), its largest |x| < 2^e: the int16
+    values with which the AVX2 tiles multiply bf16 x beside int8 W, in float64."""
+    unit = 2.0 ** (torch.frexp(x.double().abs().amax(dim=1, keepdim=True)).exponent - 15)
     return torch.round(x.double() / unit) * unit
 
 
-# magnitudes from 2^-120 to 2^100 (bf16 has float32's range); 8200 features: two 4096-value chunks of int32 sums and
-# a tail of 8
+# magnitudes from 2^-120 to 2^100 (bf16 has float32's range); 8200 features: chunks of 2048 values' int32 sums, a
+# tail of 8
 @pytest.mark.parametrize("magnitude", [2.0**-120, 2.0**-30, 1.0, 2.0**100])
 @pytest.mark.parametrize("features", [40, 1010, 8200])  # 1010: an odd chunk of 16 and a tail of 2
-def test_int8_products_of_a_single_row_of_bf16_within_the_rounding_to_units(build, magnitude, features):
-    """A single row of bf16 x beside int8 W: where the tiles are AVX2's, x's values within 2^8 of its largest are
-    multiplied exactly and smaller ones as rounded to 2^-15 of it, the products added exactly in integers; elsewhere
-    (and for a row whose largest |x| is below 2^-112) as bf16 values in float32 sums. Either way within the
-    rounding's bound of the dequantized product."""
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_int8_products_of_bf16_rows_within_the_rounding_to_units(build, magnitude, features, rows):
+    """bf16 x beside int8 W: where the tiles are AVX2's, each row's values within 2^8 of its largest are multiplied
+    exactly and smaller ones as rounded to 2^-15 of it, the products added exactly in integers; elsewhere (and for
+    rows whose largest |x| is below 2^-112) as bf16 values in float32 sums. Either way within the rounding's bound of
+    the dequantized product."""
     torch.manual_seed(features)
-    # values spread over 2^-20 to 2^4 of the magnitude, so that many lie far below the row's largest
-    x = (torch.randn(1, features) * 2.0 ** torch.randint(-20, 5, (1, features)) * magnitude).bfloat16()
+    # values spread over 2^-20 to 2^4 of the magnitude, so that many lie far below their row's largest
+    x = (torch.randn(rows, features) * 2.0 ** torch.randint(-20, 5, (rows, features)) * magnitude).bfloat16()
     q = torch.randint(-128, 128, (70, features), dtype=torch.int8)
     scale, bias = torch.rand(70).add(0.5).bfloat16(), torch.randn(70).mul(magnitude).bfloat16()
     y = matvec.int8_linear(x, q, scale, bias).double()
     exact = (x.double() @ q.double().T) * scale.double() + bias.double()
-    from_units = (in_units(x[0]) @ q.double().T) * scale.double() + bias.double()
-    # float32: the sums of values and of 4096-value chunks; ulp: y's rounding to bf16, once
+    from_units = (in_units(x) @ q.double().T) * scale.double() + bias.double()
+    # float32: the sums of values and of chunks; ulp: y's rounding to bf16, once
     sum_error = features * torch.finfo(torch.float32).eps * (x.double().abs() @ q.double().abs().T) * scale.double()
-    rounding = (in_units(x[0]) - x[0].double()).abs() @ q.double().abs().T * scale.double()  # x in units
+    rounding = (in_units(x) - x.double()).abs() @ q.double().abs().T * scale.double()  # x in units
     assert ((y - exact).abs() <= rounding + sum_error + ulp(exact, torch.bfloat16)).all()
     if matvec.library().tiles == "avx2" and x.double().abs().max() >= 2.0**-112:  # below, the unit: not a normal float
         assert rounding.max() > 0  # some values rounded: a test of the rounding
-        chunk_error = 3 * torch.finfo(torch.float32).eps * (in_units(x[0]).abs() @ q.double().abs().T)
+        chunk_error = 6 * torch.finfo(torch.float32).eps * (in_units(x).abs() @ q.double().abs().T)
         assert ((y - from_units).abs() <= chunk_error * scale.double() + ulp(from_units, torch.bfloat16)).all()
 
 
 @pytest.mark.parametrize("weight", [-128, 127])
-def test_int8_products_of_a_single_row_at_their_largest_stay_within_the_integers(build, weight):
+@pytest.mark.parametrize("rows", [1, 2])
+def test_int8_products_at_their_largest_stay_within_the_integers(build, weight, rows):
     # every x at 32640 units (1.9921875: the largest bf16 below 2) times every weight at its extreme, over 16400
-    # features: the AVX2 tiles' int32 sums of 4096 values hold 128 pairs of products of 2^22 at most in a lane (over
-    # twice as many values, they would overflow here)
-    x, q = torch.full((1, 16400), 1.9921875).bfloat16(), torch.full((3, 16400), weight, dtype=torch.int8)
+    # features: a lane of the AVX2 tiles' int32 sums adds at most 128 pairs of products here, 2 · 128 · 32640 each
+    # (257 would overflow it)
+    x, q = torch.full((rows, 16400), 1.9921875).bfloat16(), torch.full((3, 16400), weight, dtype=torch.int8)
     y = matvec.int8_linear(x, q, torch.ones(3).bfloat16())
-    assert torch.equal(y, torch.full((1, 3), 16400 * weight * 1.9921875).bfloat16())
+    assert torch.equal(y, torch.full((rows, 3), 16400 * weight * 1.9921875).bfloat16())
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

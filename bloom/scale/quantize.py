@@ -1,7 +1,7 @@
 """Weight-only int8 for the blocks' linear layers and the word embedding: half the bytes of bf16, activations
-untouched (but for one row of bf16 activations on an x86 CPU with AVX2 but not AVX-512 BF16: bloom.matvec multiplies
-it in integers, its values within a factor 2^8 of its largest exactly and smaller ones rounded by 2^-15 of the
-largest at most; bloom/matvec.c).
+untouched (but for bf16 activations on an x86 CPU with AVX2 but not AVX-512 BF16, where bloom.matvec multiplies
+them in integers while generating: each row's values within a factor 2^8 of its largest exactly, smaller ones rounded
+by 2^-15 of the largest at most; bloom/matvec.c).
 
 Each output channel (row) of a weight gets its own scale: w ≈ q · scale with q = round(w / scale) in
 [-127, 127] and scale = max |row| / 127. The product is computed as (x · qᵀ) · scale, which equals
