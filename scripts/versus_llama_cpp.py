@@ -2,11 +2,16 @@
 processes on the same checkpoint.
 
 llama.cpp is the program a CPU user would pick instead of this one. Convert the checkpoint with its
-convert_hf_to_gguf.py (bf16 and q8_0: q8_0 quantizes the activations too and multiplies integers, where our int8 keeps
-them as they are), build its tools, then:
+convert_hf_to_gguf.py (bf16 and q8_0: q8_0 rounds the activations to 8 bits in blocks of 32 and multiplies integers;
+our int8 keeps them, or on AVX2 rounds only each row's values below 2^-8 of its largest), build its tools, then:
 
     python scripts/versus_llama_cpp.py --model CHECKPOINT --llama-bench llama.cpp/build/bin/llama-bench \\
         --gguf bf16=bloom-560m-bf16.gguf q8_0=bloom-560m-q8_0.gguf
+
+A published checkpoint converts as it is. A random one of `bloom bench --shape` has neither a tokenizer nor
+"architectures" in its config.json, which the converter needs: give a copy of it a tokenizer.json (any; the converter
+pads the vocabulary to the model's) and "architectures": ["BloomForCausalLM"], and where the converter does not know
+the tokenizer's pre-tokenizer, tell it BLOOM's ("bloom").
 
 Each run starts ours in --dtype (bf16 by default), ours with int8 weights, then llama-bench on each GGUF, with as
 many threads as torch uses. Ours: a `--prompt-len`-token prompt, then `--new-tokens` greedy tokens (as `bloom bench`,
