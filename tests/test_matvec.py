@@ -151,22 +151,23 @@ def test_int8_products_of_bf16_rows_within_the_rounding_to_units(build, magnitud
     exactly and smaller ones as rounded to 2^-15 of it, the products added exactly in integers; elsewhere (and for
     rows whose largest |x| is below 2^-112) as bf16 values in float32 sums. Either way within the rounding's bound of
     the dequantized product."""
+    dtype = torch.bfloat16
     torch.manual_seed(features)
     # values spread over 2^-20 to 2^4 of the magnitude, so that many lie far below their row's largest
-    x = (torch.randn(rows, features) * 2.0 ** torch.randint(-20, 5, (rows, features)) * magnitude).bfloat16()
+    x = (torch.randn(rows, features) * 2.0 ** torch.randint(-20, 5, (rows, features)) * magnitude).to(dtype)
     q = torch.randint(-128, 128, (70, features), dtype=torch.int8)
-    scale, bias = torch.rand(70).add(0.5).bfloat16(), torch.randn(70).mul(magnitude).bfloat16()
+    scale, bias = torch.rand(70).add(0.5).to(dtype), torch.randn(70).mul(magnitude).to(dtype)
     y = matvec.int8_linear(x, q, scale, bias).double()
     exact = (x.double() @ q.double().T) * scale.double() + bias.double()
     from_units = (in_units(x) @ q.double().T) * scale.double() + bias.double()
-    # float32: the sums of values and of chunks; ulp: y's rounding to bf16, once
+    # float32: the sums of values and of chunks; ulp: y's rounding to dtype, once
     sum_error = features * torch.finfo(torch.float32).eps * (x.double().abs() @ q.double().abs().T) * scale.double()
     rounding = (in_units(x) - x.double()).abs() @ q.double().abs().T * scale.double()  # x in units
-    assert ((y - exact).abs() <= rounding + sum_error + ulp(exact, torch.bfloat16)).all()
+    assert ((y - exact).abs() <= rounding + sum_error + ulp(exact, dtype)).all()
     if matvec.library().tiles == "avx2" and x.double().abs().max() >= 2.0**-112:  # below, the unit: not a normal float
         assert rounding.max() > 0  # some values rounded: a test of the rounding
         chunk_error = 6 * torch.finfo(torch.float32).eps * (in_units(x).abs() @ q.double().abs().T)
-        assert ((y - from_units).abs() <= chunk_error * scale.double() + ulp(from_units, torch.bfloat16)).all()
+        assert ((y - from_units).abs() <= chunk_error * scale.double() + ulp(from_units, dtype)).all()
 
 
 @pytest.mark.parametrize("weight", [-128, 127])
@@ -180,11 +181,12 @@ def test_int8_products_at_their_largest_stay_within_the_integers(build, weight, 
     assert torch.equal(y, torch.full((rows, 3), 16400 * weight * 1.9921875).bfloat16())
 
 
+@pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_int8_products_of_a_single_row_carry_infinities_and_nans(build, bad):
-    # the integers of the AVX2 tiles hold neither: such a row goes through the float32 tiles, as in torch
-    x, q = torch.randn(1, 300).bfloat16(), torch.randint(-127, 128, (20, 300), dtype=torch.int8)
-    x[0, 77] = bad
+def test_int8_products_of_bf16_carry_infinities_and_nans(build, rows, bad):
+    # the integers of the AVX2 tiles hold neither: such rows go through the float32 tiles, as in torch
+    x, q = torch.randn(rows, 300).bfloat16(), torch.randint(-127, 128, (20, 300), dtype=torch.int8)
+    x[-1, 77] = bad
     y = matvec.int8_linear(x, q, torch.ones(20).bfloat16())
     expected = (x.float() @ q.float().T).bfloat16()  # NaN, or ±inf (NaN where q is 0 there)
     assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y[~y.isnan()], expected[~expected.isnan()])
