@@ -9,12 +9,14 @@
  * Shapes: x (M, K) row-major, W (N, K) row-major (torch's Linear layout), b and scale (N,), y (M, N).
  * Every product is accumulated in float32 and rounded to the output dtype once, after the bias is added, as
  * torch's half-precision matmul does; the order of the additions differs from torch's, so results differ from
- * F.linear by float32 rounding (not bitwise).
+ * F.linear by float32 rounding (not bitwise). (With AVX2, int8 weights beside bf16 activations are summed in int32
+ * first, each row of activations rounded to a grid of 2^-15 of its largest: int8_in_integers.)
  *
  * The rows of W are split over the OpenMP threads in contiguous blocks. This file is compiled on first use
  * by bloom/matvec.py, for the machine it runs on (-march=native): with AVX512-BF16 (and AVX512-VBMI, for the
  * int8 weights' conversion) the bf16 and int8 products use vdpbf16ps, the fp16 and fp32 ones AVX-512 FMAs; with
- * AVX2, FMA and F16C, 8-lane multiply-adds of float32; elsewhere plain loops that the compiler vectorizes, slower
+ * AVX2, FMA and F16C, 8-lane multiply-adds of float32 (int8 weights beside bf16 activations: exact products of int16,
+ * int8_in_integers); elsewhere plain loops that the compiler vectorizes, slower
  * than torch's matmul, so that bloom/matvec.py sends them no products (`vector_tiles` below). Built against the
  * OpenMP runtime torch has loaded (same soname), it shares torch's threads. */
 #include <float.h>
