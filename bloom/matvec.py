@@ -8,8 +8,7 @@ stream from memory. torch's matmul reads them at ~60% of the machine's bandwidth
 of matvec.c at 80-95% (`python scripts/bench_matvec.py`). They compute the same products in float32 with another
 order of additions, so their results differ from torch's by float32 rounding (int8 weights beside bf16 activations on
 AVX2: in integers, each row's values below 2^-8 of its largest rounded; bloom.scale.quantize): they are used only
-inside
-`decoding()`, which generation enters (bloom.generation.decoder), and a plain forward pass stays op for op
+inside `decoding()`, which generation enters (bloom.generation.decoder), and a plain forward pass stays op for op
 transformers'.
 
 The library is built once per machine and source, with the system's C compiler (`cc`, or $CC) for this CPU
