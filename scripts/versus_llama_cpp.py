@@ -23,6 +23,7 @@ one, just before and after it), and the ratios ours / llama.cpp.
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 from pathlib import Path
@@ -66,6 +67,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per process (default 3)")
     parser.add_argument("--runs", type=int, default=3, help="fresh processes per implementation (default 3)")
     args = parser.parse_args()
+    if not Path(args.model).is_dir():
+        parser.error(f"--model {args.model}: no such folder")
+    if shutil.which(args.llama_bench) is None:
+        parser.error(f"--llama-bench {args.llama_bench}: no such program")
+    if any("=" not in pair for pair in args.gguf):
+        parser.error(f"--gguf {' '.join(args.gguf)}: each a NAME=FILE pair")
     ggufs = dict(pair.split("=", 1) for pair in args.gguf)
     for name, path in ggufs.items():
         if not Path(path).is_file():
