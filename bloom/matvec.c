@@ -383,6 +383,56 @@ static inline float sum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+static inline float max8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+/* The first n lanes of 8 (all of them for n >= 8), as a mask of maskload and maskstore */
+static inline __m256i first_lanes(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n < 8 ? (int)n : 8), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* The first `count` values of 8 of `dtype` from element i of p as float32 (zeros after them), and the first `count`
+ * lanes of v stored there as `dtype`: the vector steps' tails, without reading or writing past them */
+static inline __m256 load_first8(const void *p, int64_t i, int64_t count, const int dtype) {
+    if (count >= 8) return load8(p, i, dtype);
+    if (dtype == AS_F32) return _mm256_maskload_ps((const float *)p + i, first_lanes(count));
+    uint16_t values[8] = {0};
+    memcpy(values, (const uint16_t *)p + i, sizeof(uint16_t) * count);
+    return load8(values, 0, dtype);
+}
+
+/* float32 -> bf16 or fp16 and back on 8 lanes, as round_bf16 and round_f16 */
+static inline __m256 round8(__m256 v, const int dtype) {
+    if (dtype == AS_F32) return v;
+    if (dtype == AS_F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    __m256i bits = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd));
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)); /* made quiet, as float_to_bf16 */
+    rounded = _mm256_blendv_epi8(rounded, _mm256_or_si256(bits, _mm256_set1_epi32(0x400000)), nan);
+    return _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+static inline void store_first8(void *p, int64_t i, int64_t count, __m256 v, const int dtype) {
+    if (dtype == AS_F32) {
+        _mm256_maskstore_ps((float *)p + i, first_lanes(count), v);
+        return;
+    }
+    __m128i h = dtype == AS_F16 ? _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC) : ({
+        __m256i high = _mm256_srli_epi32(_mm256_castps_si256(round8(v, AS_BF16)), 16);
+        _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));
+    });
+    if (count >= 8) _mm_storeu_si128((__m128i *)((uint16_t *)p + i), h);
+    else {
+        uint16_t values[8];
+        _mm_storeu_si128((__m128i *)values, h);
+        memcpy((uint16_t *)p + i, values, sizeof(uint16_t) * count);
+    }
+}
+
 /* The tiles with AVX2's 8-lane multiply-adds (16 registers): R rows of W by XB rows of x, each register summing 8
  * lanes of one dot over K, 16 values at a time, the lanes summed at the end and the K % 16 values left added one at a
  * time. A single row of x takes W a row at a time, in four sums over alternate chunks of 16, so that a multiply-add
@@ -1117,6 +1167,35 @@ static float exp_and_sum(float *score, int64_t n, float max) {
     }
     return _mm512_reduce_add_ps(total);
 }
+#elif defined(HAVE_AVX2)
+/* exp512 on 8 lanes, the same steps (so the same results); 2^j made of two halves, each a normal float32's exponent,
+ * multiplied in turn: the second multiplication rounds once, as scalef does. x is also held below 88.8, where the
+ * result is infinite already, so that j stays within the halves' range. */
+static inline __m256 exp8(__m256 x) {
+    const float taylor[8] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+    x = _mm256_min_ps(_mm256_set1_ps(88.8f), _mm256_max_ps(_mm256_set1_ps(-104.0f), x)); /* a NaN stays a NaN */
+    __m256 j = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(j, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(j, _mm256_set1_ps(1.42860682030941723212e-6f), r);
+    __m256 p = _mm256_set1_ps(taylor[0]);
+    for (int i = 1; i < 8; i++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(taylor[i]));
+    __m256i whole = _mm256_cvtps_epi32(j), half = _mm256_srai_epi32(whole, 1), bias = _mm256_set1_epi32(127);
+    __m256 first = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
+    __m256 second = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(whole, half), bias), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, first), second);
+}
+
+static float exp_and_sum(float *score, int64_t n, float max) {
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t s = 0; s < n; s += 8) {
+        __m256i valid = first_lanes(n - s);
+        __m256 e = exp8(_mm256_sub_ps(_mm256_maskload_ps(score + s, valid), _mm256_set1_ps(max)));
+        _mm256_maskstore_ps(score + s, valid, e);
+        total = _mm256_add_ps(total, _mm256_and_ps(e, _mm256_castsi256_ps(valid)));
+    }
+    return sum8(total);
+}
 #else
 static float exp_and_sum(float *score, int64_t n, float max) {
     float total = 0;
@@ -1201,7 +1280,8 @@ void gelu_f16(const uint16_t *x, uint16_t *y, int64_t n) {
 /* The greedy choice: for each of `rows` rows of n logits, the index of the largest, the first of equal ones, a NaN
  * counting as larger than any number (the first NaN's), as torch.argmax of their float32 values. torch's own argmax
  * of bf16 logits is slow, and converting them to float32 for it took 1.3 ms of a bf16 batch-16 step of bloom-560m
- * (16 rows of 250,880). Rows are shared by the threads. */
+ * (16 rows of 250,880). Rows are shared by the threads. With AVX2 on 8 lanes, 4 sums apart (a row of 250,880 bf16
+ * logits, scratch: 350 us one value at a time, 35 us so). */
 #ifdef HAVE_AVX512
 static inline __attribute__((always_inline)) int64_t argmax512(const void *x, int64_t n, const int dtype) {
     __m512 best = _mm512_set1_ps(-INFINITY);
@@ -1225,6 +1305,49 @@ static inline __attribute__((always_inline)) int64_t argmax512(const void *x, in
 #define ARGMAX(NAME, T, DTYPE, TO_FLOAT)                                                                       \
     void NAME(const T *x, int64_t rows, int64_t n, int64_t *out) {                                             \
         _Pragma("omp parallel for") for (int64_t r = 0; r < rows; r++) out[r] = argmax512(x + r * n, n, DTYPE); \
+    }
+#elif defined(HAVE_AVX2)
+/* argmax512 on 8 lanes */
+static inline __attribute__((always_inline)) int64_t argmax8(const void *x, int64_t n, const int dtype) {
+    __m256 best[4] = {_mm256_set1_ps(-INFINITY), _mm256_set1_ps(-INFINITY), _mm256_set1_ps(-INFINITY),
+                      _mm256_set1_ps(-INFINITY)}; /* 4 apart: each max waits for the one 4 before it */
+    int nan = 0;
+    int64_t i = 0;
+    for (; i + 32 <= n && !nan; i += 32) { /* the largest value, or the first 32 with a NaN */
+        __m256 unordered = _mm256_setzero_ps();
+        for (int j = 0; j < 4; j++) {
+            __m256 v = load8(x, i + 8 * j, dtype);
+            unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            best[j] = _mm256_max_ps(v, best[j]); /* a NaN is not the largest here */
+        }
+        nan = _mm256_movemask_ps(unordered);
+    }
+    for (; i < n && !nan; i += 8) {
+        __m256 v = load_first8(x, i, n - i, dtype);
+        v = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), v, _mm256_castsi256_ps(first_lanes(n - i)));
+        nan = _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        best[0] = _mm256_max_ps(v, best[0]);
+    }
+    const __m256 max = _mm256_set1_ps(max8(_mm256_max_ps(_mm256_max_ps(best[0], best[1]), _mm256_max_ps(best[2], best[3]))));
+    for (i = 0; i + 32 <= n; i += 32) { /* its first 32, */
+        __m256 found = _mm256_setzero_ps();
+        for (int j = 0; j < 4; j++) {
+            __m256 v = load8(x, i + 8 * j, dtype);
+            found = _mm256_or_ps(found, nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q) : _mm256_cmp_ps(v, max, _CMP_EQ_OQ));
+        }
+        if (_mm256_movemask_ps(found)) break;
+    }
+    for (; i < n; i += 8) { /* and place */
+        __m256 v = load_first8(x, i, n - i, dtype);
+        int found = _mm256_movemask_ps(nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q) : _mm256_cmp_ps(v, max, _CMP_EQ_OQ));
+        found &= (1 << (n - i < 8 ? n - i : 8)) - 1;
+        if (found) return i + __builtin_ctz(found);
+    }
+    return 0; /* n = 0 */
+}
+#define ARGMAX(NAME, T, DTYPE, TO_FLOAT)                                                                       \
+    void NAME(const T *x, int64_t rows, int64_t n, int64_t *out) {                                             \
+        _Pragma("omp parallel for") for (int64_t r = 0; r < rows; r++) out[r] = argmax8(x + r * n, n, DTYPE);  \
     }
 #else
 #define ARGMAX(NAME, T, DTYPE, TO_FLOAT)                                                                       \
@@ -1381,6 +1504,39 @@ static inline __attribute__((always_inline)) void weigh_slots(const float *p, co
         acc[d] = sum;
     }
 }
+
+/* bias_and_mask512 and normalize512 on 8 lanes */
+static inline __attribute__((always_inline)) float bias_and_mask8(const void *alibi, const void *mask, float *score,
+                                                                  int64_t n, float alpha, const int dtype) {
+    __m256 max = _mm256_set1_ps(-INFINITY);
+    for (int64_t s = 0; s < n; s += 8) {
+        __m256i valid = first_lanes(n - s);
+        __m256 dot = _mm256_mul_ps(_mm256_set1_ps(alpha), _mm256_maskload_ps(score + s, valid));
+        __m256 x = round8(_mm256_add_ps(load_first8(alibi, s, n - s, dtype), dot), dtype);
+        x = round8(_mm256_add_ps(x, load_first8(mask, s, n - s, dtype)), dtype);
+        _mm256_maskstore_ps(score + s, valid, x);
+        x = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), x, _mm256_castsi256_ps(valid)); /* lanes past n: none */
+        max = _mm256_max_ps(x, max); /* a NaN score is not the maximum, as in the scalar loop */
+    }
+    return max8(max);
+}
+
+static inline __attribute__((always_inline)) void normalize8(float *p, int64_t n, float total, const int dtype) {
+    for (int64_t s = 0; s < n; s += 8) {
+        __m256i valid = first_lanes(n - s);
+        __m256 x = _mm256_div_ps(_mm256_maskload_ps(p + s, valid), _mm256_set1_ps(total));
+        _mm256_maskstore_ps(p + s, valid, round8(x, dtype));
+    }
+}
+
+#define SOFTMAX_STEPS(T, SUFFIX, DTYPE, TO_FLOAT, ROUND)                                                       \
+    static float bias_and_mask_##SUFFIX(const T *alibi, const T *mask, float *score, int64_t n, float alpha) { \
+        return bias_and_mask8(alibi, mask, score, n, alpha, DTYPE);                                            \
+    }                                                                                                          \
+    static void normalize_##SUFFIX(float *p, int64_t n, float total) { normalize8(p, n, total, DTYPE); }       \
+    static void weigh_##SUFFIX(const float *p, const T *v, int64_t n, int64_t hd, float *acc, const T *next) { \
+        weigh_slots(p, v, n, hd, acc, DTYPE, next);                                                            \
+    }
 #else
 /* acc[d] = Σ p[s] · v[s][d] over n slots (in order, skipping p = 0) for hd features; `next` (or NULL): values (n, hd)
  * to prefetch meanwhile, a slot at a time */
@@ -1394,7 +1550,6 @@ static inline __attribute__((always_inline)) void weigh_slots(const float *p, co
         _Pragma("omp simd") for (int64_t d = 0; d < hd; d++) acc[d] += p[s] * value_at(v, s * hd + d, dtype);
     }
 }
-#endif
 #define SOFTMAX_STEPS(T, SUFFIX, DTYPE, TO_FLOAT, ROUND)                                                       \
     static float bias_and_mask_##SUFFIX(const T *alibi, const T *mask, float *score, int64_t n, float alpha) { \
         float max = -INFINITY;                                                                                 \
@@ -1411,6 +1566,7 @@ static inline __attribute__((always_inline)) void weigh_slots(const float *p, co
         weigh_slots(p, v, n, hd, acc, DTYPE, next);                                                            \
     }
 #endif
+#endif
 SOFTMAX_STEPS(uint16_t, bf16, AS_BF16, bf16_to_float, round_bf16)
 SOFTMAX_STEPS(uint16_t, f16, AS_F16, f16_to_float, round_f16)
 SOFTMAX_STEPS(float, f32, AS_F32, same_float, same_float)
@@ -1420,21 +1576,22 @@ SOFTMAX_STEPS(float, f32, AS_F32, same_float, same_float)
  *     score[s] = T(T(alibi[s] + alpha · q·k[s]) + mask[s])        baddbmm's rounding, then the mask's
  *     p = T(softmax(score)), in float32                           masked slots get 0 beside a visible one
  *     y = T(Σ p[s] · v[s]), in float32
- * q and y (BH, hd); k and v (BH, S, hd); alibi (BH, S); mask (BH / heads, S), shared by a row's heads. The q·k
- * products are the tiles above (16 slots at a time, then 4, then 1); the bias, the mask, the softmax and the sum of
- * the values run on 16 lanes at a time. exp is computed here, not as torch does, so a probability can differ from
- * torch's in its last bit. The masked slots before a row's first visible one (left padding) and after its last (the
- * cache's unwritten slots) are not read: their probability, exp(LOWEST - max), is 0 to float32's precision (in
- * fp16, while the scores stay above -65400), so a batch's step reads only its rows' keys and values. One layer's
- * attention for a bf16 batch of 16 rows at 141 of 256 slots (scratch): 344 us reading every slot one at a time,
- * 229 us skipping the masked ones, 80 us on 16 lanes. The values of each tile's keys are prefetched as the keys are
- * read: 24 layers' caches of a bf16 batch of 16, read from memory at 130 and 200 slots (scratch), took 7.8 and 12.4
- * ms without it, 5.9 and 9.4 with it; and so are the thread's next (row, head) pair's, at the same slots, which the
- * memory then serves while this one multiplies: 24 layers of a bf16 batch of 16 at 64-141 visible slots of 160
- * (scratch, alternated in one process, on a Zen 4 machine), 9.6-10.4 ms -> 7.0-7.4. Its keys are asked for while
- * this pair's keys are read, its values while this pair's values are summed, so that the requests are spread over
- * the pair's time (both while the keys were read: 8.5, 12.0 and 6.6 ms in three runs of the same scratch, then 7.4,
- * 10.7 and 5.9). Returns 1 when the scores' memory cannot be allocated. */
+ * q and y (BH, hd); k and v (BH, S, hd); alibi (BH, S); mask (BH / heads, S), shared by a row's heads. The q·k products
+ * are the tiles above (16 slots at a time, then 4, then 1); the bias, the mask, the softmax and the sum of the values
+ * run on 16 lanes at a time (AVX2: on 8; one at a time, with libm's expf, 24 layers at one row over 140 of 160 slots
+ * took 1.20 ms, on 8 lanes 0.94, through bloom.matvec.attend, alternated in one process, scratch). exp is computed
+ * here, not as torch does, so a probability can differ from torch's in its last bit. The masked slots before a row's
+ * first visible one (left padding) and after its last (the cache's unwritten slots) are not read: their probability,
+ * exp(LOWEST - max), is 0 to float32's precision (in fp16, while the scores stay above -65400), so a batch's step reads
+ * only its rows' keys and values. One layer's attention for a bf16 batch of 16 rows at 141 of 256 slots (scratch): 344
+ * us reading every slot one at a time, 229 us skipping the masked ones, 80 us on 16 lanes. The values of each tile's
+ * keys are prefetched as the keys are read: 24 layers' caches of a bf16 batch of 16, read from memory at 130 and 200
+ * slots (scratch), took 7.8 and 12.4 ms without it, 5.9 and 9.4 with it; and so are the thread's next (row, head)
+ * pair's, at the same slots, which the memory then serves while this one multiplies: 24 layers of a bf16 batch of 16 at
+ * 64-141 visible slots of 160 (scratch, alternated in one process, on a Zen 4 machine), 9.6-10.4 ms -> 7.0-7.4. Its
+ * keys are asked for while this pair's keys are read, its values while this pair's values are summed, so that the
+ * requests are spread over the pair's time (both while the keys were read: 8.5, 12.0 and 6.6 ms in three runs of the
+ * same scratch, then 7.4, 10.7 and 5.9). Returns 1 when the scores' memory cannot be allocated. */
 #define ATTEND(NAME, T, TILE_FN, SUFFIX, TO_FLOAT, FROM_FLOAT, LOWEST)                                            \
     int NAME(const T *q, const T *k, const T *v, const T *alibi, const T *mask, T *y, int64_t BH, int64_t heads,  \
              int64_t S, int64_t hd, float alpha) {                                                                \
@@ -1507,8 +1664,8 @@ struct step {
 
 /* LayerNorm over the C values of each of M rows: mean and variance in float32, y = T((x - mean) · rstd · w + b),
  * and the residual add, out = T(x + a) over n values. torch sums in another order, so a LayerNorm can differ from
- * F.layer_norm's by float32 rounding. With AVX-512 both run on 16 lanes (one value at a time, on one core while the
- * other waited, they took about 1 ms of a bf16 batch-16 step of bloom-560m, by their share in perf). */
+ * F.layer_norm's by float32 rounding. With AVX-512 both run on 16 lanes, with AVX2 on 8 (one value at a time, on one
+ * core while the other waited, they took about 1 ms of a bf16 batch-16 step of bloom-560m, by their share in perf). */
 #ifdef HAVE_AVX512
 static inline __attribute__((always_inline)) void layer_norm512(const void *x, const void *w, const void *b, void *y,
                                                                  int64_t M, int64_t C, float eps, const int dtype) {
@@ -1547,6 +1704,40 @@ static inline __attribute__((always_inline)) void add512(const void *x, const vo
         layer_norm512(x, w, b, y, M, C, eps, DTYPE);                                                           \
     }                                                                                                          \
     static void add_##SUFFIX(const T *x, const T *a, T *out, int64_t n) { add512(x, a, out, n, DTYPE); }
+#elif defined(HAVE_AVX2)
+/* layer_norm512 and add512 on 8 lanes */
+static inline __attribute__((always_inline)) void layer_norm8(const void *x, const void *w, const void *b, void *y,
+                                                               int64_t M, int64_t C, float eps, const int dtype) {
+    for (int64_t row = 0; row < M * C; row += C) {
+        __m256 sum = _mm256_setzero_ps(), squares = _mm256_setzero_ps();
+        for (int64_t c = 0; c < C; c += 8) sum = _mm256_add_ps(sum, load_first8(x, row + c, C - c, dtype));
+        __m256 mean = _mm256_set1_ps(sum8(sum) / C);
+        for (int64_t c = 0; c < C; c += 8) {
+            __m256 d = _mm256_sub_ps(load_first8(x, row + c, C - c, dtype), mean);
+            d = _mm256_and_ps(d, _mm256_castsi256_ps(first_lanes(C - c))); /* lanes past C: 0 */
+            squares = _mm256_add_ps(squares, _mm256_mul_ps(d, d));
+        }
+        __m256 rstd = _mm256_set1_ps(1.0f / sqrtf(sum8(squares) / C + eps));
+        for (int64_t c = 0; c < C; c += 8) {
+            __m256 v = _mm256_mul_ps(_mm256_sub_ps(load_first8(x, row + c, C - c, dtype), mean), rstd);
+            v = _mm256_add_ps(_mm256_mul_ps(v, load_first8(w, c, C - c, dtype)), load_first8(b, c, C - c, dtype));
+            store_first8(y, row + c, C - c, v, dtype);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void add8(const void *x, const void *a, void *out, int64_t n,
+                                                        const int dtype) {
+    for (int64_t i = 0; i < n; i += 8)
+        store_first8(out, i, n - i, _mm256_add_ps(load_first8(x, i, n - i, dtype), load_first8(a, i, n - i, dtype)),
+                     dtype);
+}
+
+#define NORM_AND_ADD(T, SUFFIX, DTYPE, TO_FLOAT, FROM_FLOAT)                                                   \
+    static void layer_norm_##SUFFIX(const T *x, const T *w, const T *b, T *y, int64_t M, int64_t C, float eps) { \
+        layer_norm8(x, w, b, y, M, C, eps, DTYPE);                                                             \
+    }                                                                                                          \
+    static void add_##SUFFIX(const T *x, const T *a, T *out, int64_t n) { add8(x, a, out, n, DTYPE); }
 #else
 #define NORM_AND_ADD(T, SUFFIX, DTYPE, TO_FLOAT, FROM_FLOAT)                                                   \
     static void layer_norm_##SUFFIX(const T *x, const T *w, const T *b, T *y, int64_t M, int64_t C, float eps) { \

@@ -427,6 +427,9 @@ def test_argmax_is_torchs_argmax_of_the_float32_logits(build, dtype, rows, n):
     if n > 32:
         logits[1, 0] = float("nan")  # in the first chunk
         logits[2, n - 1] = float("nan")  # in the tail past whole chunks
+    if n > 800:
+        logits[3, [300, 301, 700]] = 10.0  # equal largest values past the first chunks: the first
+        logits[4, [77, 500]] = float("nan")  # NaNs past the first chunks
     logits = logits.to(dtype)
     assert torch.equal(matvec.argmax(logits), torch.argmax(logits.float(), dim=-1))
     signed_zeros = torch.full((2, n), float("-inf")).to(dtype)  # -0.0 and 0.0 are equal; all -inf: index 0
