@@ -952,24 +952,36 @@ static dots16 rows_in_integers(const int16_t *x16, const int8_t *w, int64_t K, i
     return dots;
 }
 
+/* 16 values of a row of W (widened to int16) by the same 16 of two rows of x16, added to their sums a and b */
+static inline __attribute__((always_inline)) void row_by_two_in_integers(const int8_t *w, __m256i x0, __m256i x1,
+                                                                          __m256i *a, __m256i *b) {
+    __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w));
+    *a = _mm256_add_epi32(*a, _mm256_madd_epi16(wv, x0));
+    *b = _mm256_add_epi32(*b, _mm256_madd_epi16(wv, x1));
+}
+
 /* R rows of W (1 or 4, ld values apart) by rows x0 and x1 of x16 over `width` values, at most INT_CHUNK:
- * dots.lane[r * 2 + m], in units */
+ * dots.lane[r * 2 + m], in units. The sums are variables, x's 16 values held in registers: with the sums in an array,
+ * the compiler copied each into another register after every addition, and it loaded x again beside every
+ * multiply-add (one core, weights and x in the caches, 16 rows of x by 512 of W: 56-66 -> 68-73 GFLOP/s) */
 static inline __attribute__((always_inline)) dots16 tile_in_integers(const int16_t *x0, const int16_t *x1,
                                                                     const int8_t *w, int64_t width, int64_t ld,
                                                                     const int R) {
     dots16 dots = {{0}}; /* add_dots adds every lane */
     const int64_t K16 = width & ~(int64_t)15;
-    __m256i sums[4][2];
-    for (int r = 0; r < R; r++) sums[r][0] = sums[r][1] = _mm256_setzero_si256();
+    __m256i a0 = _mm256_setzero_si256(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0;
     for (int64_t k = 0; k < K16; k += 16) {
         __m256i xv0 = _mm256_load_si256((const __m256i *)(x0 + k));
         __m256i xv1 = _mm256_load_si256((const __m256i *)(x1 + k));
-        for (int r = 0; r < R; r++) {
-            __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + r * ld + k)));
-            sums[r][0] = _mm256_add_epi32(sums[r][0], _mm256_madd_epi16(wv, xv0));
-            sums[r][1] = _mm256_add_epi32(sums[r][1], _mm256_madd_epi16(wv, xv1));
+        __asm__("" : "+x"(xv0), "+x"(xv1));
+        row_by_two_in_integers(w + k, xv0, xv1, &a0, &b0);
+        if (R == 4) {
+            row_by_two_in_integers(w + ld + k, xv0, xv1, &a1, &b1);
+            row_by_two_in_integers(w + 2 * ld + k, xv0, xv1, &a2, &b2);
+            row_by_two_in_integers(w + 3 * ld + k, xv0, xv1, &a3, &b3);
         }
     }
+    const __m256i sums[4][2] = {{a0, b0}, {a1, b1}, {a2, b2}, {a3, b3}};
     for (int r = 0; r < R; r++) {
         int32_t tail[2] = {0, 0}; /* the width % 16 values left */
         for (int64_t k = K16; k < width; k++) {
