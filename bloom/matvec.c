@@ -917,7 +917,10 @@ void linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16
  * of an int32 sum adds 128 pairs of them at most (a chunk of INT_CHUNK values in 16 sums of 2 rows by 8 lanes, or a
  * single row's 2 alternate sums by 8 lanes): no overflow; the chunks add up in float32. A single row reads W a row
  * at a time (rows_in_integers); more rows go in tiles of 4 rows of W by 2 of x over a chunk, the chunk of the 4 rows
- * staying in the L1 cache while the tiles of the next rows of x read it. */
+ * staying in the L1 cache while the tiles of the next rows of x read it, X_BLOCK rows of x at a time against all of
+ * a thread's rows of W, so that they stay in the L2 cache: with the rows of W outside, every 4 of them read all the
+ * rows of x again (a prefill of 16 prompts of bloom-560m, 2048 rows, alternated in one process: 12.6 -> 10.3 s; 512
+ * rows 2.83 -> 2.74 s). */
 #define INT_CHUNK 2048
 
 /* dots.lane[r] = row r of W (R rows, up to 16) · x16, in units */
@@ -1046,10 +1049,10 @@ static int int8_in_integers(const uint16_t *x, const int8_t *w, const uint16_t *
                 for (int r = 0; r < R; r++) dots.lane[r] *= units[0]; /* a power of two: exact */
                 store_dots(dots, R, 1, 1, scale, b, y, N, 0, n, AS_BF16);
             }
-            for (int64_t n = n_begin; M > 1 && n < n_end;) {
-                const int R = n_end - n >= 4 ? 4 : 1;
-                for (int64_t m_begin = 0; m_begin < M; m_begin += X_BLOCK) {
-                    const int64_t m_end = x_block_end(m_begin, M);
+            for (int64_t m_begin = 0; M > 1 && m_begin < M; m_begin += X_BLOCK) {
+                const int64_t m_end = x_block_end(m_begin, M);
+                for (int64_t n = n_begin; n < n_end;) {
+                    const int R = n_end - n >= 4 ? 4 : 1;
                     dots16 sums[X_BLOCK / 2]; /* of each pair of rows of x, over the chunks so far */
                     for (int64_t k = 0; k < K; k += INT_CHUNK) { /* a chunk of R rows of W in the L1 cache */
                         const int64_t width = K - k < INT_CHUNK ? K - k : INT_CHUNK;
@@ -1068,8 +1071,8 @@ static int int8_in_integers(const uint16_t *x, const int8_t *w, const uint16_t *
                             for (int m = 0; m < rows; m++) dots->lane[r * 2 + m] *= units[m0 + m];
                         store_dots(*dots, R, 2, rows, scale, b, y, N, m0, n, AS_BF16);
                     }
+                    n += R;
                 }
-                n += R;
             }
         }
     }
