@@ -1390,6 +1390,16 @@ static inline void prefetch_rows(const void *p, int64_t bytes) {
     for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char *)p + i, 0, 2);
 }
 
+/* The softmax steps of a dtype (bias_and_mask_bf16, ...) as the vector builds' functions of a constant dtype */
+#define VECTOR_SOFTMAX_STEPS(T, SUFFIX, DTYPE, BIAS_AND_MASK_FN, NORMALIZE_FN, WEIGH_FN)                       \
+    static float bias_and_mask_##SUFFIX(const T *alibi, const T *mask, float *score, int64_t n, float alpha) { \
+        return BIAS_AND_MASK_FN(alibi, mask, score, n, alpha, DTYPE);                                          \
+    }                                                                                                          \
+    static void normalize_##SUFFIX(float *p, int64_t n, float total) { NORMALIZE_FN(p, n, total, DTYPE); }     \
+    static void weigh_##SUFFIX(const float *p, const T *v, int64_t n, int64_t hd, float *acc, const T *next) { \
+        WEIGH_FN(p, v, n, hd, acc, DTYPE, next);                                                               \
+    }
+
 #ifdef HAVE_AVX512
 /* score[s] = T(T(alibi[s] + alpha · score[s]) + mask[s]) for n slots, their q·k in score; returns the maximum */
 static inline __attribute__((always_inline)) float bias_and_mask512(const void *alibi, const void *mask, float *score,
@@ -1475,13 +1485,7 @@ static inline __attribute__((always_inline)) void weigh512(const float *p, const
 }
 
 #define SOFTMAX_STEPS(T, SUFFIX, DTYPE, TO_FLOAT, ROUND)                                                       \
-    static float bias_and_mask_##SUFFIX(const T *alibi, const T *mask, float *score, int64_t n, float alpha) { \
-        return bias_and_mask512(alibi, mask, score, n, alpha, DTYPE);                                          \
-    }                                                                                                          \
-    static void normalize_##SUFFIX(float *p, int64_t n, float total) { normalize512(p, n, total, DTYPE); }     \
-    static void weigh_##SUFFIX(const float *p, const T *v, int64_t n, int64_t hd, float *acc, const T *next) { \
-        weigh512(p, v, n, hd, acc, DTYPE, next);                                                               \
-    }
+    VECTOR_SOFTMAX_STEPS(T, SUFFIX, DTYPE, bias_and_mask512, normalize512, weigh512)
 #else
 #ifdef HAVE_AVX2
 /* acc[d] = Σ p[s] · v[s][d] over n slots (in order, skipping p = 0) for hd features, in registers: 64 at a time, then
@@ -1545,13 +1549,7 @@ static inline __attribute__((always_inline)) void normalize8(float *p, int64_t n
 }
 
 #define SOFTMAX_STEPS(T, SUFFIX, DTYPE, TO_FLOAT, ROUND)                                                       \
-    static float bias_and_mask_##SUFFIX(const T *alibi, const T *mask, float *score, int64_t n, float alpha) { \
-        return bias_and_mask8(alibi, mask, score, n, alpha, DTYPE);                                            \
-    }                                                                                                          \
-    static void normalize_##SUFFIX(float *p, int64_t n, float total) { normalize8(p, n, total, DTYPE); }       \
-    static void weigh_##SUFFIX(const float *p, const T *v, int64_t n, int64_t hd, float *acc, const T *next) { \
-        weigh_slots(p, v, n, hd, acc, DTYPE, next);                                                            \
-    }
+    VECTOR_SOFTMAX_STEPS(T, SUFFIX, DTYPE, bias_and_mask8, normalize8, weigh_slots)
 #else
 /* acc[d] = Σ p[s] · v[s][d] over n slots (in order, skipping p = 0) for hd features; `next` (or NULL): values (n, hd)
  * to prefetch meanwhile, a slot at a time */
