@@ -421,10 +421,13 @@ static inline void store_first8(void *p, int64_t i, int64_t count, __m256 v, con
         _mm256_maskstore_ps((float *)p + i, first_lanes(count), v);
         return;
     }
-    __m128i h = dtype == AS_F16 ? _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC) : ({
+    __m128i h; /* the 8 values as dtype, in order */
+    if (dtype == AS_F16) {
+        h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
         __m256i high = _mm256_srli_epi32(_mm256_castps_si256(round8(v, AS_BF16)), 16);
-        _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));
-    });
+        h = _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));
+    }
     if (count >= 8) _mm_storeu_si128((__m128i *)((uint16_t *)p + i), h);
     else {
         uint16_t values[8];
@@ -966,7 +969,7 @@ static inline __attribute__((always_inline)) void row_by_two_in_integers(const i
 /* R rows of W (1 or 4, ld values apart) by rows x0 and x1 of x16 over `width` values, at most INT_CHUNK:
  * dots.lane[r * 2 + m], in units. The sums are variables, x's 16 values held in registers: with the sums in an array,
  * the compiler copied each into another register after every addition, and it loaded x again beside every
- * multiply-add (one core, weights and x in the caches, 16 rows of x by 512 of W: 56-66 -> 68-73 GFLOP/s) */
+ * multiply-add (one core, weights and x in the caches, 16 rows of x by 512 of W: 56-66 -> 67-73 GFLOP/s) */
 static inline __attribute__((always_inline)) dots16 tile_in_integers(const int16_t *x0, const int16_t *x1,
                                                                     const int8_t *w, int64_t width, int64_t ld,
                                                                     const int R) {
@@ -1183,9 +1186,9 @@ static float exp_and_sum(float *score, int64_t n, float max) {
     return _mm512_reduce_add_ps(total);
 }
 #elif defined(HAVE_AVX2)
-/* exp512 on 8 lanes, the same steps (so the same results); 2^j made of two halves, each a normal float32's exponent,
- * multiplied in turn: the second multiplication rounds once, as scalef does. x is also held below 88.8, where the
- * result is infinite already, so that j stays within the halves' range. */
+/* exp512 on 8 lanes by the same steps, so with the same results; 2^j made of two halves, each a normal float32's
+ * exponent, multiplied in turn: the second multiplication rounds once, as scalef does. x is also held below 88.8, where
+ * the result is infinite already, so that j stays within the halves' range. */
 static inline __m256 exp8(__m256 x) {
     const float taylor[8] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
     x = _mm256_min_ps(_mm256_set1_ps(88.8f), _mm256_max_ps(_mm256_set1_ps(-104.0f), x)); /* a NaN stays a NaN */
@@ -1343,7 +1346,8 @@ static inline __attribute__((always_inline)) int64_t argmax8(const void *x, int6
         nan = _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
         best[0] = _mm256_max_ps(v, best[0]);
     }
-    const __m256 max = _mm256_set1_ps(max8(_mm256_max_ps(_mm256_max_ps(best[0], best[1]), _mm256_max_ps(best[2], best[3]))));
+    const __m256 largest = _mm256_max_ps(_mm256_max_ps(best[0], best[1]), _mm256_max_ps(best[2], best[3]));
+    const __m256 max = _mm256_set1_ps(max8(largest));
     for (i = 0; i + 32 <= n; i += 32) { /* its first 32, */
         __m256 found = _mm256_setzero_ps();
         for (int j = 0; j < 4; j++) {
