@@ -1000,35 +1000,26 @@ static inline __attribute__((always_inline)) dots16 tile_in_integers(const int16
     return dots;
 }
 
-/* A row of bf16 x (K values) as int16 multiples of its unit, into x16; returns the unit, or 0 where the row holds an
- * infinity or NaN or its largest |x| is below 2^-112 (the unit would not be a normal float) */
+/* A row of bf16 x (K values) as int16 multiples of its unit, into x16 (with room for K rounded up to 8: zeros past K);
+ * returns the unit, or 0 where the row holds an infinity or NaN or its largest |x| is below 2^-112 (the unit would not
+ * be a normal float) */
 static float row_in_units(const uint16_t *x, int64_t K, int16_t *x16) {
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), infinity = _mm256_set1_ps(INFINITY);
-    __m256 largest8 = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-        __m256 v = _mm256_and_ps(load8(x, k, AS_BF16), magnitude);
+    __m256 largest = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+        __m256 v = _mm256_and_ps(load_first8(x, k, K - k, AS_BF16), magnitude);
         bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, infinity, _CMP_NLT_UQ)); /* inf or NaN */
-        largest8 = _mm256_max_ps(largest8, v);
-    }
-    float lanes[8], largest = 0;
-    _mm256_storeu_ps(lanes, largest8);
-    for (int i = 0; i < 8; i++) largest = lanes[i] > largest ? lanes[i] : largest;
-    for (; k < K; k++) {
-        float v = fabsf(bf16_to_float(x[k]));
-        if (!(v <= FLT_MAX)) return 0;
-        largest = v > largest ? v : largest;
+        largest = _mm256_max_ps(largest, v);
     }
     int e;
-    frexpf(largest, &e); /* largest < 2^e (0: e = 0) */
+    frexpf(max8(largest), &e); /* largest < 2^e (0: e = 0) */
     if (_mm256_movemask_ps(bad) || e - 15 < -126) return 0;
-    const float in_units = ldexpf(1.0f, 15 - e); /* |x| · in_units < 2^15 */
-    for (k = 0; k + 8 <= K; k += 8) { /* to nearest even, as lrintf */
-        __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, k, AS_BF16), _mm256_set1_ps(in_units)));
-        __m128i pairs = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)); /* in order */
-        _mm_storeu_si128((__m128i *)(x16 + k), pairs);
+    const __m256 in_units = _mm256_set1_ps(ldexpf(1.0f, 15 - e)); /* |x| · in_units < 2^15 */
+    for (int64_t k = 0; k < K; k += 8) { /* to nearest even, as lrintf */
+        __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(load_first8(x, k, K - k, AS_BF16), in_units));
+        __m128i values = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)); /* in order */
+        _mm_storeu_si128((__m128i *)(x16 + k), values);
     }
-    for (; k < K; k++) x16[k] = (int16_t)lrintf(bf16_to_float(x[k]) * in_units);
     return ldexpf(1.0f, e - 15);
 }
 
