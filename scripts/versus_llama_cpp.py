@@ -79,7 +79,7 @@ def main() -> None:
             parser.error(f"--gguf {name}={path}: no such file")
     ours = argparse.Namespace(model=args.model, dtype=args.dtype, device="cpu", batch_size=1, compile=False,
                               prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps)  # fmt: skip
-    bandwidth = Bandwidth(torch.device("cpu"))
+    bandwidth = Bandwidth.fresh(torch.device("cpu"))
     results: dict[str, list[dict]] = {}
     for run in range(args.runs):
         for impl in ("ours", "ours-int8", *ggufs):  # alternated, so that drifts of the machine hit all alike

@@ -12,7 +12,7 @@ from transformers import BloomForCausalLM
 
 import bloom.command_line.bench
 from bloom import generate, load_pretrained, matvec
-from bloom.command_line.bench import TokenClock, read_into_page_cache, spread_warnings
+from bloom.command_line.bench import Bandwidth, TokenClock, float32_view, read_into_page_cache, spread_warnings
 
 
 def test_bench_prints_the_side_by_side_table(tiny_model_folder, tmp_path):
@@ -24,8 +24,9 @@ def test_bench_prints_the_side_by_side_table(tiny_model_folder, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("| ")}
     assert set(rows) == {"", "ours", "ours-int8", "transformers", "ours / transformers", "ours-int8 / ours"}
-    assert all(len(line.split("|")) == 11 for line in rows.values())  # name and 8 figures per row
+    assert all(len(line.split("|")) == 13 for line in rows.values())  # name and 10 figures per row
     assert "memory GB/s | of memory GB/s |" in rows[""]  # the machine's bandwidth, measured in each worker
+    assert "weights' GB/s | of weights' GB/s |" in rows[""]  # and over the memory of each model's weights
     assert "fp32 | batch 3 | prompts of 4-8 tokens, left-padded | 4 new tokens | ours eager" in result.stdout
     tiles = {"avx512": "AVX-512 decode kernels", "avx2": "AVX2 decode kernels"}.get(
         matvec.library().tiles, "portable decode kernels"
@@ -92,3 +93,24 @@ def test_weight_files_larger_than_half_the_free_memory_are_not_read(tmp_path, mo
     assert read_into_page_cache(tmp_path) == 0
     monkeypatch.setattr(bloom.command_line.bench, "available_memory", lambda device: 7 << 20)
     assert read_into_page_cache(tmp_path) == 3 << 20
+
+
+def test_the_weights_bandwidth_reads_their_own_bytes_without_a_copy(tiny_model_folder):
+    """A sum over the weights' memory reads that memory: float32 views of their bytes, not copies, over the largest
+    weights that hold 99% of the bytes; a tensor at any byte offset gives the whole 4-byte words inside it."""
+    storage = torch.arange(40, dtype=torch.int16).to(torch.bfloat16)
+    for start in range(4):  # 2-byte elements: byte offsets 0, 2, 4, 6
+        tensor = storage[start : start + 11]
+        view = float32_view(tensor)
+        skipped = (-2 * start) % 4
+        assert view.data_ptr() == tensor.data_ptr() + skipped
+        assert view.numel() == (22 - skipped) // 4
+        assert torch.equal(view.view(torch.uint8), tensor.view(torch.uint8)[skipped : skipped + 4 * view.numel()])
+    model = load_pretrained(tiny_model_folder, dtype="bf16", quantize="int8")
+    weights = [*model.parameters(), *model.buffers()]
+    bandwidth = Bandwidth.of_weights(weights)
+    starts = {w.data_ptr() for w in weights}
+    assert all(view.data_ptr() in starts for view in bandwidth.views)  # each a weight's own memory (aligned here)
+    total = sum(w.numel() * w.element_size() for w in weights)
+    assert 0.99 * total - 4 * len(bandwidth.views) <= bandwidth.bytes <= total
+    assert bandwidth.measure(reps=1) > 0

@@ -57,29 +57,60 @@ def rss_gb() -> float:
 def memory_bandwidth_gb_s(device: torch.device, gigabytes: float = 0.5, reps: int = 5) -> float:
     """The bytes per second this process reads from memory: a plain sum() over a tensor far larger than the
     caches, the best of `reps` (a decode step at full speed reads its weights as fast)."""
-    return Bandwidth(device, gigabytes).measure(reps)
+    return Bandwidth.fresh(device, gigabytes).measure(reps)
 
 
 class Bandwidth:
-    """A float32 tensor of `gigabytes`, far larger than the caches, whose sum() measures the memory bandwidth
-    again whenever asked: on a shared machine it moves (36-83 GB/s here, from one second to the next), so a
-    decode speed is compared with the bandwidth measured just before and after its timed generation."""
+    """The bytes per second a plain sum() reads from the memory of some tensors (their bytes seen as float32, so that
+    every dtype sums alike), measured again whenever asked: on a shared machine it moves (36-83 GB/s here, from one
+    second to the next), so a decode speed is compared with the bandwidth measured just before and after its timed
+    generation. On a virtual machine it also depends on which of the host's pages the memory sits in: two tensors
+    of 0.5 GB in one process read at 40 and 57 GB/s, so a decode is also compared with a sum over its own weights."""
 
-    def __init__(self, device: torch.device, gigabytes: float = 0.5) -> None:
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.views = [view for view in map(float32_view, tensors) if view.numel()]
+        self.bytes = sum(view.numel() * 4 for view in self.views)
+        device = self.views[0].device
         self.sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        self.x = torch.ones(int(gigabytes * 1e9) // 4, device=device)
-        self.x.sum()  # touches every page once
+
+    @classmethod
+    def fresh(cls, device: torch.device, gigabytes: float = 0.5) -> "Bandwidth":
+        """Over a new float32 tensor of `gigabytes`, far larger than the caches."""
+        x = torch.ones(int(gigabytes * 1e9) // 4, device=device)
+        x.sum()  # touches every page once
+        return cls([x])
+
+    @classmethod
+    def of_weights(cls, weights: list[torch.Tensor]) -> "Bandwidth":
+        """Over the largest of a model's weights, which hold 99% of their bytes (not the LayerNorms and biases,
+        whose sums would time the calls more than the memory)."""
+        weights = sorted(weights, key=lambda w: w.numel() * w.element_size(), reverse=True)
+        total, taken, held = sum(w.numel() * w.element_size() for w in weights), [], 0
+        for weight in weights:
+            if held >= 0.99 * total:
+                break
+            taken.append(weight)
+            held += weight.numel() * weight.element_size()
+        return cls(taken)
 
     def measure(self, reps: int = 5) -> float:
-        """GB/s read by the fastest of `reps` sums."""
+        """GB/s read by the fastest of `reps` passes over the tensors."""
         best = float("inf")
         for _ in range(reps):
             self.sync()
             start = time.perf_counter()
-            self.x.sum()
+            for view in self.views:
+                view.sum()
             self.sync()
             best = min(best, time.perf_counter() - start)
-        return self.x.numel() * 4 / 1e9 / best
+        return self.bytes / 1e9 / best
+
+
+def float32_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes of a contiguous tensor, without a copy, as float32 (the whole 4-byte words that fall inside it)."""
+    data = tensor.detach().view(-1).view(torch.uint8)
+    start = -data.storage_offset() % 4
+    return data[start : start + (data.numel() - start) // 4 * 4].view(torch.float32)
 
 
 class TokenClock:
@@ -141,8 +172,10 @@ def measure(
         memory_gb = torch.cuda.max_memory_allocated(device) / 1e9
     else:  # the process's peak RSS (kilobytes on Linux) less what it held before loading
         memory_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9 - before
-    bandwidth = Bandwidth(device)  # after the peak memory is taken: its 0.5 GB are not the model's
-    prefill, steps_per_s, bandwidths = [], [], [bandwidth.measure()]
+    bandwidth = Bandwidth.fresh(device)  # after the peak memory is taken: its 0.5 GB are not the model's
+    weights_bandwidth = Bandwidth.of_weights(weights)
+    prefill, steps_per_s = [], []
+    bandwidths, weights_bandwidths = [bandwidth.measure()], [weights_bandwidth.measure()]
     for _ in range(args.reps):
         clock = TokenClock(sync)
         sync()
@@ -153,7 +186,10 @@ def measure(
         prefill.append(clock.times[0] - start)
         steps_per_s.append((len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
         bandwidths.append(bandwidth.measure())
+        weights_bandwidths.append(weights_bandwidth.measure())
     around = [(first + second) / 2 for first, second in itertools.pairwise(bandwidths)]  # each rep's bandwidth
+    weights_around = [(first + second) / 2 for first, second in itertools.pairwise(weights_bandwidths)]
+    decode_gb_s = [s * weight_gb for s in steps_per_s]  # every step reads every weight once
     return {
         "load_s": load_s,
         "warmup_s": warmup_s,
@@ -161,9 +197,13 @@ def measure(
         "weight_gb": weight_gb,
         "prefill_ms": statistics.median(prefill) * 1e3,
         "decode_tok_s": statistics.median(steps_per_s) * args.batch_size,
-        "decode_gb_s": statistics.median(steps_per_s) * weight_gb,  # every step reads every weight once
+        "decode_gb_s": statistics.median(decode_gb_s),
         "bandwidth_gb_s": statistics.median(around),
-        "bandwidth_used": statistics.median(s * weight_gb / gb_s for s, gb_s in zip(steps_per_s, around, strict=True)),
+        "bandwidth_used": statistics.median(d / gb_s for d, gb_s in zip(decode_gb_s, around, strict=True)),
+        "weights_bandwidth_gb_s": statistics.median(weights_around),
+        "weights_bandwidth_used": statistics.median(
+            d / gb_s for d, gb_s in zip(decode_gb_s, weights_around, strict=True)
+        ),
         "decode_tok_s_reps": [s * args.batch_size for s in steps_per_s],
         "tokens": tokens[:, args.prompt_len :].tolist(),
     }
@@ -268,7 +308,8 @@ def table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
     columns = [("load s", "load_s", ".2f"), ("warm-up s", "warmup_s", ".1f"), ("peak mem GB", "memory_gb", ".2f"),
                ("prefill ms", "prefill_ms", ".1f"), ("decode tok/s", "decode_tok_s", ".1f"),
                ("decode GB/s", "decode_gb_s", ".1f"), ("memory GB/s", "bandwidth_gb_s", ".1f"),
-               ("of memory GB/s", "bandwidth_used", ".0%")]  # fmt: skip
+               ("of memory GB/s", "bandwidth_used", ".0%"), ("weights' GB/s", "weights_bandwidth_gb_s", ".1f"),
+               ("of weights' GB/s", "weights_bandwidth_used", ".0%")]  # fmt: skip
     medians = {
         impl: {key: statistics.median(r[key] for r in runs) for _, key, _ in columns} for impl, runs in results.items()
     }
@@ -297,7 +338,9 @@ def table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
     lines += ["", "prefill ms: to a generation's first new token; decode tok/s: from its first new token to the last; "
               "decode GB/s: the weights' bytes x decode steps per second; memory GB/s: a sum() over 0.5 GB "
               "in the same process just before and after each timed generation (the machine's bandwidth then); "
-              "of memory GB/s: the median over the decodes of their share of it"]  # fmt: skip
+              "of memory GB/s: the median over the decodes of their share of it; weights' GB/s and its share: the "
+              "same sum() over the memory the model's weights sit in (their bytes as float32), which on a virtual "
+              "machine can read slower or faster than a new tensor's"]  # fmt: skip
     lines += spread_warnings(results)
     if "transformers" in results:
         same = all(r["tokens"] == results["ours"][0]["tokens"] for r in results["transformers"])
