@@ -65,7 +65,9 @@ SOURCE = Path(__file__).with_name("matvec.c")
 # matmul, with no AVX-512 BF16 for oneDNN, ran at 31-34 GFLOP/s at every size from 16 rows to 512, the kernels at
 # 108-125; bf16 at 1 row 33.6 against 31.0 GB/s. Int8 weights beside bf16 x, multiplied in integers: 3.1x torch at
 # 1 row, 1.8x at 16, 4.8x at 128; beside fp16 and fp32 x 2.7-17x. fp32: 1.7x at 1 row, 1.4x at 32, 1.1x at 64 and
-# 128, 0.7x at 512 (torch's packed weights ahead again): 128 rows.
+# 128, 0.7x at 512 (torch's packed weights ahead again); whole fp32 prefills of bloom-560m, alternated in one process
+# on a later day, took 245 ms against torch's products' 396 at 16 tokens, 434 against 514 at 32, 616 against 650 at
+# 64, but 1080 against 993 at 96 and 1364 against 1154 at 128: 64 rows.
 # The portable loops, built where the CPU lacks AVX2 too, take no products (`max_rows`): built for x86-64-v3 before
 # there were AVX2 tiles, on an AVX-512 machine with torch limited to AVX2 (ATEN_CPU_CAPABILITY=avx2,
 # ONEDNN_MAX_CPU_ISA=AVX2), they took 141 ms for a bloom-560m decode step against 115 with torch's products in fp32,
@@ -82,7 +84,7 @@ MAX_ROWS = {
     },
     "avx2": {
         (torch.bfloat16, torch.bfloat16): math.inf,
-        (torch.float32, torch.float32): 128,
+        (torch.float32, torch.float32): 64,
         (torch.float16, torch.float16): math.inf,
         (torch.int8, torch.bfloat16): math.inf,
         (torch.int8, torch.float16): math.inf,

@@ -321,7 +321,7 @@ def test_the_tiles_are_the_cpus_and_take_products_up_to_their_rows_and_every_bui
     with matvec.decoding(), torch.no_grad():
         takes_products = [matvec.applies(torch.randn(rows, 64), w) for rows in (1, 300) for w in weights]
         attends = matvec.attends(q, k)
-    vector = tiles != "portable"  # fp32's AVX-512 tiles take any number of rows, its AVX2 tiles up to 128
+    vector = tiles != "portable"  # fp32's AVX-512 tiles take any number of rows, its AVX2 tiles up to 64
     assert takes_products == [vector, vector, tiles == "avx512", vector] and attends
     assert (plan(load_pretrained(tiny_model_folder), 1) is not None) == vector
 
