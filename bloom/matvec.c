@@ -900,20 +900,16 @@ static int lanes_bf16(const uint16_t *x, const void *w, const uint16_t *scale, c
 
 #ifdef HAVE_AVX2
 /* A single row of bf16 x against bf16 W on AVX2, as the tiles' single row sums it (the same float32 sums in the
- * same order, so the same y), without their groups of 16 rows: x widened to float32 once, in the order
- * load16_bf16_pairs reads W (each 16 values' even ones, then their odd ones), where the tile widened it again for
- * every row of W, and each thread's rows of W read one after the other, every dot rounded into y as soon as it is
- * summed. The tile's calls, returns and stores of 16 dots at a time cost a product ~15% of its speed from the L3
- * cache, where it fell short of the memory's when the memory was fast (alternated in one process, scratch: 4096 x
- * 1024 from the L3 cache 27.6 -> 32.3 GB/s on one core, 63 -> 69 on two; bloom-560m's LM head from memory 26.7 ->
- * 29.3, 30.4 -> 31.0 and 30.7 -> 31.5 GB/s beside a plain read of 41.7, 33.3 and 33.0). */
+ * same order, so the same y), without their groups of 16 rows: each thread's rows of W read one after the other,
+ * every dot rounded into y as soon as it is summed. The tile's calls, returns and stores of 16 dots at a time cost
+ * a product ~15% of its speed from the L3 cache, where it fell short of the memory's when the memory was fast
+ * (alternated in one process, scratch: 4096 x 1024 from the L3 cache 27.6 -> 32.3 GB/s on one core, 63 -> 69 on
+ * two; bloom-560m's products from memory, 24 weights of each shape in turn, 4096 x 1024 25.7 -> 26.5 GB/s, 3072 x
+ * 1024 22.4 -> 24.6, 1024 x 1024 29.8 -> 33.8, 1024 x 4096 27.6 both). x is widened again for every row, as in the
+ * tile: widened once to float32, 16 KB for a row of 4096, it left the L1 cache to W's lines, and that product fell
+ * to 18.6 GB/s. */
 static void row_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16_t *y, int64_t N, int64_t K) {
-    float x32[K > 0 ? K : 1];
     const int64_t K16 = K & ~(int64_t)15;
-    for (int64_t k = 0; k < K16; k += 16)
-        for (int i = 0; i < 8; i++)
-            x32[k + i] = bf16_to_float(x[k + 2 * i]), x32[k + 8 + i] = bf16_to_float(x[k + 2 * i + 1]);
-    for (int64_t k = K16; k < K; k++) x32[k] = bf16_to_float(x[k]);
 #pragma omp parallel
     {
         int64_t begin, end;
@@ -926,18 +922,18 @@ static void row_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, ui
             for (; k + 32 <= K16; k += 32) /* four sums over alternate chunks of 16, as the tile's */
                 for (int half = 0; half < 2; half++) {
                     load16_bf16_pairs(wn + k + 16 * half, wv);
-                    load16_f32(x32 + k + 16 * half, xv);
+                    load16_bf16_pairs(x + k + 16 * half, xv);
                     sums[2 * half] = _mm256_fmadd_ps(wv[0], xv[0], sums[2 * half]);
                     sums[2 * half + 1] = _mm256_fmadd_ps(wv[1], xv[1], sums[2 * half + 1]);
                 }
             if (k < K16) { /* an odd chunk of 16 */
                 load16_bf16_pairs(wn + k, wv);
-                load16_f32(x32 + k, xv);
+                load16_bf16_pairs(x + k, xv);
                 sums[0] = _mm256_fmadd_ps(wv[0], xv[0], sums[0]);
                 sums[1] = _mm256_fmadd_ps(wv[1], xv[1], sums[1]);
             }
             float sum = sum8(_mm256_add_ps(_mm256_add_ps(sums[0], sums[2]), _mm256_add_ps(sums[1], sums[3])));
-            for (k = K16; k < K; k++) sum += bf16_to_float(wn[k]) * x32[k];
+            for (k = K16; k < K; k++) sum += bf16_to_float(wn[k]) * bf16_to_float(x[k]);
             if (b) sum += bf16_to_float(b[n]);
             y[n] = float_to_bf16(sum);
         }
