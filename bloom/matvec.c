@@ -968,11 +968,11 @@ void linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16
  * are rounded to the nearest multiple, by 2^-15 of the largest at most. Each product is below 2^7 · 2^15, and a lane
  * of an int32 sum adds 128 pairs of them at most (a chunk of INT_CHUNK values in 16 sums of 2 rows by 8 lanes, or a
  * single row's 4 sums of every fourth 16 values by 8 lanes, added together): no overflow; the chunks add up in
- * float32. A single row reads W a row at a time (rows_in_integers); more rows go in tiles of 4 rows of W by 2 of x over a chunk, the chunk of the 4 rows
- * staying in the L1 cache while the tiles of the next rows of x read it, X_BLOCK rows of x at a time against all of
- * a thread's rows of W, so that they stay in the L2 cache: with the rows of W outside, every 4 of them read all the
- * rows of x again (a prefill of 16 prompts of bloom-560m, 2048 rows, alternated in one process: 12.6 -> 10.3 s; 512
- * rows 2.83 -> 2.74 s). */
+ * float32. A single row reads W a row at a time (rows_in_integers); more rows go in tiles of 4 rows of W by 2 of x
+ * over a chunk, the chunk of the 4 rows staying in the L1 cache while the tiles of the next rows of x read it, X_BLOCK
+ * rows of x at a time against all of a thread's rows of W, so that they stay in the L2 cache: with the rows of W
+ * outside, every 4 of them read all the rows of x again (a prefill of 16 prompts of bloom-560m, 2048 rows, alternated
+ * in one process: 12.6 -> 10.3 s; 512 rows 2.83 -> 2.74 s). */
 #define INT_CHUNK 2048
 
 /* dots.lane[r] = row r of W (R rows, up to 16) · x16, in units. Four sums, where two held a product below the
