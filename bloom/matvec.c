@@ -901,13 +901,13 @@ static int lanes_bf16(const uint16_t *x, const void *w, const uint16_t *scale, c
 #ifdef HAVE_AVX2
 /* A single row of bf16 x against bf16 W on AVX2, as the tiles' single row sums it (the same float32 sums in the
  * same order, so the same y), without their groups of 16 rows: each thread's rows of W read one after the other,
- * every dot rounded into y as soon as it is summed. The tile's calls, returns and stores of 16 dots at a time cost
- * a product ~15% of its speed from the L3 cache, where it fell short of the memory's when the memory was fast
- * (alternated in one process, scratch: 4096 x 1024 from the L3 cache 27.6 -> 32.3 GB/s on one core, 63 -> 69 on
- * two; bloom-560m's products from memory, 24 weights of each shape in turn, 4096 x 1024 25.7 -> 26.5 GB/s, 3072 x
- * 1024 22.4 -> 24.6, 1024 x 1024 29.8 -> 33.8, 1024 x 4096 27.6 both). x is widened again for every row, as in the
+ * every dot rounded into y as soon as it is summed, not 16 dots at a time through the group's calls and stores.
+ * Alternated in one process (scratch): 4096 x 1024 from the L3 cache 33.6 -> 34.0 and 26.3 -> 28.2 GB/s on one
+ * core, 44.5 -> 46.4 and 50.6 -> 53.2 on two; bloom-560m's products from memory (24 weights of each shape in turn,
+ * two runs) 1024 x 1024 34.0 -> 38.8 and 36.1 -> 35.5, 3072 x 1024 30.9 -> 34.0 and 30.1 -> 29.2, the others within
+ * 1 GB/s; whole bf16 decode steps 41.3 -> 39.9 and 34.8 -> 30.7 ms. x is widened again for every row, as in the
  * tile: widened once to float32, 16 KB for a row of 4096, it left the L1 cache to W's lines, and that product fell
- * to 18.6 GB/s. */
+ * to 18.6 GB/s (27.6 in the tile). */
 static void row_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16_t *y, int64_t N, int64_t K) {
     const int64_t K16 = K & ~(int64_t)15;
 #pragma omp parallel
