@@ -899,44 +899,21 @@ static int lanes_bf16(const uint16_t *x, const void *w, const uint16_t *scale, c
 #endif
 
 #ifdef HAVE_AVX2
-/* A single row of bf16 x against bf16 W on AVX2, as the tiles' single row sums it (the same float32 sums in the
- * same order, so the same y), without their groups of 16 rows: each thread's rows of W read one after the other,
- * every dot rounded into y as soon as it is summed, not 16 dots at a time through the group's calls and stores.
- * Alternated in one process (scratch): 4096 x 1024 from the L3 cache 33.6 -> 34.0 and 26.3 -> 28.2 GB/s on one
- * core, 44.5 -> 46.4 and 50.6 -> 53.2 on two; bloom-560m's products from memory (24 weights of each shape in turn,
- * two runs) 1024 x 1024 34.0 -> 38.8 and 36.1 -> 35.5, 3072 x 1024 30.9 -> 34.0 and 30.1 -> 29.2, the others within
- * 1 GB/s; whole bf16 decode steps 41.3 -> 39.9 and 34.8 -> 30.7 ms. x is widened again for every row, as in the
- * tile: widened once to float32, 16 KB for a row of 4096, it left the L1 cache to W's lines, and that product fell
- * to 18.6 GB/s (27.6 in the tile). */
+/* A single row of bf16 x against bf16 W on AVX2: the tile's single row (seq_bf16, so the same y) a row of W at a
+ * time, each thread's rows one after the other and every dot rounded into y as soon as it is summed, without the
+ * groups of 16 rows, their calls and stores of 16 dots at a time. Alternated in one process (scratch): 4096 x 1024
+ * from the L3 cache 33.6 -> 34.0 and 26.3 -> 28.2 GB/s on one core, 44.5 -> 46.4 and 50.6 -> 53.2 on two;
+ * bloom-560m's products from memory (24 weights of each shape in turn, two runs) 1024 x 1024 34.0 -> 38.8 and 36.1
+ * -> 35.5, 3072 x 1024 30.9 -> 34.0 and 30.1 -> 29.2, the others within 1 GB/s; whole bf16 decode steps 41.3 -> 39.9
+ * and 34.8 -> 30.7 ms. (x widened once to float32 instead, 16 KB for a row of 4096, left the L1 cache to W's lines,
+ * and that product fell to 18.6 GB/s, 27.6 in the tile.) */
 static void row_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16_t *y, int64_t N, int64_t K) {
-    const int64_t K16 = K & ~(int64_t)15;
 #pragma omp parallel
     {
         int64_t begin, end;
         thread_rows(N, &begin, &end);
-        for (int64_t n = begin; n < end; n++) {
-            const uint16_t *wn = w + n * K;
-            __m256 sums[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            __m256 wv[2], xv[2];
-            int64_t k = 0;
-            for (; k + 32 <= K16; k += 32) /* four sums over alternate chunks of 16, as the tile's */
-                for (int half = 0; half < 2; half++) {
-                    load16_bf16_pairs(wn + k + 16 * half, wv);
-                    load16_bf16_pairs(x + k + 16 * half, xv);
-                    sums[2 * half] = _mm256_fmadd_ps(wv[0], xv[0], sums[2 * half]);
-                    sums[2 * half + 1] = _mm256_fmadd_ps(wv[1], xv[1], sums[2 * half + 1]);
-                }
-            if (k < K16) { /* an odd chunk of 16 */
-                load16_bf16_pairs(wn + k, wv);
-                load16_bf16_pairs(x + k, xv);
-                sums[0] = _mm256_fmadd_ps(wv[0], xv[0], sums[0]);
-                sums[1] = _mm256_fmadd_ps(wv[1], xv[1], sums[1]);
-            }
-            float sum = sum8(_mm256_add_ps(_mm256_add_ps(sums[0], sums[2]), _mm256_add_ps(sums[1], sums[3])));
-            for (k = K16; k < K; k++) sum += bf16_to_float(wn[k]) * bf16_to_float(x[k]);
-            if (b) sum += bf16_to_float(b[n]);
-            y[n] = float_to_bf16(sum);
-        }
+        for (int64_t n = begin; n < end; n++)
+            store_dots(seq_bf16(x, w + n * K, K, 1), 1, 1, 1, NULL, b, y, N, 0, n, AS_BF16);
     }
 }
 #endif
